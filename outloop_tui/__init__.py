@@ -1,0 +1,1 @@
+"""Outloop dashboard and command line."""
