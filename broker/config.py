@@ -1,0 +1,384 @@
+"""config.toml: tenants, their workspace folders and credentials, and broker settings.
+
+The file is read with tomllib and written with tomli-w. Edits go through the raw
+document so keys Outloop does not know survive a rewrite; every edit is validated
+before it is written, and a file that does not parse is never overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import tomli_w
+
+from broker.paths import Paths, atomic_write
+from broker.policy import RuleError, parse_rule
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+AUTH_KINDS = ("bearer", "basic:<user>", "header:<Header-Name>", "query:<param>")
+
+DEFAULTS: dict[str, float | int] = {
+    "approval_timeout": 120,
+    "always_ttl": 3600,
+    "upstream_timeout": 30,
+    "max_request_bytes": 10 * 1024 * 1024,
+    "max_response_bytes": 10 * 1024 * 1024,
+    "scan_max_file_bytes": 2 * 1024 * 1024,
+}
+
+
+class ConfigError(Exception):
+    """config.toml is malformed or an edit would make it so. The message names file and key."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    """How a credential goes on the wire: bearer, basic:<user>, header:<Name> or query:<param>."""
+
+    kind: str  # "bearer" | "basic" | "header" | "query"
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Auth:
+        kind, _, arg = text.partition(":")
+        if kind == "bearer" and not arg:
+            return cls("bearer")
+        if kind == "basic" and arg and ":" not in arg:
+            return cls("basic", arg)
+        if kind == "header" and HEADER_NAME_RE.match(arg):
+            return cls("header", arg)
+        if kind == "query" and arg and re.fullmatch(r"[A-Za-z0-9_.~-]+", arg):
+            return cls("query", arg)
+        raise ValueError(f"auth must be one of {', '.join(AUTH_KINDS)}, not {text!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One upstream API credential of a tenant. The secret itself lives in the keyring."""
+
+    tenant: str
+    name: str
+    base_url: str
+    auth: Auth
+    allow: tuple[str, ...] = ()
+    ask: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    @property
+    def has_rules(self) -> bool:
+        return bool(self.allow or self.ask or self.deny)
+
+    def rule_summary(self) -> str:
+        if not self.has_rules:
+            return "ask for everything"
+        parts = [f"{k} {len(v)}" for k, v in (("allow", self.allow), ("ask", self.ask),
+                                              ("deny", self.deny)) if v]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    workspaces: tuple[Path, ...]
+    credentials: dict[str, Credential] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    approval_timeout: float = 120.0
+    always_ttl: float = 3600.0
+    upstream_timeout: float = 30.0
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_response_bytes: int = 10 * 1024 * 1024
+    scan_max_file_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config. `raw` is the document as read, unknown keys included."""
+
+    tenants: dict[str, Tenant]
+    broker: BrokerSettings
+    raw: dict[str, Any]
+
+    def workspace_for(self, path: Path) -> tuple[Tenant, Path] | None:
+        """The tenant and workspace folder holding `path` (already resolved), longest prefix."""
+        best: tuple[Tenant, Path] | None = None
+        for tenant in self.tenants.values():
+            for ws in tenant.workspaces:
+                if (path == ws or ws in path.parents) and (
+                    best is None or len(ws.parts) > len(best[1].parts)
+                ):
+                    best = (tenant, ws)
+        return best
+
+    def credential_owners(self, name: str) -> list[str]:
+        """Ids of every tenant that has a credential called `name`."""
+        return [t.id for t in self.tenants.values() if name in t.credentials]
+
+    def credentials(self) -> Iterable[Credential]:
+        for tenant in self.tenants.values():
+            yield from tenant.credentials.values()
+
+
+def resolve_workspace(text: str) -> Path:
+    """Expand ~ and resolve symlinks, so one folder has one spelling."""
+    return Path(text).expanduser().resolve()
+
+
+def display_workspace(path: Path) -> str:
+    """How a workspace is written in config.toml: under the home folder as ~/..."""
+    home = Path.home()
+    try:
+        return "~/" + str(path.relative_to(home)) if path != home else "~"
+    except ValueError:
+        return str(path)
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """Parse config.toml into a plain dict; a missing file is an empty config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(paths: Paths) -> Config:
+    """Read and validate config.toml; raise ConfigError naming file, key and line."""
+    raw = read_raw(paths.config_file)
+    return validate(raw, paths.config_file)
+
+
+def validate(raw: dict[str, Any], source: Path) -> Config:
+    """Check a raw document and build the Config from it."""
+    where = _Locator(source)
+    broker_raw = raw.get("broker", {})
+    if not isinstance(broker_raw, dict):
+        raise where.error("broker", "must be a table")
+    settings: dict[str, Any] = {}
+    for key, default in DEFAULTS.items():
+        value = broker_raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise where.error(f"broker.{key}", "must be a positive number")
+        settings[key] = int(value) if isinstance(default, int) and key != "approval_timeout" \
+            else float(value)
+    broker = BrokerSettings(**settings)
+
+    tenants_raw = raw.get("tenants", {})
+    if not isinstance(tenants_raw, dict):
+        raise where.error("tenants", "must be a table of [tenants.<id>]")
+    tenants: dict[str, Tenant] = {}
+    owner_of: dict[Path, str] = {}
+    for tid, traw in tenants_raw.items():
+        key = f"tenants.{tid}"
+        if not NAME_RE.match(tid):
+            raise where.error(key, "tenant ids use letters, digits, '-', '_' and '.'")
+        if not isinstance(traw, dict):
+            raise where.error(key, "must be a table")
+        name = traw.get("name", tid)
+        if not isinstance(name, str):
+            raise where.error(f"{key}.name", "must be a string")
+        ws_raw = traw.get("workspaces", [])
+        if not isinstance(ws_raw, list) or not all(isinstance(w, str) and w for w in ws_raw):
+            raise where.error(f"{key}.workspaces", "must be a list of folder paths")
+        workspaces = tuple(dict.fromkeys(resolve_workspace(w) for w in ws_raw))
+        for ws in workspaces:
+            clash = _overlap(ws, tid, owner_of)
+            if clash:
+                raise where.error(f"{key}.workspaces", clash)
+            owner_of[ws] = tid
+        creds_raw = traw.get("credentials", {})
+        if not isinstance(creds_raw, dict):
+            raise where.error(f"{key}.credentials", "must be a table")
+        creds = {
+            cname: _credential(tid, cname, craw, f"{key}.credentials.{cname}", where)
+            for cname, craw in creds_raw.items()
+        }
+        tenants[tid] = Tenant(tid, name, workspaces, creds)
+    return Config(tenants, broker, raw)
+
+
+def _credential(tid: str, name: str, raw: Any, key: str, where: _Locator) -> Credential:
+    if not NAME_RE.match(name):
+        raise where.error(key, "credential names use letters, digits, '-', '_' and '.'")
+    if not isinstance(raw, dict):
+        raise where.error(key, "must be a table")
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str):
+        raise where.error(f"{key}.base_url", "is required (the API's base URL)")
+    problem = check_base_url(base_url)
+    if problem:
+        raise where.error(f"{key}.base_url", problem)
+    auth_text = raw.get("auth", "bearer")
+    if not isinstance(auth_text, str):
+        raise where.error(f"{key}.auth", "must be a string")
+    try:
+        auth = Auth.parse(auth_text)
+    except ValueError as e:
+        raise where.error(f"{key}.auth", str(e)) from None
+    rules: dict[str, tuple[str, ...]] = {}
+    for kind in ("allow", "ask", "deny"):
+        value = raw.get(kind, [])
+        if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+            raise where.error(f"{key}.{kind}", 'must be a list of rules like "GET /repos/**"')
+        for rule in value:
+            try:
+                parse_rule(rule)
+            except RuleError as e:
+                raise where.error(f"{key}.{kind}", str(e)) from None
+        rules[kind] = tuple(value)
+    return Credential(tid, name, base_url.rstrip("/"), auth, **rules)
+
+
+def check_base_url(url: str) -> str | None:
+    """Why `url` cannot be a credential's base URL, or None if it can."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "must not carry a query, fragment or user info"
+    return None
+
+
+def _overlap(ws: Path, tid: str, owner_of: dict[Path, str]) -> str | None:
+    for other, other_tid in owner_of.items():
+        if other_tid == tid:
+            continue
+        if other == ws:
+            return f"{ws} already belongs to tenant {other_tid!r}"
+        if other in ws.parents or ws in other.parents:
+            return f"{ws} overlaps {other} of tenant {other_tid!r}"
+    return None
+
+
+class _Locator:
+    """Finds the line of a dotted key in the source text, for error messages."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def error(self, dotted: str, problem: str) -> ConfigError:
+        line = self._line_of(dotted)
+        at = f", line {line}" if line else ""
+        return ConfigError(f"{self.source}{at}: {dotted} {problem}")
+
+    def _line_of(self, dotted: str) -> int | None:
+        try:
+            lines = self.source.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        parts = dotted.split(".")
+        # Look for the deepest table header that prefixes the key, then the leaf key after it.
+        for depth in range(len(parts), 0, -1):
+            header = ".".join(parts[:depth])
+            for i, text in enumerate(lines):
+                if re.match(rf"^\s*\[\s*{re.escape(header)}\s*\]", text):
+                    if depth == len(parts):
+                        return i + 1
+                    leaf = parts[depth]
+                    for j in range(i + 1, len(lines)):
+                        if lines[j].lstrip().startswith("["):
+                            break
+                        if re.match(rf"^\s*{re.escape(leaf)}\s*=", lines[j]):
+                            return j + 1
+                    return i + 1
+        return None
+
+
+# -- writing -----------------------------------------------------------------
+
+
+class ConfigEditor:
+    """Load, change and atomically save config.toml, keeping keys we do not know."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.raw = copy.deepcopy(read_raw(paths.config_file))
+        validate(self.raw, paths.config_file)  # never build on a file we could not validate
+
+    def _tenants(self) -> dict[str, Any]:
+        tenants: dict[str, Any] = self.raw.setdefault("tenants", {})
+        return tenants
+
+    def tenant(self, tid: str) -> dict[str, Any]:
+        t = self._tenants().get(tid)
+        if t is None:
+            raise ConfigError(f"no tenant {tid!r}; `outloop tenant list` shows the tenants")
+        assert isinstance(t, dict)
+        return t
+
+    def add_tenant(self, tid: str, name: str | None) -> None:
+        if tid in self._tenants():
+            raise ConfigError(f"tenant {tid!r} already exists")
+        self._tenants()[tid] = {"name": name or tid, "workspaces": []}
+
+    def remove_tenant(self, tid: str) -> list[str]:
+        """Remove a tenant; returns the names of its credentials (to delete their secrets)."""
+        t = self.tenant(tid)
+        del self._tenants()[tid]
+        return list(t.get("credentials", {}))
+
+    def add_workspace(self, tid: str, folder: str) -> Path:
+        path = resolve_workspace(folder)
+        t = self.tenant(tid)
+        workspaces = t.setdefault("workspaces", [])
+        if any(resolve_workspace(w) == path for w in workspaces):
+            raise ConfigError(f"{path} is already a workspace of {tid!r}")
+        workspaces.append(display_workspace(path))
+        return path
+
+    def remove_workspace(self, folder: str) -> str:
+        """Unmap a workspace folder; returns the tenant it belonged to."""
+        path = resolve_workspace(folder)
+        for tid, t in self._tenants().items():
+            ws = t.get("workspaces", [])
+            kept = [w for w in ws if resolve_workspace(w) != path]
+            if len(kept) != len(ws):
+                t["workspaces"] = kept
+                return str(tid)
+        raise ConfigError(f"{path} is not a mapped workspace")
+
+    def add_credential(self, tid: str, name: str, table: dict[str, Any]) -> None:
+        creds = self.tenant(tid).setdefault("credentials", {})
+        if name in creds:
+            raise ConfigError(f"tenant {tid!r} already has a credential {name!r}")
+        creds[name] = table
+
+    def remove_credential(self, tid: str, name: str) -> None:
+        creds = self.tenant(tid).get("credentials", {})
+        if name not in creds:
+            raise ConfigError(f"tenant {tid!r} has no credential {name!r}")
+        del creds[name]
+
+    def save(self) -> Config:
+        """Validate the edited document and write it atomically; returns the new Config."""
+        config = validate(self.raw, self.paths.config_file)
+        atomic_write(self.paths.config_file, tomli_w.dumps(self.raw).encode("utf-8"))
+        return config

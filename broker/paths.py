@@ -1,0 +1,119 @@
+"""Where Outloop keeps its files, and how it writes them safely.
+
+`OUTLOOP_HOME` holds everything when set; otherwise the platform's user folders.
+`OUTLOOP_SOCKET` overrides the socket path for broker and clients alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+APP = "outloop"
+
+# sockaddr_un.sun_path, including the terminating NUL.
+SOCKET_PATH_LIMIT = 104 if sys.platform == "darwin" else 108
+
+
+class PathError(Exception):
+    """A path Outloop needs is unusable; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The files and folders of one Outloop installation."""
+
+    config_file: Path
+    state_dir: Path
+    socket: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
+        """Resolve paths from OUTLOOP_HOME / OUTLOOP_SOCKET, else platformdirs."""
+        env = os.environ if environ is None else environ
+        home = env.get("OUTLOOP_HOME")
+        if home:
+            base = Path(home).expanduser().absolute()
+            paths = cls(base / "config.toml", base / "state", base / "broker.sock")
+        else:
+            dirs = platformdirs.PlatformDirs(APP, appauthor=False)
+            state = Path(dirs.user_state_dir)
+            try:
+                runtime = Path(dirs.user_runtime_dir)
+            except Exception:  # some platforms have no runtime dir
+                runtime = state
+            paths = cls(Path(dirs.user_config_dir) / "config.toml", state, runtime / "broker.sock")
+        override = env.get("OUTLOOP_SOCKET")
+        if override:
+            paths = cls(paths.config_file, paths.state_dir, Path(override).expanduser().absolute())
+        return paths
+
+    @property
+    def home(self) -> Path:
+        return self.config_file.parent
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.state_dir / "audit"
+
+    @property
+    def alerts_file(self) -> Path:
+        return self.state_dir / "alerts.jsonl"
+
+    def check_socket_path(self) -> None:
+        """Raise PathError if the socket path is longer than the OS accepts."""
+        if len(os.fsencode(self.socket)) >= SOCKET_PATH_LIMIT:
+            raise PathError(
+                f"socket path {self.socket} is longer than the {SOCKET_PATH_LIMIT - 1} bytes "
+                "this OS allows; set OUTLOOP_SOCKET to a shorter path"
+            )
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) if needed; the leaf is made 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file.
+
+    Writes a temporary file in the same folder, fsyncs it, renames it over the
+    target and fsyncs the folder. The result is 0600.
+    """
+    ensure_private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in `path` durable (no-op where unsupported)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

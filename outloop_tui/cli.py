@@ -1,0 +1,192 @@
+"""The `outloop` command line.
+
+Each command's work lives in a `cmd_*` module imported only when that command
+runs, so `outloop call` never pays for textual, httpx or the keyring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from broker import __version__
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence, no traceback."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _cmd(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        result: int = getattr(importlib.import_module(f"outloop_tui.{module}"), func)(args)
+        return result
+
+    return run
+
+
+def _rule_args(p: argparse.ArgumentParser) -> None:
+    for kind, what in (("allow", "runs without asking"), ("ask", "waits for the operator"),
+                       ("deny", "refused; checked first")):
+        p.add_argument(f"--{kind}", action="append", default=[], metavar="RULE",
+                       help=f"'METHOD /path/glob' that {what} (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outloop",
+        description="Keep API keys out of coding agents' workspaces: agents call through a "
+        "broker that checks tenant and policy, asks you when needed, and audits everything. "
+        "With no command, opens the dashboard.",
+    )
+    parser.add_argument("--version", action="version", version=f"outloop {__version__}")
+    parser.set_defaults(run=_cmd("app", "run_dashboard"))
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the dashboard on a throw-away home with sample data")
+    p.set_defaults(run=_cmd("demo", "run_demo"))
+
+    p = sub.add_parser("broker", help="headless broker and leak watcher in the foreground")
+    p.set_defaults(run=_cmd("cmd_broker", "run_broker"))
+
+    p = sub.add_parser("call", help="make an API call through the broker (the agent's client)",
+                       description="Prints the redacted response body. Exit 0 for 2xx, 1 for an "
+                       "upstream non-2xx, 2 for a broker refusal, 3 when the broker is unreachable.")
+    p.add_argument("credential")
+    p.add_argument("method")
+    p.add_argument("path")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("-d", "--data", metavar="BODY", help="request body as text ('@file' reads a file, '@-' stdin)")
+    body.add_argument("--json", metavar="BODY", dest="json_body", help="request body as JSON")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
+    p.add_argument("-q", "--query", action="append", default=[], metavar="k=v")
+    p.add_argument("--reason", help="why the agent wants this (shown to the operator, audited)")
+    p.add_argument("-i", "--include", action="store_true", help="print status and headers on stderr")
+    p.set_defaults(run=_cmd("cmd_call", "run_call"))
+
+    p = sub.add_parser("whoami", help="the tenant, workspace and credentials the caller gets here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd("cmd_call", "run_whoami"))
+
+    p = sub.add_parser("tenant", help="add, remove or list tenants")
+    tsub = p.add_subparsers(title="tenant commands", metavar="ACTION", required=True)
+    q = tsub.add_parser("add", help="add a tenant")
+    q.add_argument("tenant", metavar="NAME")
+    q.add_argument("--name", dest="display", metavar="DISPLAY", help="display name")
+    q.set_defaults(run=_cmd("cmd_manage", "tenant_add"))
+    q = tsub.add_parser("rm", help="remove a tenant and its credentials' secrets")
+    q.add_argument("tenant", metavar="NAME")
+    q.set_defaults(run=_cmd("cmd_manage", "tenant_rm"))
+    q = tsub.add_parser("list", help="list tenants")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd("cmd_manage", "tenant_list"))
+
+    p = sub.add_parser("workspace", help="map folders to tenants")
+    wsub = p.add_subparsers(title="workspace commands", metavar="ACTION", required=True)
+    q = wsub.add_parser("add", help="map a folder to a tenant")
+    q.add_argument("tenant")
+    q.add_argument("path")
+    q.set_defaults(run=_cmd("cmd_manage", "workspace_add"))
+    q = wsub.add_parser("rm", help="unmap a folder")
+    q.add_argument("path")
+    q.set_defaults(run=_cmd("cmd_manage", "workspace_rm"))
+
+    p = sub.add_parser("credential", help="add, remove or list credentials")
+    csub = p.add_subparsers(title="credential commands", metavar="ACTION", required=True)
+    q = csub.add_parser("add", help="add a credential; the secret comes from a hidden prompt "
+                        "or from stdin when stdin is not a terminal",
+                        description="The secret is read from a hidden prompt, or from standard "
+                        "input when it is not a terminal; never from the command line.")
+    q.add_argument("tenant")
+    q.add_argument("name")
+    q.add_argument("--base-url", required=True, metavar="URL")
+    q.add_argument("--auth", default="bearer",
+                   help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
+    _rule_args(q)
+    q.set_defaults(run=_cmd("cmd_manage", "credential_add"))
+    q = csub.add_parser("rm", help="remove a credential and its secret")
+    q.add_argument("tenant")
+    q.add_argument("name")
+    q.set_defaults(run=_cmd("cmd_manage", "credential_rm"))
+    q = csub.add_parser("list", help="list credentials (never their secrets)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd("cmd_manage", "credential_list"))
+
+    p = sub.add_parser("scan", help="one-shot leak scan; exit 1 when anything is found")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="default: the mapped workspaces")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all-files", action="store_true",
+                   help="apply every rule to every text file, not only .env-like ones")
+    p.set_defaults(run=_cmd("cmd_scan", "run_scan"))
+
+    p = sub.add_parser("alerts", help="current leak alerts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd("cmd_scan", "run_alerts"))
+
+    p = sub.add_parser("audit", help="verify or follow the audit log")
+    asub = p.add_subparsers(title="audit commands", metavar="ACTION", required=True)
+    q = asub.add_parser("verify", help="check the whole hash chain; exit 1 if broken")
+    q.set_defaults(run=_cmd("cmd_audit", "run_verify"))
+    q = asub.add_parser("tail", help="print recent audit records")
+    q.add_argument("-f", "--follow", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("-n", "--lines", type=int, default=20)
+    q.set_defaults(run=_cmd("cmd_audit", "run_tail"))
+
+    p = sub.add_parser("doctor", help="keyring backend, socket, config, watcher health")
+    p.set_defaults(run=_cmd("cmd_manage", "doctor"))
+
+    p = sub.add_parser("mcp", help="stdio MCP server for Claude Code (extra outloop[mcp])")
+    p.set_defaults(run=_cmd("cmd_mcp", "run_mcp"))
+
+    p = sub.add_parser("hook", help="Claude Code hook commands (JSON on stdin)")
+    p.add_argument("phase", choices=["pre", "post"])
+    p.set_defaults(run=_cmd("cmd_hook", "run_hook"))
+
+    p = sub.add_parser("claude", help="register Outloop's MCP server and hooks in Claude Code")
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--scope", choices=["user", "project"], default="user")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(run=_cmd("cmd_claude", "run_claude"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("OUTLOOP_DEBUG") == "1"
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one sentence for users; tracebacks only when debugging
+        if debug:
+            raise
+        code = getattr(e, "code", 1)
+        print(f"outloop: {_sentence(e)}", file=sys.stderr)
+        return code if isinstance(code, int) and code > 0 else 1
+
+
+def _sentence(e: Exception) -> str:
+    from broker.config import ConfigError
+    from broker.paths import PathError
+
+    if isinstance(e, UserError | ConfigError | PathError):
+        return str(e)
+    if type(e).__name__ == "SecretStoreError":
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}; set OUTLOOP_DEBUG=1 for details"
+    return f"unexpected {type(e).__name__}; set OUTLOOP_DEBUG=1 for details"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

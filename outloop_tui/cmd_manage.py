@@ -1,0 +1,229 @@
+"""Tenant, workspace and credential management, and `outloop doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import stat
+import sys
+from typing import Any
+
+from broker.config import ConfigEditor, ConfigError, check_base_url, load_config, validate
+from broker.paths import Paths, PathError
+from broker.secrets import Secret, SecretStore, SecretStoreError, backend_info
+from outloop_tui.cli import UserError
+
+
+def _paths() -> Paths:
+    return Paths.from_env()
+
+
+def tenant_add(args: argparse.Namespace) -> int:
+    editor = ConfigEditor(_paths())
+    editor.add_tenant(args.tenant, args.display)
+    editor.save()
+    print(f"added tenant {args.tenant}; map a folder with `outloop workspace add {args.tenant} PATH`")
+    return 0
+
+
+def tenant_rm(args: argparse.Namespace) -> int:
+    editor = ConfigEditor(_paths())
+    credentials = editor.remove_tenant(args.tenant)
+    editor.save()
+    store = SecretStore()
+    for name in credentials:
+        store.delete(args.tenant, name)
+    print(f"removed tenant {args.tenant} and {len(credentials)} credential secret(s)")
+    return 0
+
+
+def tenant_list(args: argparse.Namespace) -> int:
+    config = load_config(_paths())
+    if args.json:
+        print(json.dumps([
+            {"id": t.id, "name": t.name, "workspaces": [str(w) for w in t.workspaces],
+             "credentials": sorted(t.credentials)} for t in config.tenants.values()
+        ], indent=2))
+        return 0
+    if not config.tenants:
+        print("no tenants yet; add one with `outloop tenant add NAME`")
+    for t in config.tenants.values():
+        print(f"{t.id}  {t.name}")
+        for ws in t.workspaces:
+            print(f"  workspace   {ws}")
+        for c in t.credentials.values():
+            print(f"  credential  {c.name}  {c.base_url}  ({c.rule_summary()})")
+    return 0
+
+
+def workspace_add(args: argparse.Namespace) -> int:
+    editor = ConfigEditor(_paths())
+    path = editor.add_workspace(args.tenant, args.path)
+    editor.save()
+    note = "" if path.is_dir() else " (the folder does not exist yet)"
+    print(f"mapped {path} to tenant {args.tenant}{note}")
+    return 0
+
+
+def workspace_rm(args: argparse.Namespace) -> int:
+    editor = ConfigEditor(_paths())
+    tenant = editor.remove_workspace(args.path)
+    editor.save()
+    print(f"unmapped {args.path} from tenant {tenant}")
+    return 0
+
+
+def read_secret(prompt: str) -> Secret:
+    """The secret from a hidden prompt, or from stdin when stdin is not a terminal."""
+    if sys.stdin.isatty():
+        value = getpass.getpass(prompt)
+    else:
+        value = sys.stdin.read()
+        value = value[:-1] if value.endswith("\n") else value
+        value = value[:-1] if value.endswith("\r") else value
+    if not value.strip():
+        raise UserError("no secret given: type it at the prompt or pipe it on standard input")
+    if "\n" in value or "\r" in value:
+        raise UserError("the secret holds a line break; give it on a single line")
+    return Secret(value)
+
+
+def credential_add(args: argparse.Namespace) -> int:
+    paths = _paths()
+    editor = ConfigEditor(paths)
+    problem = check_base_url(args.base_url)
+    if problem:
+        raise UserError(f"--base-url {problem}")
+    table: dict[str, Any] = {"base_url": args.base_url, "auth": args.auth}
+    for kind in ("allow", "ask", "deny"):
+        if getattr(args, kind):
+            table[kind] = list(getattr(args, kind))
+    editor.add_credential(args.tenant, args.name, table)
+    validate(editor.raw, paths.config_file)  # refuse bad rules before asking for the secret
+    secret = read_secret(f"Secret for {args.tenant}/{args.name} (input hidden): ")
+    store = SecretStore()
+    store.set(args.tenant, args.name, secret)
+    try:
+        editor.save()
+    except BaseException:
+        store.delete(args.tenant, args.name)
+        raise
+    print(f"added credential {args.name} to tenant {args.tenant}; its secret is in the keyring")
+    return 0
+
+
+def credential_rm(args: argparse.Namespace) -> int:
+    editor = ConfigEditor(_paths())
+    editor.remove_credential(args.tenant, args.name)
+    editor.save()
+    SecretStore().delete(args.tenant, args.name)
+    print(f"removed credential {args.name} of tenant {args.tenant} and its secret")
+    return 0
+
+
+def credential_list(args: argparse.Namespace) -> int:
+    config = load_config(_paths())
+    store = SecretStore()
+    rows = []
+    for c in config.credentials():
+        try:
+            present = store.get(c.tenant, c.name) is not None
+        except SecretStoreError:
+            present = False
+        rows.append({"tenant": c.tenant, "name": c.name, "base_url": c.base_url,
+                     "auth": str(c.auth), "allow": list(c.allow), "ask": list(c.ask),
+                     "deny": list(c.deny), "secret_in_keyring": present})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no credentials yet; add one with `outloop credential add TENANT NAME --base-url URL`")
+    for r in rows:
+        missing = "" if r["secret_in_keyring"] else "  [no secret in keyring]"
+        print(f"{r['tenant']}/{r['name']}  {r['base_url']}  auth={r['auth']}{missing}")
+        for kind in ("deny", "allow", "ask"):
+            for rule in r[kind]:
+                print(f"    {kind:<5} {rule}")
+        if not (r["allow"] or r["ask"] or r["deny"]):
+            print("    (no rules: every call asks the operator)")
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Check keyring, config, paths, socket and broker, and say what to fix in plain words."""
+    problems = 0
+
+    def line(ok: bool | None, what: str) -> None:
+        nonlocal problems
+        mark = {True: "ok  ", False: "FAIL", None: "note"}[ok]
+        problems += ok is False
+        print(f"[{mark}] {what}")
+
+    paths = _paths()
+    info = backend_info()
+    line(info.usable, f"keyring backend: {info.name}" + ("" if info.usable else f" — {info.advice}"))
+
+    config = None
+    if not paths.config_file.exists():
+        line(None, f"config: {paths.config_file} does not exist yet (`outloop tenant add NAME`)")
+    else:
+        try:
+            config = load_config(paths)
+            n_ws = sum(len(t.workspaces) for t in config.tenants.values())
+            n_cred = sum(len(t.credentials) for t in config.tenants.values())
+            line(True, f"config: {paths.config_file} — {len(config.tenants)} tenant(s), "
+                       f"{n_ws} workspace(s), {n_cred} credential(s)")
+        except ConfigError as e:
+            line(False, f"config: {e}")
+        mode = stat.S_IMODE(paths.config_file.stat().st_mode)
+        if mode & 0o077:
+            line(False, f"config: {paths.config_file} is mode {mode:o}; run `chmod 600` on it")
+
+    if config is not None:
+        for t in config.tenants.values():
+            for ws in t.workspaces:
+                if not ws.is_dir():
+                    line(None, f"workspace {ws} of {t.id} does not exist")
+        if info.usable:
+            store = SecretStore()
+            for c in config.credentials():
+                try:
+                    if store.get(c.tenant, c.name) is None:
+                        line(False, f"credential {c.tenant}/{c.name} has no secret in the keyring; "
+                                    f"add it again with `outloop credential add`")
+                except SecretStoreError as e:
+                    line(False, str(e))
+                    break
+
+    if paths.state_dir.exists():
+        mode = stat.S_IMODE(paths.state_dir.stat().st_mode)
+        line(not mode & 0o077, f"state: {paths.state_dir} (mode {mode:o})")
+    else:
+        line(None, f"state: {paths.state_dir} will be created on first start")
+
+    try:
+        paths.check_socket_path()
+    except PathError as e:
+        line(False, str(e))
+    else:
+        from broker.client import BrokerUnreachable, health
+
+        try:
+            h = health(paths.socket)
+        except BrokerUnreachable:
+            line(None, f"socket: {paths.socket} — no broker running (start `outloop` or "
+                       "`outloop broker`)")
+        else:
+            line(True, f"socket: {paths.socket} — broker {h.get('version', '?')} answering"
+                       f"{' (locked)' if h.get('locked') else ''}")
+            watcher = h.get("watcher")
+            if isinstance(watcher, dict):
+                ok = bool(watcher.get("running")) and not watcher.get("error")
+                detail = watcher.get("error") or f"{watcher.get('files_scanned', 0)} files scanned"
+                line(ok, f"watcher: {'running' if watcher.get('running') else 'stopped'} — {detail}")
+    if os.environ.get("OUTLOOP_HOME"):
+        line(None, f"OUTLOOP_HOME={paths.home}")
+    print("all good" if not problems else f"{problems} problem(s) found")
+    return 1 if problems else 0
