@@ -45,7 +45,9 @@ class Decision:
 
     @property
     def reason(self) -> str:
-        return f"{self.action} rule {self.rule!r}" if self.rule else f"{self.action}: no rule matched"
+        if self.rule:
+            return f"{self.action} rule {self.rule!r}"
+        return f"{self.action}: no rule matched"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ def decide(method: str, path: NormalPath, allow: tuple[str, ...], ask: tuple[str
     """Apply a credential's rules to a normalised request."""
     if not (allow or ask or deny):
         return Decision("ask", None)
+    # HTTP clients upper-case the method on the wire; so must policy, or "delete"
+    # would slip past a "DELETE" deny rule.
+    method = method.upper()
     key = path.match_key
     for action, rules in (("deny", deny), ("allow", allow), ("ask", ask)):
         for text in rules:
@@ -126,7 +131,10 @@ def normalize_path(raw: str) -> NormalPath:
             seg = unquote(piece, errors="strict") if "%" in piece else piece
         except UnicodeDecodeError:
             raise PathRejected("the path's percent-encoding is not UTF-8") from None
-        if seg in (".", ".."):
+        # Also refuse dot segments hidden behind an encoded "/" (an upstream may decode
+        # it before routing) or before a ";" parameter (servlet containers read "..;"
+        # as "..").
+        if any(p.split(";")[0] in (".", "..") for p in seg.split("/")):
             raise PathRejected("'.' and '..' segments are not allowed in the path")
         if "\\" in seg or any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
             raise PathRejected("the path holds a backslash or control character")
