@@ -1,0 +1,141 @@
+"""`outloop audit verify` and `outloop audit tail [-f] [--json] [-n N]`.
+
+Reads the audit files directly, so both work with or without a running broker.
+Never imports textual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from broker.audit import follow, last_records, verify
+
+DEFAULT_LINES = 20
+
+
+def _audit_dir(args: argparse.Namespace) -> Path:
+    override = getattr(args, "audit_dir", None)
+    if override:
+        return Path(override)
+    from broker.paths import Paths
+
+    return Paths.from_env().audit_dir
+
+
+def _fail(exc: OSError) -> int:
+    """One sentence on stderr, exit 2; the traceback only with OUTLOOP_DEBUG=1."""
+    if os.environ.get("OUTLOOP_DEBUG") == "1":
+        raise exc
+    where = f" ({exc.filename})" if exc.filename else ""
+    print(f"outloop: cannot read the audit log: {exc.strerror or exc}{where}", file=sys.stderr)
+    return 2
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Check the whole chain; exit 0 if intact, 1 with the first bad record if not."""
+    audit_dir = _audit_dir(args)
+    try:
+        result = verify(audit_dir)
+    except OSError as exc:
+        return _fail(exc)
+    out = sys.stdout
+    for note in result.notes:
+        print(f"note: {note}", file=out)
+    for torn in result.torn:
+        print(
+            f"torn tail set aside at {torn.path} ({torn.size} bytes cut from {torn.source})",
+            file=out,
+        )
+    if result.unfinished is not None:
+        u = result.unfinished
+        print(
+            f"unfinished last line at {u.path}:{u.line}: {u.reason}; torn by a crash or being "
+            "written now, it is set aside when the broker next starts",
+            file=out,
+        )
+    if not result.ok:
+        assert result.bad is not None
+        bad = result.bad
+        ident = f" (record {bad.id})" if bad.id else ""
+        print(
+            f"audit chain BROKEN at {bad.path}:{bad.line}{ident}: {bad.reason}; "
+            f"{result.count} records before it verified",
+            file=sys.stderr,
+        )
+        return 1
+    files = "file" if result.files == 1 else "files"
+    records = "record" if result.count == 1 else "records"
+    print(f"audit chain OK: {result.count} {records} in {result.files} {files}", file=out)
+    return 0
+
+
+def run_tail(args: argparse.Namespace) -> int:
+    """Print the last records, then with ``-f`` follow new ones until Ctrl-C."""
+    audit_dir = _audit_dir(args)
+    as_json = bool(getattr(args, "json", False))
+    lines = getattr(args, "lines", None)
+    count = DEFAULT_LINES if lines is None else max(0, int(lines))
+    try:
+        _emit(last_records(audit_dir, count), as_json)
+        if getattr(args, "follow", False):
+            _emit(follow(audit_dir), as_json)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader went away (`| head`); stop quietly and keep Python from
+        # complaining again while flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        return _fail(exc)
+    return 0
+
+
+def _emit(records: Iterable[dict[str, Any]], as_json: bool) -> None:
+    out = sys.stdout
+    for record in records:
+        if as_json:
+            # Parsed records keep the file's key order, so this is the stored line.
+            out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        else:
+            out.write(format_record(record) + "\n")
+        out.flush()
+
+
+def _clean(value: Any) -> str:
+    """Text safe for a terminal: agents choose paths and reasons, so escape controls."""
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One human-readable line: time, event, tenant, credential, request, decision, status, ms."""
+    ts = str(record.get("ts", "")).replace("T", " ").rstrip("Z")
+    event = record.get("event", "")
+    if event not in ("attempt", "outcome"):
+        known = {"ts", "id", "prev", "hash", "event"}
+        extra = " ".join(f"{k}={_clean(v)}" for k, v in record.items() if k not in known)
+        return f"{_clean(ts)}  {_clean(event)}  {extra}".rstrip()
+    ms = record.get("ms")
+    cols = [
+        _clean(ts),
+        f"{_clean(event):<7}",
+        _clean(record.get("tenant")),
+        _clean(record.get("credential")),
+        f"{_clean(record.get('method'))} {_clean(record.get('path'))}",
+        _clean(record.get("decision")),
+        _clean(record.get("status")),
+        "-" if ms is None else f"{_clean(ms)}ms",
+    ]
+    return "  ".join(cols)
