@@ -136,7 +136,7 @@ class SecretStore:
         except keyring.errors.PasswordDeleteError:
             return False
         except keyring.errors.KeyringError as e:
-            raise SecretStoreError(f"could not delete from the keyring ({type(e).__name__})") from None
+            raise SecretStoreError(f"the keyring refused to remove the secret ({type(e).__name__})") from None
         return True
 
     def forget(self) -> None:

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from broker.config import ConfigEditor, ConfigError, check_base_url, load_config, validate
-from broker.paths import Paths, PathError
+from broker.paths import PathError, Paths
 from broker.secrets import Secret, SecretStore, SecretStoreError, backend_info
 from outloop_tui.cli import UserError
 

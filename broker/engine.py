@@ -1,0 +1,446 @@
+"""The engine façade: everything the dashboard and `outloop broker` use.
+
+    engine = Engine(paths)
+    unsubscribe = engine.subscribe(on_event)
+    await engine.start()          # config, audit, socket server, leak watcher
+    engine.answer(id, "approved") # or "always" / "denied"
+    engine.lock(); engine.unlock()
+    await engine.stop()           # pending approvals denied, socket removed
+
+A call goes: who is calling → which credential → is the path sane → policy →
+(operator) → audit attempt → upstream → redaction → audit outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker import __version__
+from broker.approvals import Approvals
+from broker.audit import AuditError, AuditLog
+from broker.config import Config, ConfigError, Credential, load_config
+from broker.events import (
+    BrokerStateChanged,
+    ConfigRejected,
+    ConfigReloaded,
+    PendingApproval,
+    Refused,
+)
+from broker.forward import Forwarder, UpstreamError
+from broker.identity import Caller, IdentityError, Peer, identify
+from broker.paths import Paths, ensure_private_dir
+from broker.policy import Decision, PathRejected, decide, normalize_path
+from broker.redact import Redactor
+from broker.secrets import SecretStore, SecretStoreError
+
+Subscriber = Callable[[object], None]
+
+# HTTP status of each refusal code.
+REFUSAL_STATUS = {
+    "unmapped_workspace": 403,
+    "wrong_tenant": 403,
+    "unknown_credential": 404,
+    "denied_by_policy": 403,
+    "denied_by_operator": 403,
+    "approval_timeout": 403,
+    "approval_unavailable": 403,
+    "bad_request": 400,
+    "upstream_error": 502,
+    "audit_unavailable": 503,
+}
+
+
+@dataclass
+class CallRequest:
+    """An agent's call, from /v1/request or /v1/proxy, already parsed."""
+
+    credential: str
+    method: str
+    path: str
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    tenant_claim: str | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    message: str
+    audit_id: str | None
+    status: int = 0
+
+    @property
+    def http_status(self) -> int:
+        return self.status or REFUSAL_STATUS.get(self.code, 400)
+
+    def json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "audit_id": self.audit_id}}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The upstream's answer, already redacted."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    audit_id: str
+
+
+class Engine:
+    """The broker: config, secrets, approvals, forwarding, redaction, audit, server, watcher."""
+
+    def __init__(self, paths: Paths, *, secrets: SecretStore | None = None) -> None:
+        self.paths = paths
+        self.secrets = secrets or SecretStore()
+        self._subscribers: list[Subscriber] = []
+        self.approvals = Approvals(self._publish)
+        self.audit = AuditLog(paths.audit_dir)
+        self.state = "stopped"
+        self.locked = False
+        self._config: Config | None = None
+        self._config_stamp: tuple[int, int, int] | None = None
+        self._redactor: Redactor | None = None
+        self._forwarder: Forwarder | None = None
+        self._server: Any = None
+        self.watcher: Any = None
+        self.started = time.time()
+
+    # -- events ---------------------------------------------------------------
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(event)` for every engine event; returns an unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _publish(self, event: object) -> None:
+        for callback in list(self._subscribers):
+            callback(event)
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self._publish(BrokerStateChanged(state, detail))
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            raise RuntimeError("the engine has not started")
+        return self._config
+
+    async def start(self, *, serve: bool = True, watch: bool = True) -> None:
+        """Load config, open the audit log, listen on the socket, start the leak watcher."""
+        from broker.server import Server
+
+        self._set_state("starting")
+        ensure_private_dir(self.paths.state_dir)
+        self._config = load_config(self.paths)
+        self._config_stamp = self._stamp()
+        await self.audit.open()
+        self.audit.subscribe(self._on_audit)
+        self._forwarder = Forwarder(timeout=self.config.broker.upstream_timeout,
+                                    max_response_bytes=self.config.broker.max_response_bytes)
+        if serve:
+            self._server = Server(self, self.paths.socket)
+            await self._server.start()
+        if watch:
+            await self._start_watcher()
+        self._set_state("locked" if self.locked else "listening")
+
+    async def stop(self) -> None:
+        """Refuse pending approvals, stop serving, close the audit log."""
+        self.approvals.deny_all("cancelled", "shutdown")
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        if self._forwarder is not None:
+            await self._forwarder.close()
+        await self.audit.close()
+        self._set_state("stopped")
+
+    async def _start_watcher(self) -> None:
+        try:
+            from broker.alerts import AlertStore
+            from broker.watcher import Watcher
+        except ImportError:  # the leak watcher is optional while it is being built
+            return
+        self.alerts = AlertStore(self.paths.alerts_file)
+        self.alerts.subscribe(self._publish)
+        self.watcher = Watcher(self._workspace_list(), self.managed_secrets, self.alerts,
+                               max_file_bytes=self.config.broker.scan_max_file_bytes)
+        await self.watcher.start()
+
+    def _workspace_list(self) -> list[tuple[str, Path]]:
+        return [(t.id, ws) for t in self.config.tenants.values() for ws in t.workspaces]
+
+    def managed_secrets(self) -> dict[tuple[str, str], str]:
+        """Every secret the broker manages, by (tenant, credential), for leak matching."""
+        keys = [(c.tenant, c.name) for c in self.config.credentials()]
+        try:
+            return {k: s.reveal() for k, s in self.secrets.managed(keys).items()}
+        except SecretStoreError:
+            return {}
+
+    def _on_audit(self, record: dict[str, Any]) -> None:
+        from broker.events import AuditRecorded
+
+        self._publish(AuditRecorded(record))
+
+    # -- config reload ------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.paths.config_file)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh_config(self) -> Config:
+        """Pick up config.toml changes; a change that does not validate keeps the old config."""
+        stamp = self._stamp()
+        if stamp == self._config_stamp:
+            return self.config
+        self._config_stamp = stamp
+        try:
+            new = load_config(self.paths)
+        except ConfigError as e:
+            self._publish(ConfigRejected(str(e)))
+            return self.config
+        self._config = new
+        self._redactor = None
+        self.secrets.forget()
+        if self.watcher is not None:
+            self.watcher.rearm(self._workspace_list())
+        self._publish(ConfigReloaded(len(new.tenants)))
+        return new
+
+    # -- operator ---------------------------------------------------------------
+
+    def attach_approver(self) -> None:
+        self.approvals.attached += 1
+
+    def detach_approver(self) -> None:
+        self.approvals.attached = max(0, self.approvals.attached - 1)
+        if not self.approvals.attached:
+            self.approvals.deny_all("cancelled", "approver left")
+
+    def pending(self) -> list[PendingApproval]:
+        return self.approvals.pending()
+
+    def answer(self, approval_id: str, decision: str, approver: str = "operator") -> bool:
+        """Approve once ("approved"), for the session ("always"), or deny ("denied")."""
+        ttl = self._config.broker.always_ttl if self._config else 3600.0
+        return self.approvals.answer(approval_id, decision, approver, always_ttl=ttl)
+
+    def lock(self) -> None:
+        """Refuse every call, and everything pending, until unlocked."""
+        self.locked = True
+        self.approvals.deny_all("denied", "lock")
+        self.approvals.revoke_grants()
+        self._set_state("locked")
+
+    def unlock(self) -> None:
+        self.locked = False
+        self._set_state("listening")
+
+    def health(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"ok": True, "version": __version__, "state": self.state,
+                                "locked": self.locked,
+                                "approver": bool(self.approvals.attached)}
+        if self.watcher is not None:
+            info["watcher"] = self.watcher.health()
+        return info
+
+    def whoami(self, peer: Peer) -> dict[str, Any] | Refusal:
+        config = self.refresh_config()
+        try:
+            caller = identify(peer, config)
+        except IdentityError as e:
+            return Refusal(e.code, str(e), None)
+        return {"tenant": caller.tenant.id, "name": caller.tenant.name,
+                "workspace": str(caller.workspace),
+                "credentials": sorted(caller.tenant.credentials),
+                "rules": {c.name: {"base_url": c.base_url, "allow": list(c.allow),
+                                   "ask": list(c.ask), "deny": list(c.deny)}
+                          for c in caller.tenant.credentials.values()}}
+
+    # -- calls ------------------------------------------------------------------
+
+    def redactor(self) -> Redactor:
+        if self._redactor is None:
+            secrets = {cred: value for (_t, cred), value in self.managed_secrets().items()}
+            try:
+                from broker.leakrules import provider_key_spans as extra
+            except ImportError:
+                extra = None
+            self._redactor = Redactor(secrets, extra)
+        return self._redactor
+
+    async def refuse(self, peer: Peer | None, code: str, message: str, *,
+                     base: dict[str, Any] | None = None, status: int = 0) -> Refusal:
+        """Audit a refusal and build its answer (fails closed if the audit cannot be written)."""
+        fields = dict(base or {})
+        fields.update(event="attempt", decision=code, message=message)
+        if peer is not None:
+            fields.setdefault("pid", peer.pid)
+        try:
+            record = await self.audit.record(fields)
+        except AuditError:
+            return Refusal("audit_unavailable", "the audit log cannot be written; "
+                           "the call was refused", None)
+        self._publish(Refused(code, fields.get("tenant"), fields.get("credential"), message))
+        return Refusal(code, message, record["id"], status)
+
+    async def call(self, peer: Peer, req: CallRequest) -> Answer | Refusal:
+        """Run one agent call through identity, policy, approval, upstream and audit."""
+        config = self.refresh_config()
+        base: dict[str, Any] = {"pid": peer.pid, "credential": req.credential,
+                                "method": req.method, "path": req.path, "reason": req.reason}
+        try:
+            caller = identify(peer, config)
+        except IdentityError as e:
+            base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None,
+                        exe=e.exe)
+            return await self.refuse(peer, e.code, str(e), base=base)
+        base.update(tenant=caller.tenant.id, workspace=str(caller.workspace), exe=caller.exe)
+
+        if self.locked:
+            return await self.refuse(peer, "denied_by_operator",
+                                     "the operator has locked the broker", base=base)
+        if req.tenant_claim is not None and req.tenant_claim != caller.tenant.id:
+            return await self.refuse(
+                peer, "wrong_tenant",
+                f"this workspace belongs to tenant {caller.tenant.id!r}, "
+                f"not {req.tenant_claim!r}", base=base)
+        credential = caller.tenant.credentials.get(req.credential)
+        if credential is None:
+            owners = config.credential_owners(req.credential)
+            if owners:
+                return await self.refuse(
+                    peer, "wrong_tenant",
+                    f"credential {req.credential!r} belongs to another tenant than "
+                    f"{caller.tenant.id!r}", base=base)
+            return await self.refuse(
+                peer, "unknown_credential",
+                f"no credential {req.credential!r}; this workspace may use: "
+                f"{', '.join(sorted(caller.tenant.credentials)) or 'none'}", base=base)
+        base["host"] = credential.host
+        try:
+            path = normalize_path(req.path)
+        except PathRejected as e:
+            return await self.refuse(peer, "bad_request", str(e), base=base)
+        base["path"] = path.encoded
+        decision = decide(req.method, path, credential.allow, credential.ask, credential.deny)
+        base["rule"] = decision.rule
+        verdict = await self._authorize(peer, caller, credential, req, path.encoded, decision,
+                                        base)
+        if isinstance(verdict, Refusal):
+            return verdict
+        return await self._forward(peer, credential, req, path, base, verdict)
+
+    async def _authorize(self, peer: Peer, caller: Caller, credential: Credential,
+                         req: CallRequest, path: str, decision: Decision,
+                         base: dict[str, Any]) -> tuple[str, str] | Refusal:
+        """(decision, approver) for a call policy lets through, or the refusal."""
+        if decision.action == "deny":
+            what = f"deny rule {decision.rule!r}" if decision.rule else "no rule allows it"
+            return await self.refuse(
+                peer, "denied_by_policy",
+                f"{req.method} {path} on {credential.name} is refused: {what}", base=base)
+        if decision.action == "allow":
+            return ("allow", "policy")
+        approval = self.approvals.new(
+            timeout=self.config.broker.approval_timeout, tenant=caller.tenant.id,
+            workspace=str(caller.workspace), pid=peer.pid, exe=caller.exe,
+            credential=credential.name, method=req.method, host=credential.host, path=path,
+            rule=decision.rule, reason=req.reason)
+        if self.approvals.granted(approval):
+            return ("allow", "always")
+        if not self.approvals.attached:
+            return await self.refuse(
+                peer, "approval_unavailable",
+                "this call needs the operator's approval and no dashboard is attached; "
+                "ask the operator to open `outloop`", base=base)
+        answer, approver = await self.approvals.wait(approval)
+        base["approver"] = approver
+        if answer in ("approved", "always"):
+            return (answer, approver)
+        if answer == "timeout":
+            return await self.refuse(
+                peer, "approval_timeout",
+                f"nobody answered within {self.config.broker.approval_timeout:g} s", base=base)
+        return await self.refuse(peer, "denied_by_operator", "the operator refused this call",
+                                 base=base)
+
+    async def _forward(self, peer: Peer, credential: Credential, req: CallRequest, path: Any,
+                       base: dict[str, Any], verdict: tuple[str, str]) -> Answer | Refusal:
+        if len(req.body) > self.config.broker.max_request_bytes:
+            return await self.refuse(peer, "bad_request", "the request body is larger than the "
+                                     f"{self.config.broker.max_request_bytes} byte cap",
+                                     base=base, status=413)
+        try:
+            secret = self.secrets.get(credential.tenant, credential.name)
+        except SecretStoreError as e:
+            return await self.refuse(peer, "unknown_credential", str(e), base=base)
+        if secret is None:
+            return await self.refuse(
+                peer, "unknown_credential",
+                f"the keyring holds no secret for {credential.tenant}/{credential.name}; "
+                "add it with `outloop credential add`", base=base)
+        fields = dict(base, event="attempt", decision=verdict[0], approver=verdict[1])
+        try:
+            attempt = await self.audit.record(fields)
+        except AuditError:
+            return Refusal("audit_unavailable", "the audit log cannot be written; "
+                           "the call was refused", None)
+        assert self._forwarder is not None
+        start = time.perf_counter()
+        try:
+            upstream = await self._forwarder.send(credential, secret, req.method, path,
+                                                  req.query, req.headers, req.body)
+        except UpstreamError as e:
+            outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
+                           status="upstream_error", message=str(e),
+                           ms=round((time.perf_counter() - start) * 1000, 2))
+            try:
+                await self.audit.record(outcome)
+            except AuditError:
+                pass
+            return Refusal("upstream_error", str(e), attempt["id"], e.status)
+        redactor = self.redactor()
+        body = redactor.bytes(upstream.body)
+        headers = redactor.headers(upstream.headers)
+        outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
+                       status=upstream.status, bytes=len(upstream.body),
+                       ms=round(upstream.ms, 2))
+        try:
+            await self.audit.record(outcome)
+        except AuditError:
+            return Refusal("audit_unavailable", "the audit log cannot be written; the response "
+                           "was withheld", attempt["id"])
+        return Answer(upstream.status, headers, body, attempt["id"])
+
+
+def json_body(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+async def run_forever(engine: Engine) -> None:
+    """Serve until cancelled (used by `outloop broker`)."""
+    await engine.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await engine.stop()

@@ -1,0 +1,138 @@
+"""Putting a call on the wire: one shared httpx client, the credential injected.
+
+The upstream URL is the credential's base_url plus the normalised path. Client
+headers that could carry a credential, and hop-by-hop headers, are dropped; the
+credential goes in as the config says; redirects are never followed; request and
+response sizes are capped.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.cookiejar
+import time
+from dataclasses import dataclass
+
+import httpx2 as httpx
+
+from broker.config import Credential
+from broker.policy import NormalPath
+from broker.secrets import Secret
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "host", "content-length", "expect",
+})
+CREDENTIAL_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-auth-token",
+    "x-goog-api-key", "private-token", "x-access-token",
+})
+# Not passed back: framing is ours, and cookies could carry a session minted from the key.
+RESPONSE_DROP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "content-length", "content-encoding", "set-cookie", "set-cookie2",
+})
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, timed out, or answered too much."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # 502 or 504
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    ms: float
+
+
+def outgoing_headers(client_headers: dict[str, str], credential: Credential,
+                     secret: Secret) -> dict[str, str]:
+    """Client headers minus hop-by-hop and credential-bearing ones, plus the credential."""
+    drop = HOP_BY_HOP | CREDENTIAL_HEADERS
+    if credential.auth.kind == "header":
+        drop = drop | {credential.auth.arg.lower()}
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in drop}
+    auth = credential.auth
+    if auth.kind == "bearer":
+        headers["Authorization"] = f"Bearer {secret.reveal()}"
+    elif auth.kind == "basic":
+        token = base64.b64encode(f"{auth.arg}:{secret.reveal()}".encode()).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+    elif auth.kind == "header":
+        headers[auth.arg] = secret.reveal()
+    return headers
+
+
+def outgoing_query(query: list[tuple[str, str]], credential: Credential,
+                   secret: Secret) -> list[tuple[str, str]]:
+    if credential.auth.kind != "query":
+        return query
+    name = credential.auth.arg
+    return [(k, v) for k, v in query if k != name] + [(name, secret.reveal())]
+
+
+class Forwarder:
+    """Sends calls upstream with a shared connection pool."""
+
+    def __init__(self, *, timeout: float, max_response_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self.timeout = timeout
+        # A jar that accepts no cookies: the pool is shared by every tenant.
+        jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=64),
+            cookies=jar,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def send(self, credential: Credential, secret: Secret, method: str, path: NormalPath,
+                   query: list[tuple[str, str]], headers: dict[str, str],
+                   body: bytes) -> UpstreamResponse:
+        """Make the call; raise UpstreamError on network failure, timeout or oversize."""
+        url = credential.base_url + path.encoded
+        request = self._client.build_request(
+            method, url,
+            params=outgoing_query(query, credential, secret) or None,
+            headers=outgoing_headers(headers, credential, secret),
+            content=body if body else None,
+        )
+        start = time.perf_counter()
+        try:
+            response = await self._client.send(request, stream=True)
+            try:
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.max_response_bytes:
+                    raise UpstreamError(self._too_big(), 502)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.max_response_bytes:
+                        raise UpstreamError(self._too_big(), 502)
+                    chunks.append(chunk)
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException:
+            raise UpstreamError(
+                f"{credential.host} did not answer within {self.timeout:g} s", 504) from None
+        except (httpx.HTTPError, OSError) as e:
+            # The exception text may hold the URL, and with query auth the URL holds the key.
+            raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})",
+                                502) from None
+        ms = (time.perf_counter() - start) * 1000
+        out_headers = [(k, v) for k, v in response.headers.multi_items()
+                       if k.lower() not in RESPONSE_DROP]
+        return UpstreamResponse(response.status_code, out_headers, b"".join(chunks), ms)
+
+    def _too_big(self) -> str:
+        return f"the upstream response is larger than the {self.max_response_bytes} byte cap"

@@ -1,0 +1,66 @@
+"""`outloop broker`: the headless broker and leak watcher in the foreground.
+
+With no dashboard attached there is nobody to ask, so `ask` rules are refused
+with approval_unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+from broker.engine import Engine
+from broker.events import AuditRecorded, BrokerStateChanged, ConfigRejected, ConfigReloaded
+from broker.paths import Paths
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def describe(event: object) -> str | None:
+    """One log line for an engine event (never a secret: events carry none)."""
+    if isinstance(event, AuditRecorded):
+        r = event.record
+        what = f"{r.get('tenant') or '-'} {r.get('credential') or '-'} " \
+               f"{r.get('method') or ''} {r.get('path') or ''}".strip()
+        if r.get("event") == "outcome":
+            return f"outcome  {what} -> {r.get('status')} ({r.get('ms')} ms)"
+        return f"attempt  {what} -> {r.get('decision')}"
+    if isinstance(event, BrokerStateChanged):
+        return f"broker {event.state}{': ' + event.detail if event.detail else ''}"
+    if isinstance(event, ConfigReloaded):
+        return f"config reloaded ({event.tenants} tenants)"
+    if isinstance(event, ConfigRejected):
+        return f"config change rejected, keeping the last good one: {event.message}"
+    alert = getattr(event, "alert", None)
+    if alert is not None:
+        return f"leak alert [{alert.severity}] {alert.path}:{alert.line} {alert.rule} " \
+               f"({alert.preview}) {getattr(event, 'kind', '')}".rstrip()
+    return None
+
+
+async def _serve(paths: Paths) -> None:
+    engine = Engine(paths)
+    engine.subscribe(lambda e: (line := describe(e)) and _log(line))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    _log(f"listening on {paths.socket} (headless: `ask` rules are refused)")
+    try:
+        await stop.wait()
+    finally:
+        await engine.stop()
+        _log("stopped")
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    paths = Paths.from_env()
+    paths.check_socket_path()
+    asyncio.run(_serve(paths))
+    return 0
