@@ -26,9 +26,9 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 AUTH_KINDS = ("bearer", "basic:<user>", "header:<Header-Name>", "query:<param>")
 
 DEFAULTS: dict[str, float | int] = {
-    "approval_timeout": 120,
-    "always_ttl": 3600,
-    "upstream_timeout": 30,
+    "approval_timeout": 120.0,
+    "always_ttl": 3600.0,
+    "upstream_timeout": 30.0,
     "max_request_bytes": 10 * 1024 * 1024,
     "max_response_bytes": 10 * 1024 * 1024,
     "scan_max_file_bytes": 2 * 1024 * 1024,
@@ -185,10 +185,16 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
     settings: dict[str, Any] = {}
     for key, default in DEFAULTS.items():
         value = broker_raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise where.error(f"broker.{key}", "must be a positive number")
-        settings[key] = int(value) if isinstance(default, int) and key != "approval_timeout" \
-            else float(value)
+        # Seconds may be fractional (never truncated: 0.5 must not become 0); byte
+        # counts are whole numbers.
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise where.error(f"broker.{key}", "must be a positive whole number")
+            settings[key] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise where.error(f"broker.{key}", "must be a positive number")
+            settings[key] = float(value)
     broker = BrokerSettings(**settings)
 
     tenants_raw = raw.get("tenants", {})
@@ -259,11 +265,18 @@ def _credential(tid: str, name: str, raw: Any, key: str, where: _Locator) -> Cre
 
 def check_base_url(url: str) -> str | None:
     """Why `url` cannot be a credential's base URL, or None if it can."""
+    # urlsplit silently drops tabs and newlines, so look at the text itself first.
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "must not contain spaces or control characters"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
-    if parts.query or parts.fragment or parts.username or parts.password:
+    if "?" in url or "#" in url or "@" in parts.netloc:
         return "must not carry a query, fragment or user info"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "has an invalid port"
     return None
 
 
@@ -295,21 +308,29 @@ class _Locator:
         except (OSError, UnicodeDecodeError):
             return None
         parts = dotted.split(".")
+
+        def key(part: str) -> str:  # a key as written: bare, "quoted" or 'quoted'
+            e = re.escape(part)
+            return rf"(?:{e}|\"{e}\"|'{e}')"
+
+        def leaf_line(start: int, leaf: str) -> int | None:
+            for j in range(start, len(lines)):
+                if lines[j].lstrip().startswith("["):
+                    break
+                if re.match(rf"^\s*{key(leaf)}\s*=", lines[j]):
+                    return j + 1
+            return None
+
         # Look for the deepest table header that prefixes the key, then the leaf key after it.
         for depth in range(len(parts), 0, -1):
-            header = ".".join(parts[:depth])
+            header = r"\s*\.\s*".join(key(p) for p in parts[:depth])
             for i, text in enumerate(lines):
-                if re.match(rf"^\s*\[\s*{re.escape(header)}\s*\]", text):
+                if re.match(rf"^\s*\[\s*{header}\s*\]", text):
                     if depth == len(parts):
                         return i + 1
-                    leaf = parts[depth]
-                    for j in range(i + 1, len(lines)):
-                        if lines[j].lstrip().startswith("["):
-                            break
-                        if re.match(rf"^\s*{re.escape(leaf)}\s*=", lines[j]):
-                            return j + 1
-                    return i + 1
-        return None
+                    return leaf_line(i + 1, parts[depth]) or i + 1
+        # A top-level key, before any table header.
+        return leaf_line(0, parts[0])
 
 
 # -- writing -----------------------------------------------------------------
