@@ -102,7 +102,7 @@ class Forwarder:
         url = credential.base_url + path.encoded
         request = self._client.build_request(
             method, url,
-            params=outgoing_query(query, credential, secret) or None,
+            params=httpx.QueryParams(outgoing_query(query, credential, secret)),
             headers=outgoing_headers(headers, credential, secret),
             content=body if body else None,
         )

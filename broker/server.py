@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -349,7 +350,7 @@ def _query(value: Any) -> list[tuple[str, str]]:
     return out
 
 
-def parse_proxy(method: str, target: str, raw_headers: list[tuple[bytes, bytes]],
+def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]],
                 body: bytes) -> CallRequest:
     """Turn `/v1/proxy/<credential>/<path>?q` into a CallRequest."""
     from broker.engine import CallRequest
