@@ -109,9 +109,7 @@ class AuditError(Exception):
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """Return the canonical JSON bytes of ``record`` without its ``hash`` field."""
     body = {k: v for k, v in record.items() if k != "hash"}
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def record_hash(prev: str, record: Mapping[str, Any]) -> str:
@@ -308,14 +306,14 @@ def _read_head(raw: bytes) -> tuple[str, str] | None:
 def _day_files(audit_dir: Path) -> list[tuple[date, Path]]:
     found: list[tuple[date, Path]] = []
     try:
-        names = os.listdir(audit_dir)
+        entries = list(os.scandir(audit_dir))
     except FileNotFoundError:
         return []
-    for name in names:
-        match = _DAY_RE.match(name)
-        if match:
+    for entry in entries:
+        match = _DAY_RE.match(entry.name)
+        if match and entry.is_file():
             try:
-                found.append((date.fromisoformat(match.group(1)), audit_dir / name))
+                found.append((date.fromisoformat(match.group(1)), audit_dir / entry.name))
             except ValueError:
                 continue
     found.sort()
@@ -359,9 +357,7 @@ class _Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise AuditError(
-                    f"the audit log in {self.dir} is in use by another process"
-                ) from None
+                raise AuditError(f"the audit log in {self.dir} is in use by another process") from None
             head = _read_head(os.pread(fd, _HEAD_SIZE, 0))
         except BaseException:
             os.close(fd)
@@ -425,9 +421,7 @@ class _Store:
             os.ftruncate(fd, keep)
             os.fsync(fd)
             _fsync_dir(self.dir)
-            logger.warning(
-                "torn tail of %s (%d bytes) set aside at %s", path.name, len(torn_bytes), aside
-            )
+            logger.warning("torn tail of %s (%d bytes) set aside at %s", path.name, len(torn_bytes), aside)
             return TornTail(path=aside, source=path.name, size=len(torn_bytes))
         finally:
             os.close(fd)
@@ -510,9 +504,7 @@ class _Store:
         path = self.dir / day_file_name(day)
         created = False
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             created = True
         except FileExistsError:
             self._recover(path, _now())
@@ -639,9 +631,7 @@ class AuditLog:
             raise
         except OSError as exc:
             await self._shutdown_store()
-            raise AuditError(
-                f"cannot open the audit log in {self.audit_dir}: {exc.strerror or exc}"
-            ) from exc
+            raise AuditError(f"cannot open the audit log in {self.audit_dir}: {exc.strerror or exc}") from exc
         self._head = opened.head
         self._last_ts = opened.last_ts
         self._state.torn = opened.torn
@@ -919,9 +909,7 @@ def verify(audit_dir: Path) -> VerifyResult:
                     "(records were deleted, inserted or reordered)",
                 )
             if not rec["ts"].startswith(day.isoformat()):
-                return broken(
-                    path, number, rec, f"its time {rec['ts']} does not belong in this day's file"
-                )
+                return broken(path, number, rec, f"its time {rec['ts']} does not belong in this day's file")
             prev = rec["hash"]
             count += 1
             last_place = (path, number)
