@@ -148,9 +148,7 @@ def test_no_rules_means_ask_for_everything() -> None:
 
 
 def test_deny_wins_over_allow_and_ask() -> None:
-    d = verdict(
-        "DELETE", "/repos/o/r", allow=("* /**",), ask=("DELETE /repos/**",), deny=("DELETE /**",)
-    )
+    d = verdict("DELETE", "/repos/o/r", allow=("* /**",), ask=("DELETE /repos/**",), deny=("DELETE /**",))
     assert (d.action, d.rule) == ("deny", "DELETE /**")
 
 
@@ -160,9 +158,7 @@ def test_allow_wins_over_ask() -> None:
 
 
 def test_ask_when_only_ask_matches() -> None:
-    d = verdict(
-        "POST", "/repos/o/r/issues", allow=("GET /repos/**",), ask=("POST /repos/*/*/issues",)
-    )
+    d = verdict("POST", "/repos/o/r/issues", allow=("GET /repos/**",), ask=("POST /repos/*/*/issues",))
     assert (d.action, d.rule) == ("ask", "POST /repos/*/*/issues")
 
 
