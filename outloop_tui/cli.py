@@ -189,4 +189,8 @@ def _sentence(e: Exception) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m outloop_tui.cli`: use the importable module, so the command
+    # modules and this entry point share one UserError class.
+    from outloop_tui.cli import main as _main
+
+    sys.exit(_main())
