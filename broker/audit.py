@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import TracebackType
@@ -108,8 +108,13 @@ class AuditError(Exception):
 
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """Return the canonical JSON bytes of ``record`` without its ``hash`` field."""
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return _dumps({k: v for k, v in record.items() if k != "hash"})
+
+
+def _dumps(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def record_hash(prev: str, record: Mapping[str, Any]) -> str:
@@ -137,7 +142,13 @@ def _new_id(moment: datetime) -> str:
     return f"{int(moment.timestamp() * 1000):012x}{secrets.token_hex(6)}"
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _strip(value: Any) -> Any:
+    # Scalars first: this runs for every field of every record.
+    if isinstance(value, _SCALARS):
+        return value
     if isinstance(value, Mapping):
         return {str(k): _strip(v) for k, v in value.items() if str(k).lower() not in _FORBIDDEN}
     if isinstance(value, list | tuple):
@@ -154,7 +165,7 @@ def _clean(fields: Mapping[str, Any]) -> Record:
             continue
         if key in _RESERVED:
             raise ValueError(f"audit field {key!r} is set by the audit log itself")
-        out[key] = _strip(value)
+        out[key] = value if isinstance(value, _SCALARS) else _strip(value)
     return out
 
 
@@ -345,6 +356,8 @@ class _Store:
         self.current: _DayFile | None = None
         self.head_hash: str | None = None
         self.fsyncs = 0
+        self.torn: list[TornTail] = []
+        self.clock: Clock = _now
 
     # -- opening and crash recovery
 
@@ -422,7 +435,9 @@ class _Store:
             os.fsync(fd)
             _fsync_dir(self.dir)
             logger.warning("torn tail of %s (%d bytes) set aside at %s", path.name, len(torn_bytes), aside)
-            return TornTail(path=aside, source=path.name, size=len(torn_bytes))
+            cut = TornTail(path=aside, source=path.name, size=len(torn_bytes))
+            self.torn.append(cut)
+            return cut
         finally:
             os.close(fd)
 
@@ -507,7 +522,7 @@ class _Store:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             created = True
         except FileExistsError:
-            self._recover(path, _now())
+            self._recover(path, self.clock())
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             os.fchmod(fd, 0o600)
@@ -560,7 +575,6 @@ class _State:
     closing: bool = False
     closed: bool = False
     broken: bool = False
-    torn: list[TornTail] = field(default_factory=list)
 
 
 class AuditLog:
@@ -580,6 +594,7 @@ class AuditLog:
         self.stats = AuditStats()
         self._clock: Clock = clock or _now
         self._store = _Store(self.audit_dir)
+        self._store.clock = self._clock
         self._state = _State()
         self._head = GENESIS
         self._last_ts: datetime | None = None
@@ -598,8 +613,8 @@ class AuditLog:
 
     @property
     def torn_tails(self) -> tuple[TornTail, ...]:
-        """Torn tails this log set aside when it was opened."""
-        return tuple(self._state.torn)
+        """Torn tails this log set aside (when opened, or when reopening a file after a failed write)."""
+        return tuple(self._store.torn)
 
     async def __aenter__(self) -> AuditLog:
         await self.open()
@@ -634,7 +649,6 @@ class AuditLog:
             raise AuditError(f"cannot open the audit log in {self.audit_dir}: {exc.strerror or exc}") from exc
         self._head = opened.head
         self._last_ts = opened.last_ts
-        self._state.torn = opened.torn
         self._state.opened = True
         self._writer = asyncio.create_task(self._run_writer(), name="outloop-audit-writer")
         for torn in opened.torn:
@@ -738,7 +752,7 @@ class AuditLog:
             record = item.record
             record["prev"] = prev
             try:
-                canon = canonical_json(record)
+                canon = _dumps(record)  # no "hash" key yet, so this is the canonical form
             except (TypeError, ValueError) as exc:
                 if not item.future.done():
                     item.future.set_exception(
@@ -823,24 +837,28 @@ def list_torn_tails(audit_dir: Path) -> list[TornTail]:
     return found
 
 
-def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """Yield ``(1-based line number, byte offset, raw line)`` of a file."""
+def _lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(1-based line number, byte offset, raw line)`` of the first ``limit`` bytes."""
     with open(path, "rb") as handle:
         offset = 0
         for number, raw in enumerate(handle, start=1):
+            if limit is not None:
+                if offset >= limit:
+                    return
+                raw = raw[: limit - offset]
             yield number, offset, raw
             offset += len(raw)
 
 
-def _intact_end(path: Path, head: str | None) -> int:
-    """Byte offset where the part of ``path`` that recovery would keep ends."""
+def _intact_end(path: Path, head: str | None) -> tuple[int, int]:
+    """``(where the part recovery would keep ends, file size)`` of one snapshot of ``path``."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
-            return 0
+            return 0, 0
         with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as data:
             keep, _ = _split_tail(data, head)
-    return keep
+    return keep, size
 
 
 def verify(audit_dir: Path) -> VerifyResult:
@@ -884,15 +902,20 @@ def verify(audit_dir: Path) -> VerifyResult:
     for index, (day, path) in enumerate(days):
         # Past this offset of the newest file lies what a crash left half
         # written; the broker sets it aside when it next opens the log.
-        intact = _intact_end(path, head_hash) if index == len(days) - 1 else None
+        # The broker may be appending while we read: judge the newest file
+        # by one snapshot of its size and ignore what arrives after it.
+        intact: int | None = None
+        limit: int | None = None
+        if index == len(days) - 1:
+            intact, limit = _intact_end(path, head_hash)
         last_place = (path, 0)
-        for number, offset, raw in _lines(path):
+        for number, offset, raw in _lines(path, limit):
             rec: Record | None = None
             problem: str | None = "incomplete"
             if raw.endswith(b"\n"):
                 rec, problem = _check_line(raw)
             if intact is not None and offset >= intact:
-                what = "incomplete" if problem == "incomplete" else f"damaged ({problem})"
+                what = "incomplete" if problem in ("incomplete", None) else f"damaged ({problem})"
                 unfinished = BadRecord(path, number, None, f"the last line is {what}")
                 break
             if problem == "incomplete":

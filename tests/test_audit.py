@@ -381,6 +381,27 @@ async def test_200_concurrent_records_share_fsyncs(audit_dir: Path) -> None:
     assert stats.records == 200 and stats.batches < 200 and stats.fsyncs == stats.batches
 
 
+async def test_verify_while_records_are_being_written(audit_dir: Path) -> None:
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(0))
+        stop = False
+
+        async def writer() -> None:
+            n = 0
+            while not stop:
+                await asyncio.gather(*(log.record(call(n + i, reason="r" * 2000)) for i in range(32)))
+                n += 32
+
+        task = asyncio.create_task(writer())
+        try:
+            results = [await asyncio.to_thread(verify, audit_dir) for _ in range(20)]
+        finally:
+            stop = True
+            await task
+    assert all(r.ok for r in results), [r.bad for r in results if not r.ok]
+    assert verify(audit_dir).unfinished is None
+
+
 async def test_a_second_writer_is_refused(audit_dir: Path) -> None:
     async with AuditLog(audit_dir):
         with pytest.raises(AuditError, match="in use"):
