@@ -984,12 +984,16 @@ def _parse(raw: bytes) -> Record | None:
 
 def last_records(audit_dir: Path, count: int) -> list[Record]:
     """The last ``count`` readable records, oldest first."""
+    return _last_in([path for _, path in _day_files(Path(audit_dir))], count)
+
+
+def _last_in(paths: list[Path], count: int) -> list[Record]:
     if count <= 0:
         return []
     chunks: list[list[Record]] = []
     needed = count
     # Newest files first, so a long history is not read to show ten lines.
-    for _, path in reversed(_day_files(Path(audit_dir))):
+    for path in reversed(paths):
         chunk = list(deque(_read_records(path), maxlen=needed))
         chunks.append(chunk)
         needed -= len(chunk)
@@ -998,50 +1002,59 @@ def last_records(audit_dir: Path, count: int) -> list[Record]:
     return [rec for chunk in reversed(chunks) for rec in chunk]
 
 
+def _parsed(lines: list[bytes]) -> list[Record]:
+    return [rec for rec in map(_parse, lines) if rec is not None]
+
+
 def follow(
     audit_dir: Path,
     *,
+    backlog: int = 0,
     from_start: bool = False,
     poll_interval: float = 0.2,
     stop: Callable[[], bool] | None = None,
 ) -> Iterator[Record]:
     """Yield records as they are appended, across day files, until ``stop()`` is true.
 
-    Starts at the current end of the log unless ``from_start``. A torn tail cut
-    by the broker (the file shrinks) is skipped; an incomplete line is held back
-    until its newline arrives.
+    First yields the last ``backlog`` records (everything with ``from_start``),
+    then what is appended after them, with nothing lost or repeated in between.
+    A torn tail cut by the broker (the file shrinks) is skipped; an incomplete
+    line is held back until its newline arrives.
     """
     audit_dir = Path(audit_dir)
     days = _day_files(audit_dir)
     current: Path | None = days[-1][1] if days else None
     offset = 0
-    if current is not None and not from_start:
-        with contextlib.suppress(FileNotFoundError):
-            offset = current.stat().st_size
-    if from_start and days:
-        for _, path in days[:-1]:
-            yield from _read_records(path)
     pending = b""
+    if current is not None:
+        if from_start or backlog > 0:
+            lines, offset, pending = _read_new(current, 0, b"")
+            newest = _parsed(lines)
+            older = [path for _, path in days[:-1]]
+            if from_start:
+                for path in older:
+                    yield from _read_records(path)
+                yield from newest
+            else:
+                yield from _last_in(older, backlog - len(newest))
+                yield from newest[-backlog:]
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                offset = current.stat().st_size
     while stop is None or not stop():
         progressed = False
         if current is not None:
-            data, offset, pending = _read_new(current, offset, pending)
-            if data:
+            lines, offset, pending = _read_new(current, offset, pending)
+            if lines:
                 progressed = True
-                for raw in data:
-                    rec = _parse(raw)
-                    if rec is not None:
-                        yield rec
+                yield from _parsed(lines)
         newer = [path for _, path in _day_files(audit_dir) if current is None or path > current]
         if newer and not progressed:
             # Drain the old file once more before moving on, then start the
             # next day from its beginning.
             if current is not None:
-                data, offset, pending = _read_new(current, offset, pending)
-                for raw in data:
-                    rec = _parse(raw)
-                    if rec is not None:
-                        yield rec
+                lines, offset, pending = _read_new(current, offset, pending)
+                yield from _parsed(lines)
             current, offset, pending = newer[0], 0, b""
             continue
         if not progressed:

@@ -82,9 +82,11 @@ def run_tail(args: argparse.Namespace) -> int:
     lines = getattr(args, "lines", None)
     count = DEFAULT_LINES if lines is None else max(0, int(lines))
     try:
-        _emit(last_records(audit_dir, count), as_json)
         if getattr(args, "follow", False):
-            _emit(follow(audit_dir), as_json)
+            # One reader for history and new records, so none slip in between.
+            _emit(follow(audit_dir, backlog=count), as_json)
+        else:
+            _emit(last_records(audit_dir, count), as_json)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:

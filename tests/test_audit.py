@@ -648,6 +648,22 @@ def test_follow_from_start_reads_everything(audit_dir: Path, clock: Clock) -> No
     assert [r["path"] for r in found] == [call(1)["path"], call(2)["path"]]
 
 
+def test_follow_with_a_backlog(audit_dir: Path, clock: Clock) -> None:
+    async def write() -> None:
+        async with AuditLog(audit_dir, clock=clock) as log:
+            for i in range(3):
+                await log.record(call(i))
+            clock.advance(days=1)
+            for i in range(3, 5):
+                await log.record(call(i))
+
+    asyncio.run(write())
+    found: list[dict[str, Any]] = []
+    for rec in follow(audit_dir, backlog=4, poll_interval=0.01, stop=lambda: len(found) >= 4):
+        found.append(rec)
+    assert [r["path"] for r in found] == [call(i)["path"] for i in range(1, 5)]
+
+
 # -- the commands -----------------------------------------------------------------------------
 
 
