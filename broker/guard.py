@@ -1,0 +1,360 @@
+"""What a coding agent's tool call may not touch: the rules behind `outloop hook pre`.
+
+Plain functions over the tool name and input that Claude Code sends to a
+PreToolUse hook. They refuse reading or editing `.env`-like files, private key
+and credential files and Outloop's own config and state, and shell commands that
+print such files or dump the environment. The answer is a short description of
+what was refused, or None.
+
+This is a guard rail for a cooperative agent, not a sandbox: a shell command can
+always be written in a way no parser sees through. The post-tool hook, the leak
+watcher and the transcript watcher catch what slips past.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path, PurePath
+
+# `.env.example` and friends are templates with placeholders, and agents need them.
+ENV_TEMPLATE_SUFFIXES = ("example", "sample", "template", "dist", "defaults", "schema")
+PRIVATE_KEY_NAMES = frozenset({
+    "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk", "identity",
+})
+PRIVATE_KEY_GLOBS = ("*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk",
+                     "*.p8")
+CREDENTIAL_FILES = frozenset({
+    ".netrc", "_netrc", ".pgpass", ".git-credentials", ".pypirc", ".npmrc",
+    "application_default_credentials.json", "credentials.db", "access_tokens.db",
+})
+# Files identified by their folder as well as their name.
+CREDENTIAL_PATHS = (
+    (".aws", "credentials"), (".docker", "config.json"), (".kube", "config"),
+    (".config/gh", "hosts.yml"),
+)
+
+TOOL_PATH_KEYS = {
+    "Read": ("file_path",), "Edit": ("file_path",), "MultiEdit": ("file_path",),
+    "Write": ("file_path",), "NotebookEdit": ("notebook_path",), "NotebookRead": ("notebook_path",),
+    "Grep": ("path",), "Glob": ("path",), "LS": ("path",),
+}
+# Tools whose pattern argument names files (Glob's pattern, Grep's glob filter).
+TOOL_PATTERN_KEYS = {"Glob": ("pattern",), "Grep": ("glob",)}
+# Listing a folder that holds secrets shows names, not values.
+LISTING_TOOLS = frozenset({"Glob", "Grep", "LS"})
+OUTLOOP_KIND = "Outloop's own config or state"
+
+
+@dataclass(frozen=True)
+class Protected:
+    """Folders no agent tool may touch at all: Outloop's config and state."""
+
+    folders: tuple[Path, ...] = ()
+
+    def holds(self, path: Path) -> bool:
+        return any(path == f or f in path.parents for f in self.folders)
+
+
+def classify_name(name: str) -> str | None:
+    """What kind of secret-holding file `name` (one path component) is, or None."""
+    low = name.lower()
+    if low in (".env", ".envrc") or low.endswith(".env"):
+        return "an .env file"
+    if low.startswith(".env."):
+        suffix = low[len(".env."):]
+        if suffix.split(".")[-1] in ENV_TEMPLATE_SUFFIXES or suffix in ENV_TEMPLATE_SUFFIXES:
+            return None
+        return "an .env file"
+    if low in PRIVATE_KEY_NAMES or any(fnmatch(low, g) for g in PRIVATE_KEY_GLOBS):
+        return "a private key file"
+    if low in CREDENTIAL_FILES:
+        return "a credentials file"
+    return None
+
+
+def classify_path(path: Path, protected: Protected) -> str | None:
+    """What secret-holding file or folder `path` (absolute) is, or None."""
+    if protected.holds(path):
+        return OUTLOOP_KIND
+    kind = classify_name(path.name)
+    if kind is not None:
+        return kind
+    text = path.as_posix()
+    for folder, name in CREDENTIAL_PATHS:
+        if text.endswith(f"/{folder}/{name}"):
+            return "a credentials file"
+    if "/.ssh/" in text and not path.name.endswith(".pub") and path.name not in (
+            "known_hosts", "known_hosts.old", "config", "authorized_keys"):
+        return "a private key file"
+    return None
+
+
+def classify_pattern(pattern: str) -> str | None:
+    """Whether a file-name glob explicitly targets secret-holding files.
+
+    `**/*` does not (it matches everything, secrets included, but only lists names);
+    `**/.env*`, `*.pem` or `id_rsa*` do.
+    """
+    last = PurePath(pattern.strip()).name if pattern.strip() else ""
+    for alternative in _brace_alternatives(last):
+        literal = re.sub(r"[*?]|\[[^\]]*\]", "", alternative)
+        if not literal:
+            continue
+        if literal.lower().startswith((".env", ".envrc")) and classify_name(literal) is not None:
+            return "an .env file"
+        if literal.lower().endswith(".env") or literal.lower() == ".env.":
+            return "an .env file"
+        kind = classify_name(literal)
+        if kind is not None:
+            return kind
+        if alternative.lower().startswith("id_") and literal.lower().rstrip(".") in (
+                *PRIVATE_KEY_NAMES, "id_"):
+            return "a private key file"
+    return None
+
+
+def _brace_alternatives(text: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", text)
+    if not m:
+        return [text]
+    out: list[str] = []
+    for alt in m.group(1).split(","):
+        out.extend(_brace_alternatives(text[:m.start()] + alt + text[m.end():]))
+    return out
+
+
+def resolve(raw: str, cwd: Path) -> Path:
+    """An argument as an absolute, normalised path: ~ and $HOME expanded, relative to `cwd`.
+
+    Symlinks are not followed here; callers check the link and its target both.
+    """
+    text = raw.replace("${HOME}", "~").replace("$HOME", "~")
+    p = Path(os.path.expanduser(text))
+    if not p.is_absolute():
+        p = cwd / p
+    return Path(os.path.normpath(p))
+
+
+def path_kind(path: Path, protected: Protected) -> str | None:
+    """`classify_path` for the path as written and for where it leads (a link to a secret)."""
+    kind = classify_path(path, protected)
+    if kind is not None:
+        return kind
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):
+        return None
+    return classify_path(real, protected) if real != path else None
+
+
+# -- tool calls ---------------------------------------------------------------------
+
+
+def tool_refusal(tool: str, tool_input: dict[str, object], cwd: Path,
+                 protected: Protected) -> str | None:
+    """Why a built-in tool call must not run, or None when it may."""
+    if tool == "Bash":
+        command = tool_input.get("command")
+        return bash_refusal(command, cwd, protected) if isinstance(command, str) else None
+    for key in TOOL_PATH_KEYS.get(tool, ()):
+        value = tool_input.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path = resolve(value, cwd)
+        kind = path_kind(path, protected)
+        if kind is None:
+            continue
+        # Searching or listing a folder shows names, not secrets; Outloop's folders stay shut.
+        if tool in LISTING_TOOLS and kind != OUTLOOP_KIND and path.is_dir():
+            continue
+        return f"{value} is {kind}"
+    for key in TOOL_PATTERN_KEYS.get(tool, ()):
+        value = tool_input.get(key)
+        if isinstance(value, str) and value:
+            kind = classify_pattern(value)
+            if kind is not None:
+                return f"the pattern {value!r} targets {kind}"
+    return None
+
+
+# -- shell commands -------------------------------------------------------------------
+
+CONTROL = frozenset({"|", "||", "&&", ";", ";;", "&", "|&", "(", ")", "{", "}", "!"})
+WRAPPERS = frozenset({"sudo", "command", "builtin", "exec", "nohup", "time", "nice", "ionice",
+                      "stdbuf", "timeout", "doas", "then", "do", "else", "if", "while", "until"})
+SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "fish"})
+# Commands that may name a secret-holding file without printing what is in it.
+NAME_ONLY = frozenset({"ls", "stat", "test", "[", "[[", "rm", "touch", "chmod", "chown",
+                       "mkdir", "file", "wc", "realpath", "readlink", "basename", "dirname",
+                       "shred", "unlink"})
+MOVERS = frozenset({"cp", "mv", "install", "ln"})
+GIT_NAME_ONLY = frozenset({"rm", "check-ignore", "ls-files", "status", "mv"})
+SECRET_WORDS = frozenset({"KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWORD",
+                          "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS", "PAT"})
+ENV_DUMP_CODE = (
+    re.compile(r"\bos\.environ\s*[)\]},;]"),
+    re.compile(r"\bos\.environ\s*$", re.M),
+    re.compile(r"\bprint\w*\(\s*(?:dict\()?\s*os\.environ\b"),
+    re.compile(r"\bos\.environ\.(?:items|copy|keys|values)\(\)"),
+    re.compile(r"\bprocess\.env\s*[);,\]}]"),
+    re.compile(r"\bprocess\.env\s*$", re.M),
+    re.compile(r"\bObject\.(?:entries|keys|values)\(\s*process\.env\b"),
+    re.compile(r"\bENV\.(?:to_h|to_a|inspect|each|keys|values)\b"),
+    re.compile(r"%ENV\b"),
+    re.compile(r"\bos\.Environ\(\)"),
+    re.compile(r"\bSystem\.getenv\(\s*\)"),
+    re.compile(r"/proc/[^/\s]+/environ"),
+)
+VAR_REF = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def secret_named(var: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (OPENAI_API_KEY)."""
+    parts = set(var.upper().split("_"))
+    if var.upper().endswith(("_SOCK", "_FILE", "_PATH", "_DIR", "_URL", "_ID")):
+        return False
+    return bool(parts & SECRET_WORDS) or var.upper().endswith(("APIKEY", "TOKEN", "SECRET",
+                                                               "PASSWORD"))
+
+
+def bash_refusal(command: str, cwd: Path, protected: Protected, depth: int = 0) -> str | None:
+    """Why a shell command must not run (it prints a secret file or the environment), or None."""
+    for pattern in ENV_DUMP_CODE:
+        if pattern.search(command):
+            return "it prints the process environment"
+    for m in VAR_REF.finditer(command):
+        if secret_named(m.group(1)):
+            return f"it expands ${m.group(1)}, a variable named like a secret"
+    for words in _simple_commands(command):
+        why = _simple_refusal(words, cwd, protected, depth)
+        if why is not None:
+            return why
+    return None
+
+
+def _simple_commands(command: str) -> Iterable[list[str]]:
+    text = command.replace("`", " ; ").replace("$(", " ; ( ").replace("<(", " ; ( ")
+    for line in text.splitlines() or [""]:
+        try:
+            lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;()<>{}")
+            lexer.whitespace_split = True
+            lexer.commenters = ""
+            tokens = list(lexer)
+        except ValueError:  # unbalanced quotes: fall back to plain words
+            tokens = line.split()
+        current: list[str] = []
+        for tok in tokens:
+            if tok in CONTROL:
+                if current:
+                    yield current
+                current = []
+            else:
+                current.append(tok)
+        if current:
+            yield current
+
+
+def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected,
+                    depth: int) -> str | None:
+    words = list(words)
+    # Redirections: `< file` reads it; `> file` writes it (still refused into Outloop's files).
+    reads: list[str] = []
+    writes: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w and set(w) <= set("<>&0123456789") and ("<" in w or ">" in w):
+            if i + 1 < len(words):
+                (reads if "<" in w and ">" not in w else writes).append(words[i + 1])
+                i += 2
+                continue
+        rest.append(w)
+        i += 1
+    for target in reads:
+        kind = _path_kind(target, cwd, protected)
+        if kind is not None:
+            return f"it reads {target}, {kind}"
+    for target in writes:
+        kind = _path_kind(target, cwd, protected)
+        if kind == OUTLOOP_KIND:
+            return f"it writes {target}, {kind}"
+    words = rest
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0], re.S):
+        words = words[1:]
+    while words and os.path.basename(words[0]) in WRAPPERS:
+        words = words[1:]
+        while words and words[0].startswith("-"):
+            words = words[1:]
+    if not words:
+        return None
+    prog = os.path.basename(words[0])
+    args = words[1:]
+
+    if prog == "printenv":
+        return "it prints the environment"
+    if prog == "env":
+        j = 0
+        while j < len(args) and (args[j].startswith("-") or "=" in args[j]):
+            j += 1 + (args[j] in ("-u", "--unset", "-C", "--chdir", "-S", "--split-string"))
+        if j >= len(args):
+            return "it prints the environment"
+        return _simple_refusal(args[j:], cwd, protected, depth)
+    if prog in ("set", "export", "declare", "typeset", "compgen") and not [
+            a for a in args if not a.startswith(("-", "+"))]:
+        if prog == "set" and args:
+            return None  # `set -e`, `set -o pipefail`: options, no dump
+        if prog == "compgen" and not any(a in ("-v", "-e") for a in args):
+            return None
+        return "it prints the environment"
+    if prog in SHELLS or prog == "eval":
+        inner = args[args.index("-c") + 1] if "-c" in args and args.index("-c") + 1 < len(args) \
+            else (" ".join(args) if prog == "eval" else None)
+        if inner is not None and depth < 4:
+            return bash_refusal(inner, cwd, protected, depth + 1)
+
+    for pos, arg in enumerate(args):
+        for candidate in _path_candidates(arg):
+            kind = _path_kind(candidate, cwd, protected)
+            if kind is None:
+                continue
+            if kind == OUTLOOP_KIND:
+                if prog in ("ls", "stat", "test", "[", "[["):
+                    continue
+                return f"it touches {candidate}, {kind}"
+            if prog in NAME_ONLY:
+                continue
+            if prog in MOVERS and pos == len(args) - 1:
+                continue  # the destination: nothing is read from it
+            if prog == "git" and args and args[0] in GIT_NAME_ONLY:
+                continue
+            return f"it reads {candidate}, {kind}"
+    return None
+
+
+def _path_candidates(arg: str) -> list[str]:
+    out = [arg]
+    if "=" in arg:  # --env-file=.env
+        out.append(arg.split("=", 1)[1])
+    if arg.startswith("@"):  # curl -d @.env
+        out.append(arg[1:])
+    if ":" in arg and not arg.startswith(("http:", "https:")):  # scp host:.env, docker -v a:b
+        out.extend(part for part in arg.split(":") if part)
+    return [c for c in out if c and not c.startswith("-")]
+
+
+def _path_kind(arg: str, cwd: Path, protected: Protected) -> str | None:
+    if any(ch in arg for ch in "*?[{"):
+        kind = classify_pattern(arg)
+        if kind is not None:
+            return kind
+        base = arg.split("*")[0].split("?")[0].split("[")[0].split("{")[0]
+        if base and protected.holds(resolve(base, cwd)):
+            return OUTLOOP_KIND
+        return None
+    return path_kind(resolve(arg, cwd), protected)

@@ -1,0 +1,364 @@
+"""`outloop claude install|uninstall [--scope user|project] [--dry-run]`.
+
+Registers Outloop's stdio MCP server and its guard hooks with Claude Code by
+editing Claude Code's own JSON files, the way `claude mcp add` and the `/hooks`
+menu would:
+
+    scope    MCP server (mcpServers.outloop)          hooks, permissions
+    user     ~/.claude.json                           ~/.claude/settings.json
+    project  ./.mcp.json                              ./.claude/settings.json
+
+`CLAUDE_CONFIG_DIR` moves the user files (`$CLAUDE_CONFIG_DIR/.claude.json`,
+`$CLAUDE_CONFIG_DIR/settings.json`).
+
+Every edit merges into what is there: other servers, hooks, permissions and
+unknown keys are kept as they were. A file that changes is first copied to
+`<file>.outloop-backup-<time>`, then replaced atomically. Running install twice
+changes nothing the second time. Uninstall removes only what install adds: the
+`outloop` server entry, hook entries whose command is `... outloop hook pre|post`,
+and the two Outloop tool permissions. `--dry-run` prints what would be written
+(only Outloop's own entries, never the rest of a file, which may hold the user's
+own keys) and touches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.paths import fsync_dir
+from outloop_tui.cli import UserError
+
+SERVER = "outloop"
+TOOLS = (f"mcp__{SERVER}__outloop_request", f"mcp__{SERVER}__outloop_credentials")
+# Built-in tools that read or edit files or run commands, and every MCP tool (a
+# third-party filesystem server can read .env just as well).
+PRE_MATCHER = "Bash|Read|Edit|MultiEdit|Write|NotebookEdit|Grep|Glob|LS|mcp__.*"
+# Any tool's output can carry a key.
+POST_MATCHER = "*"
+HOOK_TIMEOUT = 30  # seconds; the post hook reads the keyring once per credential
+OUR_HOOK = re.compile(r"(?:^|[\s/'\"])(?:outloop|outloop_tui(?:\.cli)?)['\"]?\s+hook\s+(pre|post)\s*$")
+
+
+@dataclass
+class Plan:
+    """One file's change: the document before and after, and what changed, in words."""
+
+    path: Path
+    before: dict[str, Any] | None  # None: the file does not exist
+    after: dict[str, Any]
+    changes: list[str] = field(default_factory=list)
+    fragments: list[tuple[str, Any]] = field(default_factory=list)  # (where, what) ours only
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after and not (self.before is None and not self.after)
+
+
+# -- where Claude Code keeps things -------------------------------------------------------
+
+
+def claude_dir() -> Path:
+    override = os.environ.get("CLAUDE_CONFIG_DIR")
+    return Path(override).expanduser() if override else Path.home() / ".claude"
+
+
+def targets(scope: str, project: Path) -> tuple[Path, Path]:
+    """(file holding mcpServers, settings.json holding hooks) for a scope."""
+    if scope == "project":
+        return project / ".mcp.json", project / ".claude" / "settings.json"
+    override = os.environ.get("CLAUDE_CONFIG_DIR")
+    global_file = Path(override).expanduser() / ".claude.json" if override else \
+        Path.home() / ".claude.json"
+    return global_file, claude_dir() / "settings.json"
+
+
+def outloop_command(scope: str) -> list[str]:
+    """How Claude Code should start `outloop`: the console script found for this install."""
+    argv0 = Path(sys.argv[0])
+    candidates = []
+    if argv0.name == "outloop":
+        candidates.append(argv0)
+    found = shutil.which("outloop")
+    if found:
+        candidates.append(Path(found))
+    candidates.append(Path(sys.executable).parent / "outloop")
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            exe = c.absolute()
+            # A project file is shared: name the command, if this is what PATH finds anyway.
+            if scope == "project" and found and Path(found).absolute() == exe:
+                return ["outloop"]
+            return [str(exe)]
+    return [sys.executable, "-m", "outloop_tui.cli"]
+
+
+def server_entry(command: list[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "stdio", "command": command[0], "args": [*command[1:], "mcp"]}
+    # Point the server at the broker this install was made against (paths, never secrets).
+    env = {k: os.environ[k] for k in ("OUTLOOP_HOME", "OUTLOOP_SOCKET") if os.environ.get(k)}
+    if env:
+        entry["env"] = env
+    return entry
+
+
+def hook_command(command: list[str], phase: str) -> str:
+    return shlex.join([*command, "hook", phase])
+
+
+# -- reading and writing JSON files -----------------------------------------------------
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, None when the file does not exist; UserError otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    if not text.strip():
+        return {}
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}); fix it "
+                        "or move it away, then run this again; nothing was changed") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} does not hold a JSON object; nothing was changed")
+    return doc
+
+
+def _container(doc: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    value = doc.get(key)
+    if value is None:
+        value = kind()
+        doc[key] = value
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: {key!r} is not a JSON {'object' if kind is dict else 'array'}; "
+                        "fix it by hand, then run this again; nothing was changed")
+    return value
+
+
+def write(plan: Plan, stamp: str) -> Path | None:
+    """Back up the old file (if any) and write the new document; the backup path."""
+    backup = None
+    mode = 0o600
+    if plan.path.exists():
+        mode = plan.path.stat().st_mode & 0o777
+        backup = plan.path.with_name(f"{plan.path.name}.outloop-backup-{stamp}")
+        n = 1
+        while backup.exists():
+            n += 1
+            backup = plan.path.with_name(f"{plan.path.name}.outloop-backup-{stamp}-{n}")
+        shutil.copy2(plan.path, backup)
+        os.chmod(backup, 0o600)  # it may hold the user's own keys
+    data = (json.dumps(plan.after, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    replace_file(plan.path, data, mode)
+    return backup
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` atomically (temp file, fsync, rename), keeping `mode`.
+
+    Unlike broker.paths.atomic_write this leaves the folder's permissions alone: the
+    folder is the user's home or project.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+# -- the merges (plain functions over plain data) -----------------------------------------
+
+
+def is_our_hook(hook: Any) -> bool:
+    return isinstance(hook, dict) and isinstance(hook.get("command"), str) and bool(
+        OUR_HOOK.search(hook["command"].strip()))
+
+
+def is_our_server(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    argv = [str(entry.get("command", "")), *map(str, entry.get("args") or [])]
+    return bool(argv) and argv[-1] == "mcp" and any("outloop" in a for a in argv[:-1])
+
+
+def strip_hooks(doc: dict[str, Any]) -> int:
+    """Remove Outloop's hook entries; containers that only they filled go too. The count."""
+    hooks = doc.get("hooks")
+    if not isinstance(hooks, dict):
+        return 0
+    removed = 0
+    for event in list(hooks):
+        groups = hooks[event]
+        if not isinstance(groups, list):
+            continue
+        kept_groups = []
+        for group in groups:
+            inner = group.get("hooks") if isinstance(group, dict) else None
+            if not isinstance(inner, list):
+                kept_groups.append(group)
+                continue
+            kept = [h for h in inner if not is_our_hook(h)]
+            removed += len(inner) - len(kept)
+            if kept or not inner:
+                kept_groups.append({**group, "hooks": kept} if len(kept) != len(inner) else group)
+        if len(kept_groups) != len(groups):
+            if kept_groups:
+                hooks[event] = kept_groups
+            else:
+                del hooks[event]
+    if removed and not hooks:
+        del doc["hooks"]
+    return removed
+
+
+def merge_settings(doc: dict[str, Any], command: list[str], path: Path) -> list[tuple[str, Any]]:
+    """Add Outloop's hooks and tool permissions to a settings.json document (in place)."""
+    strip_hooks(doc)
+    hooks = _container(doc, "hooks", dict, path)
+    added: list[tuple[str, Any]] = []
+    for event, matcher, phase in (("PreToolUse", PRE_MATCHER, "pre"),
+                                  ("PostToolUse", POST_MATCHER, "post")):
+        groups = hooks.get(event)
+        if groups is None:
+            groups = hooks[event] = []
+        if not isinstance(groups, list):
+            raise UserError(f"{path}: hooks.{event} is not a JSON array; fix it by hand, then "
+                            "run this again; nothing was changed")
+        group = {"matcher": matcher, "hooks": [
+            {"type": "command", "command": hook_command(command, phase), "timeout": HOOK_TIMEOUT}]}
+        groups.append(group)
+        added.append((f"hooks.{event}[]", group))
+    permissions = _container(doc, "permissions", dict, path)
+    allow = permissions.get("allow")
+    if allow is None:
+        allow = permissions["allow"] = []
+    if not isinstance(allow, list):
+        raise UserError(f"{path}: permissions.allow is not a JSON array; nothing was changed")
+    for tool in TOOLS:
+        if tool not in allow:
+            allow.append(tool)
+    added.append(("permissions.allow[]", list(TOOLS)))
+    return added
+
+
+def unmerge_settings(doc: dict[str, Any]) -> list[str]:
+    """Remove Outloop's hooks and tool permissions (in place); what was removed."""
+    removed: list[str] = []
+    n = strip_hooks(doc)
+    if n:
+        removed.append(f"{n} Outloop hook entr{'y' if n == 1 else 'ies'}")
+    permissions = doc.get("permissions")
+    if isinstance(permissions, dict) and isinstance(permissions.get("allow"), list):
+        allow = permissions["allow"]
+        kept = [a for a in allow if a not in TOOLS]
+        if len(kept) != len(allow):
+            removed.append("the Outloop tool permissions")
+            if kept:
+                permissions["allow"] = kept
+            else:
+                del permissions["allow"]
+                if not permissions:
+                    del doc["permissions"]
+    return removed
+
+
+def merge_servers(doc: dict[str, Any], entry: dict[str, Any], path: Path) -> list[tuple[str, Any]]:
+    servers = _container(doc, "mcpServers", dict, path)
+    servers[SERVER] = entry
+    return [(f"mcpServers.{SERVER}", entry)]
+
+
+def unmerge_servers(doc: dict[str, Any]) -> list[str]:
+    servers = doc.get("mcpServers")
+    if isinstance(servers, dict) and is_our_server(servers.get(SERVER)):
+        del servers[SERVER]
+        if not servers:
+            del doc["mcpServers"]
+        return [f"the {SERVER!r} MCP server"]
+    return []
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def plan_install(scope: str, project: Path) -> list[Plan]:
+    server_file, settings_file = targets(scope, project)
+    command = outloop_command(scope)
+    plans = []
+    for path, merge in ((server_file, lambda d, p: merge_servers(d, server_entry(command), p)),
+                        (settings_file, lambda d, p: merge_settings(d, command, p))):
+        before = load(path)
+        after = copy.deepcopy(before) if before is not None else {}
+        fragments = merge(after, path)
+        plans.append(Plan(path, before, after, fragments=fragments))
+    return plans
+
+
+def plan_uninstall(scope: str, project: Path) -> list[Plan]:
+    server_file, settings_file = targets(scope, project)
+    plans = []
+    for path, unmerge in ((server_file, unmerge_servers), (settings_file, unmerge_settings)):
+        before = load(path)
+        if before is None:
+            continue
+        after = copy.deepcopy(before)
+        plans.append(Plan(path, before, after, changes=unmerge(after)))
+    return plans
+
+
+def run_claude(args: argparse.Namespace) -> int:
+    project = Path.cwd()
+    plans = plan_install(args.scope, project) if args.action == "install" else \
+        plan_uninstall(args.scope, project)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    changed = [p for p in plans if p.changed]
+    if not changed:
+        what = "already installed" if args.action == "install" else "not installed"
+        print(f"Outloop is {what} for Claude Code ({args.scope} scope); nothing to change.")
+        return 0
+    for plan in changed:
+        if args.dry_run:
+            verb = "create" if plan.before is None else "update"
+            print(f"would {verb} {plan.path}:")
+        elif args.action == "install":
+            backup = write(plan, stamp)
+            print(f"updated {plan.path}" + (f" (backup: {backup.name})" if backup else " (new file)"))
+        else:
+            backup = write(plan, stamp)
+            print(f"updated {plan.path} (backup: {backup.name if backup else 'none'})")
+        for where, what in plan.fragments:
+            print(f"  + {where} = {json.dumps(what)}")
+        for what in plan.changes:
+            print(f"  - {what}")
+    if args.dry_run:
+        print("(dry run: nothing was written)")
+    elif args.action == "install":
+        print("Restart Claude Code in a mapped workspace; `/mcp` lists the outloop server and "
+              "`/hooks` the guard hooks.")
+    return 0
