@@ -280,7 +280,8 @@ class Engine:
 
     def redactor(self) -> Redactor:
         if self._redactor is None:
-            secrets = {cred: value for (_t, cred), value in self.managed_secrets().items()}
+            # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
+            secrets = [(cred, value) for (_t, cred), value in self.managed_secrets().items()]
             try:
                 from broker.leakrules import provider_key_spans as extra
             except ImportError:

@@ -56,10 +56,15 @@ def encodings(secret: str) -> set[str]:
 class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
-    def __init__(self, secrets: Mapping[str, str], extra: SpanFinder | None = None) -> None:
-        """`secrets` maps a label (the credential name) to its secret value."""
+    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]],
+                 extra: SpanFinder | None = None) -> None:
+        """`secrets` maps a label (the credential name) to its secret value, or lists
+        (label, secret) pairs: tenants may each have a credential of the same name."""
+        pairs = secrets.items() if isinstance(secrets, Mapping) else secrets
         self._label_of: dict[str, str] = {}
-        for label, secret in secrets.items():
+        self._count = 0
+        for label, secret in pairs:
+            self._count += 1
             for form in encodings(secret):
                 self._label_of.setdefault(form, label)
         # Longest first, so a secret is not half-replaced by a shorter overlapping form.
@@ -71,7 +76,7 @@ class Redactor:
         self._extra = extra
 
     def __repr__(self) -> str:
-        return f"Redactor({len(set(self._label_of.values()))} secrets)"
+        return f"Redactor({self._count} secrets)"
 
     def text(self, value: str) -> str:
         """`value` with every managed secret and leak-rule match replaced."""
