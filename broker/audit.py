@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import TracebackType
@@ -478,21 +478,20 @@ class _Store:
 
     # -- writing
 
-    def write(self, parts: list[tuple[date, bytes]], head: str, head_line: bytes) -> None:
-        for day, data in parts:
-            current = self._day_file(day)
-            try:
-                _write_all(current.fd, data)
-                _datasync(current.fd)
-            except BaseException:
-                # Cut a partial write so the file ends on a whole record, and
-                # reopen next time so recovery sets aside whatever remains.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(current.fd, current.size)
-                self._close_current()
-                raise
-            self.fsyncs += 1
-            current.size += len(data)
+    def write(self, day: date, data: bytes, head: str, head_line: bytes) -> None:
+        current = self._day_file(day)
+        try:
+            _write_all(current.fd, data)
+            _datasync(current.fd)
+        except BaseException:
+            # Cut a partial write so the file ends on a whole record, and
+            # reopen next time so recovery sets aside whatever remains.
+            with contextlib.suppress(OSError):
+                os.ftruncate(current.fd, current.size)
+            self._close_current()
+            raise
+        self.fsyncs += 1
+        current.size += len(data)
         if self.head_fd is not None:
             # Written only after the records are durable: the head never
             # names a record that is not on disk. Not fsynced on purpose: a
@@ -567,6 +566,13 @@ class _Pending:
     record: Record
     day: date
     future: asyncio.Future[Record]
+
+
+@dataclass
+class _Part:
+    day: date
+    data: bytearray = field(default_factory=bytearray)
+    items: list[_Pending] = field(default_factory=list)
 
 
 @dataclass
@@ -746,8 +752,7 @@ class AuditLog:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         prev = self._head
-        parts: list[tuple[date, bytearray]] = []
-        done: list[_Pending] = []
+        parts: list[_Part] = []
         for item in batch:
             record = item.record
             record["prev"] = prev
@@ -761,40 +766,41 @@ class AuditLog:
                 continue
             digest = hashlib.sha256(prev.encode("ascii") + canon).hexdigest()
             record["hash"] = digest
-            line = canon[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-            if not parts or parts[-1][0] != item.day:
-                parts.append((item.day, bytearray()))
-            parts[-1][1].extend(line)
-            done.append(item)
+            if not parts or parts[-1].day != item.day:
+                parts.append(_Part(item.day))
+            part = parts[-1]
+            part.data += canon[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
+            part.items.append(item)
             prev = digest
-        if not done:
+        if not parts:
             return
-        head_line = f"{prev} {done[-1].record['id']}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
         assert self._executor is not None
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(
-                self._executor,
-                self._store.write,
-                [(day, bytes(data)) for day, data in parts],
-                prev,
-                head_line,
-            )
-        except Exception as exc:
-            self.stats.failures += 1
-            logger.error("audit write failed: %s", exc)
-            self._fail(done, exc)
-            return
-        self._head = prev
-        self.stats.records += len(done)
-        self.stats.batches += 1
-        self.stats.fsyncs = self._store.fsyncs
-        self.stats.largest_batch = max(self.stats.largest_batch, len(done))
-        for item in done:
-            if not item.future.done():
-                item.future.set_result(item.record)
-        if self._subscribers:
-            self._notify(done)
+        # Almost always one part; a batch spans two only across midnight. Each
+        # part is committed on its own, so one written part is never reported
+        # as failed (and never left dangling off a head that did not move).
+        for index, part in enumerate(parts):
+            last = part.items[-1].record
+            head_line = f"{last['hash']} {last['id']}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
+            try:
+                await loop.run_in_executor(
+                    self._executor, self._store.write, part.day, bytes(part.data), last["hash"], head_line
+                )
+            except Exception as exc:
+                self.stats.failures += 1
+                logger.error("audit write failed: %s", exc)
+                self._fail([item for later in parts[index:] for item in later.items], exc)
+                return
+            self._head = last["hash"]
+            self.stats.records += len(part.items)
+            self.stats.batches += 1
+            self.stats.fsyncs = self._store.fsyncs
+            self.stats.largest_batch = max(self.stats.largest_batch, len(part.items))
+            for item in part.items:
+                if not item.future.done():
+                    item.future.set_result(item.record)
+            if self._subscribers:
+                self._notify(part.items)
 
     def _notify(self, done: list[_Pending]) -> None:
         for subscriber in tuple(self._subscribers):

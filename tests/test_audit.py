@@ -449,6 +449,23 @@ async def test_a_new_day_that_cannot_be_written_fails_closed(audit_dir: Path, cl
     assert verify(audit_dir).count == 1
 
 
+async def test_a_batch_across_midnight_keeps_the_part_that_was_written(audit_dir: Path, clock: Clock) -> None:
+    (audit_dir / day_file_name(DAY1.date() + timedelta(days=1))).mkdir(parents=True)
+    async with AuditLog(audit_dir, clock=clock) as log:
+
+        async def one(i: int) -> dict[str, Any]:
+            clock.advance(milliseconds=100)
+            return await log.record(call(i))
+
+        results = await asyncio.gather(*(one(i) for i in range(40)), return_exceptions=True)
+        written = [r for r in results if isinstance(r, dict)]
+        assert written and all(isinstance(r, AuditError) for r in results[len(written) :])
+        assert all(r["ts"].startswith(DAY1.date().isoformat()) for r in written)
+        assert log.head == written[-1]["hash"]
+    result = verify(audit_dir)
+    assert result.ok and result.count == len(written)
+
+
 async def test_opening_where_the_folder_cannot_be_made_fails(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
