@@ -1,0 +1,532 @@
+"""The Outloop dashboard: the embedded broker and watcher, approvals, audit, alerts, tenants.
+
+The app owns an `Engine` (broker/engine.py) and talks to it only through its
+façade. The engine runs on the app's own asyncio loop, started by a named
+worker; its events reach the app through `EventBridge` (messages.py), the one
+place where they become Textual messages. Audit records are buffered there and
+drained into the audit pane every 100 ms, so a flood costs one Log write per
+tick rather than one refresh per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Tree
+from textual.worker import Worker, WorkerState
+
+from broker.engine import Engine
+from broker.events import PendingApproval
+from broker.paths import Paths
+from broker.secrets import backend_info
+from outloop_tui.commands import OutloopCommands
+from outloop_tui.messages import (
+    AlertsChanged,
+    ApprovalAsked,
+    ApprovalDone,
+    BrokerState,
+    CallRefused,
+    ConfigChanged,
+    ConfigInvalid,
+    EventBridge,
+)
+from outloop_tui.widgets.alerts import AlertAction, AlertScreen, AlertsPane
+from outloop_tui.widgets.approvals import ApprovalsPane, duration
+from outloop_tui.widgets.audit import LINE_CAP, AuditPane
+from outloop_tui.widgets.confirm import ConfirmScreen
+from outloop_tui.widgets.first_run import FirstRunScreen
+from outloop_tui.widgets.forms import (
+    Added,
+    AddCredentialScreen,
+    AddTenantScreen,
+    AddWorkspaceScreen,
+)
+from outloop_tui.widgets.header import Banner, Status, StatusHeader
+from outloop_tui.widgets.help import HelpScreen
+from outloop_tui.widgets.tenants import TenantsTree
+
+AUDIT_DRAIN_SECONDS = 0.1
+TICK_SECONDS = 1.0
+DECISION_WORDS = {"approved": "Approved", "always": "Always allowed", "denied": "Denied"}
+
+
+class DashboardScreen(Screen[None]):
+    """The four panes, the status line and the keys that act on them."""
+
+    BINDINGS = [
+        Binding("y", "answer('approved')", "Approve", id="approve",
+                tooltip="approve the highlighted (or oldest) pending call once"),
+        Binding("n", "answer('denied')", "Deny", id="deny",
+                tooltip="refuse the highlighted (or oldest) pending call"),
+        Binding("a", "answer('always')", "Always", id="always",
+                tooltip="approve, and let the same credential + method + rule through until it expires"),
+        Binding("tab", "app.focus_next", "Next pane", id="next-pane", show=False),
+        Binding("shift+tab", "app.focus_previous", "Previous pane", id="previous-pane", show=False),
+        Binding("slash", "filter", "Filter", id="filter",
+                tooltip="filter the audit stream by tenant, outcome and text"),
+        Binding("t", "add_tenant", "Tenant+", id="add-tenant", tooltip="add a tenant (a client)"),
+        Binding("w", "add_workspace", "Workspace+", id="add-workspace",
+                tooltip="map a workspace folder to a tenant"),
+        Binding("c", "add_credential", "Credential+", id="add-credential",
+                tooltip="add a credential; the secret goes straight to the keyring"),
+        Binding("r", "rescan", "Rescan", id="rescan", tooltip="rescan every workspace for leaked keys"),
+        Binding("l", "toggle_lock", "Lock", id="lock",
+                tooltip="lock: refuse every call (and everything pending) until unlocked"),
+        Binding("question_mark", "help", "Help", id="help", tooltip="show every key"),
+        Binding("q", "app.quit", "Quit", id="quit",
+                tooltip="quit; pending calls are refused (asks first)"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        app = self.dashboard_app
+        yield StatusHeader(id="status")
+        yield Banner("", id="banner")
+        with Horizontal(id="panes"):
+            yield TenantsTree(id="tenants")
+            with Vertical(id="right"):
+                yield ApprovalsPane(app.clock, id="approvals")
+                yield AuditPane(line_cap=app.line_cap, id="audit")
+                yield AlertsPane(app.wall, id="alerts")
+        yield Footer()
+
+    @property
+    def dashboard_app(self) -> OutloopApp:
+        app = self.app
+        assert isinstance(app, OutloopApp)
+        return app
+
+    @property
+    def engine(self) -> Engine:
+        return self.dashboard_app.engine
+
+    def on_mount(self) -> None:
+        self.dashboard_app.show_banners()
+        self.query_one("#approvals-table", DataTable).focus()
+
+    # -- approvals --------------------------------------------------------------
+
+    def action_answer(self, decision: str) -> None:
+        pane = self.query_one(ApprovalsPane)
+        pending = self.engine.pending()
+        target = pane.highlighted() if pane.table.has_focus else None
+        if target is None and pending:
+            target = pending[0].id
+        approval = next((a for a in pending if a.id == target), None)
+        if approval is None:
+            self.notify("Nothing is waiting for approval.", timeout=3)
+            return
+        if self.engine.answer(approval.id, decision):
+            what = f"{approval.method} {approval.path} ({approval.tenant}/{approval.credential})"
+            if decision == "always":
+                ttl = duration(self.engine.config.broker.always_ttl)
+                self.notify(f"{what} and the same rule for the next {ttl}.",
+                            title="Always allowed", timeout=4)
+            else:
+                self.notify(what, title=DECISION_WORDS[decision], timeout=3,
+                            severity="information" if decision != "denied" else "warning")
+        self.refresh_view()
+
+    # -- panes ------------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        tree = self.query_one(TenantsTree)
+        prefill = None
+        if tree.has_focus and (tenant := tree.selected_tenant()):
+            prefill = f"tenant:{tenant} "
+        self.query_one(AuditPane).open_filter(prefill)
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen(self.BINDINGS))
+
+    def action_focus(self, widget_id: str) -> None:
+        self.query_one(f"#{widget_id}").focus()
+
+    @on(DataTable.RowSelected, "#alerts")
+    def _alert_selected(self, event: DataTable.RowSelected) -> None:
+        view = self.query_one(AlertsPane).views.get(str(event.row_key.value))
+        if view is None:
+            return
+
+        def done(action: AlertAction | None) -> None:
+            if action is not None:
+                self.dashboard_app.act_on_alert(view.id, view.fingerprint, action)
+
+        self.app.push_screen(AlertScreen(view), done)
+
+    # -- tenants, workspaces, credentials -----------------------------------------
+
+    def _tenants(self) -> list[tuple[str, str]]:
+        try:
+            return [(t.id, t.name) for t in self.engine.config.tenants.values()]
+        except RuntimeError:
+            return []
+
+    def action_add_tenant(self) -> None:
+        self.app.push_screen(AddTenantScreen(self.engine.paths), self._added)
+
+    def action_add_workspace(self, tenant: str | None = None) -> None:
+        if not self._tenants():
+            self.notify("Add a tenant first (t).", severity="warning")
+            return
+        tenant = tenant or self.query_one(TenantsTree).selected_tenant()
+        self.app.push_screen(AddWorkspaceScreen(self.engine.paths, self._tenants(), tenant),
+                             self._added)
+
+    def action_add_credential(self) -> None:
+        if not self._tenants():
+            self.notify("Add a tenant first (t).", severity="warning")
+            return
+        tenant = self.query_one(TenantsTree).selected_tenant()
+        self.app.push_screen(AddCredentialScreen(self.engine.paths, self._tenants(), tenant,
+                                                 self.engine.secrets), self._added)
+
+    def _added(self, added: Added | None) -> None:
+        if added is None:
+            return
+        self.engine.refresh_config()
+        if added.kind == "tenant":
+            self.notify("Now map a folder to it (w) and add a credential (c).",
+                        title=f"Tenant {added.tenant} added")
+        elif added.kind == "workspace":
+            self.notify(added.name, title=f"Workspace mapped to {added.tenant}")
+        else:
+            self.notify(f"{added.tenant}/{added.name}: the secret is in the keyring.",
+                        title="Credential added")
+        self.refresh_view()
+
+    # -- broker -----------------------------------------------------------------
+
+    def action_rescan(self) -> None:
+        self.dashboard_app.rescan()
+
+    def action_toggle_lock(self) -> None:
+        engine = self.engine
+        if engine.locked:
+            engine.unlock()
+            self.notify("Calls are served again.", title="Unlocked")
+        else:
+            engine.lock()
+            self.notify("Every call is refused until you press l again; grants revoked.",
+                        title="Locked", severity="warning")
+        self.refresh_view()
+
+    # -- engine messages ----------------------------------------------------------
+
+    def on_approval_asked(self, message: ApprovalAsked) -> None:
+        a = message.approval
+        self.app.bell()
+        self.notify(f"{a.tenant}/{a.credential}: {a.method} {a.path}"
+                    + (f'\n"{a.reason}"' if a.reason else "") + "\ny approve · n deny · a always",
+                    title="Approval needed", severity="warning", timeout=8)
+        self.refresh_view()
+
+    def on_approval_done(self, message: ApprovalDone) -> None:
+        if message.decision == "timeout":
+            a = message.approval
+            self.notify(f"{a.method} {a.path} ({a.tenant}) was refused: nobody answered in time.",
+                        title="Approval timed out", severity="warning")
+        self.refresh_view()
+
+    def on_call_refused(self, message: CallRefused) -> None:
+        if message.code == "wrong_tenant":
+            self.app.bell()
+            self.notify(f"{message.message}", title=f"Wrong tenant ({message.tenant or '?'})",
+                        severity="error", timeout=8)
+
+    def on_broker_state(self, message: BrokerState) -> None:
+        app = self.dashboard_app
+        if message.state == "error":
+            app.set_banner("broker", f"Broker error: {message.detail}")
+        self.refresh_view()
+
+    def on_config_changed(self, message: ConfigChanged) -> None:
+        self.dashboard_app.set_banner("config", "")
+        self.refresh_view()
+
+    def on_config_invalid(self, message: ConfigInvalid) -> None:
+        self.dashboard_app.set_banner(
+            "config", f"config.toml was changed but is not valid; the last good config stays "
+            f"in force. {message.message}")
+
+    def on_alerts_changed(self, message: AlertsChanged) -> None:
+        if message.raised is not None:
+            from outloop_tui.widgets.alerts import AlertView
+
+            v = AlertView.of(message.raised)
+            self.app.bell()
+            self.notify(f"{v.tenant}: {v.where} ({v.rule}) {v.preview}",
+                        title=f"Leak alert: {v.severity}",
+                        severity="error" if v.severity in ("critical", "high") else "warning",
+                        timeout=8)
+        self.refresh_view()
+
+    # -- view ---------------------------------------------------------------------
+
+    def refresh_view(self) -> None:
+        """Bring every pane up to date with the engine (cheap: each pane diffs)."""
+        app = self.dashboard_app
+        engine = self.engine
+        now = app.clock()
+        pending = engine.pending()
+        grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now)
+                  for g in engine.approvals.grants()]
+        self.query_one(ApprovalsPane).sync(pending, grants)
+        alerts = app.open_alerts()
+        self.query_one(AlertsPane).sync(alerts, app.watcher_note())
+        if app.started:
+            config = engine.config
+            counts = Counter(str(getattr(a, "tenant", None) or (a.get("tenant") if isinstance(a, dict) else ""))
+                             for a in alerts)
+            self.query_one(TenantsTree).show(config, counts)
+        self.update_status(pending, alerts)
+
+    def update_status(self, pending: list[PendingApproval] | None = None,
+                      alerts: list[Any] | None = None) -> None:
+        app = self.dashboard_app
+        engine = self.engine
+        if pending is None:
+            pending = engine.pending()
+        if alerts is None:
+            alerts = app.open_alerts()
+        tenants = workspaces = credentials = 0
+        if app.started:
+            config = engine.config
+            tenants = len(config.tenants)
+            workspaces = sum(len(t.workspaces) for t in config.tenants.values())
+            credentials = sum(len(t.credentials) for t in config.tenants.values())
+        state = app.broker_state()
+        self.query_one(StatusHeader).show(Status(
+            state, str(engine.paths.socket), tenants, workspaces, credentials, len(pending),
+            len(alerts), app.bridge.audit_seen))
+        self.set_class(state == "locked", "-locked")
+
+    def drain_audit(self) -> None:
+        records = self.dashboard_app.bridge.drain_audit()
+        if records:
+            self.query_one(AuditPane).add_records(records)
+            self.update_status()
+
+
+class OutloopApp(App[int]):
+    """The dashboard. `engine` is started on mount and stopped on exit."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "Outloop"
+    COMMANDS = App.COMMANDS | {OutloopCommands}
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="app-quit", show=False, priority=True,
+                tooltip="quit; pending calls are refused (asks first)"),
+    ]
+
+    def __init__(self, engine: Engine, *, watch: bool = True, serve: bool = True,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, line_cap: int = LINE_CAP,
+                 tick: float = TICK_SECONDS) -> None:
+        super().__init__()
+        self.engine = engine
+        self.watch = watch
+        self.serve = serve
+        self.clock = clock
+        self.wall = wall
+        self.line_cap = line_cap
+        self.tick = tick
+        self.bridge = EventBridge(self._post_to_dashboard)
+        self.started = False
+        self.start_error = ""
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopped = False
+        self._banners: dict[str, str] = {}
+        self.ready = asyncio.Event()
+
+    def get_default_screen(self) -> Screen[Any]:
+        return DashboardScreen(id="dashboard")
+
+    @property
+    def dashboard(self) -> DashboardScreen:
+        screen = self.screen_stack[0]
+        assert isinstance(screen, DashboardScreen)
+        return screen
+
+    def _post_to_dashboard(self, message: Any) -> None:
+        self.screen_stack[0].post_message(message)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self._unsubscribe = self.engine.subscribe(self.bridge)
+        self.engine.attach_approver()
+        info = backend_info(self.engine.secrets.backend)
+        if not info.usable:
+            self.set_banner("keyring", f"No usable keyring ({info.name}): credentials cannot be "
+                            f"stored or used. {info.advice}")
+        self.set_interval(AUDIT_DRAIN_SECONDS, self._drain_audit, name="audit-drain")
+        self.set_interval(self.tick, self._tick, name="tick")
+        self.start_broker()
+
+    @work(group="broker", exclusive=True, exit_on_error=False, name="broker")
+    async def start_broker(self) -> None:
+        await self.engine.start(serve=self.serve, watch=self.watch)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "broker":
+            return
+        if event.state == WorkerState.SUCCESS:
+            self.started = True
+            self.dashboard.refresh_view()
+            self.ready.set()
+            if not self.engine.config.tenants:
+                self.push_screen(FirstRunScreen(), self._first_run_done)
+        elif event.state == WorkerState.ERROR:
+            error = event.worker.error
+            self.start_error = str(error) or type(error).__name__
+            self.set_banner("broker", f"The broker could not start: {self.start_error}")
+            self.notify(self.start_error, title="Broker error", severity="error", timeout=15)
+            self.dashboard.update_status()
+            self.ready.set()
+
+    def _first_run_done(self, tenant: str | None) -> None:
+        if tenant is None:
+            self.exit(0)
+            return
+        self.engine.refresh_config()
+        self.dashboard.refresh_view()
+        self.dashboard.action_add_workspace(tenant)
+
+    async def stop_engine(self) -> None:
+        """Refuse what is pending, let those answers go out, then stop the engine."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        refused = len(self.engine.pending())
+        self.engine.detach_approver()  # denies everything pending
+        if refused:
+            await asyncio.sleep(0.2)  # let the refusals be audited and written to the callers
+        if self.started:
+            await self.engine.stop()
+
+    async def on_unmount(self) -> None:
+        await self.stop_engine()
+
+    async def action_quit(self) -> None:
+        pending = len(self.engine.pending()) if self.started else 0
+        if not pending:
+            await self.stop_engine()
+            self.exit(0)
+            return
+
+        async def confirmed(yes: bool | None) -> None:
+            if yes:
+                await self.stop_engine()
+                self.exit(0)
+
+        calls = f"{pending} call{'s are' if pending > 1 else ' is'}"
+        await self.push_screen(ConfirmScreen(
+            "Quit Outloop?", f"{calls} waiting for your approval. Quitting refuses "
+            f"{'them' if pending > 1 else 'it'} and stops the broker.",
+            yes="Quit and refuse", no="Stay"), confirmed)
+
+    # -- state --------------------------------------------------------------------
+
+    def broker_state(self) -> str:
+        if self.start_error:
+            return "error"
+        if self.engine.locked:
+            return "locked"
+        return self.engine.state
+
+    def set_banner(self, key: str, message: str) -> None:
+        if message:
+            self._banners[key] = message
+        else:
+            self._banners.pop(key, None)
+        self.show_banners()
+
+    def show_banners(self) -> None:
+        banner = self.dashboard.query("#banner")
+        if banner:
+            banner.first(Banner).say("\n".join(self._banners.values()))
+
+    def open_alerts(self) -> list[Any]:
+        store = getattr(self.engine, "alerts", None)
+        if store is None:
+            return []
+        for name in ("open_alerts", "open", "current"):
+            method = getattr(store, name, None)
+            if callable(method):
+                return list(method())
+        return []
+
+    def watcher_note(self) -> str:
+        if not self.started:
+            return ""
+        if self.engine.watcher is None:
+            return "leak watcher off" if not self.watch else "leak watcher not available"
+        return ""
+
+    def act_on_alert(self, alert_id: str, fingerprint: str, action: AlertAction) -> None:
+        store = getattr(self.engine, "alerts", None)
+        if store is None:
+            return
+        if action.kind == "ack":
+            _call_first(store, ("acknowledge", "ack"), alert_id)
+            self.notify("Alert acknowledged.")
+        else:
+            _call_first(store, ("ignore",), fingerprint, action.reason)
+            self.notify("This value is ignored from now on.", title="Alert ignored")
+        self.dashboard.refresh_view()
+
+    def rescan(self) -> None:
+        watcher = self.engine.watcher
+        if watcher is None:
+            self.notify("The leak watcher is not running.", severity="warning")
+            return
+        self.notify("Rescanning every workspace…", timeout=2)
+        self._rescan(watcher)
+
+    @work(group="rescan", exclusive=True, exit_on_error=False, name="rescan")
+    async def _rescan(self, watcher: Any) -> None:
+        result = watcher.rescan()
+        if inspect.isawaitable(result):
+            await result
+        self.dashboard.refresh_view()
+
+    # -- timers -------------------------------------------------------------------
+
+    def _drain_audit(self) -> None:
+        self.dashboard.drain_audit()
+
+    def _tick(self) -> None:
+        self.dashboard.refresh_view()
+
+
+def _call_first(obj: Any, names: Iterable[str], *args: Any) -> Any:
+    for name in names:
+        method = getattr(obj, name, None)
+        if callable(method):
+            return method(*args)
+    return None
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """`outloop` with no command: the dashboard on this user's real home."""
+    from broker.config import load_config
+
+    paths = Paths.from_env()
+    paths.check_socket_path()
+    load_config(paths)  # a malformed config.toml is one clear sentence, before the screen opens
+    app = OutloopApp(Engine(paths))
+    app.run()
+    return app.return_code or 0

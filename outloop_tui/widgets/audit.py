@@ -1,0 +1,210 @@
+"""The live audit pane: one line per audit record, coloured by outcome, filterable.
+
+Records reach the pane in batches (the app drains the engine's buffer about ten
+times a second) and are written with one `Log.write_lines` call per batch. The
+pane keeps at most `LINE_CAP` lines, on screen and in the history used to
+re-filter, so memory stays flat however long the dashboard runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from rich.highlighter import Highlighter
+from rich.style import Style
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Input, Log
+
+LINE_CAP = 5_000
+
+ALLOWED = frozenset({"allow", "approved", "always"})
+OUTCOME_CLASSES = ("allowed", "refused", "error")
+
+_GREEN = Style(color="#5fbf77")
+_RED = Style(color="#e5534b", bold=True)
+_YELLOW = Style(color="#d9a932")
+_DIM = Style(dim=True)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditLine:
+    text: str
+    tenant: str
+    outcome: str  # one of OUTCOME_CLASSES
+
+
+def outcome_of(record: Mapping[str, Any]) -> tuple[str, str]:
+    """(label shown in the line, outcome class) for an audit record."""
+    decision = str(record.get("decision") or "")
+    if record.get("event") == "outcome":
+        status = record.get("status")
+        if isinstance(status, int):
+            return f"<- {status}", "allowed" if 200 <= status < 400 else "error"
+        return str(status or "error"), "error"
+    if decision in ALLOWED:
+        return {"allow": "allowed", "approved": "approved", "always": "always"}[decision], "allowed"
+    return decision or "refused", "refused"
+
+
+def _clock_time(ts: object) -> str:
+    if not isinstance(ts, str):
+        return "--:--:--"
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return ts[11:19] or "--:--:--"
+
+
+def format_record(record: Mapping[str, Any]) -> AuditLine:
+    """The pane's line for one record: time, outcome, tenant, credential, call, details."""
+    label, outcome = outcome_of(record)
+    tenant = str(record.get("tenant") or "-")
+    extra: list[str] = []
+    if record.get("event") == "outcome":
+        if record.get("ms") is not None:
+            extra.append(f"{record['ms']:.0f} ms")
+        if record.get("bytes") is not None:
+            extra.append(f"{record['bytes']} B")
+    elif record.get("approver") not in (None, "policy"):
+        extra.append(f"by {record['approver']}")
+    if record.get("reason"):
+        extra.append(f'"{record["reason"]}"')
+    text = (f"{_clock_time(record.get('ts'))}  {label:<18} {tenant:<12} "
+            f"{record.get('credential') or '-':<12} {record.get('method') or '':<6} "
+            f"{record.get('path') or ''}")
+    if extra:
+        text += "  " + " · ".join(extra)
+    return AuditLine(text, tenant, outcome)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """`tenant:ID outcome:allowed|refused|error` and free words, all of which must match."""
+
+    tenant: str | None = None
+    outcome: str | None = None
+    words: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> AuditFilter:
+        tenant = outcome = None
+        words: list[str] = []
+        for token in text.split():
+            key, sep, value = token.partition(":")
+            if sep and key == "tenant" and value:
+                tenant = value
+            elif sep and key == "outcome" and value:
+                outcome = value
+            else:
+                words.append(token.lower())
+        return cls(tenant, outcome, tuple(words))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tenant or self.outcome or self.words)
+
+    def matches(self, line: AuditLine) -> bool:
+        if self.tenant and line.tenant != self.tenant:
+            return False
+        if self.outcome and not line.outcome.startswith(self.outcome):
+            return False
+        lowered = line.text.lower()
+        return all(w in lowered for w in self.words)
+
+
+class OutcomeHighlighter(Highlighter):
+    """Colours the outcome column of each visible line (run only for lines on screen)."""
+
+    _label = re.compile(r"^(\S+)  (\S+(?: \d{3})?)")
+
+    def highlight(self, text: Text) -> None:
+        m = self._label.match(text.plain)
+        if not m:
+            return
+        text.stylize(_DIM, 0, m.end(1))
+        label = m.group(2)
+        if label in ("allowed", "approved", "always") or label.startswith("<- 2"):
+            style = _GREEN
+        elif label.startswith("<- ") or label == "upstream_error":
+            style = _YELLOW
+        else:
+            style = _RED
+        text.stylize(style, m.start(2), m.end(2))
+
+
+class AuditPane(Vertical):
+    """The audit stream with its filter box (hidden until `/`)."""
+
+    BINDINGS = [
+        Binding("escape", "clear_filter", "Clear filter", id="audit-clear-filter", show=False),
+    ]
+
+    def __init__(self, *, line_cap: int = LINE_CAP, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.line_cap = line_cap
+        self.history: deque[AuditLine] = deque(maxlen=line_cap)
+        self.filter = AuditFilter()
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter: tenant:acme outcome:refused|allowed|error words…",
+                    id="audit-filter")
+        log = Log(max_lines=self.line_cap, id="audit-log", highlight=True)
+        log.highlighter = OutcomeHighlighter()
+        yield log
+
+    def on_mount(self) -> None:
+        self.border_title = "Audit"
+        self.query_one("#audit-filter").display = False
+
+    @property
+    def log_widget(self) -> Log:
+        return self.query_one("#audit-log", Log)
+
+    def add_records(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append a batch of records: one write to the Log, whatever the batch size."""
+        lines = [format_record(r) for r in records]
+        if not lines:
+            return
+        self.history.extend(lines)
+        shown = [line.text for line in lines if self.filter.matches(line)]
+        if shown:
+            self.log_widget.write_lines(shown[-self.line_cap:])
+
+    def open_filter(self, prefill: str | None = None) -> None:
+        box = self.query_one("#audit-filter", Input)
+        box.display = True
+        if prefill is not None:
+            box.value = prefill
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#audit-filter", Input)
+        box.value = ""
+        box.display = False
+        self.log_widget.focus()
+
+    @on(Input.Changed, "#audit-filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.apply_filter(event.value)
+
+    @on(Input.Submitted, "#audit-filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        if not event.value.strip():
+            event.input.display = False
+        self.log_widget.focus()
+
+    def apply_filter(self, text: str) -> None:
+        self.filter = AuditFilter.parse(text)
+        self.border_subtitle = f"filter: {text.strip()}" if self.filter.active else ""
+        log = self.log_widget
+        log.clear()
+        log.write_lines([line.text for line in self.history if self.filter.matches(line)])

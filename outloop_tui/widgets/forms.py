@@ -1,0 +1,216 @@
+"""Modal forms: add a tenant, a workspace, a credential.
+
+Each form checks its input with the same validation as config.toml itself
+(broker.config), shows the problem in place, and writes only when everything is
+valid. The credential's secret is typed into a password field and goes from
+there straight into the keyring; the field is emptied as soon as it is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from broker.config import ConfigEditor, ConfigError, check_base_url, validate
+from broker.paths import Paths
+from broker.secrets import Secret, SecretStore, SecretStoreError
+
+
+@dataclass(frozen=True)
+class Added:
+    """What a form added: kind ("tenant" | "workspace" | "credential"), tenant, name."""
+
+    kind: str
+    tenant: str
+    name: str
+
+
+def split_rules(text: str) -> list[str]:
+    """Rules typed on one line, separated by commas: 'GET /a/**, POST /b'."""
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+class FormScreen(ModalScreen[Added | None]):
+    """A dialog with labelled fields, an error line, and Save / Cancel."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="form-cancel")]
+    TITLE_TEXT = ""
+    SAVE_LABEL = "Save"
+
+    def __init__(self, paths: Paths) -> None:
+        super().__init__()
+        self.paths = paths
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.TITLE_TEXT, id="dialog-title")
+            with VerticalScroll(id="fields"):
+                yield from self.fields()
+            yield Static("", id="form-error")
+            with Horizontal(classes="buttons"):
+                yield Button(self.SAVE_LABEL, id="save", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def fields(self) -> ComposeResult:
+        yield from ()
+
+    def value(self, widget_id: str) -> str:
+        return self.query_one(f"#{widget_id}", Input).value.strip()
+
+    def fail(self, message: str) -> None:
+        self.query_one("#form-error", Static).update(message)
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#save")
+    @on(Input.Submitted)
+    def _save(self) -> None:
+        try:
+            added = self.save()
+        except (ConfigError, SecretStoreError, ValueError) as e:
+            self.fail(str(e))
+            return
+        if added is not None:
+            self.dismiss(added)
+
+    def save(self) -> Added | None:
+        raise NotImplementedError
+
+
+def _labelled(label: str, widget: Any, hint: str = "") -> ComposeResult:
+    yield Label(label, classes="field-label")
+    yield widget
+    if hint:
+        yield Static(hint, classes="field-hint")
+
+
+class AddTenantScreen(FormScreen):
+    TITLE_TEXT = "Add a tenant (a client)"
+    SAVE_LABEL = "Add tenant"
+
+    def fields(self) -> ComposeResult:
+        yield from _labelled("Id", Input(placeholder="acme", id="tenant-id"),
+                             "letters, digits, '-', '_' and '.'; used in config.toml")
+        yield from _labelled("Display name", Input(placeholder="Acme Corp", id="tenant-name"))
+
+    def save(self) -> Added | None:
+        tid = self.value("tenant-id")
+        if not tid:
+            self.fail("Give the tenant an id.")
+            return None
+        editor = ConfigEditor(self.paths)
+        editor.add_tenant(tid, self.value("tenant-name") or None)
+        editor.save()
+        return Added("tenant", tid, tid)
+
+
+class _TenantForm(FormScreen):
+    def __init__(self, paths: Paths, tenants: Sequence[tuple[str, str]],
+                 tenant: str | None = None) -> None:
+        super().__init__(paths)
+        self.tenants = list(tenants)
+        self.initial = tenant if tenant in {t for t, _ in tenants} else (
+            self.tenants[0][0] if len(self.tenants) == 1 else None)
+
+    def tenant_select(self) -> ComposeResult:
+        options = [(f"{name} ({tid})" if name != tid else tid, tid) for tid, name in self.tenants]
+        select: Select[str] = Select(options, prompt="choose a tenant", id="tenant",
+                                     value=self.initial if self.initial else Select.BLANK)
+        yield from _labelled("Tenant", select)
+
+    def tenant(self) -> str | None:
+        value = self.query_one("#tenant", Select).value
+        return value if isinstance(value, str) else None
+
+
+class AddWorkspaceScreen(_TenantForm):
+    TITLE_TEXT = "Map a workspace folder to a tenant"
+    SAVE_LABEL = "Add workspace"
+
+    def fields(self) -> ComposeResult:
+        yield from self.tenant_select()
+        yield from _labelled("Folder", Input(placeholder="~/clients/acme/web", id="folder"),
+                             "agents started in this folder or below act for the tenant")
+
+    def save(self) -> Added | None:
+        tid = self.tenant()
+        folder = self.value("folder")
+        if tid is None or not folder:
+            self.fail("Choose a tenant and give a folder.")
+            return None
+        editor = ConfigEditor(self.paths)
+        path = editor.add_workspace(tid, folder)
+        editor.save()
+        if not Path(path).is_dir():
+            self.notify(f"{path} does not exist yet; it is mapped anyway.", severity="warning")
+        return Added("workspace", tid, str(path))
+
+
+class AddCredentialScreen(_TenantForm):
+    TITLE_TEXT = "Add a credential (the secret goes to the OS keyring)"
+    SAVE_LABEL = "Add credential"
+
+    def __init__(self, paths: Paths, tenants: Sequence[tuple[str, str]],
+                 tenant: str | None = None, secrets: SecretStore | None = None) -> None:
+        super().__init__(paths, tenants, tenant)
+        self.secrets = secrets or SecretStore()
+
+    def fields(self) -> ComposeResult:
+        yield from self.tenant_select()
+        yield from _labelled("Name", Input(placeholder="github", id="cred-name"))
+        yield from _labelled("Base URL", Input(placeholder="https://api.github.com", id="base-url"))
+        yield from _labelled("Auth", Input("bearer", id="auth"),
+                             "bearer | basic:<user> | header:<Header-Name> | query:<param>")
+        yield from _labelled("Allow", Input(placeholder="GET /repos/**", id="allow"),
+                             "runs without asking; rules separated by commas")
+        yield from _labelled("Ask", Input(placeholder="POST /repos/*/issues", id="ask"),
+                             "waits for you; no rules at all means ask for everything")
+        yield from _labelled("Deny", Input(placeholder="DELETE /**", id="deny"),
+                             "refused, checked first")
+        yield from _labelled("Secret", Input(password=True, placeholder="typed here, stored in the "
+                                             "keyring, never shown", id="secret"))
+
+    def save(self) -> Added | None:
+        tid = self.tenant()
+        name = self.value("cred-name")
+        base_url = self.value("base-url")
+        if tid is None or not name or not base_url:
+            self.fail("Choose a tenant and give a name and a base URL.")
+            return None
+        problem = check_base_url(base_url)
+        if problem:
+            self.fail(f"Base URL {problem}.")
+            return None
+        table: dict[str, Any] = {"base_url": base_url, "auth": self.value("auth") or "bearer"}
+        for kind in ("allow", "ask", "deny"):
+            rules = split_rules(self.value(kind))
+            if rules:
+                table[kind] = rules
+        editor = ConfigEditor(self.paths)
+        editor.add_credential(tid, name, table)
+        validate(editor.raw, self.paths.config_file)  # bad rules are refused before the secret moves
+        secret_input = self.query_one("#secret", Input)
+        if not secret_input.value.strip():
+            self.fail("Type the secret (it is stored in the keyring, never in config.toml).")
+            secret_input.focus()
+            return None
+        secret = Secret(secret_input.value.strip())
+        secret_input.value = ""
+        self.secrets.set(tid, name, secret)
+        try:
+            editor.save()
+        except BaseException:
+            self.secrets.delete(tid, name)
+            raise
+        return Added("credential", tid, name)
