@@ -4,6 +4,11 @@ Each secret is searched for in every form a server might echo it in: plain,
 base64 (standard and URL-safe, at each of the three byte alignments, so a key
 inside `base64("Bearer " + key)` is found), percent-encoded and JSON-escaped.
 Matches become `[REDACTED:<credential>]`.
+
+Encoders differ in which characters they escape (`quote()` keeps "/", JavaScript's
+encodeURIComponent keeps "!*'()", Gson writes "=" as \u003d), so each character
+that is not unreserved may appear raw, percent-encoded (either hex case) or
+JSON-escaped, independently of the others.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import base64
 import json
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 # A base64 fragment shorter than this is too likely to occur by chance.
@@ -53,6 +60,42 @@ def encodings(secret: str) -> set[str]:
     return {f for f in forms if f}
 
 
+# Characters every encoder leaves as they are.
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _any_case(escape: str) -> str:
+    """A regex for an ASCII escape sequence whose hex digits may be in either case."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c in "abcdefABCDEF" else re.escape(c)
+                   for c in escape)
+
+
+def _char_pattern(c: str) -> str:
+    """A regex for one character of a secret: raw, percent-encoded or JSON-escaped."""
+    if c in _UNRESERVED:
+        return re.escape(c)
+    alts = {re.escape(c), "".join(_any_case(f"%{b:02X}") for b in c.encode("utf-8"))}
+    if c == " ":
+        alts.add(r"\+")
+    alts.add(_any_case(json.dumps(c)[1:-1]))  # \" \\ \n, or \uXXXX (pairs beyond the BMP)
+    alts.add(_any_case("".join(f"\\u{u:04x}" for u in _utf16(c))))
+    if c == "/":
+        alts.add(r"\\/")
+    return "(?:" + "|".join(sorted(alts, key=len, reverse=True)) + ")"
+
+
+def _utf16(c: str) -> list[int]:
+    data = c.encode("utf-16-be")
+    return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def secret_pattern(secret: str) -> str:
+    """A regex matching `secret` in any of the forms redaction looks for."""
+    chars = "".join(_char_pattern(c) for c in secret)
+    frags = sorted(_b64_fragments(secret.encode("utf-8")), key=len, reverse=True)
+    return "|".join([chars, *map(re.escape, frags)])
+
+
 class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
@@ -61,18 +104,16 @@ class Redactor:
         """`secrets` maps a label (the credential name) to its secret value, or lists
         (label, secret) pairs: tenants may each have a credential of the same name."""
         pairs = secrets.items() if isinstance(secrets, Mapping) else secrets
-        self._label_of: dict[str, str] = {}
-        self._count = 0
-        for label, secret in pairs:
-            self._count += 1
-            for form in encodings(secret):
-                self._label_of.setdefault(form, label)
-        # Longest first, so a secret is not half-replaced by a shorter overlapping form.
-        forms = sorted(self._label_of, key=len, reverse=True)
-        self._text_re = re.compile("|".join(map(re.escape, forms))) if forms else None
-        self._bytes_re = (
-            re.compile(b"|".join(re.escape(f.encode("utf-8")) for f in forms)) if forms else None
-        )
+        # Longest first, so a secret is not half-replaced by a shorter one inside it.
+        ordered = sorted(((label, secret) for label, secret in pairs if secret),
+                         key=lambda p: len(p[1]), reverse=True)
+        self._labels = [label for label, _ in ordered]
+        self._count = len(ordered)
+        source = "|".join(f"(?P<s{i}>{secret_pattern(secret)})"
+                          for i, (_, secret) in enumerate(ordered))
+        self._text_re = re.compile(source) if ordered else None
+        # Literal non-ASCII characters become their UTF-8 bytes: right for bytes bodies.
+        self._bytes_re = re.compile(source.encode("utf-8")) if ordered else None
         self._extra = extra
 
     def __repr__(self) -> str:
@@ -81,7 +122,7 @@ class Redactor:
     def text(self, value: str) -> str:
         """`value` with every managed secret and leak-rule match replaced."""
         if self._text_re is not None:
-            value = self._text_re.sub(lambda m: f"[REDACTED:{self._label_of[m.group(0)]}]", value)
+            value = self._text_re.sub(self._replacement, value)
         if self._extra is not None:
             spans = sorted(self._extra(value), reverse=True)
             for start, end, rule in spans:
@@ -96,9 +137,12 @@ class Redactor:
             pass
         if self._bytes_re is None:
             return value  # leak rules are text rules
-        return self._bytes_re.sub(
-            lambda m: f"[REDACTED:{self._label_of[m.group(0).decode('utf-8')]}]".encode(), value
-        )
+        return self._bytes_re.sub(lambda m: self._replacement(m).encode("utf-8"), value)
+
+    def _replacement(self, match: re.Match[Any]) -> str:
+        group = match.lastgroup
+        assert group is not None
+        return f"[REDACTED:{self._labels[int(group[1:])]}]"
 
     def headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(k, self.text(v)) for k, v in headers]
