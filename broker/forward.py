@@ -27,6 +27,9 @@ CREDENTIAL_HEADERS = frozenset({
     "authorization", "proxy-authorization", "x-api-key", "api-key", "x-auth-token",
     "x-goog-api-key", "private-token", "x-access-token",
 })
+# The broker must read every response to redact it, so the agent may not pick an
+# encoding (bzip2, br, zstd, ...) that the broker cannot decode but the agent can.
+BROKER_OWNED = frozenset({"accept-encoding"})
 # Not passed back: framing is ours, and cookies could carry a session minted from the key.
 RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -53,7 +56,7 @@ class UpstreamResponse:
 def outgoing_headers(client_headers: dict[str, str], credential: Credential,
                      secret: Secret) -> dict[str, str]:
     """Client headers minus hop-by-hop and credential-bearing ones, plus the credential."""
-    drop = HOP_BY_HOP | CREDENTIAL_HEADERS
+    drop = HOP_BY_HOP | CREDENTIAL_HEADERS | BROKER_OWNED
     if credential.auth.kind == "header":
         drop = drop | {credential.auth.arg.lower()}
     headers = {k: v for k, v in client_headers.items() if k.lower() not in drop}
@@ -91,6 +94,10 @@ class Forwarder:
             cookies=jar,
             trust_env=False,
         )
+        # The content codings httpx decodes are the ones it asks for by default.
+        offered = self._client.headers.get("accept-encoding", "")
+        self._decodable = frozenset({"identity"} | {
+            e.strip().lower() for e in offered.split(",") if e.strip()})
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -113,6 +120,12 @@ class Forwarder:
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > self.max_response_bytes:
                     raise UpstreamError(self._too_big(), 502)
+                codings = response.headers.get_list("content-encoding", split_commas=True)
+                unknown = [c for c in codings if c.strip().lower() not in self._decodable]
+                if unknown:
+                    # Undecoded bytes could carry the key past redaction.
+                    raise UpstreamError(f"{credential.host} answered in a content encoding "
+                                        f"the broker cannot read ({unknown[0][:20]})", 502)
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
