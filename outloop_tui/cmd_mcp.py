@@ -214,7 +214,8 @@ def build_server(sock: Path | None = None) -> "MCPServer":
     ToolError = mcpserver.exceptions.ToolError  # noqa: N806
     Context = mcpserver.Context  # noqa: N806
 
-    @server.tool(name=CREDENTIALS_TOOL, description=(
+    # Plain text results: structured output would send every answer to the model twice.
+    @server.tool(name=CREDENTIALS_TOOL, structured_output=False, description=(
         "List the API credentials this workspace may use through Outloop, with each one's "
         "base URL and allow/ask/deny rules. Never returns a secret."))
     async def outloop_credentials() -> str:
@@ -273,7 +274,7 @@ def build_server(sock: Path | None = None) -> "MCPServer":
             raise ToolError(result["error"])
         return str(result["text"])
 
-    server.tool(name=REQUEST_TOOL, description=(
+    server.tool(name=REQUEST_TOOL, structured_output=False, description=(
         "Make an HTTP API call with an Outloop-managed credential. Outloop checks the "
         "workspace's tenant and the credential's rules, may wait for the operator to approve, "
         "injects the key itself and returns the upstream status and body with every secret "
