@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +35,7 @@ MAX_HEAD = 64 * 1024
 READ_CHUNK = 64 * 1024
 # Header names that may not come from the agent at all (h11 has checked framing).
 FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\0")
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class SocketInUse(Exception):
@@ -284,8 +286,15 @@ def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
 
 
 def _check_header(name: str, value: str) -> None:
-    if any(c in name or c in value for c in FORBIDDEN_VALUE_CHARS) or not name or ":" in name:
-        raise BadRequest(f"header {name[:40]!r} holds a line break, NUL or colon")
+    if not HEADER_NAME_RE.fullmatch(name):
+        # h11 would refuse it on the way out, after the attempt is audited, as upstream_error.
+        raise BadRequest(f"header name {name[:40]!r} is not an HTTP token "
+                         "(letters, digits and !#$%&'*+-.^_`|~)")
+    if any(c in value for c in FORBIDDEN_VALUE_CHARS):
+        raise BadRequest(f"header {name[:40]!r} holds a line break or NUL")
+    if not value.isascii():
+        # httpx sends ASCII header values only; anything else would fail after the audit.
+        raise BadRequest(f"header {name[:40]!r} holds characters outside ASCII")
 
 
 def parse_request_json(body: bytes) -> CallRequest:
@@ -369,6 +378,7 @@ def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, byt
         if k.lower() == "x-outloop-reason":
             reason = v[:500]
         elif k.lower() not in ("host", "content-length", "connection", "transfer-encoding"):
+            _check_header(k, v)
             headers[k] = v
     query = parse_qsl(parts.query, keep_blank_values=True)
     return CallRequest(credential, method.upper(), "/" + path, query, headers, body, None, reason)
