@@ -71,16 +71,25 @@ def _any_case(escape: str) -> str:
 
 
 def _char_pattern(c: str) -> str:
-    """A regex for one character of a secret: raw, percent-encoded or JSON-escaped."""
+    """A regex for one character of a secret: raw, percent-encoded or JSON-escaped.
+
+    Escapes may be repeated (JSON inside a JSON string: `\\\"`; a URL inside a URL:
+    `%252F`), so any run of backslashes may precede a JSON escape and any run of
+    "25" may follow a "%".
+    """
     if c in _UNRESERVED:
         return re.escape(c)
-    alts = {re.escape(c), "".join(_any_case(f"%{b:02X}") for b in c.encode("utf-8"))}
+    alts = {re.escape(c),
+            "".join("%(?:25)*" + _any_case(f"{b:02X}") for b in c.encode("utf-8"))}
     if c == " ":
         alts.add(r"\+")
-    alts.add(_any_case(json.dumps(c)[1:-1]))  # \" \\ \n, or \uXXXX (pairs beyond the BMP)
-    alts.add(_any_case("".join(f"\\u{u:04x}" for u in _utf16(c))))
-    if c == "/":
-        alts.add(r"\\/")
+    escapes = {json.dumps(c)[1:-1],  # \" \\ \n ..., or \uXXXX (pairs beyond the BMP)
+               "".join(f"\\u{u:04x}" for u in _utf16(c))}
+    if c in "\"/":
+        escapes.add("\\" + c)  # "\/" is JSON's optional escape of "/"
+    for escape in escapes:
+        if escape.startswith("\\"):
+            alts.add(_any_case(escape).replace(r"\\", r"\\+"))
     return "(?:" + "|".join(sorted(alts, key=len, reverse=True)) + ")"
 
 
