@@ -1,0 +1,316 @@
+"""Scanning files and folders for leaked secrets.
+
+Plain functions over plain data: a file path (or a folder), the tenant and
+workspace it belongs to, and the managed secrets as a mapping
+`{(tenant, credential): secret}`. The result is a list of `Finding`s that name
+where a secret is and what it looks like from afar (a masked preview and a
+SHA-256 fingerprint), never the secret itself.
+
+What gets read: `.env`-like files (`.env`, `.env.*`, `*.env`, `.envrc`) get every
+rule; other text files get the managed secrets and the high-confidence provider
+rules (every rule with `all_files`). Binary files, files over the size cap and
+dependency or build folders are skipped; unreadable files and symlink loops are
+counted, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from broker.leakrules import Severity, find_secrets
+from broker.redact import encodings
+
+DEFAULT_MAX_BYTES = 2 * 1024 * 1024
+
+# Dependency, build, cache and VCS folders: large, machine-written, and not where
+# a person pastes a key. (`env/` is not here: it often holds real env files.)
+SKIP_DIRS: frozenset[str] = frozenset({
+    ".git", ".hg", ".svn", ".jj", "node_modules", "bower_components", "jspm_packages",
+    ".venv", "venv", "virtualenv", ".virtualenvs", "site-packages", "__pycache__", ".eggs",
+    "dist", "build", "target", "out", ".tox", ".nox", ".mypy_cache", ".pytest_cache",
+    ".ruff_cache", ".hypothesis", ".cache", ".gradle", ".m2", ".cargo", "vendor", ".bundle",
+    ".next", ".nuxt", ".svelte-kit", ".parcel-cache", ".turbo", ".vercel", ".yarn",
+    ".pnpm-store", ".terraform", ".terragrunt-cache", ".serverless", ".direnv", "Pods",
+    "DerivedData", "coverage", "htmlcov", ".nyc_output", ".dart_tool", ".pub-cache",
+    ".stack-work", "_build", "deps", "elm-stuff", ".angular", ".expo", ".docusaurus",
+})
+
+MIN_MANAGED_LENGTH = 8  # shorter secrets would match ordinary text by chance
+_BINARY_PROBE = 8192
+
+SkipReason = Literal["binary", "too_large", "unreadable", "missing", "not_a_file"]
+
+
+def is_env_like(path: Path | str) -> bool:
+    """`.env`, `.env.*`, `*.env` and `.envrc`: the files every rule applies to."""
+    name = os.path.basename(path)
+    return name in (".env", ".envrc") or name.startswith(".env.") or name.endswith(".env")
+
+
+def is_skipped_dir(name: str) -> bool:
+    """True for a folder name the scanner and the watcher never enter."""
+    return name in SKIP_DIRS
+
+
+def fingerprint(value: str) -> str:
+    """Hex SHA-256 of the exact value (bytes as they were in the file)."""
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def mask(value: str) -> str:
+    """A preview that shows at most the first 4 and last 2 characters."""
+    flat = value.replace("\r", " ").replace("\n", " ")
+    if len(flat) >= 16:
+        return f"{flat[:4]}****{flat[-2:]}"
+    if len(flat) >= 8:
+        return f"{flat[:2]}****"
+    return "****"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One leaked value in one file. Holds no part of the secret but the preview."""
+
+    tenant: str | None
+    workspace: Path | None
+    path: Path
+    line: int
+    rule: str
+    severity: Severity
+    preview: str
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class FileScan:
+    """The outcome for one file: `skipped` is None when the file was read."""
+
+    path: Path
+    findings: list[Finding] = field(default_factory=list)
+    skipped: SkipReason | None = None
+    size: int = 0
+
+
+@dataclass(slots=True)
+class ScanReport:
+    """Totals and findings of a folder scan."""
+
+    findings: list[Finding] = field(default_factory=list)
+    files_scanned: int = 0
+    bytes_scanned: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    scanned_paths: list[Path] = field(default_factory=list)
+
+    def add(self, result: FileScan) -> None:
+        if result.skipped is None:
+            self.files_scanned += 1
+            self.bytes_scanned += result.size
+            self.scanned_paths.append(result.path)
+            self.findings.extend(result.findings)
+        else:
+            self.skipped[result.skipped] = self.skipped.get(result.skipped, 0) + 1
+
+
+class ManagedSecrets:
+    """The broker's secrets, prepared for searching in every encoding.
+
+    Built from `{(tenant, credential): secret}`; repr() never shows a value.
+    """
+
+    __slots__ = ("_forms", "_count")
+
+    def __init__(self, secrets: Mapping[tuple[str, str], str]) -> None:
+        forms: dict[str, tuple[str, str, str]] = {}
+        for (tenant, credential), secret in secrets.items():
+            if len(secret) < MIN_MANAGED_LENGTH:
+                continue
+            for form in encodings(secret):
+                if len(form) >= MIN_MANAGED_LENGTH:
+                    forms.setdefault(form, (tenant, credential, fingerprint(secret)))
+        # Longest first, so that a value is claimed by its fullest form.
+        self._forms = sorted(forms.items(), key=lambda kv: -len(kv[0]))
+        self._count = len(secrets)
+
+    def __repr__(self) -> str:
+        return f"ManagedSecrets({self._count} secrets)"
+
+    def __bool__(self) -> bool:
+        return bool(self._forms)
+
+    def find(self, text: str) -> Iterator[tuple[int, int, str, str, str]]:
+        """(start, end, tenant, credential, fingerprint) for each occurrence."""
+        for form, (tenant, credential, fp) in self._forms:
+            at = text.find(form)
+            while at >= 0:
+                yield at, at + len(form), tenant, credential, fp
+                at = text.find(form, at + len(form))
+
+
+NO_SECRETS = ManagedSecrets({})
+
+
+def _read_text(path: Path, max_bytes: int) -> tuple[str | None, SkipReason | None, int]:
+    try:
+        st = os.stat(path)  # follows a symlinked file; a dangling link is "missing"
+    except FileNotFoundError:
+        return None, "missing", 0
+    except OSError:
+        return None, "unreadable", 0
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not_a_file", 0
+    if st.st_size > max_bytes:
+        return None, "too_large", st.st_size
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None, "missing", 0
+    except OSError:
+        return None, "unreadable", 0
+    if len(data) > max_bytes:
+        return None, "too_large", len(data)
+    if b"\0" in data[:_BINARY_PROBE]:
+        return None, "binary", len(data)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", "surrogateescape"), None, len(data)
+
+
+def scan_text(
+    text: str,
+    path: Path,
+    *,
+    tenant: str | None = None,
+    workspace: Path | None = None,
+    managed: ManagedSecrets = NO_SECRETS,
+    all_files: bool = False,
+) -> list[Finding]:
+    """Findings in `text`, as if read from `path` (which decides `.env`-likeness)."""
+    spans: list[tuple[int, int, str, Severity, str]] = []
+    for start, end, owner, credential, fp in managed.find(text):
+        if tenant is not None and owner != tenant:
+            spans.append((start, end, f"cross-tenant:{owner}/{credential}", "critical", fp))
+        else:
+            spans.append((start, end, f"managed-secret:{owner}/{credential}", "high", fp))
+    env_like = is_env_like(path)
+    for m in find_secrets(text, env_like=env_like, all_rules=all_files):
+        value = m.value(text)
+        spans.append((m.start, m.end, m.rule_id, m.severity, fingerprint(value)))
+    findings: list[Finding] = []
+    taken: list[tuple[int, int]] = []
+    # Managed matches come first and win an overlap: they name the credential.
+    for start, end, rule, severity, fp in spans:
+        if any(start < e and s < end for s, e in taken):
+            continue
+        taken.append((start, end))
+        line = text.count("\n", 0, start) + 1
+        findings.append(
+            Finding(tenant, workspace, path, line, rule, severity, mask(text[start:end]), fp)
+        )
+    findings.sort(key=lambda f: f.line)
+    return findings
+
+
+def scan_file(
+    path: Path,
+    *,
+    tenant: str | None = None,
+    workspace: Path | None = None,
+    managed: ManagedSecrets = NO_SECRETS,
+    all_files: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> FileScan:
+    """Scan one file. Never raises for a missing, unreadable, binary or huge file."""
+    text, skipped, size = _read_text(path, max_bytes)
+    if text is None:
+        return FileScan(path, skipped=skipped, size=size)
+    found = scan_text(text, path, tenant=tenant, workspace=workspace, managed=managed,
+                      all_files=all_files)
+    return FileScan(path, found, None, size)
+
+
+def iter_files(root: Path, on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
+    """Every file under `root` (or `root` itself), skipping SKIP_DIRS.
+
+    Symlinked folders are not followed, so a link loop cannot trap the walk;
+    symlinked files are yielded (a `.env` linked from a shared folder is still
+    a leak into this workspace).
+    """
+    try:
+        if not root.is_dir():
+            if root.exists() or root.is_symlink():
+                yield root
+            return
+    except OSError as exc:
+        if on_error:
+            on_error(exc)
+        return
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            if on_error:
+                on_error(exc)
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in SKIP_DIRS:
+                        stack.append(Path(entry.path))
+                elif entry.is_file() or entry.is_symlink():
+                    yield Path(entry.path)
+            except OSError as exc:
+                if on_error:
+                    on_error(exc)
+
+
+def scan_tree(
+    root: Path,
+    *,
+    tenant: str | None = None,
+    workspace: Path | None = None,
+    managed: ManagedSecrets = NO_SECRETS,
+    all_files: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ScanReport:
+    """Scan every file under `root` (a folder or a single file)."""
+    report = ScanReport()
+
+    def unreadable(_exc: OSError) -> None:
+        report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
+
+    for path in iter_files(root, unreadable):
+        report.add(scan_file(path, tenant=tenant, workspace=workspace or root, managed=managed,
+                             all_files=all_files, max_bytes=max_bytes))
+    return report
+
+
+def owner_of(path: Path, workspaces: Iterable[tuple[str, Path]]) -> tuple[str, Path] | None:
+    """The (tenant, workspace) whose folder holds `path`: the longest matching prefix."""
+    best: tuple[str, Path] | None = None
+    for tenant, ws in workspaces:
+        if path == ws or ws in path.parents:
+            if best is None or len(ws.parts) > len(best[1].parts):
+                best = (tenant, ws)
+    return best
+
+
+def managed_from(secrets: Mapping[tuple[str, str], str] | ManagedSecrets) -> ManagedSecrets:
+    """Accept either the plain mapping or an already prepared ManagedSecrets."""
+    return secrets if isinstance(secrets, ManagedSecrets) else ManagedSecrets(secrets)
+
+
+__all__: Sequence[str] = (
+    "DEFAULT_MAX_BYTES", "SKIP_DIRS", "FileScan", "Finding", "ManagedSecrets", "ScanReport",
+    "fingerprint", "is_env_like", "is_skipped_dir", "iter_files", "managed_from", "mask",
+    "owner_of", "scan_file", "scan_text", "scan_tree",
+)
