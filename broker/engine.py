@@ -146,6 +146,10 @@ class Engine:
         ensure_private_dir(self.paths.state_dir)
         self._config = load_config(self.paths)
         self._config_stamp = self._stamp()
+        if serve:
+            # Before the audit log: a second broker must hear "already running on the
+            # socket", not that the audit log is in use.
+            Server(self, self.paths.socket).check_free()
         await self.audit.open()
         self.audit.subscribe(self._on_audit)
         self._forwarder = Forwarder(timeout=self.config.broker.upstream_timeout,

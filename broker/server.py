@@ -55,6 +55,14 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
+    def check_free(self) -> None:
+        """Raise SocketInUse if a live broker already answers on the socket path."""
+        from broker.paths import Paths
+
+        Paths(self.path, self.path, self.path).check_socket_path()
+        if (self.path.exists() or self.path.is_symlink()) and _is_live(self.path):
+            raise SocketInUse(f"a broker is already running on {self.path}")
+
     async def start(self) -> None:
         """Listen on the socket; replace a stale one, refuse if a live broker is there."""
         from broker.paths import Paths
@@ -62,8 +70,7 @@ class Server:
         Paths(self.path, self.path, self.path).check_socket_path()
         ensure_private_dir(self.path.parent)
         if self.path.exists() or self.path.is_symlink():
-            if _is_live(self.path):
-                raise SocketInUse(f"a broker is already running on {self.path}")
+            self.check_free()
             self.path.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where it is wider
         try:

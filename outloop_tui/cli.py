@@ -180,7 +180,8 @@ def _sentence(e: Exception) -> str:
 
     if isinstance(e, UserError | ConfigError | PathError):
         return str(e)
-    if type(e).__name__ == "SecretStoreError":
+    # Broker errors whose messages are written for users (not imported: keep startup light).
+    if type(e).__name__ in ("SecretStoreError", "SocketInUse", "AuditError"):
         return str(e)
     if isinstance(e, OSError) and e.strerror:
         where = f" ({e.filename})" if e.filename else ""
