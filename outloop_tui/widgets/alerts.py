@@ -205,6 +205,9 @@ class AlertScreen(ModalScreen[AlertAction | None]):
                 yield Button("Ignore (i)", id="ignore", variant="warning")
                 yield Button("Close (esc)", id="close")
 
+    def on_mount(self) -> None:
+        self.query_one("#ack", Button).focus()
+
     def action_ack(self) -> None:
         self.dismiss(AlertAction("ack"))
 

@@ -89,10 +89,12 @@ class FormScreen(ModalScreen[Added | None]):
 
 
 def _labelled(label: str, widget: Any, hint: str = "") -> ComposeResult:
-    yield Label(label, classes="field-label")
-    yield widget
+    """One row: the label, then the field; a hint becomes the field's tooltip."""
     if hint:
-        yield Static(hint, classes="field-hint")
+        widget.tooltip = hint
+    with Horizontal(classes="field"):
+        yield Label(label, classes="field-label")
+        yield widget
 
 
 class AddTenantScreen(FormScreen):
@@ -100,8 +102,8 @@ class AddTenantScreen(FormScreen):
     SAVE_LABEL = "Add tenant"
 
     def fields(self) -> ComposeResult:
-        yield from _labelled("Id", Input(placeholder="acme", id="tenant-id"),
-                             "letters, digits, '-', '_' and '.'; used in config.toml")
+        yield from _labelled("Id", Input(placeholder="acme  (letters, digits, - _ .)",
+                                         id="tenant-id"))
         yield from _labelled("Display name", Input(placeholder="Acme Corp", id="tenant-name"))
 
     def save(self) -> Added | None:
@@ -121,7 +123,7 @@ class _TenantForm(FormScreen):
         super().__init__(paths)
         self.tenants = list(tenants)
         self.initial = tenant if tenant in {t for t, _ in tenants} else (
-            self.tenants[0][0] if len(self.tenants) == 1 else None)
+            self.tenants[0][0] if self.tenants else None)
 
     def tenant_select(self) -> ComposeResult:
         options = [(f"{name} ({tid})" if name != tid else tid, tid) for tid, name in self.tenants]
@@ -140,8 +142,9 @@ class AddWorkspaceScreen(_TenantForm):
 
     def fields(self) -> ComposeResult:
         yield from self.tenant_select()
-        yield from _labelled("Folder", Input(placeholder="~/clients/acme/web", id="folder"),
-                             "agents started in this folder or below act for the tenant")
+        yield from _labelled("Folder", Input(placeholder="~/clients/acme/web", id="folder"))
+        yield Static("Agents started in this folder or below act for the tenant.",
+                     classes="form-hint")
 
     def save(self) -> Added | None:
         tid = self.tenant()
@@ -170,16 +173,18 @@ class AddCredentialScreen(_TenantForm):
         yield from self.tenant_select()
         yield from _labelled("Name", Input(placeholder="github", id="cred-name"))
         yield from _labelled("Base URL", Input(placeholder="https://api.github.com", id="base-url"))
-        yield from _labelled("Auth", Input("bearer", id="auth"),
-                             "bearer | basic:<user> | header:<Header-Name> | query:<param>")
+        yield from _labelled("Auth", Input("bearer", id="auth",
+                                           placeholder="bearer | basic:USER | header:NAME | query:PARAM"))
         yield from _labelled("Allow", Input(placeholder="GET /repos/**", id="allow"),
-                             "runs without asking; rules separated by commas")
-        yield from _labelled("Ask", Input(placeholder="POST /repos/*/issues", id="ask"),
-                             "waits for you; no rules at all means ask for everything")
+                             "runs without asking")
+        yield from _labelled("Ask", Input(placeholder="POST /repos/*/*/issues", id="ask"),
+                             "waits for you")
         yield from _labelled("Deny", Input(placeholder="DELETE /**", id="deny"),
-                             "refused, checked first")
-        yield from _labelled("Secret", Input(password=True, placeholder="typed here, stored in the "
-                                             "keyring, never shown", id="secret"))
+                             "refused; checked first")
+        yield from _labelled("Secret", Input(password=True, placeholder="stored in the OS keyring, "
+                                             "never shown", id="secret"))
+        yield Static("Rules are 'METHOD /path/glob', several separated by commas; * is one path "
+                     "segment, ** any. No rules at all: every call asks you.", classes="form-hint")
 
     def save(self) -> Added | None:
         tid = self.tenant()
