@@ -199,7 +199,7 @@ SECRET_WORDS = frozenset({"KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWO
 ENV_DUMP_CODE = (
     re.compile(r"\bos\.environ\s*[)\]},;]"),
     re.compile(r"\bos\.environ\s*$", re.M),
-    re.compile(r"\bprint\w*\(\s*(?:dict\()?\s*os\.environ\b"),
+    re.compile(r"\bprint\w*\(\s*(?:dict\()?\s*os\.environ\b(?!\s*(?:\[|\.get\b))"),
     re.compile(r"\bos\.environ\.(?:items|copy|keys|values)\(\)"),
     re.compile(r"\bprocess\.env\s*[);,\]}]"),
     re.compile(r"\bprocess\.env\s*$", re.M),

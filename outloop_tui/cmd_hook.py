@@ -1,0 +1,239 @@
+"""`outloop hook pre|post`: Claude Code's PreToolUse and PostToolUse hook commands.
+
+Claude Code runs the command with one JSON object on stdin (`session_id`,
+`transcript_path`, `cwd`, `hook_event_name`, `tool_name`, `tool_input`, and
+`tool_response` after the tool ran).
+
+pre   refuses (exit 2, the reason on stderr, which Claude reads) reading or editing
+      `.env`-like, private key and credential files and Outloop's own config and
+      state, and shell commands that print them or dump the environment. The
+      reason points the agent at the Outloop MCP tool. Everything else: exit 0,
+      no output.
+post  looks for managed secrets and high-confidence provider keys in the tool's
+      output. An MCP tool's output is replaced by a redacted copy
+      (`updatedMCPToolOutput`); a built-in tool's output has already reached the
+      model, so the hook raises a leak alert (the dashboard shows it) and tells
+      Claude the value is compromised and must be rotated.
+
+Both stay on the standard library plus broker/ (no textual, no mcp), so a hook
+costs one short Python start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from broker.guard import Protected, tool_refusal
+from broker.paths import Paths
+
+EXIT_ALLOW, EXIT_BLOCK = 0, 2
+MCP_SERVER = "outloop"
+REQUEST_TOOL = f"mcp__{MCP_SERVER}__outloop_request"
+CREDENTIALS_TOOL = f"mcp__{MCP_SERVER}__outloop_credentials"
+# Input keys of third-party MCP tools that name a file (a filesystem server's read_file).
+MCP_PATH_KEYS = ("path", "file_path", "filepath", "filename", "file")
+
+ADVICE = (
+    "API keys are not kept in files or the environment here. To call an API, use the "
+    f"`{REQUEST_TOOL}` tool (`{CREDENTIALS_TOOL}` lists the credentials this workspace "
+    "may use), or run `outloop call CREDENTIAL METHOD PATH` in the shell. Do not try "
+    "another way to read the file or the variable."
+)
+
+
+def read_event(stream: Any = None) -> dict[str, Any]:
+    """The hook input, or ValueError when it is not a JSON object."""
+    data = json.load(stream or sys.stdin)
+    if not isinstance(data, dict):
+        raise ValueError("hook input is not a JSON object")
+    return data
+
+
+def protected_folders(paths: Paths | None = None) -> Protected:
+    """Outloop's own folders: its config folder (or OUTLOOP_HOME) and its state folder."""
+    p = paths or Paths.from_env()
+    folders = {p.config_file.parent.absolute(), p.state_dir.absolute()}
+    for f in list(folders):
+        try:
+            folders.add(f.resolve())
+        except OSError:
+            pass
+    return Protected(tuple(sorted(folders)))
+
+
+def pre_decision(event: dict[str, Any], protected: Protected | None = None) -> str | None:
+    """Why this tool call must not run (the message for Claude), or None to let it run."""
+    tool = str(event.get("tool_name") or "")
+    tool_input = event.get("tool_input")
+    if not isinstance(tool_input, dict):
+        return None
+    cwd = Path(str(event.get("cwd") or Path.cwd()))
+    prot = protected or protected_folders()
+    if tool.startswith("mcp__"):
+        if tool.startswith(f"mcp__{MCP_SERVER}__"):
+            return None
+        why = None
+        for key, value in tool_input.items():
+            if key.lower() in MCP_PATH_KEYS and isinstance(value, str):
+                why = why or tool_refusal("Read", {"file_path": value}, cwd, prot)
+    else:
+        why = tool_refusal(tool, tool_input, cwd, prot)
+    if why is None:
+        return None
+    return f"Outloop blocked this {tool or 'tool'} call: {why}. {ADVICE}"
+
+
+def run_pre(event: dict[str, Any]) -> int:
+    reason = pre_decision(event)
+    if reason is None:
+        return EXIT_ALLOW
+    print(reason, file=sys.stderr)
+    return EXIT_BLOCK
+
+
+# -- post: what came out of the tool ------------------------------------------------------
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a JSON value (tool responses nest them in objects and lists)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+class PostContext:
+    """What the post hook needs from Outloop: the caller's tenant and the managed secrets."""
+
+    def __init__(self, event: dict[str, Any], paths: Paths | None = None) -> None:
+        from broker.config import ConfigError, load_config
+        from broker.secrets import SecretStore, SecretStoreError
+
+        self.paths = paths or Paths.from_env()
+        self.tenant: str | None = None
+        self.workspace: Path | None = None
+        self.secrets: dict[tuple[str, str], str] = {}
+        try:
+            config = load_config(self.paths)
+        except ConfigError:
+            return
+        cwd = Path(str(event.get("cwd") or Path.cwd()))
+        try:
+            found = config.workspace_for(cwd.resolve())
+        except OSError:
+            found = None
+        if found is not None:
+            self.tenant, self.workspace = found[0].id, found[1]
+        keys = [(c.tenant, c.name) for c in config.credentials()]
+        try:
+            self.secrets = {k: v.reveal() for k, v in SecretStore().managed(keys).items()}
+        except SecretStoreError:
+            self.secrets = {}
+
+
+def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[str, Any] | None:
+    """The hook's JSON answer for one finished tool call, or None when the output is clean.
+
+    An MCP tool's output comes back redacted through `updatedMCPToolOutput`. A built-in
+    tool's output has reached the model already: the findings become leak alerts and
+    Claude is told that the value is compromised.
+    """
+    from broker.scan import managed_from, scan_text
+
+    response = event.get("tool_response")
+    texts = _strings(response)
+    if not texts:
+        return None
+    ctx = ctx or PostContext(event)
+    tool = str(event.get("tool_name") or "")
+    transcript = event.get("transcript_path")
+    where = Path(str(transcript)) if transcript else (ctx.workspace or Path.cwd())
+    managed = managed_from(ctx.secrets)
+    findings = [f for text in texts for f in scan_text(
+        text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)]
+    if not findings:
+        return None
+    rules = sorted({f.rule for f in findings})
+    if tool.startswith("mcp__"):
+        from broker.leakrules import iter_provider_key_spans
+        from broker.redact import Redactor
+
+        redactor = Redactor([(c, v) for (_t, c), v in ctx.secrets.items()], iter_provider_key_spans)
+        return {"hookSpecificOutput": {
+            "hookEventName": "PostToolUse",
+            "updatedMCPToolOutput": _map_strings(response, redactor.text),
+            "additionalContext": f"Outloop redacted {len(findings)} credential value(s) "
+                                 f"({', '.join(rules)}) from this tool's output.",
+        }}
+    record_alerts(ctx.paths, findings, tool, where)
+    reason = (
+        f"Outloop: the output of this {tool or 'tool'} call contained {len(findings)} live "
+        f"credential value(s) ({', '.join(rules)}). Treat them as compromised: do not repeat, "
+        "copy, store or use them, and tell the user that the credential must be rotated "
+        "(Outloop has raised a leak alert in its dashboard). For API calls use the "
+        f"`{REQUEST_TOOL}` tool, which never shows a key."
+    )
+    return {"decision": "block", "reason": reason,
+            "hookSpecificOutput": {"hookEventName": "PostToolUse", "additionalContext": reason}}
+
+
+def record_alerts(paths: Paths, findings: list[Any], tool: str, where: Path) -> None:
+    """Append the findings to state/alerts.jsonl (DESIGN §7), where the dashboard reads them."""
+    import os
+    import time
+    import uuid
+
+    from broker.paths import ensure_private_dir
+
+    ensure_private_dir(paths.state_dir)
+    now = time.time()
+    lines = []
+    for f in findings:
+        lines.append(json.dumps({
+            "id": uuid.uuid4().hex[:12], "ts": now, "tenant": f.tenant,
+            "workspace": str(f.workspace) if f.workspace else None, "path": str(where),
+            "line": f.line, "rule": f.rule, "severity": f.severity, "preview": f.preview,
+            "fingerprint": f.fingerprint, "status": "open", "source": f"claude-hook:{tool}",
+        }, separators=(",", ":")))
+    fd = os.open(paths.alerts_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, ("\n".join(lines) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def run_post(event: dict[str, Any]) -> int:
+    output = post_output(event)
+    if output is not None:
+        sys.stdout.write(json.dumps(output) + "\n")
+    return EXIT_ALLOW
+
+
+def run_hook(args: argparse.Namespace) -> int:
+    try:
+        event = read_event()
+    except ValueError:
+        # Fail closed before a tool runs; after it ran there is nothing left to stop.
+        print("outloop hook: the hook input was not the JSON object Claude Code sends",
+              file=sys.stderr)
+        return EXIT_BLOCK if args.phase == "pre" else 1
+    if args.phase == "pre":
+        return run_pre(event)
+    return run_post(event)
