@@ -218,16 +218,18 @@ def strip_hooks(doc: dict[str, Any]) -> int:
         if not isinstance(groups, list):
             continue
         kept_groups = []
+        removed_here = 0
         for group in groups:
             inner = group.get("hooks") if isinstance(group, dict) else None
             if not isinstance(inner, list):
                 kept_groups.append(group)
                 continue
             kept = [h for h in inner if not is_our_hook(h)]
-            removed += len(inner) - len(kept)
+            removed_here += len(inner) - len(kept)
             if kept or not inner:
                 kept_groups.append({**group, "hooks": kept} if len(kept) != len(inner) else group)
-        if len(kept_groups) != len(groups):
+        removed += removed_here
+        if removed_here:
             if kept_groups:
                 hooks[event] = kept_groups
             else:
