@@ -1068,6 +1068,12 @@ _BARE_ASSIGNMENT = re.compile(
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\(\))?")
 
 
+def _names_a_value(value: str) -> bool:
+    # snake_case, dotted or digit-free names; a random token nearly always has a digit.
+    return bool(_IDENTIFIER.fullmatch(value)) and (
+        "." in value or "_" in value or not any(c.isdigit() for c in value))
+
+
 def _generic_env(text: str) -> Iterator[tuple[Rule, int, int]]:
     for e in parse_env(text):
         if is_secret_name(e.key) and is_strong_value(e.value):
@@ -1079,7 +1085,7 @@ def _generic_code(text: str) -> Iterator[tuple[Rule, int, int]]:
         for m in pattern.finditer(text):
             value = m.group("val")
             if pattern is _BARE_ASSIGNMENT and (
-                _IDENTIFIER.fullmatch(value) or any(c in value for c in "()[]{}<>,")
+                _names_a_value(value) or any(c in value for c in "()[]{}<>,")
             ):
                 continue
             if is_secret_name(m.group("key")) and is_strong_value(value):

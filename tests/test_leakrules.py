@@ -1,0 +1,141 @@
+"""Leak rules: every rule's own examples, placeholders, the generic rule, redaction spans."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import leakrules as L
+from broker.leakrules import RULES, find_secrets, iter_provider_key_spans
+
+
+def test_rule_set_is_broad_and_well_formed():
+    assert len(RULES) >= 100
+    for rule in RULES:
+        assert rule.severity in L.SEVERITIES
+        assert rule.keywords and all(k == k.lower() for k in rule.keywords), rule.id
+        assert rule.true_positives and rule.false_positives, rule.id
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
+def test_rule_examples(rule: L.Rule):
+    for example in rule.true_positives:
+        for text in (example, f"prefix {example} suffix\n", f"line one\nline two {example}"):
+            ids = [m.rule_id for m in find_secrets(text, env_like=True)]
+            assert rule.id in ids, f"{rule.id} missed its example (found {ids})"
+    for example in rule.false_positives:
+        ids = [m.rule_id for m in find_secrets(example, env_like=True)]
+        assert rule.id not in ids, f"{rule.id} matched its false-positive example"
+
+
+def test_keyword_prefilter_only_narrows():
+    # Every example is found through the prefilter, and by its regex directly: the
+    # keywords must be present in the text the rule matches.
+    for rule in RULES:
+        for example in rule.true_positives:
+            assert any(k in example.lower() for k in rule.keywords), rule.id
+
+
+def test_match_reports_line_and_exact_span():
+    token = "ghp_" + L.fake(L.A62, 36, "span")
+    text = f"# config\n\nconst auth = '{token}';\n"
+    [m] = find_secrets(text)
+    assert (m.rule_id, m.line, m.severity) == ("github-ghp", 3, "critical")
+    assert m.value(text) == token
+    assert token not in repr(m)
+
+
+def test_token_glued_to_other_word_characters_is_not_a_match():
+    body = L.fake(L.A62, 36, "glued")
+    assert find_secrets(f"xghp_{body}") == []
+    assert find_secrets(f"ghp_{body}Z") == []
+
+
+@pytest.mark.parametrize("value", [
+    "", "your-key-here", "YOUR_API_KEY", "xxx", "xxxxxxxxxxxxxxxx", "changeme", "<token>",
+    "${GITHUB_TOKEN}", "$GITHUB_TOKEN", "$(op read op://vault/gh/token)", "{{ secrets.KEY }}",
+    "sk-...", "********", "outloop:github", "use-outloop-broker", "null", "REDACTED",
+])
+def test_placeholders(value: str):
+    assert L.is_placeholder(value)
+
+
+def test_random_values_are_not_placeholders():
+    for n in range(20):
+        assert not L.is_placeholder(L.fake(L.A62, 40, f"ph{n}"))
+
+
+@pytest.mark.parametrize("value", ["your-key-here", "${STRIPE_KEY}", "sk_live_" + "x" * 30,
+                                   "<insert-key>", "changeme"])
+def test_placeholder_values_never_alert(value: str):
+    assert find_secrets(f"STRIPE_SECRET_KEY={value}\nAPI_TOKEN={value}\n", env_like=True) == []
+
+
+@pytest.mark.parametrize("name,secret", [
+    ("STRIPE_API_KEY", True), ("DB_PASSWORD", True), ("dbPassword", True),
+    ("client-secret", True), ("GITHUB_TOKEN", True), ("AUTH", True), ("JWT_SECRET", True),
+    ("TOKEN_TTL", False), ("API_URL", False), ("PASSWORD_MIN_LENGTH", False),
+    ("AUTH_PROVIDER", False), ("NEXT_PUBLIC_API_KEY", False), ("STRIPE_PUBLISHABLE_KEY", False),
+    ("SUPABASE_ANON_KEY", False), ("SECRET_MANAGER", False),
+])
+def test_secret_names(name: str, secret: bool):
+    assert L.is_secret_name(name) is secret
+
+
+def test_generic_rule_in_env_files():
+    strong = L.fake(L.A62, 24, "generic") + "#9"
+    text = (
+        "DEBUG=true\nAPI_URL=https://api.example.com/v1\nTOKEN_TTL=3600\n"
+        "SECRET_MANAGER=vault\nDB_PASSWORD=hunter\nSESSION_SECRET=" + strong + "\n"
+    )
+    found = find_secrets(text, env_like=True)
+    assert [(m.rule_id, m.line) for m in found] == [("generic-secret", 6)]
+    assert found[0].value(text) == strong
+
+
+def test_generic_rule_applies_to_other_files_only_with_all_rules():
+    strong = L.fake(L.A62, 20, "code") + "!x"
+    code = f'db_password = "{strong}"\npassword = self.password\nkey = compute_key(a, b)\n'
+    assert find_secrets(code) == []
+    found = find_secrets(code, all_rules=True)
+    assert [(m.rule_id, m.value(code)) for m in found] == [("generic-secret", strong)]
+
+
+def test_provider_rule_wins_over_generic_for_the_same_value():
+    token = "npm_" + L.fake(L.A62, 36, "npm")
+    [m] = find_secrets(f"NPM_TOKEN={token}\n", env_like=True)
+    assert m.rule_id == "npm-access-token"
+
+
+def test_non_env_text_gets_only_confident_rules():
+    jwt = L.RULES_BY_ID["jwt"].true_positives[0].split("=", 1)[1]
+    assert find_secrets(f"token: {jwt}") == []
+    assert [m.rule_id for m in find_secrets(f"TOKEN={jwt}", env_like=True)] == ["jwt"]
+
+
+def test_hard_negatives_are_quiet():
+    text = "\n".join([
+        "commit 3f786850e387550fdab836ed7e6dc881de23001b",
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        '"integrity": "sha512-' + L.fake(L.B64, 86, "int") + '=="',
+        "id = 123e4567-e89b-12d3-a456-426614174000",
+        "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
+        "postgres://user:password@localhost:5432/app",
+        "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+    ])
+    assert find_secrets(text) == []
+
+
+def test_provider_key_spans_for_redaction():
+    a = "sk-ant-api03-" + L.fake(L.B64URL, 93, "red") + "AA"
+    b = "xoxb-" + L.fake(L.DIGITS, 12, "r1") + "-" + L.fake(L.DIGITS, 12, "r2") + "-" \
+        + L.fake(L.A62, 24, "r3")
+    text = f'{{"k": "{a}", "note": "ok", "slack": "{b}"}}'
+    spans = list(iter_provider_key_spans(text))
+    assert [(text[s:e], rule) for s, e, rule in spans] == [
+        (a, "anthropic-api-key"), (b, "slack-bot-token")]
+
+
+def test_entropy():
+    assert L.shannon_entropy("") == 0
+    assert L.shannon_entropy("aaaa") == 0
+    assert L.shannon_entropy("ab") == 1
