@@ -1,0 +1,145 @@
+"""The leak watcher on real files with real watchfiles.
+
+Each test waits for the alert event itself (generous timeout), never for a
+fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker import leakrules as L
+from broker.alerts import AlertEvent, AlertOpened, AlertResolved, AlertStore
+from broker.watcher import LeakWatcher
+
+WAIT = 15.0  # seconds; a shared, busy machine can be slow, a missed event is never fast
+
+
+def token(seed: str) -> str:
+    return "ghp_" + L.fake(L.A62, 36, seed)
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.acme = tmp / "acme"
+        self.globex = tmp / "globex"
+        self.acme.mkdir()
+        self.globex.mkdir()
+        self.store = AlertStore(tmp / "state" / "alerts.jsonl")
+        self.events: asyncio.Queue[AlertEvent] = asyncio.Queue()
+        self.store.subscribe(self.events.put_nowait)
+        self.managed: dict[tuple[str, str], str] = {}
+        self.watcher = LeakWatcher([("acme", self.acme)], lambda: self.managed, self.store)
+
+    async def next(self, kind: type, path: Path) -> AlertEvent:
+        async with asyncio.timeout(WAIT):
+            while True:
+                event = await self.events.get()
+                if isinstance(event, kind) and event.alert.path == str(path):
+                    return event
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    await harness.watcher.stop()
+
+
+async def test_initial_scan_then_writes_appends_and_removal(h: Harness):
+    (h.acme / ".env").write_text(f"GITHUB_TOKEN={token('initial')}\n")
+    await h.watcher.start()
+    opened = await h.next(AlertOpened, h.acme / ".env")
+    assert (opened.alert.tenant, opened.alert.line) == ("acme", 1)
+
+    log = h.acme / "app.log"
+    log.write_text("started\n")
+    with log.open("a") as f:  # an append
+        f.write(f"using token {token('append')}\n")
+    assert (await h.next(AlertOpened, log)).alert.line == 2
+
+    (h.acme / ".env").write_text("GITHUB_TOKEN=\n")
+    await h.next(AlertResolved, h.acme / ".env")
+    log.unlink()
+    await h.next(AlertResolved, log)
+
+
+async def test_files_in_brand_new_nested_folders(h: Harness):
+    await h.watcher.start()
+    for i in range(5):
+        deep = h.acme / f"new{i}" / "a" / "b"
+        deep.mkdir(parents=True)
+        (deep / ".env").write_text(f"T={token(f'deep{i}')}\n")
+        await h.next(AlertOpened, deep / ".env")
+
+
+async def test_save_by_rename(h: Harness):
+    target = h.acme / "settings.py"
+    target.write_text("DEBUG = True\n")
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    tmp = h.acme / ".settings.py.tmp"
+    tmp.write_text(f"TOKEN = '{token('rename')}'\n")
+    os.replace(tmp, target)
+    await h.next(AlertOpened, target)
+
+
+async def test_skipped_folders_are_not_watched(h: Harness):
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    (h.acme / "node_modules" / "pkg").mkdir(parents=True)
+    (h.acme / "node_modules" / "pkg" / "index.js").write_text(f"k='{token('nm')}'\n")
+    marker = h.acme / "marker.env"
+    marker.write_text(f"T={token('marker')}\n")
+    await h.next(AlertOpened, marker)  # written after: once it is in, the other was seen too
+    assert [a.path for a in h.store.alerts()] == [str(marker)]
+
+
+async def test_managed_secret_cross_tenant_and_rearm(h: Harness):
+    secret = "acme-" + L.fake(L.A62, 40, "managed")
+    h.managed = {("acme", "billing"): secret}
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    own = h.acme / "notes.md"
+    own.write_text(f"the billing key is {secret}\n")
+    assert (await h.next(AlertOpened, own)).alert.rule == "managed-secret:acme/billing"
+
+    await h.watcher.rearm([("acme", h.acme), ("globex", h.globex)])
+    leaked = h.globex / "config.json"
+    leaked.write_text(f'{{"key": "{secret}"}}\n')
+    alert = (await h.next(AlertOpened, leaked)).alert
+    assert (alert.rule, alert.severity, alert.tenant) == (
+        "cross-tenant:acme/billing", "critical", "globex")
+
+    await h.watcher.rearm([("globex", h.globex)])  # acme no longer watched
+    await h.watcher.wait_ready()
+    assert h.watcher.health().workspaces == (str(h.globex),)
+
+
+async def test_health_and_clean_stop(h: Harness, tmp_path: Path):
+    missing = tmp_path / "gone"
+    h.watcher = LeakWatcher([("acme", h.acme), ("x", missing)], lambda: {}, h.store)
+    (h.acme / "a.txt").write_text("hello\n")
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    health = h.watcher.health()
+    assert health.running and health.initial_scan_done and health.files_scanned == 1
+    assert health.missing == (str(missing),) and "not found" in (health.last_error or "")
+    await h.watcher.stop()
+    assert not h.watcher.health().running
+    await h.watcher.stop()  # twice is fine
+
+
+async def test_event_output_never_holds_the_secret(h: Harness):
+    value = token("no-output")
+    (h.acme / ".env").write_text(f"T={value}\n")
+    await h.watcher.start()
+    event = await h.next(AlertOpened, h.acme / ".env")
+    dump = repr(event) + repr(h.watcher) + repr(h.watcher.health())
+    dump += (h.store.path).read_text()
+    assert value not in dump and value[4:-2] not in dump
