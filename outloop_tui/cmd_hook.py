@@ -182,7 +182,7 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
             "additionalContext": f"Outloop redacted {len(findings)} credential value(s) "
                                  f"({', '.join(rules)}) from this tool's output.",
         }}
-    record_alerts(ctx.paths, findings, tool, where)
+    record_alerts(ctx.paths, findings, where)
     reason = (
         f"Outloop: the output of this {tool or 'tool'} call contained {len(findings)} live "
         f"credential value(s) ({', '.join(rules)}). Treat them as compromised: do not repeat, "
@@ -194,29 +194,23 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
             "hookSpecificOutput": {"hookEventName": "PostToolUse", "additionalContext": reason}}
 
 
-def record_alerts(paths: Paths, findings: list[Any], tool: str, where: Path) -> None:
-    """Append the findings to state/alerts.jsonl (DESIGN §7), where the dashboard reads them."""
-    import os
-    import time
-    import uuid
+def record_alerts(paths: Paths, findings: list[Any], where: Path) -> None:
+    """Open alerts in state/alerts.jsonl for what a tool printed.
 
+    The alert's file is the session transcript, where Claude Code stores the output
+    verbatim; the transcript watcher finds the same value there and agrees on the
+    alert's id, so the dashboard shows one alert whichever process saw it first.
+    """
+    from broker.alerts import AlertStore
     from broker.paths import ensure_private_dir
+    from broker.scan import Finding
+    from broker.transcripts import record_findings
 
     ensure_private_dir(paths.state_dir)
-    now = time.time()
-    lines = []
-    for f in findings:
-        lines.append(json.dumps({
-            "id": uuid.uuid4().hex[:12], "ts": now, "tenant": f.tenant,
-            "workspace": str(f.workspace) if f.workspace else None, "path": str(where),
-            "line": f.line, "rule": f.rule, "severity": f.severity, "preview": f.preview,
-            "fingerprint": f.fingerprint, "status": "open", "source": f"claude-hook:{tool}",
-        }, separators=(",", ":")))
-    fd = os.open(paths.alerts_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, ("\n".join(lines) + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
+    store = AlertStore(paths.alerts_file)
+    record_findings(store, where, [Finding(f.tenant, f.workspace, where, f.line, f.rule,
+                                           f.severity, f.preview, f.fingerprint)
+                                   for f in findings])
 
 
 def run_post(event: dict[str, Any]) -> int:
