@@ -14,6 +14,7 @@ A call goes: who is calling → which credential → is the path sane → policy
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -262,7 +263,9 @@ class Engine:
     def health(self) -> dict[str, Any]:
         info: dict[str, Any] = {"ok": True, "version": __version__, "state": self.state,
                                 "locked": self.locked,
-                                "approver": bool(self.approvals.attached)}
+                                "approver": bool(self.approvals.attached),
+                                # Group commit counters: how many fsyncs the records cost.
+                                "audit": dataclasses.asdict(self.audit.stats)}
         if self.watcher is not None:
             info["watcher"] = self.watcher.health()
         return info
