@@ -1,0 +1,256 @@
+"""A real HTTP upstream on loopback for broker tests: it records and echoes.
+
+`Upstream()` listens on 127.0.0.1 in a thread (`with Upstream() as up:` or
+`up.start()` / `up.stop()`), records every request it receives (`up.records`) and
+answers according to the path (any prefix before these markers is ignored, so a
+credential's base_url may carry a path of its own):
+
+    .../echo/...            200 JSON: the credential it received, echoed in every
+                            encoding (plain, base64 standard and URL-safe at each
+                            byte alignment, base64("Bearer " + key), percent-encoded,
+                            JSON-escaped) in headers and body, plus the request's
+                            nonce (header X-Nonce or query nonce) and path
+    .../text/...            the same echoes as text/plain
+    .../binary/...          the key's bytes inside a body that is not UTF-8
+    .../compressed/...      the JSON echo, compressed with the first encoding of
+                            Accept-Encoding it knows (gzip, deflate, bzip2), or
+                            with ?force=<encoding> whatever was asked
+    .../redirect?to=URL     302 to URL (the key rides along in the query)
+    .../huge?n=N            N bytes of "x"
+    .../slow?s=S            answers after S seconds
+    .../hold                answers once `release()` is called
+    .../status/NNN          answers NNN with the JSON echo
+    .../models              an OpenAI models.list shaped answer
+    .../chat/completions    an OpenAI chat-completions shaped answer
+
+The credential is read from Authorization (Bearer or Basic), X-Api-Key, or the
+`key` query parameter. This module never imports the broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import gzip
+import json
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the upstream saw it."""
+
+    method: str
+    target: str  # path and query as sent
+    path: str
+    query: list[tuple[str, str]]
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    @property
+    def text(self) -> str:
+        """Everything received, as one string (for 'does it hold X' checks)."""
+        head = "\n".join(f"{k}: {v}" for k, v in self.headers)
+        return f"{self.method} {self.target}\n{head}\n\n{self.body.decode('utf-8', 'replace')}"
+
+
+def key_of(auth: str | None, api_key: str | None, query: list[tuple[str, str]]) -> str:
+    """The credential a request carried, however it was put on the wire."""
+    if auth and auth.startswith("Bearer "):
+        return auth[len("Bearer "):]
+    if auth and auth.startswith("Basic "):
+        raw = base64.b64decode(auth[len("Basic "):]).decode("utf-8", "replace")
+        return raw.partition(":")[2]
+    if api_key:
+        return api_key
+    return dict(query).get("key", "")
+
+
+def _lower_hex(text: str) -> str:
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), text)
+
+
+def echoes(key: str) -> dict[str, str]:
+    """The key in every encoding the broker must redact, by label."""
+    raw = key.encode("utf-8")
+    out = {"plain": key, "bearer": f"Bearer {key}",
+           "pct": quote(key, safe=""), "pct_plus": quote_plus(key, safe=""),
+           "pct_lower": _lower_hex(quote(key, safe="")), "pct_path": quote(key),
+           "json_escaped": json.dumps(key), "json_slashes": json.dumps(key).replace("/", "\\/"),
+           "b64_bearer": base64.b64encode(f"Bearer {key}".encode()).decode(),
+           "b64url_bearer": base64.urlsafe_b64encode(f"Bearer {key}".encode()).decode(),
+           "b64_basic": base64.b64encode(f"user:{key}".encode()).decode()}
+    for k in range(3):
+        pad = b"ab"[:k]
+        out[f"b64_{k}"] = base64.b64encode(pad + raw).decode()
+        out[f"b64url_{k}"] = base64.urlsafe_b64encode(pad + raw).decode()
+        out[f"b64_{k}_nopad"] = base64.b64encode(pad + raw).decode().rstrip("=")
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        rec = Received(self.command, self.path, parts.path, query,
+                       list(self.headers.items()), body)
+        self.server.owner._record(rec)
+        key = key_of(self.headers.get("Authorization"), self.headers.get("X-Api-Key"), query)
+        nonce = self.headers.get("X-Nonce") or dict(query).get("nonce", "")
+        path = parts.path
+        params = dict(query)
+        if "/hold" in path:
+            self.server.owner._hold.wait(60)
+        if path.endswith("/models"):
+            return self._json(200, {"object": "list", "data": [
+                {"id": "gpt-test", "object": "model", "created": 1, "owned_by": key}]})
+        if path.endswith("/chat/completions"):
+            return self._json(200, {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                "model": "gpt-test",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"echo {key}"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        if "/redirect" in path:
+            target = params.get("to", "http://127.0.0.1:9/")
+            return self._send(302, b"", [("Location", f"{target}?token={quote_plus(key)}")])
+        if "/huge" in path:
+            return self._send(200, b"x" * int(params.get("n", "1000")),
+                              [("Content-Type", "text/plain")])
+        if "/slow" in path:
+            time.sleep(float(params.get("s", "1")))
+        doc = {"path": path, "nonce": nonce, "method": self.command, "echo": echoes(key),
+               "body": body.decode("utf-8", "replace")}
+        status = 200
+        if "/status/" in path:
+            status = int(path.rsplit("/status/", 1)[1][:3])
+        if "/text" in path:
+            text = "\n".join(f"{k}={v}" for k, v in echoes(key).items()).encode()
+            return self._send(status, text, [("Content-Type", "text/plain; charset=utf-8"),
+                                             *self._echo_headers(key, nonce)])
+        if "/binary" in path:
+            blob = b"\xff\xfe\x00" + key.encode() + b"\x80" + base64.b64encode(key.encode())
+            return self._send(status, blob, [("Content-Type", "application/octet-stream"),
+                                             *self._echo_headers(key, nonce)])
+        if "/compressed" in path:
+            return self._compressed(json.dumps(doc).encode(), key, nonce, params.get("force"))
+        return self._json(status, doc, self._echo_headers(key, nonce))
+
+    def _echo_headers(self, key: str, nonce: str) -> list[tuple[str, str]]:
+        hdrs = [("X-Nonce", nonce)]
+        for label, value in echoes(key).items():
+            hdrs.append((f"X-Echo-{label.replace('_', '-')}", value))
+        hdrs.append(("Set-Cookie", f"session={quote(key, safe='')}"))
+        return hdrs
+
+    def _compressed(self, data: bytes, key: str, nonce: str, force: str | None) -> None:
+        accepted = [a.split(";")[0].strip() for a in
+                    (self.headers.get("Accept-Encoding") or "").split(",")]
+        if force:
+            accepted = [force]
+        coders = {"bzip2": bz2.compress, "gzip": gzip.compress, "deflate": zlib.compress}
+        for name in accepted:
+            if name in coders:
+                return self._send(200, coders[name](data), [
+                    ("Content-Type", "application/json"), ("Content-Encoding", name),
+                    *self._echo_headers(key, nonce)])
+        return self._send(200, data, [("Content-Type", "application/json")])
+
+    def _json(self, status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> None:
+        self._send(status, json.dumps(doc).encode(),
+                   [("Content-Type", "application/json"), *(headers or [])])
+
+    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+    owner: Upstream
+
+
+class Upstream:
+    """A recording, echoing HTTP server on loopback (an ephemeral port) in a thread."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._lock = threading.Lock()
+        self._records: list[Received] = []
+        self._hold = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Upstream:
+        self._server = _Server((self.host, 0), _Handler)
+        self._server.owner = self
+        # A short poll interval: shutdown() waits for the serving loop to notice.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
+                                        daemon=True, name="test-upstream")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._hold.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def records(self) -> list[Received]:
+        with self._lock:
+            return list(self._records)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def release(self) -> None:
+        """Let every request waiting on /hold answer (and those to come)."""
+        self._hold.set()
+
+    def _record(self, rec: Received) -> None:
+        with self._lock:
+            self._records.append(rec)
