@@ -114,6 +114,7 @@ class Engine:
         self._forwarder: Forwarder | None = None
         self._server: Any = None
         self.watcher: Any = None
+        self.transcripts: Any = None  # Claude Code transcript watcher (broker/transcripts.py)
         self.started = time.time()
 
     # -- events ---------------------------------------------------------------
@@ -160,6 +161,7 @@ class Engine:
             await self._server.start()
         if watch:
             await self._start_watcher()
+            await self._start_transcripts()
         self._set_state("locked" if self.locked else "listening")
 
     async def stop(self) -> None:
@@ -167,6 +169,8 @@ class Engine:
         self.approvals.deny_all("cancelled", "shutdown")
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.transcripts is not None:
+            await self.transcripts.stop()
         if self._server is not None:
             await self._server.stop()
             self._server = None
@@ -186,6 +190,20 @@ class Engine:
         self.watcher = Watcher(self._workspace_list(), self.managed_secrets, self.alerts,
                                max_file_bytes=self.config.broker.scan_max_file_bytes)
         await self.watcher.start()
+
+    # -- Claude Code transcripts (broker/transcripts.py) -----------------------------
+
+    async def _start_transcripts(self) -> None:
+        """Watch each workspace's Claude Code transcripts for leaked keys, into the alert store."""
+        from broker.alerts import AlertStore
+        from broker.transcripts import TranscriptWatcher
+
+        if getattr(self, "alerts", None) is None:
+            self.alerts = AlertStore(self.paths.alerts_file)
+            self.alerts.subscribe(self._publish)
+        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets,
+                                             self.alerts)
+        await self.transcripts.start()
 
     def _workspace_list(self) -> list[tuple[str, Path]]:
         return [(t.id, ws) for t in self.config.tenants.values() for ws in t.workspaces]
@@ -228,6 +246,8 @@ class Engine:
         self.secrets.forget()
         if self.watcher is not None:
             self.watcher.rearm(self._workspace_list())
+        if self.transcripts is not None:
+            self.transcripts.rearm(self._workspace_list())
         self._publish(ConfigReloaded(len(new.tenants)))
         return new
 
@@ -268,6 +288,8 @@ class Engine:
                                 "audit": dataclasses.asdict(self.audit.stats)}
         if self.watcher is not None:
             info["watcher"] = self.watcher.health()
+        if self.transcripts is not None:
+            info["transcripts"] = self.transcripts.health()
         return info
 
     def whoami(self, peer: Peer) -> dict[str, Any] | Refusal:

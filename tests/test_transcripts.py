@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from broker_fixtures import World
 
 from broker.alerts import AlertStore
 from broker.paths import Paths
@@ -22,6 +23,8 @@ from broker.transcripts import (
     transcript_dir,
     workspace_of_folder,
 )
+
+pytest_plugins = ("broker_fixtures",)
 
 ACME_KEY = "sk-acme-transcript-Zq9+Tr4Lw7Hq2Pk81"
 GLOBEX_KEY = "gx-globex-transcript+Key8Wm-Rt5Ns3"
@@ -207,3 +210,34 @@ async def test_watcher_in_a_subfolder_session(watching: tuple[TranscriptWatcher,
     (folder / "s.jsonl").write_text(line(f"{ACME_KEY}"))
     (alert,) = await wait_alerts(store, 1)
     assert alert.tenant == "acme"
+
+
+async def test_engine_watches_transcripts_of_mapped_workspaces(world: World, claude_home: Path) -> None:
+    """The broker itself (Engine, watch=True) raises the alert and publishes it to the dashboard."""
+    from broker.alerts import AlertOpened
+    from broker.engine import Engine
+
+    engine = Engine(world.paths)
+    events: list[object] = []
+    engine.subscribe(events.append)
+    await engine.start(serve=False, watch=True)
+    try:
+        assert engine.health()["transcripts"]["running"]
+        folder = transcript_dir(world.acme)
+        folder.mkdir(parents=True)
+        session = folder / "s.jsonl"
+        session.write_text(line("hi", cwd=world.acme))
+        await asyncio.sleep(0.3)
+        secret = world.keys[("globex", "api")]
+        with session.open("a") as f:
+            f.write(line(f"curl -H 'Authorization: Bearer {secret}'", cwd=world.acme))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not any(isinstance(e, AlertOpened) for e in events) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        (opened,) = [e for e in events if isinstance(e, AlertOpened)]
+        assert opened.alert.tenant == "acme"
+        assert opened.alert.rule == "cross-tenant:globex/api" and opened.alert.severity == "critical"
+        world.assert_clean(world.paths.alerts_file.read_text())
+    finally:
+        await engine.stop()
