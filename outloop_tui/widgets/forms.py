@@ -53,12 +53,20 @@ class FormScreen(ModalScreen[Added | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.TITLE_TEXT, id="dialog-title")
-            with VerticalScroll(id="fields"):
+            with VerticalScroll(id="fields", can_focus=False):
                 yield from self.fields()
             yield Static("", id="form-error")
             with Horizontal(classes="buttons"):
                 yield Button(self.SAVE_LABEL, id="save", variant="primary")
                 yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        # Start on the first field still to fill (the tenant is often chosen already).
+        for field in self.query(".field Select, .field Input"):
+            empty = field.value == "" if isinstance(field, Input) else field.is_blank()
+            if empty:
+                field.focus()
+                return
 
     def fields(self) -> ComposeResult:
         yield from ()

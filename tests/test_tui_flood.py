@@ -1,0 +1,53 @@
+"""Under a flood of audit events the dashboard keeps answering keys and keeps its line cap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import tui_sample
+from textual.widgets import Log
+
+from broker.events import AuditRecorded
+from outloop_tui.widgets.audit import LINE_CAP
+from outloop_tui.widgets.help import HelpScreen
+
+EVENTS = 20_000
+
+
+def record(i: int) -> dict[str, Any]:
+    return {"ts": "2026-01-01T12:00:00.000Z", "id": f"r{i}", "event": "attempt", "tenant": "acme",
+            "credential": "github", "method": "GET", "path": f"/repos/acme/web/pulls/{i}",
+            "decision": "allow", "approver": "policy"}
+
+
+async def test_flood_keeps_keys_answering_and_the_line_cap() -> None:
+    app = tui_sample.make_app(tui_sample.build())
+    async with app.run_test(size=(160, 48)) as pilot:
+        await tui_sample.ready(app, audit=False)
+
+        async def flood() -> None:
+            # As fast as the loop allows, in the engine's own delivery path (the subscriber).
+            for i in range(EVENTS):
+                app.bridge(AuditRecorded(record(i)))
+                if i % 500 == 499:
+                    await asyncio.sleep(0)
+
+        task = asyncio.create_task(flood())
+        latencies = []
+        while not task.done():
+            start = time.perf_counter()
+            await pilot.press("question_mark")
+            while not isinstance(app.screen, HelpScreen):
+                await asyncio.sleep(0.005)
+            latencies.append(time.perf_counter() - start)
+            await pilot.press("escape")
+            await pilot.press("tab")
+        await task
+        await pilot.pause(0.4)  # the last drain
+        log = app.screen.query_one("#audit-log", Log)
+        assert app.bridge.audit_seen == EVENTS
+        assert log.line_count <= LINE_CAP
+        assert log.lines[-1].endswith(f"/pulls/{EVENTS - 1}")
+        assert latencies and max(latencies) < 1.0, latencies
