@@ -14,6 +14,7 @@ import base64
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import socket
@@ -30,6 +31,8 @@ from broker.paths import ensure_private_dir
 
 if TYPE_CHECKING:
     from broker.engine import Answer, CallRequest, Engine, Refusal
+
+log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024
 READ_CHUNK = 64 * 1024
@@ -140,7 +143,15 @@ class _Connection:
                 return
             if request is None:
                 return
-            status, headers, payload = await self._dispatch(request, body)
+            try:
+                status, headers, payload = await self._dispatch(request, body)
+            except Exception as e:  # a bug must still answer the agent, and never leak detail
+                log.error("internal error handling a call: %s", type(e).__name__, exc_info=True)
+                status, headers = 500, [("Content-Type", "application/json"),
+                                        ("X-Outloop-Error", "internal_error")]
+                payload = _json({"error": {"code": "internal_error", "audit_id": None,
+                                           "message": "the broker failed on this call; "
+                                           "see its log (OUTLOOP_DEBUG=1)"}})
             await self._send(status, headers, payload)
             if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
                 return
