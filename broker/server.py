@@ -146,7 +146,8 @@ class _Connection:
             try:
                 status, headers, payload = await self._dispatch(request, body)
             except Exception as e:  # a bug must still answer the agent, and never leak detail
-                log.error("internal error handling a call: %s", type(e).__name__, exc_info=True)
+                log.error("internal error handling a call: %s", type(e).__name__,
+                          exc_info=os.environ.get("OUTLOOP_DEBUG") == "1")
                 status, headers = 500, [("Content-Type", "application/json"),
                                         ("X-Outloop-Error", "internal_error")]
                 payload = _json({"error": {"code": "internal_error", "audit_id": None,
