@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -114,6 +115,7 @@ class Engine:
         self._forwarder: Forwarder | None = None
         self._server: Any = None
         self.watcher: Any = None
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.transcripts: Any = None  # Claude Code transcript watcher (broker/transcripts.py)
         self.started = time.time()
 
@@ -205,6 +207,14 @@ class Engine:
                                              self.alerts)
         await self.transcripts.start()
 
+    def _background(self, result: object) -> None:
+        """Run a watcher's rearm (a coroutine for the leak watcher) without blocking a call."""
+        if not inspect.isawaitable(result):
+            return
+        task = asyncio.ensure_future(result)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _workspace_list(self) -> list[tuple[str, Path]]:
         return [(t.id, ws) for t in self.config.tenants.values() for ws in t.workspaces]
 
@@ -244,10 +254,9 @@ class Engine:
         self._config = new
         self._redactor = None
         self.secrets.forget()
-        if self.watcher is not None:
-            self.watcher.rearm(self._workspace_list())
-        if self.transcripts is not None:
-            self.transcripts.rearm(self._workspace_list())
+        for watcher in (self.watcher, self.transcripts):
+            if watcher is not None:
+                self._background(watcher.rearm(self._workspace_list()))
         self._publish(ConfigReloaded(len(new.tenants)))
         return new
 
