@@ -833,8 +833,8 @@ for _rid, _desc, _kind, _kw, _sample_kind in (
        fp=[f"-----BEGIN {_sample_kind}-----\n...\n-----END {_sample_kind}-----"],
        entropy=4.0)
 _r("putty-private-key", "PuTTY private key file", "critical", ["putty-user-key-file-"],
-   r"(PuTTY-User-Key-File-\d: [^\n]*\n(?:[^\n]*\n){2,40}?Private-Lines: \d+\r?\n"
-   r"(?:[A-Za-z0-9+/=]+\r?\n)+)",
+   r"(PuTTY-User-Key-File-\d: .*?(?:\n|\\n)(?:.*?(?:\n|\\n)){2,40}?[ \t]*Private-Lines: \d+"
+   r"(?:\r?\n|\\r?\\n)(?:[ \t]*[A-Za-z0-9+/=]+(?:\r?\n|\\r?\\n))+)",
    tp=["PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: deploy\n"
        "Public-Lines: 2\n" + fake(B64, 64) + "\n" + fake(B64, 20) + "\nPrivate-Lines: 1\n"
        + fake(B64, 44) + "\n"],
@@ -844,7 +844,14 @@ _DB_SCHEMES = ("postgres", "postgresql", "mysql", "mariadb", "mongodb", "redis",
                "amqp", "amqps", "mssql", "sqlserver", "cockroachdb", "clickhouse")
 
 
+_DB_SCHEME_BEFORE = re.compile(
+    r"(?i)(?<![A-Za-z0-9])(?:" + "|".join(_DB_SCHEMES) + r")(?:\+[a-z0-9]+)?\Z")
+
+
 def _db_password_is_real(m: re.Match[str]) -> bool:
+    # The regex starts at "://" (a fast literal search); the scheme is checked here.
+    if not _DB_SCHEME_BEFORE.search(m.string, max(0, m.start() - 24), m.start()):
+        return False
     # "postgres://postgres:postgres@db" is the docker-compose default, not a leak.
     user, password = m.group("user"), m.group("secret")
     return password.lower() != user.lower() and len(password) >= 6
@@ -853,14 +860,14 @@ def _db_password_is_real(m: re.Match[str]) -> bool:
 _r("database-url-password", "Database / broker URL with an embedded password", "high",
    ["postgres", "mysql", "mariadb", "mongodb", "redis", "amqp", "mssql", "sqlserver",
     "cockroach", "clickhouse"],
-   r"(?i)(?<![A-Za-z0-9])(?:" + "|".join(_DB_SCHEMES) + r")(?:\+[a-z0-9]+)?://"
-   r"(?P<user>[^\s:/@\"'<>]*):(?-i:(?P<secret>[^\s@/\"'<>]{4,}))@[^\s/\"'<>:]+",
+   r"://(?P<user>[^\s:/@\"'<>]*):(?P<secret>[^\s@/\"'<>]{4,})@[^\s/\"'<>:]+",
    tp=[f"DATABASE_URL=postgres://app:{fake(A62, 20)}@db.internal:5432/app",
        f"mongodb+srv://admin:{fake(A62, 16)}@cluster0.abcde.mongodb.net/prod",
        f"redis://:{fake(A62, 24)}@cache:6379/0"],
    fp=["postgres://user:password@localhost/db", "postgres://postgres:postgres@db/app",
        "mysql://root:${MYSQL_PASSWORD}@db/app", "redis://localhost:6379/0",
-       "postgresql://app:<password>@host/db"],
+       "postgresql://app:<password>@host/db",
+       f"https://user:{fake(A62, 20)}@example.com/ (not a database)"],
    entropy=2.5, validate=_db_password_is_real)
 _r("jwt", "JSON Web Token", "medium", ["eyj"],
    r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{20,}",
@@ -914,6 +921,7 @@ def _index(rules: Sequence[Rule]) -> tuple[re.Pattern[str], dict[str, tuple[int,
 
 
 _TRIE, _RULES_FOR_KEYWORD = _index(RULES)
+_ORDER = {r.id: i for i, r in enumerate(RULES)}
 
 
 def _candidate_rules(lowered: str) -> list[Rule]:
@@ -955,11 +963,12 @@ def _rule_matches(text: str, rules: Iterable[Rule]) -> Iterator[tuple[Rule, int,
                 yield rule, start, end
 
 
-def _select(found: Iterable[tuple[Rule, int, int]]) -> list[tuple[Rule, int, int]]:
+def _select(found: list[tuple[Rule, int, int]]) -> list[tuple[Rule, int, int]]:
     """Keep one finding per stretch of text: where spans overlap, the rule declared
     first (the more specific one) wins."""
-    order = {r.id: i for i, r in enumerate(RULES)}
-    ranked = sorted(found, key=lambda f: (order.get(f[0].id, len(order)), f[1]))
+    if not found:
+        return []
+    ranked = sorted(found, key=lambda f: (_ORDER.get(f[0].id, len(_ORDER)), f[1]))
     kept: list[tuple[Rule, int, int]] = []
     for rule, start, end in ranked:
         if all(end <= s or start >= e for _, s, e in kept):
@@ -984,7 +993,7 @@ def iter_provider_key_spans(text: str) -> Iterator[tuple[int, int, str]]:
     Meant for redaction: the spans do not overlap and come in text order.
     """
     rules = [r for r in _candidate_rules(text.lower()) if r.confident]
-    for rule, start, end in _select(_rule_matches(text, rules)):
+    for rule, start, end in _select(list(_rule_matches(text, rules))):
         yield start, end, rule.id
 
 
