@@ -254,6 +254,9 @@ class Engine:
         self._config = new
         self._redactor = None
         self.secrets.forget()
+        if self._forwarder is not None:  # [broker] limits apply from the next call
+            self._forwarder.timeout = new.broker.upstream_timeout
+            self._forwarder.max_response_bytes = new.broker.max_response_bytes
         for watcher in (self.watcher, self.transcripts):
             if watcher is not None:
                 self._background(watcher.rearm(self._workspace_list()))

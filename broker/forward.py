@@ -190,6 +190,7 @@ class Forwarder:
             params=httpx.QueryParams(outgoing_query(query, credential, secret)),
             headers=outgoing_headers(headers, credential, secret),
             content=body if body else None,
+            timeout=httpx.Timeout(self.timeout),  # per call: a config reload may change it
         )
         start = time.perf_counter()
         try:
