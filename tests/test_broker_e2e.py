@@ -147,6 +147,20 @@ def test_a_redirect_to_another_host_goes_back_to_the_agent(world: World, broker:
     assert world.other_host.records == []
 
 
+def test_huge_and_slow_upstreams_are_upstream_errors_with_live_limits(world: World, broker: BrokerThread) -> None:
+    (fine,) = world.agent(world.acme, [req("api", "GET", "/huge", query={"n": "20000"})])
+    assert envelope(fine)["status"] == 200
+    world.configure(max_response_bytes=10000, upstream_timeout=0.3)  # while the broker runs
+    huge, slow = world.agent(world.acme, [req("api", "GET", "/huge", query={"n": "20000"}),
+                                          req("api", "GET", "/slow", query={"s": "3"})])
+    assert (huge["status"], error_of(huge)["code"]) == (502, "upstream_error")
+    assert (slow["status"], error_of(slow)["code"]) == (504, "upstream_error")
+    outcomes = [r for r in world.audit() if r.get("event") == "outcome"]
+    assert [r["status"] for r in outcomes[-2:]] == ["upstream_error", "upstream_error"]
+    ran = world.outloop("call", "api", "GET", "/slow", "-q", "s=3", cwd=world.acme)
+    assert ran.returncode == 2 and "upstream_error" in ran.stderr
+
+
 # -- refusals: right code, audited, never upstream ----------------------------------------
 
 RAW_MALFORMED = [
