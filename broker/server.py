@@ -204,10 +204,11 @@ class _Connection:
 
     async def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
                     close: bool = False) -> None:
-        hdrs = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
-        hdrs.append(("Content-Length", str(len(body))))
+        hdrs = [(k.encode("ascii"), _header_bytes(v)) for k, v in headers
+                if k.lower() not in ("content-length", "connection")]
+        hdrs.append((b"Content-Length", str(len(body)).encode("ascii")))
         if close:
-            hdrs.append(("Connection", "close"))
+            hdrs.append((b"Connection", b"close"))
         out = self.conn.send(h11.Response(status_code=status, headers=hdrs))
         out += self.conn.send(h11.Data(data=body)) if body else b""
         out += self.conn.send(h11.EndOfMessage())
@@ -253,6 +254,18 @@ class _Connection:
                        ) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)
         return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
+
+
+def _header_bytes(value: str) -> bytes:
+    """An upstream header value back to bytes: h11 only encodes ASCII str itself.
+
+    httpx decodes header bytes as ASCII, else UTF-8, else latin-1; latin-1 gives back
+    the bytes of the last, and anything it cannot encode came from UTF-8.
+    """
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
 
 
 def _json(value: Any) -> bytes:
