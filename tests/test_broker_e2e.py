@@ -87,7 +87,10 @@ def test_each_tenant_gets_its_own_credential_and_sees_no_secret(world: World, br
         assert json.loads(envelope(results[3])["body"]["body"]) == {"hello": "world"}
         proxied = results[4]
         assert "plain=[REDACTED:api]" in proxied["body"]
-        assert ("X-Outloop-Audit-Id" in dict(proxied["headers"]))
+        assert "X-Outloop-Audit-Id" in dict(proxied["headers"])
+        # A header value outside ASCII passes through as the upstream sent it.
+        assert dict((k.lower(), v) for k, v in proxied["headers"])["x-filename"] == "caf\u00e9.txt"
+        assert doc["headers"]["x-filename"] == "caf\u00e9.txt"
 
 
 def test_every_auth_kind_is_injected_and_redacted(world: World, broker: BrokerThread) -> None:

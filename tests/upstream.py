@@ -162,6 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         for label, value in echoes(key).items():
             hdrs.append((f"X-Echo-{label.replace('_', '-')}", value))
         hdrs.append(("Set-Cookie", f"session={quote(key, safe='')}"))
+        hdrs.append(("X-Filename", "caf\u00e9.txt"))  # a header value outside ASCII (latin-1)
         return hdrs
 
     def _compressed(self, data: bytes, key: str, nonce: str, force: str | None) -> None:
