@@ -293,7 +293,7 @@ class TranscriptWatcher:
         watcher = TranscriptWatcher(workspaces, engine.managed_secrets, alert_store)
         await watcher.start()
         ...
-        watcher.rearm(new_workspaces)
+        await watcher.rearm(new_workspaces)
         await watcher.stop()
 
     Findings open alerts on the event loop (so the store's subscribers, the
@@ -333,7 +333,9 @@ class TranscriptWatcher:
                 pass
             self._task = None
 
-    def rearm(self, workspaces: Iterable[tuple[str, Path]]) -> None:
+    async def rearm(self, workspaces: Iterable[tuple[str, Path]]) -> None:
+        """Follow a new set of workspaces (same shape as LeakWatcher.rearm); the managed
+        secrets are read again on the next scan."""
         self.scanner.rearm(workspaces)
 
     def health(self) -> dict[str, object]:

@@ -241,3 +241,21 @@ async def test_engine_watches_transcripts_of_mapped_workspaces(world: World, cla
         world.assert_clean(world.paths.alerts_file.read_text())
     finally:
         await engine.stop()
+
+
+async def test_rearm_follows_a_new_workspace(watching: tuple[TranscriptWatcher, AlertStore],
+                                             claude_home: Path, tmp_path: Path,
+                                             folders: dict[str, Path]) -> None:
+    watcher, store = watching
+    newcomer = (tmp_path / "clients" / "initech").resolve()
+    newcomer.mkdir()
+    folder = transcript_dir(newcomer)
+    folder.mkdir(parents=True)
+    (folder / "s.jsonl").write_text(line(f"{ACME_KEY}"))
+    await asyncio.sleep(0.3)
+    assert not store.alerts(("open",))  # not mapped yet
+    await watcher.rearm([*workspaces(folders), ("initech", newcomer)])
+    with (folder / "s.jsonl").open("a") as f:
+        f.write(line(f"again {ACME_KEY}"))
+    (alert,) = await wait_alerts(store, 1)
+    assert alert.tenant == "initech" and alert.rule == "cross-tenant:acme/api"
