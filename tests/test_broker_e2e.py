@@ -38,12 +38,12 @@ def req(credential: str, method: str, path: str, **extra: Any) -> dict[str, Any]
 
 def envelope(result: dict[str, Any]) -> dict[str, Any]:
     assert result["status"] == 200, result["body"][:300]
-    doc: dict[str, Any] = json.loads(result["body"])
+    doc: dict[str, Any] = json.loads(result["body"].encode("latin-1"))  # the agent read bytes as latin-1
     return doc
 
 
 def error_of(result: dict[str, Any]) -> dict[str, Any]:
-    doc = json.loads(result["body"])
+    doc = json.loads(result["body"].encode("latin-1"))
     error: dict[str, Any] = doc["error"]
     return error
 
