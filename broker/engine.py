@@ -37,6 +37,7 @@ from broker.events import (
 )
 from broker.forward import Forwarder, UpstreamError
 from broker.identity import Caller, IdentityError, Peer, identify
+from broker.leakrules import iter_provider_key_spans
 from broker.paths import Paths, ensure_private_dir
 from broker.policy import Decision, PathRejected, decide, normalize_path
 from broker.redact import Redactor
@@ -182,15 +183,13 @@ class Engine:
         self._set_state("stopped")
 
     async def _start_watcher(self) -> None:
-        try:
-            from broker.alerts import AlertStore
-            from broker.watcher import Watcher
-        except ImportError:  # the leak watcher is optional while it is being built
-            return
+        from broker.alerts import AlertStore
+        from broker.watcher import LeakWatcher
+
         self.alerts = AlertStore(self.paths.alerts_file)
         self.alerts.subscribe(self._publish)
-        self.watcher = Watcher(self._workspace_list(), self.managed_secrets, self.alerts,
-                               max_file_bytes=self.config.broker.scan_max_file_bytes)
+        self.watcher = LeakWatcher(self._workspace_list(), self.managed_secrets, self.alerts,
+                                   max_bytes=self.config.broker.scan_max_file_bytes)
         await self.watcher.start()
 
     # -- Claude Code transcripts (broker/transcripts.py) -----------------------------
@@ -299,7 +298,7 @@ class Engine:
                                 # Group commit counters: how many fsyncs the records cost.
                                 "audit": dataclasses.asdict(self.audit.stats)}
         if self.watcher is not None:
-            info["watcher"] = self.watcher.health()
+            info["watcher"] = dataclasses.asdict(self.watcher.health())
         if self.transcripts is not None:
             info["transcripts"] = self.transcripts.health()
         return info
@@ -323,11 +322,7 @@ class Engine:
         if self._redactor is None:
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
             secrets = [(cred, value) for (_t, cred), value in self.managed_secrets().items()]
-            try:
-                from broker.leakrules import provider_key_spans as extra
-            except ImportError:
-                extra = None
-            self._redactor = Redactor(secrets, extra)
+            self._redactor = Redactor(secrets, iter_provider_key_spans)
         return self._redactor
 
     async def refuse(self, peer: Peer | None, code: str, message: str, *,

@@ -77,11 +77,13 @@ def outgoing_headers(client_headers: dict[str, str], credential: Credential,
 
 
 def outgoing_query(query: list[tuple[str, str]], credential: Credential,
-                   secret: Secret) -> list[tuple[str, str]]:
-    if credential.auth.kind != "query":
-        return query
-    name = credential.auth.arg
-    return [(k, v) for k, v in query if k != name] + [(name, secret.reveal())]
+                   secret: Secret) -> list[tuple[str, str | int | float | bool | None]]:
+    out: list[tuple[str, str | int | float | bool | None]] = []
+    name = credential.auth.arg if credential.auth.kind == "query" else None
+    out.extend((k, v) for k, v in query if k != name)
+    if name is not None:
+        out.append((name, secret.reveal()))
+    return out
 
 
 class _Stream(httpcore2.AsyncNetworkStream):

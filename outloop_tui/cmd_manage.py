@@ -220,8 +220,10 @@ def doctor(args: argparse.Namespace) -> int:
                        f"{' (locked)' if h.get('locked') else ''}")
             watcher = h.get("watcher")
             if isinstance(watcher, dict):
-                ok = bool(watcher.get("running")) and not watcher.get("error")
-                detail = watcher.get("error") or f"{watcher.get('files_scanned', 0)} files scanned"
+                ok = bool(watcher.get("running")) and not watcher.get("last_error")
+                detail = watcher.get("last_error") or f"{watcher.get('files_scanned', 0)} files scanned"
+                if watcher.get("missing"):
+                    detail += f"; missing folders: {', '.join(watcher['missing'])}"
                 line(ok, f"watcher: {'running' if watcher.get('running') else 'stopped'} — {detail}")
     if os.environ.get("OUTLOOP_HOME"):
         line(None, f"OUTLOOP_HOME={paths.home}")
