@@ -45,6 +45,8 @@ from broker.secrets import SecretStore, SecretStoreError
 
 Subscriber = Callable[[object], None]
 
+CONFIG_POLL_SECONDS = 1.0
+
 # HTTP status of each refusal code.
 REFUSAL_STATUS = {
     "unmapped_workspace": 403,
@@ -112,6 +114,7 @@ class Engine:
         self.locked = False
         self._config: Config | None = None
         self._config_stamp: tuple[int, int, int] | None = None
+        self._config_poll: asyncio.Task[None] | None = None
         self._redactor: Redactor | None = None
         self._forwarder: Forwarder | None = None
         self._server: Any = None
@@ -165,11 +168,22 @@ class Engine:
         if watch:
             await self._start_watcher()
             await self._start_transcripts()
+        # Calls refresh the config themselves; this picks up edits (a workspace added in
+        # another terminal) while no call comes, so the watchers are re-armed promptly.
+        self._config_poll = asyncio.create_task(self._poll_config(), name="outloop-config")
         self._set_state("locked" if self.locked else "listening")
+
+    async def _poll_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            self.refresh_config()
 
     async def stop(self) -> None:
         """Refuse pending approvals, stop serving, close the audit log."""
         self.approvals.deny_all("cancelled", "shutdown")
+        if self._config_poll is not None:
+            self._config_poll.cancel()
+            self._config_poll = None
         if self.watcher is not None:
             await self.watcher.stop()
         if self.transcripts is not None:

@@ -23,6 +23,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
+# Shared broker fixtures (two tenants, a real upstream, a running engine), assertion-rewritten.
+pytest_plugins = ("broker_fixtures",)
+
 _session: dict[str, object] = {}
 
 
