@@ -69,7 +69,7 @@ def run_detect_secrets(corpus: Corpus, procs: int) -> tuple[Hits, float]:
     elapsed = time.perf_counter() - t0
     hits: Hits = defaultdict(set)
     for filename, secret in secrets:
-        hits[Path(filename)].add(secret.line_number)
+        hits[Path(os.path.abspath(filename))].add(secret.line_number)
     return hits, elapsed
 
 
