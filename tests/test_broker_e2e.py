@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-pytest.register_assert_rewrite("broker_fixtures", "upstream")
+if "broker_fixtures" not in sys.modules:  # its asserts read better rewritten
+    pytest.register_assert_rewrite("broker_fixtures")
 
 from broker_fixtures import OUTLOOP, BrokerThread, World, wait_for  # noqa: E402
 
