@@ -81,7 +81,6 @@ def _start_file_keyring(root: Path) -> str:
         p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p
     )
     import keyring
-
     from isolated_keyring import IsolatedKeyring
 
     keyring.set_keyring(IsolatedKeyring())
