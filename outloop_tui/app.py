@@ -23,7 +23,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Tree
+from textual.widgets import DataTable, Footer
 from textual.worker import Worker, WorkerState
 
 from broker.engine import Engine
@@ -47,8 +47,8 @@ from outloop_tui.widgets.audit import LINE_CAP, AuditPane
 from outloop_tui.widgets.confirm import ConfirmScreen
 from outloop_tui.widgets.first_run import FirstRunScreen
 from outloop_tui.widgets.forms import (
-    Added,
     AddCredentialScreen,
+    Added,
     AddTenantScreen,
     AddWorkspaceScreen,
 )
@@ -65,27 +65,45 @@ class DashboardScreen(Screen[None]):
     """The four panes, the status line and the keys that act on them."""
 
     BINDINGS = [
-        Binding("y", "answer('approved')", "Approve", id="approve",
-                tooltip="approve the highlighted (or oldest) pending call once"),
-        Binding("n", "answer('denied')", "Deny", id="deny",
-                tooltip="refuse the highlighted (or oldest) pending call"),
-        Binding("a", "answer('always')", "Always", id="always",
-                tooltip="approve, and let the same credential + method + rule through until it expires"),
+        Binding(
+            "y",
+            "answer('approved')",
+            "Approve",
+            id="approve",
+            tooltip="approve the highlighted (or oldest) pending call once",
+        ),
+        Binding("n", "answer('denied')", "Deny", id="deny", tooltip="refuse the highlighted (or oldest) pending call"),
+        Binding(
+            "a",
+            "answer('always')",
+            "Always",
+            id="always",
+            tooltip="approve, and let the same credential + method + rule through until it expires",
+        ),
         Binding("tab", "app.focus_next", "Next pane", id="next-pane", show=False),
         Binding("shift+tab", "app.focus_previous", "Previous pane", id="previous-pane", show=False),
-        Binding("slash", "filter", "Filter", id="filter",
-                tooltip="filter the audit stream by tenant, outcome and text"),
+        Binding(
+            "slash", "filter", "Filter", id="filter", tooltip="filter the audit stream by tenant, outcome and text"
+        ),
         Binding("t", "add_tenant", "Tenant+", id="add-tenant", tooltip="add a tenant (a client)"),
-        Binding("w", "add_workspace", "Workspace+", id="add-workspace",
-                tooltip="map a workspace folder to a tenant"),
-        Binding("c", "add_credential", "Credential+", id="add-credential",
-                tooltip="add a credential; the secret goes straight to the keyring"),
+        Binding("w", "add_workspace", "Workspace+", id="add-workspace", tooltip="map a workspace folder to a tenant"),
+        Binding(
+            "c",
+            "add_credential",
+            "Credential+",
+            id="add-credential",
+            tooltip="add a credential; the secret goes straight to the keyring",
+        ),
         Binding("r", "rescan", "Rescan", id="rescan", tooltip="rescan every workspace for leaked keys"),
-        Binding("l", "toggle_lock", "Lock", id="lock",
-                tooltip="lock: refuse every call (and everything pending) until unlocked"),
+        Binding(
+            "l",
+            "toggle_lock",
+            "Lock",
+            id="lock",
+            tooltip="lock: refuse every call (and everything pending) until unlocked",
+        ),
         Binding("question_mark", "help", "Help", id="help", tooltip="show every key"),
-        Binding("q", "app.quit", "Quit", id="quit",
-                tooltip="quit; pending calls are refused (asks first)"),
+        Binding("q", "app.quit", "Quit", id="quit", tooltip="quit; pending calls are refused (asks first)"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -113,6 +131,8 @@ class DashboardScreen(Screen[None]):
     def on_mount(self) -> None:
         self.dashboard_app.show_banners()
         self.query_one("#approvals-table", DataTable).focus()
+        # The engine starts once the panes exist, so its first events always have a home.
+        self.dashboard_app.start_broker()
 
     # -- approvals --------------------------------------------------------------
 
@@ -130,11 +150,14 @@ class DashboardScreen(Screen[None]):
             what = f"{approval.method} {approval.path} ({approval.tenant}/{approval.credential})"
             if decision == "always":
                 ttl = duration(self.engine.config.broker.always_ttl)
-                self.notify(f"{what} and the same rule for the next {ttl}.",
-                            title="Always allowed", timeout=4)
+                self.notify(f"{what} and the same rule for the next {ttl}.", title="Always allowed", timeout=4)
             else:
-                self.notify(what, title=DECISION_WORDS[decision], timeout=3,
-                            severity="information" if decision != "denied" else "warning")
+                self.notify(
+                    what,
+                    title=DECISION_WORDS[decision],
+                    timeout=3,
+                    severity="information" if decision != "denied" else "warning",
+                )
         self.refresh_view()
 
     # -- panes ------------------------------------------------------------------
@@ -180,29 +203,27 @@ class DashboardScreen(Screen[None]):
             self.notify("Add a tenant first (t).", severity="warning")
             return
         tenant = tenant or self.query_one(TenantsTree).selected_tenant()
-        self.app.push_screen(AddWorkspaceScreen(self.engine.paths, self._tenants(), tenant),
-                             self._added)
+        self.app.push_screen(AddWorkspaceScreen(self.engine.paths, self._tenants(), tenant), self._added)
 
     def action_add_credential(self) -> None:
         if not self._tenants():
             self.notify("Add a tenant first (t).", severity="warning")
             return
         tenant = self.query_one(TenantsTree).selected_tenant()
-        self.app.push_screen(AddCredentialScreen(self.engine.paths, self._tenants(), tenant,
-                                                 self.engine.secrets), self._added)
+        self.app.push_screen(
+            AddCredentialScreen(self.engine.paths, self._tenants(), tenant, self.engine.secrets), self._added
+        )
 
     def _added(self, added: Added | None) -> None:
         if added is None:
             return
         self.engine.refresh_config()
         if added.kind == "tenant":
-            self.notify("Now map a folder to it (w) and add a credential (c).",
-                        title=f"Tenant {added.tenant} added")
+            self.notify("Now map a folder to it (w) and add a credential (c).", title=f"Tenant {added.tenant} added")
         elif added.kind == "workspace":
             self.notify(added.name, title=f"Workspace mapped to {added.tenant}")
         else:
-            self.notify(f"{added.tenant}/{added.name}: the secret is in the keyring.",
-                        title="Credential added")
+            self.notify(f"{added.tenant}/{added.name}: the secret is in the keyring.", title="Credential added")
         self.refresh_view()
 
     # -- broker -----------------------------------------------------------------
@@ -217,8 +238,9 @@ class DashboardScreen(Screen[None]):
             self.notify("Calls are served again.", title="Unlocked")
         else:
             engine.lock()
-            self.notify("Every call is refused until you press l again; grants revoked.",
-                        title="Locked", severity="warning")
+            self.notify(
+                "Every call is refused until you press l again; grants revoked.", title="Locked", severity="warning"
+            )
         self.refresh_view()
 
     # -- engine messages ----------------------------------------------------------
@@ -226,23 +248,32 @@ class DashboardScreen(Screen[None]):
     def on_approval_asked(self, message: ApprovalAsked) -> None:
         a = message.approval
         self.app.bell()
-        self.notify(f"{a.tenant}/{a.credential}: {a.method} {a.path}"
-                    + (f'\n"{a.reason}"' if a.reason else "") + "\ny approve · n deny · a always",
-                    title="Approval needed", severity="warning", timeout=8)
+        self.notify(
+            f"{a.tenant}/{a.credential}: {a.method} {a.path}"
+            + (f'\n"{a.reason}"' if a.reason else "")
+            + "\ny approve · n deny · a always",
+            title="Approval needed",
+            severity="warning",
+            timeout=8,
+        )
         self.refresh_view()
 
     def on_approval_done(self, message: ApprovalDone) -> None:
         if message.decision == "timeout":
             a = message.approval
-            self.notify(f"{a.method} {a.path} ({a.tenant}) was refused: nobody answered in time.",
-                        title="Approval timed out", severity="warning")
+            self.notify(
+                f"{a.method} {a.path} ({a.tenant}) was refused: nobody answered in time.",
+                title="Approval timed out",
+                severity="warning",
+            )
         self.refresh_view()
 
     def on_call_refused(self, message: CallRefused) -> None:
         if message.code == "wrong_tenant":
             self.app.bell()
-            self.notify(f"{message.message}", title=f"Wrong tenant ({message.tenant or '?'})",
-                        severity="error", timeout=8)
+            self.notify(
+                f"{message.message}", title=f"Wrong tenant ({message.tenant or '?'})", severity="error", timeout=8
+            )
 
     def on_broker_state(self, message: BrokerState) -> None:
         app = self.dashboard_app
@@ -256,8 +287,9 @@ class DashboardScreen(Screen[None]):
 
     def on_config_invalid(self, message: ConfigInvalid) -> None:
         self.dashboard_app.set_banner(
-            "config", f"config.toml was changed but is not valid; the last good config stays "
-            f"in force. {message.message}")
+            "config",
+            f"config.toml was changed but is not valid; the last good config stays in force. {message.message}",
+        )
 
     def on_alerts_changed(self, message: AlertsChanged) -> None:
         if message.raised is not None:
@@ -265,10 +297,12 @@ class DashboardScreen(Screen[None]):
 
             v = AlertView.of(message.raised)
             self.app.bell()
-            self.notify(f"{v.tenant}: {v.where} ({v.rule}) {v.preview}",
-                        title=f"Leak alert: {v.severity}",
-                        severity="error" if v.severity in ("critical", "high") else "warning",
-                        timeout=8)
+            self.notify(
+                f"{v.tenant}: {v.where} ({v.rule}) {v.preview}",
+                title=f"Leak alert: {v.severity}",
+                severity="error" if v.severity in ("critical", "high") else "warning",
+                timeout=8,
+            )
         self.refresh_view()
 
     # -- view ---------------------------------------------------------------------
@@ -279,20 +313,19 @@ class DashboardScreen(Screen[None]):
         engine = self.engine
         now = app.clock()
         pending = engine.pending()
-        grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now)
-                  for g in engine.approvals.grants()]
+        grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now) for g in engine.approvals.grants()]
         self.query_one(ApprovalsPane).sync(pending, grants)
         alerts = app.open_alerts()
         self.query_one(AlertsPane).sync(alerts, app.watcher_note())
         if app.started:
             config = engine.config
-            counts = Counter(str(getattr(a, "tenant", None) or (a.get("tenant") if isinstance(a, dict) else ""))
-                             for a in alerts)
+            counts = Counter(
+                str(getattr(a, "tenant", None) or (a.get("tenant") if isinstance(a, dict) else "")) for a in alerts
+            )
             self.query_one(TenantsTree).show(config, counts)
         self.update_status(pending, alerts)
 
-    def update_status(self, pending: list[PendingApproval] | None = None,
-                      alerts: list[Any] | None = None) -> None:
+    def update_status(self, pending: list[PendingApproval] | None = None, alerts: list[Any] | None = None) -> None:
         app = self.dashboard_app
         engine = self.engine
         if pending is None:
@@ -306,9 +339,18 @@ class DashboardScreen(Screen[None]):
             workspaces = sum(len(t.workspaces) for t in config.tenants.values())
             credentials = sum(len(t.credentials) for t in config.tenants.values())
         state = app.broker_state()
-        self.query_one(StatusHeader).show(Status(
-            state, str(engine.paths.socket), tenants, workspaces, credentials, len(pending),
-            len(alerts), app.bridge.audit_seen))
+        self.query_one(StatusHeader).show(
+            Status(
+                state,
+                str(engine.paths.socket),
+                tenants,
+                workspaces,
+                credentials,
+                len(pending),
+                len(alerts),
+                app.bridge.audit_seen,
+            )
+        )
         self.set_class(state == "locked", "-locked")
 
     def drain_audit(self) -> None:
@@ -325,14 +367,28 @@ class OutloopApp(App[int]):
     TITLE = "Outloop"
     COMMANDS = App.COMMANDS | {OutloopCommands}
     BINDINGS = [
-        Binding("ctrl+q", "quit", "Quit", id="app-quit", show=False, priority=True,
-                tooltip="quit; pending calls are refused (asks first)"),
+        Binding(
+            "ctrl+q",
+            "quit",
+            "Quit",
+            id="app-quit",
+            show=False,
+            priority=True,
+            tooltip="quit; pending calls are refused (asks first)",
+        ),
     ]
 
-    def __init__(self, engine: Engine, *, watch: bool = True, serve: bool = True,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, line_cap: int = LINE_CAP,
-                 tick: float = TICK_SECONDS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        watch: bool = True,
+        serve: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        line_cap: int = LINE_CAP,
+        tick: float = TICK_SECONDS,
+    ) -> None:
         super().__init__()
         self.engine = engine
         self.watch = watch
@@ -368,11 +424,11 @@ class OutloopApp(App[int]):
         self.engine.attach_approver()
         info = backend_info(self.engine.secrets.backend)
         if not info.usable:
-            self.set_banner("keyring", f"No usable keyring ({info.name}): credentials cannot be "
-                            f"stored or used. {info.advice}")
+            self.set_banner(
+                "keyring", f"No usable keyring ({info.name}): credentials cannot be stored or used. {info.advice}"
+            )
         self.set_interval(AUDIT_DRAIN_SECONDS, self._drain_audit, name="audit-drain")
         self.set_interval(self.tick, self._tick, name="tick")
-        self.start_broker()
 
     @work(group="broker", exclusive=True, exit_on_error=False, name="broker")
     async def start_broker(self) -> None:
@@ -433,10 +489,16 @@ class OutloopApp(App[int]):
                 self.exit(0)
 
         calls = f"{pending} call{'s are' if pending > 1 else ' is'}"
-        await self.push_screen(ConfirmScreen(
-            "Quit Outloop?", f"{calls} waiting for your approval. Quitting refuses "
-            f"{'them' if pending > 1 else 'it'} and stops the broker.",
-            yes="Quit and refuse", no="Stay"), confirmed)
+        await self.push_screen(
+            ConfirmScreen(
+                "Quit Outloop?",
+                f"{calls} waiting for your approval. Quitting refuses "
+                f"{'them' if pending > 1 else 'it'} and stops the broker.",
+                yes="Quit and refuse",
+                no="Stay",
+            ),
+            confirmed,
+        )
 
     # -- state --------------------------------------------------------------------
 

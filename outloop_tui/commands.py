@@ -11,13 +11,19 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("approval: Approve", "answer('approved')", "Approve the highlighted (or oldest) pending call once"),
     ("approval: Deny", "answer('denied')", "Refuse the highlighted (or oldest) pending call"),
-    ("approval: Always", "answer('always')",
-     "Approve, and let the same credential + method + rule through until the grant expires"),
+    (
+        "approval: Always",
+        "answer('always')",
+        "Approve, and let the same credential + method + rule through until the grant expires",
+    ),
     ("audit: Filter", "filter", "Filter the audit stream: tenant:ID outcome:refused words"),
     ("tenant: Add tenant", "add_tenant", "Add a tenant (a client)"),
     ("tenant: Add workspace", "add_workspace", "Map a workspace folder to a tenant"),
-    ("tenant: Add credential", "add_credential",
-     "Add a credential; the secret is typed into a password field and stored in the keyring"),
+    (
+        "tenant: Add credential",
+        "add_credential",
+        "Add a credential; the secret is typed into a password field and stored in the keyring",
+    ),
     ("alerts: Rescan workspaces", "rescan", "Scan every workspace for leaked keys again"),
     ("broker: Lock / unlock", "toggle_lock", "Refuse every call until unlocked"),
     ("view: Focus tenants", "focus('tenants')", "Move to the tenants pane"),

@@ -71,8 +71,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         auth = self.headers.get("Authorization", "")
         # Echo the credential back, as a chatty API might: the broker redacts it.
-        body = json.dumps({"ok": True, "method": self.command, "path": self.path,
-                           "you_sent": auth}).encode()
+        body = json.dumps({"ok": True, "method": self.command, "path": self.path, "you_sent": auth}).encode()
         self.send_response(201 if self.command == "POST" else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -88,8 +87,7 @@ class Upstream:
     def __init__(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _UpstreamHandler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-upstream",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-upstream", daemon=True)
 
     @property
     def url(self) -> str:
@@ -124,9 +122,11 @@ def build_world(root: Path, upstream_url: str, store: SecretStore | None = None)
     """Two tenants, three workspaces, two credentials and a planted `.env` leak under `root`."""
     home = root / "home"
     paths = Paths(home / "config.toml", home / "state", root / "s.sock")
-    ws = {"acme-web": root / "clients" / "acme" / "web",
-          "acme-api": root / "clients" / "acme" / "api",
-          "globex-shop": root / "clients" / "globex" / "shop"}
+    ws = {
+        "acme-web": root / "clients" / "acme" / "web",
+        "acme-api": root / "clients" / "acme" / "api",
+        "globex-shop": root / "clients" / "globex" / "shop",
+    }
     for folder in ws.values():
         folder.mkdir(parents=True, exist_ok=True)
     (root / "scratch").mkdir(exist_ok=True)
@@ -136,26 +136,42 @@ def build_world(root: Path, upstream_url: str, store: SecretStore | None = None)
     editor.add_tenant("acme", "Acme Corp")
     editor.add_workspace("acme", str(ws["acme-web"]))
     editor.add_workspace("acme", str(ws["acme-api"]))
-    editor.add_credential("acme", "github", {
-        "base_url": f"{upstream_url}/github", "auth": "bearer",
-        "allow": ["GET /repos/**"], "ask": ["POST /repos/*/*/issues"], "deny": ["DELETE /**"]})
+    editor.add_credential(
+        "acme",
+        "github",
+        {
+            "base_url": f"{upstream_url}/github",
+            "auth": "bearer",
+            "allow": ["GET /repos/**"],
+            "ask": ["POST /repos/*/*/issues"],
+            "deny": ["DELETE /**"],
+        },
+    )
     editor.add_tenant("globex", "Globex")
     editor.add_workspace("globex", str(ws["globex-shop"]))
-    editor.add_credential("globex", "stripe", {
-        "base_url": f"{upstream_url}/stripe", "auth": "bearer",
-        "allow": ["GET /v1/**"], "ask": ["POST /v1/refunds"], "deny": ["POST /v1/payouts"]})
+    editor.add_credential(
+        "globex",
+        "stripe",
+        {
+            "base_url": f"{upstream_url}/stripe",
+            "auth": "bearer",
+            "allow": ["GET /v1/**"],
+            "ask": ["POST /v1/refunds"],
+            "deny": ["POST /v1/payouts"],
+        },
+    )
     editor.save()
     store = store or SecretStore()
     world = DemoWorld(root, paths, ws)
-    world.secrets = {"github": Secret(fake_key("ghp_", 36)),
-                     "stripe": Secret(fake_key("sk_live_", 24))}
+    world.secrets = {"github": Secret(fake_key("ghp_", 36)), "stripe": Secret(fake_key("sk_live_", 24))}
     store.set("acme", "github", world.secrets["github"])
     store.set("globex", "stripe", world.secrets["stripe"])
     # The leak every agency has: a key pasted into a client's .env.
     (ws["acme-web"] / ".env").write_text(
         "NODE_ENV=development\nPORT=3000\n"
         f"OPENAI_API_KEY={fake_key('sk-proj-', 48)}\n"
-        "DATABASE_URL=postgres://localhost/acme\n")
+        "DATABASE_URL=postgres://localhost/acme\n"
+    )
     return world
 
 
@@ -164,14 +180,24 @@ def build_world(root: Path, upstream_url: str, store: SecretStore | None = None)
 # (workspace, credential, method, path, extra outloop-call arguments)
 SCRIPT: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("acme-web", "github", "GET", "/repos/acme/web", ()),
-    ("acme-api", "github", "POST", "/repos/acme/api/issues",
-     ("--json", '{"title": "Flaky test in CI"}', "--reason", "file the failing test as an issue")),
+    (
+        "acme-api",
+        "github",
+        "POST",
+        "/repos/acme/api/issues",
+        ("--json", '{"title": "Flaky test in CI"}', "--reason", "file the failing test as an issue"),
+    ),
     ("acme-web", "github", "GET", "/repos/acme/web/pulls", ()),
     ("globex-shop", "stripe", "GET", "/v1/charges", ("-q", "limit=3")),
     ("acme-web", "github", "DELETE", "/repos/acme/web", ("--reason", "clean up the old repo")),
     ("globex-shop", "github", "GET", "/repos/acme/web", ("--reason", "look at Acme's code")),
-    ("globex-shop", "stripe", "POST", "/v1/refunds",
-     ("--json", '{"charge": "ch_1042"}', "--reason", "refund order 1042")),
+    (
+        "globex-shop",
+        "stripe",
+        "POST",
+        "/v1/refunds",
+        ("--json", '{"charge": "ch_1042"}', "--reason", "refund order 1042"),
+    ),
     ("scratch", "github", "GET", "/user", ()),
     ("acme-api", "github", "GET", "/repos/acme/api/actions/runs", ()),
 )
@@ -203,12 +229,21 @@ class ScriptedAgent:
                 self.paste_secret()
             await asyncio.sleep(self.pause)
 
-    async def call(self, ws: str, cred: str, method: str, path: str, extra: tuple[str, ...],
-                   asks: bool) -> None:
+    async def call(self, ws: str, cred: str, method: str, path: str, extra: tuple[str, ...], asks: bool) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "outloop_tui.cli", "call", cred, method, path, *extra,
-            cwd=self.folder(ws), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "outloop_tui.cli",
+            "call",
+            cred,
+            method,
+            path,
+            *extra,
+            cwd=self.folder(ws),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         self.procs.add(proc)
         if asks:
             self.waiting += 1
@@ -225,8 +260,7 @@ class ScriptedAgent:
     def paste_secret(self) -> None:
         """The agent copies Acme's GitHub token into Globex's folder: a cross-tenant leak."""
         token = self.world.secrets["github"].reveal()
-        (self.world.workspaces["globex-shop"] / "debug.log").write_text(
-            f"retrying with token {token}\n")
+        (self.world.workspaces["globex-shop"] / "debug.log").write_text(f"retrying with token {token}\n")
 
     def stop(self) -> None:
         for proc in list(self.procs):
@@ -252,8 +286,11 @@ def make_demo_app(world: DemoWorld, *, agent: bool = True, **kwargs: Any) -> Any
 
         def on_mount(self) -> None:
             # Textual runs OutloopApp.on_mount too (handlers run along the MRO).
-            self.set_banner("demo", f"Demo: a throw-away home in {world.root}, removed on exit. "
-                            "A scripted agent is calling; answer its asks with y / n / a.")
+            self.set_banner(
+                "demo",
+                f"Demo: a throw-away home in {world.root}, removed on exit. "
+                "A scripted agent is calling; answer its asks with y / n / a.",
+            )
             if self.agent is not None:
                 self.run_agent()
 
@@ -274,7 +311,10 @@ def make_demo_app(world: DemoWorld, *, agent: bool = True, **kwargs: Any) -> Any
 @contextlib.contextmanager
 def demo_world() -> Iterator[tuple[DemoWorld, Upstream]]:
     """The demo's world in a temp folder, with its keyring and upstream; all gone afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="outloop-demo-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    # mkdtemp makes a private (0700) folder with a random name. /tmp rather than $TMPDIR:
+    # macOS's per-user TMPDIR is long enough to push the socket past the 104-byte limit.
+    short = "/tmp" if os.path.isdir("/tmp") else None  # noqa: S108
+    root = Path(tempfile.mkdtemp(prefix="outloop-demo-", dir=short))
     previous = keyring.get_keyring()
     keyring.set_keyring(MemoryKeyring())
     upstream = Upstream().start()

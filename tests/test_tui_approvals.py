@@ -26,8 +26,15 @@ if TYPE_CHECKING:
 
 pytest_plugins = ("broker_fixtures",)
 
-ASK = {"payload": {"credential": "api", "method": "POST", "path": "/ask/deploy",
-                   "body": {"ref": "main"}, "reason": "deploy the fix"}}
+ASK = {
+    "payload": {
+        "credential": "api",
+        "method": "POST",
+        "path": "/ask/deploy",
+        "body": {"ref": "main"},
+        "reason": "deploy the fix",
+    }
+}
 ALLOWED = {"payload": {"credential": "api", "method": "GET", "path": "/echo/status"}}
 
 
@@ -35,8 +42,7 @@ def make_app(world: World, **kwargs: Any) -> OutloopApp:
     return OutloopApp(Engine(world.paths), watch=False, **kwargs)
 
 
-async def until(pilot: Any, predicate: Callable[[], object], timeout: float = 15.0,
-                what: str = "condition") -> None:
+async def until(pilot: Any, predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
@@ -63,8 +69,7 @@ async def started(app: OutloopApp, pilot: Any) -> None:
 
 
 @pytest.mark.parametrize(("key", "status", "code"), [("y", 200, None), ("n", 403, "denied_by_operator")])
-async def test_answer_keys_reach_the_waiting_agent(world: World, key: str, status: int,
-                                                   code: str | None) -> None:
+async def test_answer_keys_reach_the_waiting_agent(world: World, key: str, status: int, code: str | None) -> None:
     app = make_app(world)
     async with app.run_test(size=(160, 48)) as pilot:
         await started(app, pilot)

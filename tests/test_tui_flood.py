@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import tui_sample
+from textual import events
 from textual.widgets import Log
 
 from broker.events import AuditRecorded
 from outloop_tui.widgets.audit import LINE_CAP
 from outloop_tui.widgets.help import HelpScreen
 
+
+@pytest.fixture(autouse=True)
+def sample_root() -> Iterator[None]:
+    with tui_sample.exclusive():  # the sample folder is shared by concurrent test runs
+        yield
+
+
 EVENTS = 20_000
 
 
 def record(i: int) -> dict[str, Any]:
-    return {"ts": "2026-01-01T12:00:00.000Z", "id": f"r{i}", "event": "attempt", "tenant": "acme",
-            "credential": "github", "method": "GET", "path": f"/repos/acme/web/pulls/{i}",
-            "decision": "allow", "approver": "policy"}
+    return {
+        "ts": "2026-01-01T12:00:00.000Z",
+        "id": f"r{i}",
+        "event": "attempt",
+        "tenant": "acme",
+        "credential": "github",
+        "method": "GET",
+        "path": f"/repos/acme/web/pulls/{i}",
+        "decision": "allow",
+        "approver": "policy",
+    }
 
 
 async def test_flood_keeps_keys_answering_and_the_line_cap() -> None:
@@ -37,17 +55,19 @@ async def test_flood_keeps_keys_answering_and_the_line_cap() -> None:
         task = asyncio.create_task(flood())
         latencies = []
         while not task.done():
+            # A key as the terminal driver delivers it, timed until its screen is up.
             start = time.perf_counter()
-            await pilot.press("question_mark")
+            app.post_message(events.Key("question_mark", "?"))
             while not isinstance(app.screen, HelpScreen):
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.001)
             latencies.append(time.perf_counter() - start)
-            await pilot.press("escape")
-            await pilot.press("tab")
+            app.post_message(events.Key("escape", None))
+            while isinstance(app.screen, HelpScreen):
+                await asyncio.sleep(0.001)
         await task
         await pilot.pause(0.4)  # the last drain
         log = app.screen.query_one("#audit-log", Log)
         assert app.bridge.audit_seen == EVENTS
         assert log.line_count <= LINE_CAP
         assert log.lines[-1].endswith(f"/pulls/{EVENTS - 1}")
-        assert latencies and max(latencies) < 1.0, latencies
+        assert latencies and max(latencies) < 0.5, latencies

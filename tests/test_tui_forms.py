@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import html
+from collections.abc import Iterator
 from typing import Any
 
 import keyring.backends.fail
+import pytest
 import tui_sample
 from textual.widgets import Input
 
@@ -16,6 +18,13 @@ from broker.secrets import SecretStore
 from outloop_tui.widgets.alerts import AlertScreen, mask_token, masked_context
 from outloop_tui.widgets.first_run import FirstRunScreen
 from outloop_tui.widgets.forms import AddCredentialScreen, AddTenantScreen, AddWorkspaceScreen
+
+
+@pytest.fixture(autouse=True)
+def sample_root() -> Iterator[None]:
+    with tui_sample.exclusive():  # the sample folder is shared by concurrent test runs
+        yield
+
 
 TYPED_SECRET = "sntrys_TYPEDneverSHOWN42"
 
@@ -70,8 +79,11 @@ async def test_add_credential_stores_the_typed_secret_in_the_keyring_only() -> N
         await until(pilot, lambda: isinstance(app.screen, AddCredentialScreen))
         form = app.screen
         await pilot.press(*"sentry")  # the name field has focus; the rest is filled in directly
-        for widget_id, text in (("base-url", "https://sentry.io/api/0"),
-                                ("allow", "GET /projects/**"), ("deny", "DELETE /**")):
+        for widget_id, text in (
+            ("base-url", "https://sentry.io/api/0"),
+            ("allow", "GET /projects/**"),
+            ("deny", "DELETE /**"),
+        ):
             form.query_one(f"#{widget_id}", Input).value = text
         form.query_one("#secret", Input).focus()
         await pilot.press(*TYPED_SECRET)
@@ -145,8 +157,18 @@ def test_masking_keeps_at_most_four_and_two_characters(tmp_path: Any) -> None:
     import hashlib
 
     env.write_text(f"A=1\nPASSWORD={short}\nKEY={value}\n")
-    view = AlertView("x", "high", "acme", str(tmp_path), str(env), 2, "generic", "hunt****pw",
-                     hashlib.sha256(short.encode()).hexdigest(), 0.0)
+    view = AlertView(
+        "x",
+        "high",
+        "acme",
+        str(tmp_path),
+        str(env),
+        2,
+        "generic",
+        "hunt****pw",
+        hashlib.sha256(short.encode()).hexdigest(),
+        0.0,
+    )
     shown = "\n".join(line for _, line in masked_context(view))
     assert short not in shown and value not in shown and "A=1" in shown
 
@@ -158,8 +180,14 @@ async def test_no_secret_on_any_screen() -> None:
         tui_sample.ask(app)
         await pilot.pause(0.2)
         assert_no_secret(app)
-        for keys in (["question_mark"], ["escape", "c"], ["escape", "t"], ["escape", "w"],
-                     ["escape", "q"], ["n", "slash"]):
+        for keys in (
+            ["question_mark"],
+            ["escape", "c"],
+            ["escape", "t"],
+            ["escape", "w"],
+            ["escape", "q"],
+            ["n", "slash"],
+        ):
             await pilot.press(*keys)
             await pilot.pause(0.1)
             assert_no_secret(app)

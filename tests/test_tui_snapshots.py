@@ -19,6 +19,13 @@ from textual.widgets import Input
 
 from broker.secrets import SecretStore
 
+
+@pytest.fixture(autouse=True)
+def sample_root() -> Iterator[None]:
+    with tui_sample.exclusive():  # the sample folder is shared by concurrent test runs
+        yield
+
+
 SIZE = (160, 48)
 
 
@@ -128,8 +135,7 @@ def test_quit_while_calls_wait(snap_compare: Any) -> None:
 
 
 def test_locked_without_keyring(snap_compare: Any) -> None:
-    app = tui_sample.make_app(tui_sample.build(),
-                              secrets=SecretStore(keyring.backends.fail.Keyring()))
+    app = tui_sample.make_app(tui_sample.build(), secrets=SecretStore(keyring.backends.fail.Keyring()))
 
     async def run_before(pilot: Any) -> None:
         await tui_sample.ready(app)

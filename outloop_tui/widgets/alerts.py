@@ -25,10 +25,15 @@ from textual.widgets import Button, DataTable, Input, Label, Static
 from outloop_tui.widgets.approvals import duration
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
-SEVERITY_STYLE = {"critical": "bold white on #b03030", "high": "bold #e5534b",
-                  "medium": "#d9a932", "low": "dim"}
-COLUMNS = (("severity", "Severity"), ("tenant", "Tenant"), ("where", "File:line"),
-           ("rule", "Rule"), ("preview", "Preview"), ("age", "Age"))
+SEVERITY_STYLE = {"critical": "bold white on #b03030", "high": "bold #e5534b", "medium": "#d9a932", "low": "dim"}
+COLUMNS = (
+    ("severity", "Severity"),
+    ("tenant", "Tenant"),
+    ("where", "File:line"),
+    ("rule", "Rule"),
+    ("preview", "Preview"),
+    ("age", "Age"),
+)
 CONTEXT_LINES = 3
 _TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.~]{12,}")
 
@@ -60,15 +65,23 @@ class AlertView:
         ts = field(alert, "ts", 0.0)
         if isinstance(ts, str):
             from datetime import datetime
+
             try:
                 ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 ts = 0.0
-        return cls(str(field(alert, "id", "")), str(field(alert, "severity", "low")),
-                   str(field(alert, "tenant", "") or "-"), str(field(alert, "workspace", "") or ""),
-                   str(field(alert, "path", "")), int(field(alert, "line", 0) or 0),
-                   str(field(alert, "rule", "")), str(field(alert, "preview", "")),
-                   str(field(alert, "fingerprint", "")), float(ts or 0.0))
+        return cls(
+            str(field(alert, "id", "")),
+            str(field(alert, "severity", "low")),
+            str(field(alert, "tenant", "") or "-"),
+            str(field(alert, "workspace", "") or ""),
+            str(field(alert, "path", "")),
+            int(field(alert, "line", 0) or 0),
+            str(field(alert, "rule", "")),
+            str(field(alert, "preview", "")),
+            str(field(alert, "fingerprint", "")),
+            float(ts or 0.0),
+        )
 
     @property
     def where(self) -> str:
@@ -132,8 +145,9 @@ class AlertsPane(DataTable[str | Text]):
 
     def sync(self, alerts: Sequence[Any], note: str = "") -> None:
         now = self._wall()
-        views = sorted((AlertView.of(a) for a in alerts),
-                       key=lambda v: (SEVERITY_ORDER.get(v.severity, 9), -v.ts, v.id))
+        views = sorted(
+            (AlertView.of(a) for a in alerts), key=lambda v: (SEVERITY_ORDER.get(v.severity, 9), -v.ts, v.id)
+        )
         wanted = {v.id: v for v in views}
         with self.app.batch_update():
             if list(wanted) != list(self.views):
@@ -150,12 +164,17 @@ class AlertsPane(DataTable[str | Text]):
         count = len(views)
         self.border_title = f"Leak alerts ({count})" if count else "Leak alerts"
         self.set_class(any(v.severity in ("critical", "high") for v in views), "-alarm")
-        self.border_subtitle = note or ("enter: details · acknowledge · ignore" if count
-                                        else "no open alerts")
+        self.border_subtitle = note or ("enter: details · acknowledge · ignore" if count else "no open alerts")
 
     def _cells(self, v: AlertView, now: float) -> tuple[str | Text, ...]:
-        return (Text(v.severity.upper(), style=SEVERITY_STYLE.get(v.severity, "")), v.tenant,
-                v.where, v.rule, v.preview, duration(now - v.ts) if v.ts else "")
+        return (
+            Text(v.severity.upper(), style=SEVERITY_STYLE.get(v.severity, "")),
+            v.tenant,
+            v.where,
+            v.rule,
+            v.preview,
+            duration(now - v.ts) if v.ts else "",
+        )
 
     def highlighted(self) -> AlertView | None:
         if not self.row_count:
@@ -186,19 +205,31 @@ class AlertScreen(ModalScreen[AlertAction | None]):
     def compose(self) -> ComposeResult:
         v = self.view
         with Vertical(id="dialog", classes="alert-dialog"):
-            yield Label(Text.assemble((v.severity.upper(), SEVERITY_STYLE.get(v.severity, "")),
-                                      f"  {v.rule}"), id="dialog-title")
-            yield Static(Text.assemble(("tenant     ", "dim"), v.tenant, "\n",
-                                       ("file       ", "dim"), f"{v.path}:{v.line}", "\n",
-                                       ("preview    ", "dim"), v.preview, "\n",
-                                       ("fingerprint ", "dim"), v.fingerprint[:16] + "…"))
+            yield Label(
+                Text.assemble((v.severity.upper(), SEVERITY_STYLE.get(v.severity, "")), f"  {v.rule}"),
+                id="dialog-title",
+            )
+            yield Static(
+                Text.assemble(
+                    ("tenant     ", "dim"),
+                    v.tenant,
+                    "\n",
+                    ("file       ", "dim"),
+                    f"{v.path}:{v.line}",
+                    "\n",
+                    ("preview    ", "dim"),
+                    v.preview,
+                    "\n",
+                    ("fingerprint ", "dim"),
+                    v.fingerprint[:16] + "…",
+                )
+            )
             context = Text()
             for number, line in masked_context(v):
                 style = "bold" if number == v.line else "dim"
                 context.append(f"{number:>5} │ ", style="dim")
                 context.append(line + "\n", style=style)
-            yield Static(context or Text("(the file can no longer be read)", style="dim"),
-                         id="alert-context")
+            yield Static(context or Text("(the file can no longer be read)", style="dim"), id="alert-context")
             yield Input(placeholder="reason for ignoring (required to ignore)", id="ignore-reason")
             with Horizontal(classes="buttons"):
                 yield Button("Acknowledge (k)", id="ack", variant="primary")

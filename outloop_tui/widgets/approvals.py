@@ -16,9 +16,18 @@ from textual.widgets import DataTable, Static
 
 from broker.events import PendingApproval
 
-COLUMNS = (("age", "Age"), ("left", "Left"), ("tenant", "Tenant"), ("workspace", "Workspace"),
-           ("process", "Process"), ("credential", "Credential"), ("method", "Method"),
-           ("path", "Path"), ("rule", "Rule"), ("reason", "Reason"))
+COLUMNS = (
+    ("age", "Age"),
+    ("left", "Left"),
+    ("tenant", "Tenant"),
+    ("workspace", "Workspace"),
+    ("process", "Process"),
+    ("credential", "Credential"),
+    ("method", "Method"),
+    ("path", "Path"),
+    ("rule", "Rule"),
+    ("reason", "Reason"),
+)
 
 
 def duration(seconds: float) -> str:
@@ -73,8 +82,7 @@ class ApprovalsPane(Vertical):
         row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
         return row_key.value
 
-    def sync(self, pending: Sequence[PendingApproval],
-             grants: Sequence[tuple[str, float]] = ()) -> None:
+    def sync(self, pending: Sequence[PendingApproval], grants: Sequence[tuple[str, float]] = ()) -> None:
         """Make the table show `pending` (oldest first); `grants` are (label, seconds left)."""
         now = self._clock()
         table = self.table
@@ -94,9 +102,18 @@ class ApprovalsPane(Vertical):
             self.query_one("#grants", Static).update(self._grants_text(grants))
 
     def _cells(self, a: PendingApproval, now: float) -> tuple[str | Text, ...]:
-        return (duration(now - a.created), self._left(a, now), a.tenant,
-                short_workspace(a.workspace), process_label(a), a.credential,
-                Text(a.method, style="bold"), a.path, a.rule or "(no rules: ask)", a.reason)
+        return (
+            duration(now - a.created),
+            self._left(a, now),
+            a.tenant,
+            short_workspace(a.workspace),
+            process_label(a),
+            a.credential,
+            Text(a.method, style="bold"),
+            a.path,
+            a.rule or "(no rules: ask)",
+            a.reason,
+        )
 
     @staticmethod
     def _left(a: PendingApproval, now: float) -> Text:

@@ -78,9 +78,11 @@ def format_record(record: Mapping[str, Any]) -> AuditLine:
         extra.append(f"by {record['approver']}")
     if record.get("reason"):
         extra.append(f'"{record["reason"]}"')
-    text = (f"{_clock_time(record.get('ts'))}  {label:<18} {tenant:<12} "
-            f"{record.get('credential') or '-':<12} {record.get('method') or '':<6} "
-            f"{record.get('path') or ''}")
+    text = (
+        f"{_clock_time(record.get('ts'))}  {label:<18} {tenant:<12} "
+        f"{record.get('credential') or '-':<12} {record.get('method') or '':<6} "
+        f"{record.get('path') or ''}"
+    )
     if extra:
         text += "  " + " · ".join(extra)
     return AuditLine(text, tenant, outcome)
@@ -155,8 +157,7 @@ class AuditPane(Vertical):
         self.filter = AuditFilter()
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter: tenant:acme outcome:refused|allowed|error words…",
-                    id="audit-filter")
+        yield Input(placeholder="filter: tenant:acme outcome:refused|allowed|error words…", id="audit-filter")
         log = Log(max_lines=self.line_cap, id="audit-log", highlight=True)
         log.highlighter = OutcomeHighlighter()
         yield log
@@ -177,7 +178,7 @@ class AuditPane(Vertical):
         self.history.extend(lines)
         shown = [line.text for line in lines if self.filter.matches(line)]
         if shown:
-            self.log_widget.write_lines(shown[-self.line_cap:])
+            self.log_widget.write_lines(shown[-self.line_cap :])
 
     def open_filter(self, prefill: str | None = None) -> None:
         box = self.query_one("#audit-filter", Input)

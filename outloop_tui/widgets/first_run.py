@@ -11,14 +11,20 @@ from textual.widgets import Footer, Static
 
 WELCOME = Text.assemble(
     ("Welcome to Outloop\n\n", "bold"),
-    "Agents ask Outloop to make API calls; the keys stay in your OS keyring.\n"
-    "A ", ("tenant", "bold"), " is one client. Its ", ("workspaces", "bold"),
-    " are the folders where agents work for it;\nits ", ("credentials", "bold"),
+    "Agents ask Outloop to make API calls; the keys stay in your OS keyring.\nA ",
+    ("tenant", "bold"),
+    " is one client. Its ",
+    ("workspaces", "bold"),
+    " are the folders where agents work for it;\nits ",
+    ("credentials", "bold"),
     " are the API keys they may use, each with allow / ask / deny rules.\n\n",
     "No tenant exists yet.\n\n",
-    ("  t  ", "reverse"), "  add your first tenant, then map a folder and add a credential\n",
-    ("  q  ", "reverse"), "  quit\n\n",
-    ("To look around first, quit and run ", "dim"), ("outloop demo", "bold"),
+    ("  t  ", "reverse"),
+    "  add your first tenant, then map a folder and add a credential\n",
+    ("  q  ", "reverse"),
+    "  quit\n\n",
+    ("To look around first, quit and run ", "dim"),
+    ("outloop demo", "bold"),
     (": sample tenants, a local API and a scripted agent.", "dim"),
 )
 

@@ -110,8 +110,7 @@ class AddTenantScreen(FormScreen):
     SAVE_LABEL = "Add tenant"
 
     def fields(self) -> ComposeResult:
-        yield from _labelled("Id", Input(placeholder="acme  (letters, digits, - _ .)",
-                                         id="tenant-id"))
+        yield from _labelled("Id", Input(placeholder="acme  (letters, digits, - _ .)", id="tenant-id"))
         yield from _labelled("Display name", Input(placeholder="Acme Corp", id="tenant-name"))
 
     def save(self) -> Added | None:
@@ -126,17 +125,16 @@ class AddTenantScreen(FormScreen):
 
 
 class _TenantForm(FormScreen):
-    def __init__(self, paths: Paths, tenants: Sequence[tuple[str, str]],
-                 tenant: str | None = None) -> None:
+    def __init__(self, paths: Paths, tenants: Sequence[tuple[str, str]], tenant: str | None = None) -> None:
         super().__init__(paths)
         self.tenants = list(tenants)
-        self.initial = tenant if tenant in {t for t, _ in tenants} else (
-            self.tenants[0][0] if self.tenants else None)
+        self.initial = tenant if tenant in {t for t, _ in tenants} else (self.tenants[0][0] if self.tenants else None)
 
     def tenant_select(self) -> ComposeResult:
         options = [(f"{name} ({tid})" if name != tid else tid, tid) for tid, name in self.tenants]
-        select: Select[str] = Select(options, prompt="choose a tenant", id="tenant",
-                                     value=self.initial if self.initial else Select.BLANK)
+        select: Select[str] = Select(
+            options, prompt="choose a tenant", id="tenant", value=self.initial if self.initial else Select.BLANK
+        )
         yield from _labelled("Tenant", select)
 
     def tenant(self) -> str | None:
@@ -151,8 +149,7 @@ class AddWorkspaceScreen(_TenantForm):
     def fields(self) -> ComposeResult:
         yield from self.tenant_select()
         yield from _labelled("Folder", Input(placeholder="~/clients/acme/web", id="folder"))
-        yield Static("Agents started in this folder or below act for the tenant.",
-                     classes="form-hint")
+        yield Static("Agents started in this folder or below act for the tenant.", classes="form-hint")
 
     def save(self) -> Added | None:
         tid = self.tenant()
@@ -172,8 +169,13 @@ class AddCredentialScreen(_TenantForm):
     TITLE_TEXT = "Add a credential (the secret goes to the OS keyring)"
     SAVE_LABEL = "Add credential"
 
-    def __init__(self, paths: Paths, tenants: Sequence[tuple[str, str]],
-                 tenant: str | None = None, secrets: SecretStore | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        tenants: Sequence[tuple[str, str]],
+        tenant: str | None = None,
+        secrets: SecretStore | None = None,
+    ) -> None:
         super().__init__(paths, tenants, tenant)
         self.secrets = secrets or SecretStore()
 
@@ -181,18 +183,20 @@ class AddCredentialScreen(_TenantForm):
         yield from self.tenant_select()
         yield from _labelled("Name", Input(placeholder="github", id="cred-name"))
         yield from _labelled("Base URL", Input(placeholder="https://api.github.com", id="base-url"))
-        yield from _labelled("Auth", Input("bearer", id="auth",
-                                           placeholder="bearer | basic:USER | header:NAME | query:PARAM"))
-        yield from _labelled("Allow", Input(placeholder="GET /repos/**", id="allow"),
-                             "runs without asking")
-        yield from _labelled("Ask", Input(placeholder="POST /repos/*/*/issues", id="ask"),
-                             "waits for you")
-        yield from _labelled("Deny", Input(placeholder="DELETE /**", id="deny"),
-                             "refused; checked first")
-        yield from _labelled("Secret", Input(password=True, placeholder="stored in the OS keyring, "
-                                             "never shown", id="secret"))
-        yield Static("Rules are 'METHOD /path/glob', several separated by commas; * is one path "
-                     "segment, ** any. No rules at all: every call asks you.", classes="form-hint")
+        yield from _labelled(
+            "Auth", Input("bearer", id="auth", placeholder="bearer | basic:USER | header:NAME | query:PARAM")
+        )
+        yield from _labelled("Allow", Input(placeholder="GET /repos/**", id="allow"), "runs without asking")
+        yield from _labelled("Ask", Input(placeholder="POST /repos/*/*/issues", id="ask"), "waits for you")
+        yield from _labelled("Deny", Input(placeholder="DELETE /**", id="deny"), "refused; checked first")
+        yield from _labelled(
+            "Secret", Input(password=True, placeholder="stored in the OS keyring, never shown", id="secret")
+        )
+        yield Static(
+            "Rules are 'METHOD /path/glob', several separated by commas; * is one path "
+            "segment, ** any. No rules at all: every call asks you.",
+            classes="form-hint",
+        )
 
     def save(self) -> Added | None:
         tid = self.tenant()

@@ -41,12 +41,16 @@ class StatusHeader(Static):
             return
         self._status = status
         s = status
-        text = Text.assemble((" outloop ", "bold reverse"), " ",
-                             (f" {s.state.upper()} ", STATE_STYLE.get(s.state, "bold")),
-                             "  ", ("socket ", "dim"), s.socket)
+        text = Text.assemble(
+            (" outloop ", "bold reverse"),
+            " ",
+            (f" {s.state.upper()} ", STATE_STYLE.get(s.state, "bold")),
+            "  ",
+            ("socket ", "dim"),
+            s.socket,
+        )
         text.append("   ")
-        parts = [(f"{s.tenants}", "tenants"), (f"{s.workspaces}", "workspaces"),
-                 (f"{s.credentials}", "credentials")]
+        parts = [(f"{s.tenants}", "tenants"), (f"{s.workspaces}", "workspaces"), (f"{s.credentials}", "credentials")]
         for value, label in parts:
             text.append(value, style="bold")
             text.append(f" {label}  ", style="dim")

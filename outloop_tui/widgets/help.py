@@ -35,8 +35,7 @@ class HelpScreen(ModalScreen[None]):
         table.add_column(style="bold")
         table.add_column()
         for b in self.bindings_list:
-            keys = ", ".join(self.app.get_key_display(Binding(k.strip(), ""))
-                             for k in b.key.split(","))
+            keys = ", ".join(self.app.get_key_display(Binding(k.strip(), "")) for k in b.key.split(","))
             table.add_row(keys, b.tooltip or b.description)
         table.add_row("ctrl+p", "command palette: every action by name")
         table.add_row("enter", "on an alert: details, acknowledge, ignore")

@@ -61,18 +61,16 @@ class TenantsTree(Tree[NodeRef]):
         cursor = self.cursor_node.data if self.cursor_node else None
         self.clear()
         for tenant in config.tenants.values():
-            node = self.root.add(self._tenant_label(tenant, open_alerts.get(tenant.id, 0)),
-                                 NodeRef("tenant", tenant.id))
+            node = self.root.add(
+                self._tenant_label(tenant, open_alerts.get(tenant.id, 0)), NodeRef("tenant", tenant.id)
+            )
             for ws in tenant.workspaces:
-                node.add_leaf(Text(short_path(display_workspace(ws))),
-                              NodeRef("workspace", tenant.id, str(ws)))
+                node.add_leaf(Text(short_path(display_workspace(ws))), NodeRef("workspace", tenant.id, str(ws)))
             for cred in tenant.credentials.values():
-                label = Text.assemble(("key ", "dim"), (cred.name, "bold"),
-                                      (f"  {cred.rule_summary()}", "dim"))
+                label = Text.assemble(("key ", "dim"), (cred.name, "bold"), (f"  {cred.rule_summary()}", "dim"))
                 node.add_leaf(label, NodeRef("credential", tenant.id, cred.name))
             if not tenant.workspaces and not tenant.credentials:
-                node.add_leaf(Text("no workspace yet: press w", style="dim italic"),
-                              NodeRef("tenant", tenant.id))
+                node.add_leaf(Text("no workspace yet: press w", style="dim italic"), NodeRef("tenant", tenant.id))
             if tenant.id in expanded or (expand_all and tenant.id not in self._known):
                 node.expand()
         self._known = set(config.tenants)
