@@ -316,7 +316,7 @@ class DashboardScreen(Screen[None]):
         grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now) for g in engine.approvals.grants()]
         self.query_one(ApprovalsPane).sync(pending, grants)
         alerts = app.open_alerts()
-        self.query_one(AlertsPane).sync(alerts, app.watcher_note())
+        self.query_one(AlertsPane).sync(alerts, app.watcher_note(), app.acked)
         if app.started:
             config = engine.config
             counts = Counter(
@@ -403,6 +403,7 @@ class OutloopApp(App[int]):
         self._unsubscribe: Callable[[], None] | None = None
         self._stopped = False
         self._banners: dict[str, str] = {}
+        self.acked: set[str] = set()  # alert ids the operator has acknowledged this session
         self.ready = asyncio.Event()
 
     def get_default_screen(self) -> Screen[Any]:
@@ -543,11 +544,14 @@ class OutloopApp(App[int]):
         if store is None:
             return
         if action.kind == "ack":
-            _call_first(store, ("acknowledge", "ack"), alert_id)
-            self.notify("Alert acknowledged.")
+            # The alert stays open while the file holds the value; acknowledging marks it
+            # seen for this session (dimmed, no longer counted as new).
+            self.acked.add(alert_id)
+            _call_first(store, ("acknowledge",), alert_id)
+            self.notify("Alert acknowledged; it stays listed until the file no longer holds the value.")
         else:
             _call_first(store, ("ignore",), fingerprint, action.reason)
-            self.notify("This value is ignored from now on.", title="Alert ignored")
+            self.notify("This value is ignored from now on, everywhere.", title="Alert ignored")
         self.dashboard.refresh_view()
 
     def rescan(self) -> None:

@@ -142,7 +142,14 @@ async def test_alert_details_mask_the_secret_in_the_context() -> None:
         assert_no_secret(app)
         await pilot.press("k")  # acknowledge
         await pilot.pause(0.2)
-        assert app.engine.alerts.acked == ["al-1"]  # type: ignore[attr-defined]
+        assert app.acked == {"al-1"}
+        assert "critical (seen)" in screen_text(app)
+        await pilot.press("enter")  # the cursor is on it still: open it again and ignore it
+        await until(pilot, lambda: isinstance(app.screen, AlertScreen))
+        app.screen.query_one("#ignore-reason", Input).value = "test fixture token"
+        await pilot.press("i")
+        await pilot.pause(0.2)
+        assert app.engine.alerts.ignored == [("a" * 64, "test fixture token")]  # type: ignore[attr-defined]
         assert "Leak alerts (1)" in screen_text(app)
 
 

@@ -127,16 +127,11 @@ class SampleAlerts:
     """Stands in for the leak watcher's alert store: fixed alerts, no file watching."""
 
     alerts: list[dict[str, Any]] = field(default_factory=list)
-    acked: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
     def open_alerts(self) -> list[dict[str, Any]]:
-        return [
-            a for a in self.alerts if a["id"] not in self.acked and a["fingerprint"] not in {f for f, _ in self.ignored}
-        ]
-
-    def acknowledge(self, alert_id: str) -> None:
-        self.acked.append(alert_id)
+        ignored = {f for f, _ in self.ignored}
+        return [a for a in self.alerts if a["fingerprint"] not in ignored]
 
     def ignore(self, fingerprint: str, reason: str) -> None:
         self.ignored.append((fingerprint, reason))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,7 @@ class AlertsPane(DataTable[str | Text]):
         super().__init__(id=id, cursor_type="row")
         self._wall = wall
         self.views: dict[str, AlertView] = {}
+        self._acked: Set[str] = frozenset()
         self.note = ""
 
     def on_mount(self) -> None:
@@ -143,14 +144,16 @@ class AlertsPane(DataTable[str | Text]):
         for key, label in COLUMNS:
             self.add_column(label, key=key)
 
-    def sync(self, alerts: Sequence[Any], note: str = "") -> None:
+    def sync(self, alerts: Sequence[Any], note: str = "", acked: Set[str] = frozenset()) -> None:
         now = self._wall()
+        acked_changed = set(acked) != set(self._acked)
+        self._acked = frozenset(acked)
         views = sorted(
             (AlertView.of(a) for a in alerts), key=lambda v: (SEVERITY_ORDER.get(v.severity, 9), -v.ts, v.id)
         )
         wanted = {v.id: v for v in views}
         with self.app.batch_update():
-            if list(wanted) != list(self.views):
+            if list(wanted) != list(self.views) or acked_changed:
                 row = self.cursor_row
                 self.clear()
                 for v in views:
@@ -167,13 +170,18 @@ class AlertsPane(DataTable[str | Text]):
         self.border_subtitle = note or ("enter: details · acknowledge · ignore" if count else "no open alerts")
 
     def _cells(self, v: AlertView, now: float) -> tuple[str | Text, ...]:
+        age = duration(now - v.ts) if v.ts else ""
+        if v.id in self._acked:  # acknowledged: still open, shown quietly
+            return tuple(
+                Text(c, style="dim") for c in (f"{v.severity} (seen)", v.tenant, v.where, v.rule, v.preview, age)
+            )
         return (
             Text(v.severity.upper(), style=SEVERITY_STYLE.get(v.severity, "")),
             v.tenant,
             v.where,
             v.rule,
             v.preview,
-            duration(now - v.ts) if v.ts else "",
+            age,
         )
 
     def highlighted(self) -> AlertView | None:
