@@ -15,8 +15,11 @@ from the end of the log, which a chain alone cannot, and lets
 from a committed record that was edited afterwards (kept, so verify reports it).
 
 Writes use group commit: :meth:`AuditLog.record` queues the record in call order
-and one writer task chains, writes and fsyncs everything queued so far together,
-so concurrent callers share one fsync instead of paying one each.
+and one writer task chains and writes everything queued so far together, and one
+fsync covers everything written while the previous one ran, so concurrent
+callers share one fsync instead of paying one each. A caller may ask only for
+the write (``durable=False``): the record is in the file, so it survives a
+crash of the broker, and its fsync comes with the next batch.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ _FORBIDDEN = frozenset(
         "apikey",
     }
 )
+
+# How long a record written with durable=False may wait for a durable one to
+# share its fsync (group commit) before it is fsynced on its own.
+LAZY_SYNC_SECONDS = 0.005
 
 Record = dict[str, Any]
 Clock = Callable[[], datetime]
@@ -336,8 +343,10 @@ class _DayFile:
     day: date
     path: Path
     fd: int
-    size: int
+    size: int  # bytes written (write(2) returned)
     ident: tuple[int, int]
+    synced: int  # bytes known to be on disk
+    failed: bool = False  # a write or sync failed: reopen before writing again
 
 
 @dataclass
@@ -477,21 +486,47 @@ class _Store:
         return last, seen
 
     # -- writing
+    #
+    # The writer task calls these on the event loop's thread, except `open_day`
+    # and `sync`, which block and run on the audit thread. The writer never
+    # runs `open_day` while a `sync` is in flight, so an fd is never closed
+    # under a running fsync.
 
-    def write(self, day: date, data: bytes, head: str, head_line: bytes) -> None:
-        current = self._day_file(day)
+    def writable(self, day: date) -> _DayFile | None:
+        """The open file for ``day`` if a batch can be appended to it right now."""
+        current = self.current
+        if current is None or current.day != day or current.failed:
+            return None
+        try:
+            st = os.stat(current.path)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != current.ident:
+            return None  # removed or replaced under us: `open_day` reopens
+        return current
+
+    def open_day(self, day: date) -> _DayFile:
+        """Open (or reopen, after a failure) the file for ``day``; blocking."""
+        return self._day_file(day)
+
+    def append(self, current: _DayFile, data: bytes) -> None:
+        """Write one batch to the file; not durable until a `sync` covers it."""
         try:
             _write_all(current.fd, data)
-            _datasync(current.fd)
         except BaseException:
             # Cut a partial write so the file ends on a whole record, and
             # reopen next time so recovery sets aside whatever remains.
             with contextlib.suppress(OSError):
                 os.ftruncate(current.fd, current.size)
-            self._close_current()
+            current.failed = True
             raise
-        self.fsyncs += 1
         current.size += len(data)
+
+    def sync(self, current: _DayFile, size: int, head: str, head_line: bytes) -> None:
+        """Make the first ``size`` bytes durable, then name their last record in the head file."""
+        _datasync(current.fd)
+        self.fsyncs += 1
+        current.synced = size
         if self.head_fd is not None:
             # Written only after the records are durable: the head never
             # names a record that is not on disk. Not fsynced on purpose: a
@@ -499,9 +534,16 @@ class _Store:
             os.pwrite(self.head_fd, head_line, 0)
         self.head_hash = head
 
+    def cut_unsynced(self, current: _DayFile) -> None:
+        """After a failed sync: drop what may not be on disk; reopen before writing again."""
+        current.failed = True
+        with contextlib.suppress(OSError):
+            os.ftruncate(current.fd, current.synced)
+            current.size = current.synced
+
     def _day_file(self, day: date) -> _DayFile:
         current = self.current
-        if current is not None and current.day == day:
+        if current is not None and current.day == day and not current.failed:
             try:
                 st = os.stat(current.path)
                 same = (st.st_dev, st.st_ino) == current.ident
@@ -531,7 +573,7 @@ class _Store:
         except BaseException:
             os.close(fd)
             raise
-        self.current = _DayFile(day, path, fd, st.st_size, (st.st_dev, st.st_ino))
+        self.current = _DayFile(day, path, fd, st.st_size, (st.st_dev, st.st_ino), synced=st.st_size)
         return self.current
 
     def _close_current(self) -> None:
@@ -566,6 +608,7 @@ class _Pending:
     record: Record
     day: date
     future: asyncio.Future[Record]
+    durable: bool = True
 
 
 @dataclass
@@ -604,7 +647,13 @@ class AuditLog:
         self._state = _State()
         self._head = GENESIS
         self._last_ts: datetime | None = None
-        self._pending: list[_Pending] = []
+        self._tail = GENESIS  # hash of the last record written, durable or not
+        self._unsynced_since = 0.0  # loop time the oldest unsynced record was written
+        self._pending: list[_Pending] = []  # recorded, not yet written
+        self._unsynced: list[_Pending] = []  # written, not yet covered by an fsync
+        self._unsynced_durable = 0  # how many of those have a caller waiting for the fsync
+        self._syncing: asyncio.Future[None] | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         # One dedicated thread: audit writes never queue behind other blocking
@@ -653,7 +702,7 @@ class AuditLog:
         except OSError as exc:
             await self._shutdown_store()
             raise AuditError(f"cannot open the audit log in {self.audit_dir}: {exc.strerror or exc}") from exc
-        self._head = opened.head
+        self._head = self._tail = opened.head
         self._last_ts = opened.last_ts
         self._state.opened = True
         self._writer = asyncio.create_task(self._run_writer(), name="outloop-audit-writer")
@@ -687,12 +736,17 @@ class AuditLog:
         self._executor.shutdown(wait=False)
         self._executor = None
 
-    async def record(self, fields: Mapping[str, Any]) -> Record:
+    async def record(self, fields: Mapping[str, Any], *, durable: bool = True) -> Record:
         """Append one record and return it, with ts, id, prev and hash, once it is on disk.
 
         Records are chained in the order of the calls. Keys that could carry a
         body, headers or a secret are dropped. Raises :class:`AuditError` when the
         record cannot be written; the broker then refuses the request.
+
+        With ``durable=False`` the call returns once the record is written to
+        the file (write(2): it survives a crash of this process) instead of
+        once it is fsynced; the fsync follows with the next batch, at most
+        :data:`LAZY_SYNC_SECONDS` later. A failed write still raises.
         """
         if not self._state.opened or self._state.closing:
             raise AuditError("the audit log is not open")
@@ -709,12 +763,12 @@ class AuditLog:
         self._last_ts = moment
         full: Record = {"ts": format_ts(moment), "id": _new_id(moment), **record}
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(full, moment.astimezone(UTC).date(), future))
+        self._pending.append(_Pending(full, moment.astimezone(UTC).date(), future, durable))
         self._wake.set()
         return await future
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback(record)`` on the loop for every record once it is on disk.
+        """Call ``callback(record)`` on the loop for every record once it is on disk (fsynced).
 
         Callbacks must be quick and must not block (the dashboard buffers and
         drains on a timer). Returns a function that unsubscribes.
@@ -727,33 +781,93 @@ class AuditLog:
 
         return unsubscribe
 
+    # -- the writer
+    #
+    # One task writes, in call order: it takes what is pending, chains it, and
+    # appends it to the day file with one write(2) on the loop's thread (a
+    # small write to the page cache). Only the fsync runs on the audit thread,
+    # one at a time; while it runs the writer keeps appending, and the next
+    # fsync covers everything appended meanwhile. That is the group commit: a
+    # batch is what one fsync covers. A caller waiting for durability is
+    # answered when the fsync covering its record returns; a ``durable=False``
+    # caller when its record is written. Records appended only by such callers
+    # wait up to LAZY_SYNC_SECONDS for a durable record to share the fsync.
+
     async def _run_writer(self) -> None:
         batch: list[_Pending] = []
         try:
             while True:
-                if not self._pending:
-                    if self._state.closing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
+                if self._pending:
+                    batch, self._pending = self._pending, []
+                    await self._write(batch)
+                    batch = []
                     continue
-                batch, self._pending = self._pending, []
-                await self._commit(batch)
-                batch = []
+                if self._unsynced and self._syncing is None and (
+                    self._unsynced_durable or self._state.closing or self._lazy_due()
+                ):
+                    self._start_sync()
+                    continue
+                if self._state.closing and not self._unsynced and self._syncing is None:
+                    return
+                if self._unsynced and self._syncing is None and self._lazy_timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._lazy_timer = loop.call_at(self._unsynced_since + LAZY_SYNC_SECONDS, self._wake.set)
+                self._wake.clear()
+                await self._wake.wait()
         except BaseException as exc:
             # Cancelled (the loop is shutting down) or a bug: nobody may be
             # left believing a record was written, and later calls must fail.
             self._state.broken = True
-            self._fail(batch + self._pending, exc)
+            self._fail(batch + self._unsynced + self._pending, exc)
             self._pending = []
+            self._unsynced = []
+            self._unsynced_durable = 0
             if not isinstance(exc, Exception):
                 raise
             logger.exception("audit writer stopped")
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        prev = self._head
+    def _lazy_due(self) -> bool:
+        return asyncio.get_running_loop().time() >= self._unsynced_since + LAZY_SYNC_SECONDS
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        # Almost always one part; a batch spans two only across midnight. Each
+        # part is chained just before it is appended, from the last record
+        # actually written, so a part that fails is never chained to.
         parts: list[_Part] = []
         for item in batch:
+            if not parts or parts[-1].day != item.day:
+                parts.append(_Part(item.day))
+            parts[-1].items.append(item)
+        for index, part in enumerate(parts):
+            current = self._store.writable(part.day)
+            if current is None:
+                try:
+                    current = await self._open_day(part.day)
+                except Exception as exc:
+                    self._write_failed([item for later in parts[index:] for item in later.items], exc)
+                    return
+            items = self._chain(part)
+            if not items:
+                continue
+            try:
+                self._store.append(current, bytes(part.data))
+            except Exception as exc:
+                self._write_failed([item for later in parts[index:] for item in later.items], exc)
+                return
+            self._tail = items[-1].record["hash"]
+            if not self._unsynced:
+                self._unsynced_since = asyncio.get_running_loop().time()
+            self._unsynced.extend(items)
+            for item in items:
+                if item.durable:
+                    self._unsynced_durable += 1
+                elif not item.future.done():
+                    item.future.set_result(item.record)
+
+    def _chain(self, part: _Part) -> list[_Pending]:
+        prev = self._tail
+        chained: list[_Pending] = []
+        for item in part.items:
             record = item.record
             record["prev"] = prev
             try:
@@ -766,41 +880,92 @@ class AuditLog:
                 continue
             digest = hashlib.sha256(prev.encode("ascii") + canon).hexdigest()
             record["hash"] = digest
-            if not parts or parts[-1].day != item.day:
-                parts.append(_Part(item.day))
-            part = parts[-1]
             part.data += canon[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-            part.items.append(item)
+            chained.append(item)
             prev = digest
-        if not parts:
-            return
+        return chained
+
+    async def _open_day(self, day: date) -> _DayFile:
+        """Open the day's file on the audit thread once what precedes it is durable.
+
+        Records of the old file are fsynced first, so that a crash can never
+        keep a later record (in the new file) and lose an earlier one.
+        """
+        await self._drain()
         assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._store.open_day, day)
+
+    async def _drain(self) -> None:
+        """Wait until nothing written is waiting for an fsync."""
+        while self._syncing is not None or self._unsynced:
+            if self._syncing is None:
+                self._start_sync()
+            assert self._syncing is not None
+            await asyncio.shield(self._syncing)
+
+    def _start_sync(self) -> None:
+        current = self._store.current
+        assert current is not None and self._executor is not None
+        items, self._unsynced = self._unsynced, []
+        self._unsynced_durable = 0
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        last = items[-1].record
+        head_line = f"{last['hash']} {last['id']}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
         loop = asyncio.get_running_loop()
-        # Almost always one part; a batch spans two only across midnight. Each
-        # part is committed on its own, so one written part is never reported
-        # as failed (and never left dangling off a head that did not move).
-        for index, part in enumerate(parts):
-            last = part.items[-1].record
-            head_line = f"{last['hash']} {last['id']}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
-            try:
-                await loop.run_in_executor(
-                    self._executor, self._store.write, part.day, bytes(part.data), last["hash"], head_line
-                )
-            except Exception as exc:
-                self.stats.failures += 1
-                logger.error("audit write failed: %s", exc)
-                self._fail([item for later in parts[index:] for item in later.items], exc)
-                return
-            self._head = last["hash"]
-            self.stats.records += len(part.items)
+        job = loop.run_in_executor(self._executor, self._store.sync, current, current.size, last["hash"], head_line)
+        done: asyncio.Future[None] = loop.create_future()
+        self._syncing = done
+        job.add_done_callback(lambda f: self._synced(f, current, items, done))
+
+    def _synced(
+        self, job: asyncio.Future[None], current: _DayFile, items: list[_Pending], done: asyncio.Future[None]
+    ) -> None:
+        self._syncing = None
+        self._wake.set()
+        if job.cancelled():  # nothing cancels it; should it happen, nobody is told "written"
+            self._state.broken = True
+            self._fail(items + self._unsynced, asyncio.CancelledError())
+            self._unsynced = []
+            self._unsynced_durable = 0
+            if not done.done():
+                done.set_result(None)
+            return
+        exc = job.exception()
+        if exc is None:
+            self._head = items[-1].record["hash"]
+            self.stats.records += len(items)
             self.stats.batches += 1
             self.stats.fsyncs = self._store.fsyncs
-            self.stats.largest_batch = max(self.stats.largest_batch, len(part.items))
-            for item in part.items:
+            self.stats.largest_batch = max(self.stats.largest_batch, len(items))
+            for item in items:
                 if not item.future.done():
                     item.future.set_result(item.record)
             if self._subscribers:
-                self._notify(part.items)
+                self._notify(items)
+        else:
+            # What may not be on disk is cut, and everything written after it
+            # goes too: it was chained to what was cut. The chain continues
+            # from the last durable record.
+            self.stats.failures += 1
+            logger.error("audit fsync failed: %s", exc)
+            lost = items + self._unsynced
+            self._unsynced = []
+            self._unsynced_durable = 0
+            self._store.cut_unsynced(current)
+            self._tail = self._head
+            acknowledged = sum(1 for item in lost if item.future.done() and not item.future.exception())
+            if acknowledged:
+                logger.error("%d audit records written without waiting for the fsync were cut", acknowledged)
+            self._fail(lost, exc)
+        if not done.done():
+            done.set_result(None)
+
+    def _write_failed(self, items: list[_Pending], exc: BaseException) -> None:
+        self.stats.failures += 1
+        logger.error("audit write failed: %s", exc)
+        self._fail(items, exc)
 
     def _notify(self, done: list[_Pending]) -> None:
         for subscriber in tuple(self._subscribers):

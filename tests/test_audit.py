@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from broker import audit
 from broker.audit import (
     GENESIS,
     AuditError,
@@ -466,6 +467,111 @@ async def test_a_batch_across_midnight_keeps_the_part_that_was_written(audit_dir
     assert result.ok and result.count == len(written)
 
 
+# -- durable=False: written before the call returns, fsynced with the next batch ---------------
+
+
+def _head_hash(audit_dir: Path) -> str:
+    return (audit_dir / "audit.head").read_bytes().split()[0].decode()
+
+
+async def test_a_record_not_waiting_for_fsync_is_in_the_file_when_the_call_returns(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)  # no fsync of its own during the test
+    async with AuditLog(audit_dir) as log:
+        attempt = await log.record(call(1))
+        fsyncs = log.stats.fsyncs
+        outcome = await log.record({"event": "outcome", "attempt": attempt["id"], "status": 200}, durable=False)
+        # In the file (write(2) done: a crash of this process keeps it), chained
+        # after the attempt, but not fsynced yet: the head still names the attempt.
+        assert list(iter_records(audit_dir)) == [attempt, outcome]
+        assert outcome["prev"] == attempt["hash"]
+        assert log.stats.fsyncs == fsyncs and log.head == attempt["hash"]
+        assert _head_hash(audit_dir) == attempt["hash"]
+        # The next durable record shares one fsync with it (group commit).
+        nxt = await log.record(call(2))
+        assert log.stats.fsyncs == fsyncs + 1
+        assert log.head == nxt["hash"] and _head_hash(audit_dir) == nxt["hash"]
+    result = verify(audit_dir)
+    assert result.ok and result.count == 3 and result.unfinished is None
+
+
+async def test_a_record_not_waiting_for_fsync_is_fsynced_soon_on_its_own(audit_dir: Path) -> None:
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(1))
+        outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
+        deadline = time.monotonic() + 5
+        while log.head != outcome["hash"] and time.monotonic() < deadline:
+            await asyncio.sleep(audit.LAZY_SYNC_SECONDS)
+        assert log.head == outcome["hash"] and _head_hash(audit_dir) == outcome["hash"]
+
+
+async def test_close_fsyncs_records_not_yet_fsynced(audit_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(1))
+        outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
+    assert _head_hash(audit_dir) == outcome["hash"]
+    assert verify(audit_dir).count == 2
+
+
+async def test_subscribers_get_records_not_waiting_for_fsync_once_fsynced(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
+    seen: list[dict[str, Any]] = []
+    async with AuditLog(audit_dir) as log:
+        log.subscribe(seen.append)
+        first = await log.record(call(1))
+        outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
+        assert seen == [first]
+        last = await log.record(call(2))
+        assert seen == [first, outcome, last]
+
+
+async def test_a_write_that_fails_fails_closed_without_waiting_for_fsync(audit_dir: Path) -> None:
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(0))
+        (path,) = day_files(audit_dir)
+        path.unlink()
+        path.mkdir()
+        with pytest.raises(AuditError):
+            await log.record({"event": "outcome", "status": 200}, durable=False)
+        results = await asyncio.gather(
+            *(log.record(call(i), durable=i % 2 == 0) for i in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(r, AuditError) for r in results), results
+        path.rmdir()
+        rec = await log.record(call(99), durable=False)
+    assert rec["path"].endswith("/99")
+
+
+async def test_a_failed_fsync_fails_the_waiting_call_and_keeps_the_chain_whole(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
+    real = audit._datasync
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async with AuditLog(audit_dir) as log:
+        first = await log.record(call(1))
+        monkeypatch.setattr(audit, "_datasync", broken)
+        await log.record({"event": "outcome", "status": 200}, durable=False)
+        with pytest.raises(AuditError, match="Input/output error"):
+            await log.record(call(2))
+        monkeypatch.setattr(audit, "_datasync", real)
+        last = await log.record(call(3))
+        assert log.stats.failures == 1
+    # What the failed fsync covered was cut, and the chain goes on from the
+    # last durable record: nothing unverifiable is left behind.
+    assert [r["id"] for r in iter_records(audit_dir)] == [first["id"], last["id"]]
+    assert last["prev"] == first["hash"]
+    result = verify(audit_dir)
+    assert result.ok and result.count == 2
+
+
 async def test_opening_where_the_folder_cannot_be_made_fails(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -525,7 +631,7 @@ WRITER = textwrap.dedent(
         async with AuditLog(audit_dir) as log:
             async def one(n):
                 rec = await log.record({"event": "attempt", "tenant": "acme", "n": n,
-                                        "reason": "x" * 300})
+                                        "reason": "x" * 300}, durable=mode != "lazy")
                 sys.stdout.write(rec["id"] + "\\n")
                 sys.stdout.flush()
             n = 0
@@ -612,6 +718,23 @@ async def test_kill_9_at_any_moment_keeps_every_acknowledged_record(audit_dir: P
     result = verify(audit_dir)
     assert result.ok, result.bad
     assert acked <= {r["id"] for r in iter_records(audit_dir)}
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(1))
+    assert verify(audit_dir).ok
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_keeps_every_record_written_without_waiting_for_fsync(audit_dir: Path) -> None:
+    proc = run_writer(audit_dir, "lazy")
+    try:
+        wait_for(lambda: verify(audit_dir).count >= 1000, "a thousand records")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    acked = acked_ids(proc)
+    result = verify(audit_dir)
+    assert result.ok, result.bad
+    # Returned after write(2), before the fsync: a crash of the process keeps them.
+    assert len(acked) >= 1000 and acked <= {r["id"] for r in iter_records(audit_dir)}
     async with AuditLog(audit_dir) as log:
         await log.record(call(1))
     assert verify(audit_dir).ok
