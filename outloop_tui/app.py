@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer
+from textual.widgets import DataTable
 from textual.worker import Worker, WorkerState
 
 from broker.engine import Engine
@@ -46,6 +49,7 @@ from outloop_tui.widgets.approvals import ApprovalsPane, duration
 from outloop_tui.widgets.audit import LINE_CAP, AuditPane
 from outloop_tui.widgets.confirm import ConfirmScreen
 from outloop_tui.widgets.first_run import FirstRunScreen
+from outloop_tui.widgets.footer import KeyFooter
 from outloop_tui.widgets.forms import (
     AddCredentialScreen,
     Added,
@@ -116,7 +120,7 @@ class DashboardScreen(Screen[None]):
                 yield ApprovalsPane(app.clock, id="approvals")
                 yield AuditPane(line_cap=app.line_cap, id="audit")
                 yield AlertsPane(app.wall, id="alerts")
-        yield Footer()
+        yield KeyFooter()
 
     @property
     def dashboard_app(self) -> OutloopApp:
@@ -363,7 +367,7 @@ class DashboardScreen(Screen[None]):
 class OutloopApp(App[int]):
     """The dashboard. `engine` is started on mount and stopped on exit."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live elsewhere
     TITLE = "Outloop"
     COMMANDS = App.COMMANDS | {OutloopCommands}
     BINDINGS = [
@@ -572,10 +576,12 @@ class OutloopApp(App[int]):
     # -- timers -------------------------------------------------------------------
 
     def _drain_audit(self) -> None:
-        self.dashboard.drain_audit()
+        with contextlib.suppress(NoMatches):  # the panes are gone while the app shuts down
+            self.dashboard.drain_audit()
 
     def _tick(self) -> None:
-        self.dashboard.refresh_view()
+        with contextlib.suppress(NoMatches):
+            self.dashboard.refresh_view()
 
 
 def _call_first(obj: Any, names: Iterable[str], *args: Any) -> Any:

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from rich.highlighter import Highlighter
@@ -58,8 +59,14 @@ def outcome_of(record: Mapping[str, Any]) -> tuple[str, str]:
 def _clock_time(ts: object) -> str:
     if not isinstance(ts, str):
         return "--:--:--"
+    return _local_time(ts[:19])
+
+
+@lru_cache(maxsize=4096)
+def _local_time(ts: str) -> str:
+    """HH:MM:SS local time of a UTC 'YYYY-MM-DDTHH:MM:SS' (cached: floods share seconds)."""
     try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+        return datetime.fromisoformat(ts + "+00:00").astimezone().strftime("%H:%M:%S")
     except ValueError:
         return ts[11:19] or "--:--:--"
 

@@ -1,0 +1,28 @@
+"""The key bar: Textual's Footer, redrawn only when the keys it shows change.
+
+Textual's Footer rebuilds all its key widgets on every focus change; moving
+between panes here never changes the keys shown, and the rebuild (a style pass
+over a dozen new widgets) was most of the time a Tab took to reach the screen.
+"""
+
+from __future__ import annotations
+
+from textual.screen import Screen
+from textual.widgets import Footer
+
+
+class KeyFooter(Footer):
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: tuple[tuple[str, str, bool], ...] | None = None
+
+    def bindings_changed(self, screen: Screen) -> None:  # type: ignore[override]
+        shown = tuple(
+            (key, active.binding.description, active.enabled)
+            for key, active in screen.active_bindings.items()
+            if active.binding.show
+        )
+        if shown == self._shown:
+            return
+        self._shown = shown
+        super().bindings_changed(screen)
