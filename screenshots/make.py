@@ -24,9 +24,9 @@ from outloop_tui.demo import demo_world, make_demo_app  # noqa: E402
 SIZE = (160, 48)
 
 
-async def until(pilot: object, predicate: Callable[[], object], timeout: float = 60) -> None:
+async def until(pilot: object, predicate: Callable[[], object], limit: float = 60) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit
     while not predicate():
         if loop.time() > deadline:
             raise TimeoutError("the demo did not reach the expected state")
