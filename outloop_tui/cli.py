@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd("demo", "run_demo"))
 
     p = sub.add_parser("broker", help="headless broker and leak watcher in the foreground")
+    p.add_argument("--verbose", action="store_true", help="also log every allowed call (attempt and outcome)")
     p.set_defaults(run=_cmd("cmd_broker", "run_broker"))
 
     p = sub.add_parser("call", help="make an API call through the broker (the agent's client)",

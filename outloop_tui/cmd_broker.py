@@ -2,6 +2,10 @@
 
 With no dashboard attached there is nobody to ask, so `ask` rules are refused
 with approval_unavailable.
+
+The log (stderr) has refusals, leak alerts, state and config events; a line per
+allowed call (its attempt and outcome) only with `--verbose`: under load a line
+per call costs the broker more than the call itself. The audit log has them all.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 import time
 
 from broker.engine import Engine
-from broker.events import AuditRecorded, BrokerStateChanged, ConfigRejected, ConfigReloaded
+from broker.events import AuditRecorded, BrokerStateChanged, ConfigRejected, ConfigReloaded, Refused
 from broker.paths import Paths
 
 
@@ -21,15 +25,26 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def describe(event: object) -> str | None:
-    """One log line for an engine event (never a secret: events carry none)."""
+def describe(event: object, verbose: bool = True) -> str | None:
+    """One log line for an engine event (never a secret: events carry none).
+
+    Without `verbose`, audit records of calls get a line only when the call failed
+    upstream (a refusal has its own `Refused` event).
+    """
     if isinstance(event, AuditRecorded):
         r = event.record
+        kind = r.get("event")
+        if kind not in ("attempt", "outcome"):
+            return f"audit {kind}: {r.get('file') or ''} {r.get('set_aside') or ''}".rstrip()
+        if not verbose and not (kind == "outcome" and r.get("status") == "upstream_error"):
+            return None
         what = f"{r.get('tenant') or '-'} {r.get('credential') or '-'} " \
                f"{r.get('method') or ''} {r.get('path') or ''}".strip()
-        if r.get("event") == "outcome":
+        if kind == "outcome":
             return f"outcome  {what} -> {r.get('status')} ({r.get('ms')} ms)"
         return f"attempt  {what} -> {r.get('decision')}"
+    if isinstance(event, Refused):
+        return f"refused  {event.tenant or '-'} {event.credential or '-'} -> {event.code}: {event.message}"
     if isinstance(event, BrokerStateChanged):
         return f"broker {event.state}{': ' + event.detail if event.detail else ''}"
     if isinstance(event, ConfigReloaded):
@@ -43,9 +58,9 @@ def describe(event: object) -> str | None:
     return None
 
 
-async def _serve(paths: Paths) -> None:
+async def _serve(paths: Paths, verbose: bool = False) -> None:
     engine = Engine(paths)
-    engine.subscribe(lambda e: (line := describe(e)) and _log(line))
+    engine.subscribe(lambda e: (line := describe(e, verbose)) and _log(line))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,5 +77,5 @@ async def _serve(paths: Paths) -> None:
 def run_broker(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     paths.check_socket_path()
-    asyncio.run(_serve(paths))
+    asyncio.run(_serve(paths, verbose=getattr(args, "verbose", False)))
     return 0
