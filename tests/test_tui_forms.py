@@ -143,7 +143,7 @@ async def test_alert_details_mask_the_secret_in_the_context() -> None:
         await pilot.press("k")  # acknowledge
         await pilot.pause(0.2)
         assert app.acked == {"al-1"}
-        assert "critical (seen)" in screen_text(app)
+        await until(pilot, lambda: "critical (seen)" in screen_text(app))  # dimmed, still listed
         await pilot.press("enter")  # the cursor is on it still: open it again and ignore it
         await until(pilot, lambda: isinstance(app.screen, AlertScreen))
         app.screen.query_one("#ignore-reason", Input).value = "test fixture token"

@@ -200,6 +200,8 @@ class AlertAction:
 class AlertScreen(ModalScreen[AlertAction | None]):
     """One alert: where, which rule, the masked context; acknowledge or ignore it."""
 
+    AUTO_FOCUS = "#ack"  # so k and i act at once instead of typing into the reason box
+
     BINDINGS = [
         Binding("escape", "dismiss(None)", "Close", id="alert-close"),
         Binding("k", "ack", "Acknowledge", id="alert-ack"),
@@ -243,9 +245,6 @@ class AlertScreen(ModalScreen[AlertAction | None]):
                 yield Button("Acknowledge (k)", id="ack", variant="primary")
                 yield Button("Ignore (i)", id="ignore", variant="warning")
                 yield Button("Close (esc)", id="close")
-
-    def on_mount(self) -> None:
-        self.query_one("#ack", Button).focus()
 
     def action_ack(self) -> None:
         self.dismiss(AlertAction("ack"))

@@ -43,6 +43,7 @@ class FormScreen(ModalScreen[Added | None]):
     """A dialog with labelled fields, an error line, and Save / Cancel."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="form-cancel")]
+    AUTO_FOCUS = None  # on_mount picks the first field still to fill
     TITLE_TEXT = ""
     SAVE_LABEL = "Save"
 
