@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,15 @@ class Paths:
         else:
             dirs = platformdirs.PlatformDirs(APP, appauthor=False)
             state = Path(dirs.user_state_dir)
-            try:
-                runtime = Path(dirs.user_runtime_dir)
-            except Exception:  # some platforms have no runtime dir
+            # Without XDG_RUNTIME_DIR platformdirs warns and guesses a shared /tmp path;
+            # the private state folder is the better home for the socket then.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    runtime = Path(dirs.user_runtime_dir)
+                except Exception:  # some platforms have no runtime dir
+                    runtime = state
+            if sys.platform.startswith("linux") and not env.get("XDG_RUNTIME_DIR"):
                 runtime = state
             paths = cls(Path(dirs.user_config_dir) / "config.toml", state, runtime / "broker.sock")
         override = env.get("OUTLOOP_SOCKET")
