@@ -26,13 +26,14 @@ from outloop_tui.widgets.approvals import duration
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 SEVERITY_STYLE = {"critical": "bold white on #b03030", "high": "bold #e5534b", "medium": "#d9a932", "low": "dim"}
+# Fixed widths, as in the approvals table: rows never shift as alerts come and go.
 COLUMNS = (
-    ("severity", "Severity"),
-    ("tenant", "Tenant"),
-    ("where", "File:line"),
-    ("rule", "Rule"),
-    ("preview", "Preview"),
-    ("age", "Age"),
+    ("severity", "Severity", 9),
+    ("tenant", "Tenant", 10),
+    ("where", "File:line", 36),
+    ("rule", "Rule", 30),
+    ("preview", "Preview", 12),
+    ("age", "Age", 6),
 )
 CONTEXT_LINES = 3
 _TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.~]{12,}")
@@ -141,8 +142,8 @@ class AlertsPane(DataTable[str | Text]):
 
     def on_mount(self) -> None:
         self.border_title = "Leak alerts"
-        for key, label in COLUMNS:
-            self.add_column(label, key=key)
+        for key, label, width in COLUMNS:
+            self.add_column(label, key=key, width=width)
 
     def sync(self, alerts: Sequence[Any], note: str = "", acked: Set[str] = frozenset()) -> None:
         now = self._wall()

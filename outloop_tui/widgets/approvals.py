@@ -16,17 +16,20 @@ from textual.widgets import DataTable, Static
 
 from broker.events import PendingApproval
 
+# Fixed widths: the table never re-measures (and never jumps) as asks come and go, and
+# what the operator reads before pressing `y` is where it was a moment ago. Wider
+# content scrolls horizontally.
 COLUMNS = (
-    ("age", "Age"),
-    ("left", "Left"),
-    ("tenant", "Tenant"),
-    ("workspace", "Workspace"),
-    ("process", "Process"),
-    ("credential", "Credential"),
-    ("method", "Method"),
-    ("path", "Path"),
-    ("rule", "Rule"),
-    ("reason", "Reason"),
+    ("age", "Age", 5),
+    ("left", "Left", 6),
+    ("tenant", "Tenant", 10),
+    ("workspace", "Workspace", 14),
+    ("process", "Process", 18),
+    ("credential", "Credential", 12),
+    ("method", "Method", 7),
+    ("path", "Path", 32),
+    ("rule", "Rule", 26),
+    ("reason", "Reason", 40),
 )
 
 
@@ -66,8 +69,8 @@ class ApprovalsPane(Vertical):
     def on_mount(self) -> None:
         self.border_title = "Pending approvals"
         table = self.table
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        for key, label, width in COLUMNS:
+            table.add_column(label, key=key, width=width)
         self._update_title()
 
     @property
