@@ -93,17 +93,25 @@ def ensure_private_dir(path: Path) -> Path:
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file.
 
-    Writes a temporary file in the same folder, fsyncs it, renames it over the
-    target and fsyncs the folder. The result is 0600.
+    The folder is made private (0700) and the result is 0600.
     """
     ensure_private_dir(path.parent)
+    replace_file(path, data, 0o600)
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
+
+    Leaves the folder's permissions alone (it may be the user's home or project).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -24,7 +24,6 @@ own keys) and touches nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -32,13 +31,12 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.paths import fsync_dir
+from broker.paths import replace_file
 from outloop_tui.cli import UserError
 
 SERVER = "outloop"
@@ -168,28 +166,6 @@ def write(plan: Plan, stamp: str) -> Path | None:
     data = (json.dumps(plan.after, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     replace_file(plan.path, data, mode)
     return backup
-
-
-def replace_file(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` atomically (temp file, fsync, rename), keeping `mode`.
-
-    Unlike broker.paths.atomic_write this leaves the folder's permissions alone: the
-    folder is the user's home or project.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 # -- the merges (plain functions over plain data) -----------------------------------------
