@@ -28,7 +28,7 @@ SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 SEVERITY_STYLE = {"critical": "bold white on #b03030", "high": "bold #e5534b", "medium": "#d9a932", "low": "dim"}
 # Fixed widths, as in the approvals table: rows never shift as alerts come and go.
 COLUMNS = (
-    ("severity", "Severity", 9),
+    ("severity", "Severity", 15),
     ("tenant", "Tenant", 10),
     ("where", "File:line", 36),
     ("rule", "Rule", 30),
