@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx
@@ -212,19 +215,27 @@ def _audit_records(home: Path) -> int:
     return sum(sum(1 for _ in p.open("rb")) for p in (home / "state" / "audit").glob("*.jsonl"))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq", type=int, default=2000, help="sequential calls of each kind")
-    parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput run")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--keep", action="store_true", help="keep the temp folder, print it")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="py-spy the broker during the brokered throughput run "
-                             "(raw collapsed stacks to FILE; needs py-spy)")
-    args = parser.parse_args()
-    profile_file = os.path.abspath(args.profile) if args.profile else None
+@dataclass
+class BenchWorld:
+    """A throw-away Outloop home with one tenant, a running `outloop broker` and upstream."""
 
-    root = Path(tempfile.mkdtemp(prefix="olb-"))  # short: the socket path has a limit
+    root: Path
+    home: Path
+    workspace: Path
+    env: dict[str, str]
+    port: int
+    broker: subprocess.Popen[bytes]
+
+    @property
+    def sock(self) -> str:
+        return str(self.home / "broker.sock")
+
+
+@contextlib.contextmanager
+def bench_world(prefix: str, keep: bool = False) -> Iterator[BenchWorld]:
+    """Private Secret Service, fast upstream, tenant "bench" with credential CRED, and
+    `outloop broker`, all in a temp folder; everything stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))  # short: the socket path has a limit
     home, workspace = root / "home", root / "ws"
     workspace.mkdir()
     env = dict(os.environ, OUTLOOP_HOME=str(home))
@@ -248,13 +259,48 @@ def main() -> int:
         log = open(root / "broker.log", "wb")  # noqa: SIM115 - closed with the temp folder
         broker = subprocess.Popen([OUTLOOP, "broker"], env=env, stdout=log, stderr=log,
                                   cwd=root)
-        sock = str(home / "broker.sock")
+        world = BenchWorld(root, home, workspace, env, port, broker)
         deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
+        while not os.path.exists(world.sock):
             if broker.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"the broker did not start: {(root / 'broker.log').read_text()}")
             time.sleep(0.05)
-        os.chdir(workspace)  # the broker maps this process to tenant "bench" by its cwd
+        yield world
+    finally:
+        if broker is not None:
+            broker.terminate()
+            try:
+                broker.wait(10)
+            except subprocess.TimeoutExpired:
+                broker.kill()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=2000, help="sequential calls of each kind")
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput run")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder, print it")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy the broker during the brokered throughput run "
+                             "(raw collapsed stacks to FILE; needs py-spy)")
+    args = parser.parse_args()
+    profile_file = os.path.abspath(args.profile) if args.profile else None
+
+    with bench_world("olb-", keep=args.keep) as world:
+        env, home, broker, port, sock = world.env, world.home, world.broker, world.port, world.sock
+        os.chdir(world.workspace)  # the broker maps this process to tenant "bench" by its cwd
 
         records_before = _audit_records(home)
         load = os.getloadavg()
@@ -307,24 +353,6 @@ def main() -> int:
                   f"{audit.get('largest_batch')}")
         ok = verify.returncode == 0 and records >= 2 * brokered
         return 0 if ok else 1
-    finally:
-        if broker is not None:
-            broker.terminate()
-            try:
-                broker.wait(10)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,16 +44,16 @@ def _bench_broker() -> Any:
     spec = importlib.util.spec_from_file_location("bench_broker", HERE / "broker.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
 _bb = _bench_broker()
-_outloop, _pct, _spawn_secret_service = _bb._outloop, _bb._pct, _bb._spawn_secret_service
+_pct = _bb._pct
 
 VENV_BIN = Path(sys.executable).parent
 OUTLOOP = str(VENV_BIN / "outloop")
-SECRET = "sk-bench-mcp-0123456789abcdefghijklmnopqrstuvwxyz"
 CRED = "api"
 UPSTREAM_PATH = "/v1/items"
 
@@ -110,33 +109,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls of each kind")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="olm-"))  # short: the socket path has a limit
-    home, workspace = root / "home", root / "ws"
-    workspace.mkdir()
-    env = dict(os.environ, OUTLOOP_HOME=str(home))
-    env.pop("OUTLOOP_SOCKET", None)
-    env.pop("OUTLOOP_DEBUG", None)
-    procs: list[subprocess.Popen[bytes]] = []
-    broker = None
-    try:
-        procs += _spawn_secret_service(root, env)
-        upstream = subprocess.Popen([sys.executable, str(HERE / "upstream_fast.py")],
-                                    stdout=subprocess.PIPE, env=env)
-        procs.append(upstream)
-        assert upstream.stdout is not None
-        port = int(upstream.stdout.readline())
-        _outloop(env, "tenant", "add", "bench")
-        _outloop(env, "workspace", "add", "bench", str(workspace))
-        _outloop(env, "credential", "add", "bench", CRED, "--base-url", f"http://127.0.0.1:{port}",
-                 "--allow", "GET /**", stdin=SECRET + "\n")
-        log = open(root / "broker.log", "wb")  # noqa: SIM115 - closed with the temp folder
-        broker = subprocess.Popen([OUTLOOP, "broker"], env=env, stdout=log, stderr=log, cwd=root)
-        sock = home / "broker.sock"
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if broker.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the broker did not start: {(root / 'broker.log').read_text()}")
-            time.sleep(0.05)
+    with _bb.bench_world("olm-") as world:
+        env, sock, workspace = world.env, Path(world.sock), world.workspace
         os.environ.update(env)  # this process talks to the same broker and keyring
         os.chdir(workspace)  # the broker maps this process to tenant "bench" by its cwd
 
@@ -158,16 +132,6 @@ def main() -> int:
         print(f"starting `outloop mcp` (once per Claude Code session): "
               f"{times['mcp_start'][0]:.0f} ms")
         return 0
-    finally:
-        if broker is not None:
-            broker.terminate()
-            broker.wait(10)
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 if __name__ == "__main__":
