@@ -8,6 +8,7 @@ client's tenant by `cd`-ing there.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -25,8 +26,23 @@ MAX_ANCESTORS = 64
 
 @dataclass(frozen=True)
 class Peer:
+    """The process at the other end of one socket connection."""
+
     pid: int
     uid: int
+
+    @functools.cached_property
+    def ancestors(self) -> tuple[int, ...]:
+        """The caller's ancestors, parent first, read once per connection.
+
+        A process's ancestors can only exit, never be replaced by others (an
+        orphan is adopted by init or a subreaper above it), so the chain read on
+        the first call holds for the connection's life. What changes, the
+        folders they are in, is read on every call. Should an ancestor exit
+        and its pid be reused meanwhile, the new process's folder is examined
+        in its place: that can only add a refusal, never lift one.
+        """
+        return _ancestors(self.pid)
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,7 @@ def identify(peer: Peer, config: Config) -> Caller:
             pid=peer.pid, exe=exe, cwd=cwd,
         )
     tenant, workspace = found
-    other = _ancestor_tenant(peer.pid, tenant.id, config)
+    other = _ancestor_tenant(peer.ancestors, tenant.id, config)
     if other is not None:
         raise IdentityError(
             "wrong_tenant",
@@ -100,14 +116,10 @@ def identify(peer: Peer, config: Config) -> Caller:
     return Caller(peer.pid, exe, cwd, tenant, workspace)
 
 
-def _ancestor_tenant(pid: int, tenant: str, config: Config) -> str | None:
+def _ancestor_tenant(ancestors: tuple[int, ...], tenant: str, config: Config) -> str | None:
     """The first other tenant found among the ancestors inside workspaces, if any."""
-    current = pid
-    for _ in range(MAX_ANCESTORS):
+    for parent in ancestors:
         try:
-            parent = _parent(current)
-            if parent is None or parent <= 1:
-                return None
             cwd = Path(_cwd(parent))
         except (psutil.Error, OSError):
             return None
@@ -116,8 +128,23 @@ def _ancestor_tenant(pid: int, tenant: str, config: Config) -> str | None:
             return None
         if found[0].id != tenant:
             return found[0].id
-        current = parent
     return None
+
+
+def _ancestors(pid: int) -> tuple[int, ...]:
+    """Parent, grandparent, ... up to (not including) init, at most MAX_ANCESTORS."""
+    chain: list[int] = []
+    try:
+        current, started = pid, _started(pid)
+        for _ in range(MAX_ANCESTORS):
+            parent = _parent(current, started)
+            if parent is None or parent[0] <= 1:
+                break
+            chain.append(parent[0])
+            current, started = parent
+    except (psutil.Error, OSError):
+        pass
+    return tuple(chain)
 
 
 # Reading a process. psutil does this everywhere; on Linux the broker reads
@@ -162,16 +189,23 @@ def _exe(pid: int) -> str:
         return ""
 
 
-def _parent(pid: int) -> int | None:
-    """The parent's pid, or None when it is gone (or its pid was reused since)."""
+def _started(pid: int) -> float:
+    if not _USE_PROC:  # pragma: no cover - non-Linux
+        return psutil.Process(pid).create_time()
+    return _stat(pid)[1]
+
+
+def _parent(pid: int, started: float) -> tuple[int, float] | None:
+    """(pid, start time) of the parent of `pid` (which started at `started`), or None
+    when it is gone (or its pid was reused since)."""
     if not _USE_PROC:  # pragma: no cover - non-Linux
         parent = psutil.Process(pid).parent()
-        return None if parent is None else parent.pid
-    ppid, started = _stat(pid)
+        return None if parent is None else (parent.pid, parent.create_time())
+    ppid = _stat(pid)[0]
     if ppid <= 0:
         return None
     try:
         _, parent_started = _stat(ppid)
     except OSError:
         return None
-    return ppid if parent_started <= started else None
+    return (ppid, parent_started) if parent_started <= started else None

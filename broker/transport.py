@@ -1,0 +1,316 @@
+"""The broker's upstream transport for httpx: pooled HTTP/1.1 connections on asyncio.
+
+httpx's stock transport (httpcore over AnyIO) costs about half a millisecond of
+CPU per call, as much as everything else the broker does together. Each call
+scans every pooled connection twice (and asks each socket, by a system call,
+whether the server hung up), and every read and write passes through AnyIO's
+cancel scopes. This transport does the same job for the one shape the broker
+needs, plain HTTP/1.1 to a handful of API hosts with keep-alive, on asyncio
+protocols:
+
+- framing is h11's (a maintained protocol library), not ours;
+- a connection learns that the server hung up from asyncio's callbacks
+  (`eof_received` / `connection_lost`), so idle connections are never polled;
+- idle connections are kept per origin, most recently used first, so taking
+  one is O(1) however many are pooled;
+- TLS is asyncio's, with httpx's default context (certifi's CA bundle);
+- timeouts are httpx's (connect, read, write, pool from the request's
+  `timeout` extension) and failures raise httpx's exceptions, so the client
+  above behaves as with the stock transport.
+
+No proxies (the broker's client ignores the environment), no HTTP/2, no
+retries: a request is put on the wire at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import httpx2 as httpx
+
+# Largest response head h11 will buffer (status line + headers).
+MAX_HEAD_BYTES = 64 * 1024
+# Bytes received but not yet read by the caller before the socket stops being read.
+MAX_BUFFERED = 1024 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: h11's state machine fed by asyncio's callbacks."""
+
+    def __init__(self, origin: tuple[bytes, bytes, int]) -> None:
+        self.origin = origin
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False  # the socket is closed, or the server sent EOF
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._unread = 0  # bytes received that h11 has not handed out yet (about)
+        self._reading_paused = False
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        self.h11.receive_data(data)
+        self._unread += len(data)
+        if self._unread > MAX_BUFFERED and self.transport is not None and not self._reading_paused:
+            # The reader is behind: stop reading the socket until it catches up,
+            # so a fast server cannot make the broker buffer without bound.
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        try:
+            self.h11.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        self._wake()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- used by the transport
+
+    def reusable(self) -> bool:
+        return (not self.lost and self.h11.our_state is h11.IDLE
+                and self.h11.their_state is h11.IDLE)
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def send(self, event: h11.Event, timeout: float | None) -> None:  # noqa: ASYNC109
+        data = self.h11.send(event)
+        if self.lost or self.transport is None:
+            raise httpx.WriteError("the server closed the connection")
+        if data:
+            self.transport.write(data)
+        if self._paused:
+            loop = asyncio.get_running_loop()
+            self._drained = loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+            finally:
+                self._drained = None
+            if self.lost:
+                raise httpx.WriteError("the server closed the connection")
+
+    async def next_event(self, timeout: float | None) -> h11.Event:  # noqa: ASYNC109
+        """The next event from the server, waiting at most `timeout` for more bytes."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1 framing: {e}") from None
+            if event is h11.PAUSED:  # only after a whole response, which nobody reads past
+                raise httpx.RemoteProtocolError("the server sent more than one response")
+            if event is not h11.NEED_DATA:
+                assert isinstance(event, h11.Event)
+                if isinstance(event, h11.Data):
+                    self._unread -= len(event.data)
+                return event
+            self._unread = 0
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            if self.lost:
+                raise httpx.RemoteProtocolError("the server disconnected without a whole response")
+            self._waiter = loop.create_future()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._waiter
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out waiting for the server") from None
+            finally:
+                self._waiter = None
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body read from its connection; closing it returns the connection to the pool."""
+
+    def __init__(self, transport: PooledTransport, conn: _Connection, read_timeout: float | None) -> None:
+        self._transport = transport
+        self._conn: _Connection | None = conn
+        self._timeout = read_timeout
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        while not self._done:
+            event = await conn.next_event(self._timeout)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                self._done = True
+            else:  # pragma: no cover - h11 sends only these after a Response
+                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        reuse = self._done and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
+        if reuse:
+            conn.h11.start_next_cycle()
+        # Not reused: a body not read to its end, or "Connection: close".
+        self._transport._release(conn, reuse)
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    """Pooled HTTP/1.1 for httpx.AsyncClient (`transport=`); see the module docstring."""
+
+    def __init__(self, *, max_connections: int = 200, max_idle: int = 64,
+                 idle_seconds: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[tuple[bytes, bytes, int], collections.deque[_Connection]] = {}
+        self._idle_count = 0
+        self._max_idle = max_idle
+        self._idle_seconds = idle_seconds
+        self._slots = asyncio.Semaphore(max_connections)
+        self._ssl = ssl_context
+        self._open: set[_Connection] = set()
+        self._closed = False
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return self._ssl
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        url = request.url
+        scheme = url.raw_scheme
+        if scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}")
+        port = url.port or (443 if scheme == b"https" else 80)
+        origin = (scheme, url.raw_host, port)
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("no upstream connection came free in time") from None
+        else:
+            await self._slots.acquire()  # free: returns without waiting
+        conn = None
+        try:
+            conn = self._idle_connection(origin) or await self._connect(origin, timeouts.get("connect"))
+            # The slot and the connection come back when the body is closed.
+            return await self._exchange(conn, request, timeouts)
+        except BaseException:
+            if conn is None:
+                self._slots.release()
+            else:
+                self._release(conn, reuse=False)
+            raise
+
+    def _idle_connection(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # most recently used: the least likely to have been closed
+            self._idle_count -= 1
+            if conn.reusable() and now - conn.idle_since < self._idle_seconds:
+                return conn
+            conn.close()
+            self._open.discard(conn)
+        return None
+
+    async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        name = host.decode("ascii")
+        tls = self._context() if scheme == b"https" else None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(origin), name.strip("[]"), port, ssl=tls,
+                    server_hostname=name.strip("[]") if tls else None)
+        except TimeoutError:
+            raise httpx.ConnectTimeout("timed out connecting to the upstream") from None
+        except (OSError, ssl.SSLError) as e:
+            raise httpx.ConnectError(f"cannot connect to the upstream ({type(e).__name__})") from None
+        self._open.add(conn)
+        return conn
+
+    async def _exchange(self, conn: _Connection, request: httpx.Request,
+                        timeouts: dict[str, float | None]) -> httpx.Response:
+        write_timeout = timeouts.get("write")
+        read_timeout = timeouts.get("read")
+        target = request.url.raw_path
+        try:
+            await conn.send(h11.Request(method=request.method.encode("ascii"), target=target,
+                                        headers=request.headers.raw), write_timeout)
+            async for chunk in request.stream:  # type: ignore[union-attr]
+                if chunk:
+                    await conn.send(h11.Data(data=chunk), write_timeout)
+            await conn.send(h11.EndOfMessage(), write_timeout)
+        except h11.LocalProtocolError as e:
+            raise httpx.LocalProtocolError(str(e)) from None
+        while True:
+            event = await conn.next_event(read_timeout)
+            if isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and friends: the final answer follows
+            if isinstance(event, h11.Response):
+                break
+            raise httpx.RemoteProtocolError("the server disconnected without a response")
+        extensions: dict[str, Any] = {"http_version": b"HTTP/" + event.http_version,
+                                      "reason_phrase": event.reason}
+        body = _Body(self, conn, read_timeout)
+        return httpx.Response(status_code=event.status_code, headers=event.headers.raw_items(),
+                              stream=body, extensions=extensions)
+
+    def _release(self, conn: _Connection, reuse: bool) -> None:
+        self._slots.release()
+        if not reuse or self._closed or not conn.reusable() or self._idle_count >= self._max_idle:
+            conn.close()
+            self._open.discard(conn)
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.origin, collections.deque()).append(conn)
+        self._idle_count += 1
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
+        self._idle_count = 0
