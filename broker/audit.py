@@ -100,6 +100,13 @@ _FORBIDDEN = frozenset(
 # share its fsync (group commit) before it is fsynced on its own.
 LAZY_SYNC_SECONDS = 0.005
 
+# An fsync runs on the event loop itself while the disk answers within this
+# (smoothed), on the audit thread once it is slower. Handing an fsync to a
+# thread and back costs ~0.15 ms of CPU and as much latency on a 2-core VM,
+# about what a fast disk takes for the fsync itself; a slow disk must not
+# stall the loop (the dashboard shares it), so there the thread takes it.
+INLINE_SYNC_MAX_SECONDS = 0.002
+
 Record = dict[str, Any]
 Clock = Callable[[], datetime]
 Subscriber = Callable[[Record], None]
@@ -282,10 +289,12 @@ class AuditStats:
     fsyncs: int = 0
     failures: int = 0
     largest_batch: int = 0
+    inline_fsyncs: int = 0  # of `fsyncs`, how many ran on the event loop
 
 
 # ---------------------------------------------------------------------------
-# Blocking file work; runs only on the audit writer thread
+# Blocking file work; runs on the audit writer thread, or (a fast fsync) on
+# the loop while no thread job is running: never two at once
 
 
 def _ensure_dir(path: Path) -> None:
@@ -660,6 +669,8 @@ class AuditLog:
         # work in the loop's default executor, and the store needs no locks.
         self._executor: ThreadPoolExecutor | None = None
         self._subscribers: list[Subscriber] = []
+        self._sync_seconds = 0.0  # smoothed time an fsync takes here
+        self._writing = False  # the writer task is writing a batch (it may be waiting to)
 
     @property
     def head(self) -> str:
@@ -763,7 +774,16 @@ class AuditLog:
         self._last_ts = moment
         full: Record = {"ts": format_ts(moment), "id": _new_id(moment), **record}
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(full, moment.astimezone(UTC).date(), future, durable))
+        item = _Pending(full, moment.astimezone(UTC).date(), future, durable)
+        current = None if self._pending or self._writing else self._store.writable(item.day)
+        if current is not None:
+            # Nothing queued and the writer idle: append now, in call order, instead
+            # of a round trip through the writer task (which still does the fsync).
+            part = _Part(item.day)
+            part.items.append(item)
+            self._append(current, part)
+        else:
+            self._pending.append(item)
         self._wake.set()
         return await future
 
@@ -785,10 +805,12 @@ class AuditLog:
     #
     # One task writes, in call order: it takes what is pending, chains it, and
     # appends it to the day file with one write(2) on the loop's thread (a
-    # small write to the page cache). Only the fsync runs on the audit thread,
-    # one at a time; while it runs the writer keeps appending, and the next
-    # fsync covers everything appended meanwhile. That is the group commit: a
-    # batch is what one fsync covers. A caller waiting for durability is
+    # small write to the page cache). Only the fsync may run on the audit
+    # thread (when the disk is slow, see INLINE_SYNC_MAX_SECONDS), one at a
+    # time; while it runs the writer keeps appending, and the next fsync
+    # covers everything appended meanwhile. An fsync on the loop blocks it for
+    # its fraction of a millisecond, and what arrives meanwhile forms the next
+    # batch. That is the group commit: a batch is what one fsync covers. A caller waiting for durability is
     # answered when the fsync covering its record returns; a ``durable=False``
     # caller when its record is written. Records appended only by such callers
     # wait up to LAZY_SYNC_SECONDS for a durable record to share the fsync.
@@ -799,7 +821,11 @@ class AuditLog:
             while True:
                 if self._pending:
                     batch, self._pending = self._pending, []
-                    await self._write(batch)
+                    self._writing = True
+                    try:
+                        await self._write(batch)
+                    finally:
+                        self._writing = False
                     batch = []
                     continue
                 if self._unsynced and self._syncing is None and (
@@ -846,23 +872,31 @@ class AuditLog:
                 except Exception as exc:
                     self._write_failed([item for later in parts[index:] for item in later.items], exc)
                     return
-            items = self._chain(part)
-            if not items:
-                continue
-            try:
-                self._store.append(current, bytes(part.data))
-            except Exception as exc:
-                self._write_failed([item for later in parts[index:] for item in later.items], exc)
+            if not self._append(current, part):
+                self._write_failed([item for later in parts[index + 1:] for item in later.items],
+                                   AuditError("an earlier record could not be written"))
                 return
-            self._tail = items[-1].record["hash"]
-            if not self._unsynced:
-                self._unsynced_since = asyncio.get_running_loop().time()
-            self._unsynced.extend(items)
-            for item in items:
-                if item.durable:
-                    self._unsynced_durable += 1
-                elif not item.future.done():
-                    item.future.set_result(item.record)
+
+    def _append(self, current: _DayFile, part: _Part) -> bool:
+        """Chain `part` and append it to `current`; False (its callers told) if the write failed."""
+        items = self._chain(part)
+        if not items:
+            return True
+        try:
+            self._store.append(current, bytes(part.data))
+        except Exception as exc:
+            self._write_failed(part.items, exc)
+            return False
+        self._tail = items[-1].record["hash"]
+        if not self._unsynced:
+            self._unsynced_since = asyncio.get_running_loop().time()
+        self._unsynced.extend(items)
+        for item in items:
+            if item.durable:
+                self._unsynced_durable += 1
+            elif not item.future.done():
+                item.future.set_result(item.record)
+        return True
 
     def _chain(self, part: _Part) -> list[_Pending]:
         prev = self._tail
@@ -900,8 +934,8 @@ class AuditLog:
         while self._syncing is not None or self._unsynced:
             if self._syncing is None:
                 self._start_sync()
-            assert self._syncing is not None
-            await asyncio.shield(self._syncing)
+            if self._syncing is not None:  # None: it ran on the loop, and is done
+                await asyncio.shield(self._syncing)
 
     def _start_sync(self) -> None:
         current = self._store.current
@@ -914,10 +948,29 @@ class AuditLog:
         last = items[-1].record
         head_line = f"{last['hash']} {last['id']}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, self._store.sync, current, current.size, last["hash"], head_line)
         done: asyncio.Future[None] = loop.create_future()
         self._syncing = done
+        size, head = current.size, last["hash"]
+        if self._sync_seconds <= INLINE_SYNC_MAX_SECONDS:
+            job: asyncio.Future[None] = loop.create_future()
+            try:
+                self._timed_sync(current, size, head, head_line)
+            except Exception as exc:
+                job.set_exception(exc)
+            else:
+                job.set_result(None)
+            self.stats.inline_fsyncs += 1
+            self._synced(job, current, items, done)
+            return
+        job = loop.run_in_executor(self._executor, self._timed_sync, current, size, head, head_line)
         job.add_done_callback(lambda f: self._synced(f, current, items, done))
+
+    def _timed_sync(self, current: _DayFile, size: int, head: str, head_line: bytes) -> None:
+        start = time.perf_counter()
+        try:
+            self._store.sync(current, size, head, head_line)
+        finally:
+            self._sync_seconds = 0.8 * self._sync_seconds + 0.2 * (time.perf_counter() - start)
 
     def _synced(
         self, job: asyncio.Future[None], current: _DayFile, items: list[_Pending], done: asyncio.Future[None]

@@ -8,6 +8,7 @@ before it is written, and a file that does not parse is never overwritten.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import tomllib
 from collections.abc import Iterable
@@ -118,15 +119,29 @@ class Config:
     raw: dict[str, Any]
 
     def workspace_for(self, path: Path) -> tuple[Tenant, Path] | None:
-        """The tenant and workspace folder holding `path` (already resolved), longest prefix."""
-        best: tuple[Tenant, Path] | None = None
+        """The tenant and workspace folder holding `path` (already resolved), longest prefix.
+
+        Runs on every call, for the caller and its ancestors: one dict lookup per
+        level of `path`, however many workspaces are mapped.
+        """
+        index = self._workspace_index
+        text = str(path)
+        while True:
+            found = index.get(text)
+            if found is not None:
+                return found
+            head, sep, _ = text.rpartition("/")
+            if not sep or text == "/":
+                return None
+            text = head or "/"
+
+    @functools.cached_property
+    def _workspace_index(self) -> dict[str, tuple[Tenant, Path]]:
+        index: dict[str, tuple[Tenant, Path]] = {}
         for tenant in self.tenants.values():
             for ws in tenant.workspaces:
-                if (path == ws or ws in path.parents) and (
-                    best is None or len(ws.parts) > len(best[1].parts)
-                ):
-                    best = (tenant, ws)
-        return best
+                index.setdefault(str(ws), (tenant, ws))
+        return index
 
     def credential_owners(self, name: str) -> list[str]:
         """Ids of every tenant that has a credential called `name`."""

@@ -370,7 +370,14 @@ async def test_an_edited_last_record_is_not_mistaken_for_a_torn_tail(audit_dir: 
 # -- group commit and concurrency -----------------------------------------------------------
 
 
-async def test_200_concurrent_records_share_fsyncs(audit_dir: Path) -> None:
+@pytest.fixture(params=["loop", "thread"])
+def sync_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where fsyncs run: on the event loop (a fast disk) or the audit thread (a slow one)."""
+    monkeypatch.setattr(audit, "INLINE_SYNC_MAX_SECONDS", float("inf") if request.param == "loop" else -1.0)
+    return str(request.param)
+
+
+async def test_200_concurrent_records_share_fsyncs(audit_dir: Path, sync_on: str) -> None:
     async with AuditLog(audit_dir) as log:
         records = await asyncio.gather(*(log.record(call(i)) for i in range(200)))
         stats = log.stats
@@ -380,6 +387,33 @@ async def test_200_concurrent_records_share_fsyncs(audit_dir: Path) -> None:
     result = verify(audit_dir)
     assert result.ok and result.count == 200
     assert stats.records == 200 and stats.batches < 200 and stats.fsyncs == stats.batches
+    assert stats.inline_fsyncs == (stats.fsyncs if sync_on == "loop" else 0)
+
+
+async def test_fsyncs_move_to_the_audit_thread_while_the_disk_is_slow(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran_on: list[int] = []
+
+    def slow(fd: int) -> None:
+        ran_on.append(threading.get_ident())
+        time.sleep(0.02)
+
+    def fast(fd: int) -> None:
+        ran_on.append(threading.get_ident())
+
+    loop_thread = threading.get_ident()
+    async with AuditLog(audit_dir) as log:
+        monkeypatch.setattr(audit, "_datasync", slow)
+        for i in range(4):
+            await log.record(call(i))
+        assert ran_on[0] == loop_thread  # not known to be slow yet
+        assert ran_on[-1] != loop_thread  # now it is: the loop is not blocked
+        monkeypatch.setattr(audit, "_datasync", fast)
+        for i in range(20):
+            await log.record(call(10 + i))
+        assert ran_on[-1] == loop_thread  # fast again: back on the loop
+    assert verify(audit_dir).count == 24
 
 
 async def test_verify_while_records_are_being_written(audit_dir: Path) -> None:
@@ -547,7 +581,7 @@ async def test_a_write_that_fails_fails_closed_without_waiting_for_fsync(audit_d
 
 
 async def test_a_failed_fsync_fails_the_waiting_call_and_keeps_the_chain_whole(
-    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch, sync_on: str
 ) -> None:
     monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
     real = audit._datasync
@@ -615,12 +649,12 @@ WRITER = textwrap.dedent(
     slow = False
 
     def torn_write(fd, data):
-        # Half a batch, then a long stall: the parent kills us in between,
-        # which is what a crash in the middle of a write leaves behind.
-        if not slow or bytes(data).count(b"\\n") < 2:
+        # Part of a write (a batch or one record), then a long stall: the parent
+        # kills us in between, which is what a crash in the middle of a write
+        # leaves behind.
+        if not slow or not bytes(data).endswith(b"\\n"):
             return real_write(fd, data)
-        cut = bytes(data).find(b"\\n") + 10  # inside the second record
-        written = real_write(fd, data[:cut])
+        written = real_write(fd, data[: len(data) // 2])
         time.sleep(60)
         return written
 
