@@ -33,7 +33,6 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -138,8 +137,7 @@ def record_hash(prev: str, record: Mapping[str, Any]) -> str:
 
 def format_ts(moment: datetime) -> str:
     """Format ``moment`` as RFC 3339 UTC with milliseconds, e.g. ``2025-01-02T03:04:05.678Z``."""
-    utc = moment.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def day_file_name(day: date) -> str:
@@ -153,7 +151,7 @@ def _now() -> datetime:
 
 def _new_id(moment: datetime) -> str:
     # Sortable like a ULID: milliseconds since the epoch, then 48 random bits.
-    return f"{int(moment.timestamp() * 1000):012x}{secrets.token_hex(6)}"
+    return f"{int(moment.timestamp() * 1000):012x}{os.urandom(6).hex()}"
 
 
 _SCALARS = (str, int, float, bool, type(None))

@@ -118,7 +118,7 @@ class Config:
     broker: BrokerSettings
     raw: dict[str, Any]
 
-    def workspace_for(self, path: Path) -> tuple[Tenant, Path] | None:
+    def workspace_for(self, path: Path | str) -> tuple[Tenant, Path] | None:
         """The tenant and workspace folder holding `path` (already resolved), longest prefix.
 
         Runs on every call, for the caller and its ancestors: one dict lookup per

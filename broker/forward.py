@@ -87,7 +87,6 @@ class Forwarder:
 
     def __init__(self, *, timeout: float, max_response_bytes: int) -> None:
         self.max_response_bytes = max_response_bytes
-        self.timeout = timeout
         # A jar that accepts no cookies: the pool is shared by every tenant.
         jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self._client = httpx.AsyncClient(
@@ -101,6 +100,16 @@ class Forwarder:
         offered = self._client.headers.get("accept-encoding", "")
         self._decodable = frozenset({"identity"} | {
             e.strip().lower() for e in offered.split(",") if e.strip()})
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for each of connect, write and read (a config reload may change it)."""
+        read = self._client.timeout.read
+        return 0.0 if read is None else read
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._client.timeout = httpx.Timeout(seconds)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -118,7 +127,6 @@ class Forwarder:
             params=httpx.QueryParams(params) if params else None,
             headers=outgoing_headers(headers, credential, secret),
             content=body if body else None,
-            timeout=httpx.Timeout(self.timeout),  # per call: a config reload may change it
         )
         start = time.perf_counter()
         try:

@@ -44,6 +44,12 @@ class Peer:
         """
         return _ancestors(self.pid)
 
+    @functools.cached_property
+    def exe(self) -> str:
+        """The caller's program, for the audit ("" if unreadable). Read once per
+        connection: it changes only by exec, and sockets do not survive an exec."""
+        return _exe(self.pid)
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -93,17 +99,17 @@ def identify(peer: Peer, config: Config) -> Caller:
         raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker",
                             pid=peer.pid)
     try:
-        cwd = Path(_cwd(peer.pid))
-        exe = _exe(peer.pid)
+        cwd = _cwd(peer.pid)
     except (psutil.Error, OSError):
         raise IdentityError("unmapped_workspace", "the calling process could not be examined",
                             pid=peer.pid) from None
+    exe = peer.exe
     found = config.workspace_for(cwd)
     if found is None:
         raise IdentityError(
             "unmapped_workspace",
             f"{cwd} belongs to no tenant; map it with `outloop workspace add TENANT {cwd}`",
-            pid=peer.pid, exe=exe, cwd=cwd,
+            pid=peer.pid, exe=exe, cwd=Path(cwd),
         )
     tenant, workspace = found
     other = _ancestor_tenant(peer.ancestors, tenant.id, config)
@@ -111,16 +117,16 @@ def identify(peer: Peer, config: Config) -> Caller:
         raise IdentityError(
             "wrong_tenant",
             f"the calling process tree spans tenants {tenant.id!r} and {other!r}",
-            pid=peer.pid, exe=exe, cwd=cwd, tenant=tenant.id, workspace=workspace,
+            pid=peer.pid, exe=exe, cwd=Path(cwd), tenant=tenant.id, workspace=workspace,
         )
-    return Caller(peer.pid, exe, cwd, tenant, workspace)
+    return Caller(peer.pid, exe, Path(cwd), tenant, workspace)
 
 
 def _ancestor_tenant(ancestors: tuple[int, ...], tenant: str, config: Config) -> str | None:
     """The first other tenant found among the ancestors inside workspaces, if any."""
     for parent in ancestors:
         try:
-            cwd = Path(_cwd(parent))
+            cwd = _cwd(parent)
         except (psutil.Error, OSError):
             return None
         found = config.workspace_for(cwd)
