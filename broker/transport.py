@@ -100,8 +100,17 @@ class _Connection(asyncio.Protocol):
     # -- used by the transport
 
     def reusable(self) -> bool:
+        # Bytes already buffered on an idle connection (a second response, a late 408)
+        # would otherwise be read as the answer to the next request.
         return (not self.lost and self.h11.our_state is h11.IDLE
-                and self.h11.their_state is h11.IDLE)
+                and self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0])
+
+    def resume_reading(self) -> None:
+        """Count unread bytes from zero again and read the socket if it was paused."""
+        self._unread = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def close(self) -> None:
         self.lost = True
@@ -143,10 +152,7 @@ class _Connection(asyncio.Protocol):
                 if isinstance(event, h11.Data):
                     self._unread -= len(event.data)
                 return event
-            self._unread = 0
-            if self._reading_paused and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
+            self.resume_reading()
             if self.lost:
                 raise httpx.RemoteProtocolError("the server disconnected without a whole response")
             self._waiter = loop.create_future()
@@ -188,6 +194,9 @@ class _Body(httpx.AsyncByteStream):
         reuse = self._done and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
         if reuse:
             conn.h11.start_next_cycle()
+            # Reading may have paused as the body's end arrived; an idle connection
+            # must read, or it never sees the server hang up.
+            conn.resume_reading()
         # Not reused: a body not read to its end, or "Connection: close".
         self._transport._release(conn, reuse)
 
@@ -291,10 +300,15 @@ class PooledTransport(httpx.AsyncBaseTransport):
             if isinstance(event, h11.Response):
                 break
             raise httpx.RemoteProtocolError("the server disconnected without a response")
+        headers = event.headers.raw_items()
+        # h11 bounds a head only while it is still incomplete after a read; one that came
+        # whole in a single read is measured here (about: h11 drops some whitespace).
+        if len(event.reason) + sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
         extensions: dict[str, Any] = {"http_version": b"HTTP/" + event.http_version,
                                       "reason_phrase": event.reason}
         body = _Body(self, conn, read_timeout)
-        return httpx.Response(status_code=event.status_code, headers=event.headers.raw_items(),
+        return httpx.Response(status_code=event.status_code, headers=headers,
                               stream=body, extensions=extensions)
 
     def _release(self, conn: _Connection, reuse: bool) -> None:

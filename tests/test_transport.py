@@ -1,0 +1,782 @@
+"""The broker's pooled HTTP/1.1 transport (broker/transport.py) against real loopback servers.
+
+Each upstream here is a raw asyncio server that writes exact bytes, so a test can send
+what a well-behaved server would not (a second response, a 70 KiB head, a FIN in the
+middle of a body) and count the TCP connections the pool opened. Every wait is bounded:
+the client's timeouts and the server-side waits give up after WAIT seconds, which only
+a broken transport reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import trustme
+
+from broker.transport import MAX_BUFFERED, MAX_HEAD_BYTES, PooledTransport
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT = 10.0  # seconds; the upper bound on every wait in this file
+MiB = 1024 * 1024
+
+
+# -- a raw upstream ---------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One request as the server read it off the wire."""
+
+    method: str
+    target: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+class Conn:
+    """The server's side of one accepted connection."""
+
+    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.index = index  # 0 for the first connection accepted, and so on
+        self.reader = reader
+        self.writer = writer
+        self.eof = asyncio.Event()  # the client closed the connection
+        self.closed = asyncio.Event()  # the server's side is closed
+
+    async def request(self) -> Request | None:
+        """The next request, or None once the client has closed the connection."""
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                raise AssertionError(f"a torn request head: {e.partial[:80]!r}") from None
+            self.eof.set()
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._chunked_body()
+        else:
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return Request(method, target, headers, body)
+
+    async def _chunked_body(self) -> bytes:
+        parts: list[bytes] = []
+        while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await self.reader.readexactly(size))
+            assert await self.reader.readexactly(2) == b"\r\n"
+        while await self.reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+            pass
+        return b"".join(parts)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def until_eof(self) -> None:
+        """Read (and drop) whatever the client sends until it closes the connection."""
+        while await self.reader.read(65536):
+            pass
+        self.eof.set()
+
+
+Handler = Callable[[Conn], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP (or TLS) server on 127.0.0.1 whose handler writes exact bytes."""
+
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.conns: list[Conn] = []
+        self._handler = handler
+        self._ssl = ssl_context
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.url = ""
+
+    @property
+    def accepted(self) -> int:
+        return len(self.conns)
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._ssl)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=WAIT)
+        await asyncio.wait_for(self._server.wait_closed(), WAIT)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(len(self.conns), reader, writer)
+        self.conns.append(conn)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handler(conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            conn.eof.set()  # the client went away mid-exchange
+        except asyncio.CancelledError:
+            pass  # the test is over (asyncio would log a cancelled handler as an error)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            conn.closed.set()
+            self._tasks.discard(task)
+
+
+def response(body: bytes = b"", status: str = "200 OK", *headers: str) -> bytes:
+    """An HTTP/1.1 response with a Content-Length."""
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def echo(conn: Conn) -> None:
+    """Keep-alive: answer every request with the connection's index, the method and target."""
+    while (req := await conn.request()) is not None:
+        await conn.send(response(f"{conn.index} {req.method} {req.target}".encode()))
+
+
+async def stall(conn: Conn) -> None:
+    """Read the request, then never answer."""
+    await conn.request()
+    await asyncio.sleep(WAIT * 3)
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def bounded(call: Awaitable[httpx.Response]) -> httpx.Response:
+    """A call that must end (answer or raise) within WAIT, whatever the transport's timeouts do."""
+    return await asyncio.wait_for(call, WAIT)
+
+
+async def settle() -> None:
+    """Let the event loop poll its sockets, so a FIN already in the kernel reaches the pool."""
+    await asyncio.sleep(0.05)
+
+
+def client(*, timeout: httpx.Timeout | None = None, **options: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=PooledTransport(**options), timeout=timeout or httpx.Timeout(WAIT), trust_env=False
+    )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RawServer]:
+    async with RawServer(echo) as server:
+        yield server
+
+
+# -- keep-alive ------------------------------------------------------------------------------
+
+
+async def test_sequential_calls_share_one_connection(upstream: RawServer) -> None:
+    async with client() as c:
+        for i in range(20):
+            r = await c.get(f"{upstream.url}/n/{i}?q={i}")
+            assert (r.status_code, r.text) == (200, f"0 GET /n/{i}?q={i}")
+            assert r.http_version == "HTTP/1.1"
+    assert upstream.accepted == 1
+
+
+async def test_concurrent_calls_each_get_their_own_answer_then_reuse_the_connections() -> None:
+    # The server answers only once all ten requests are in, so ten calls in flight
+    # need ten connections, and the second round must find them all in the pool.
+    barrier = asyncio.Barrier(10)
+
+    async def together(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            async with asyncio.timeout(WAIT):
+                await barrier.wait()
+            await conn.send(response(f"{conn.index} {req.target}".encode()))
+
+    async with RawServer(together) as server, client() as c:
+        for _ in range(2):
+            answers = await asyncio.gather(*(c.get(f"{server.url}/call/{i}") for i in range(10)))
+            assert [a.text.split()[1] for a in answers] == [f"/call/{i}" for i in range(10)]
+            assert sorted(int(a.text.split()[0]) for a in answers) == list(range(10))
+        assert server.accepted == 10
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    async def one_answer_then_fin(conn: Conn) -> None:
+        req = await conn.request()
+        assert req is not None
+        await conn.send(response(f"{conn.index}".encode()))  # keep-alive by default, then a FIN
+
+    async with RawServer(one_answer_then_fin) as server, client() as c:
+        for i in range(5):
+            r = await c.get(f"{server.url}/")
+            assert r.text == str(i)
+            await asyncio.wait_for(server.conns[i].closed.wait(), WAIT)
+            await settle()
+        assert server.accepted == 5
+
+
+async def test_a_server_that_closes_right_after_answering_is_not_an_error() -> None:
+    # The FIN follows the body at once, so it may reach the client before or after the
+    # caller has read the body and the connection has gone back to the pool.
+    async def one_answer_then_fin(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(response(b"ok"))
+
+    async with RawServer(one_answer_then_fin) as server, client() as c:
+        for _ in range(5):
+            assert (await c.get(f"{server.url}/")).text == "ok"
+            await settle()
+        assert server.accepted == 5
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        response(b"bye", "200 OK", "Connection: close"),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nbye",  # HTTP/1.0 without keep-alive
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_a_connection_the_server_will_not_keep_is_closed_not_reused(answer: bytes) -> None:
+    async def answer_then_linger(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(answer)
+            await conn.until_eof()  # the server keeps its side open: the client must hang up
+
+    async with RawServer(answer_then_linger) as server, client() as c:
+        assert (await c.get(f"{server.url}/a")).text == "bye"
+        await asyncio.wait_for(server.conns[0].eof.wait(), WAIT)
+        assert (await c.get(f"{server.url}/b")).text == "bye"
+        assert server.accepted == 2
+
+
+async def test_a_body_delimited_by_the_connection_closing() -> None:
+    body = bytes(range(256)) * 1200  # 300 KiB: more than one read
+
+    async def until_close(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + body)
+
+    async with RawServer(until_close) as server, client() as c:
+        for _ in range(2):
+            r = await c.get(f"{server.url}/")
+            assert r.status_code == 200 and r.content == body
+        assert server.accepted == 2
+
+
+async def test_a_chunked_response_is_read_and_its_connection_reused() -> None:
+    async def chunked(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n"
+                b"7;name=value\r\n, world\r\n"  # a chunk extension
+                b"1\r\n!\r\n"
+                b"0\r\nX-Trailer: done\r\n\r\n"
+            )  # a trailer
+
+    async with RawServer(chunked) as server, client() as c:
+        for _ in range(3):
+            assert (await c.get(f"{server.url}/")).text == "hello, world!"
+        assert server.accepted == 1
+
+
+async def test_head_204_and_304_have_no_body_and_keep_the_connection() -> None:
+    answers = {
+        "/head": response(b"", "200 OK").replace(b"Content-Length: 0", b"Content-Length: 1000"),
+        "/204": b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+        "/304": b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\nETag: "x"\r\n\r\n',
+    }
+
+    async def bodyless(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            await conn.send(answers.get(req.target, response(b"after")))
+
+    async with RawServer(bodyless) as server, client() as c:
+        head = await c.head(f"{server.url}/head")
+        assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "1000")
+        r204 = await c.get(f"{server.url}/204")
+        assert (r204.status_code, r204.content, r204.headers["x-a"]) == (204, b"", "1")
+        r304 = await c.get(f"{server.url}/304")
+        assert (r304.status_code, r304.content) == (304, b"")
+        assert (await c.get(f"{server.url}/after")).text == "after"
+        assert server.accepted == 1
+
+
+async def test_an_interim_100_continue_is_skipped() -> None:
+    async def interim(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n" + response(b"final"))
+
+    async with RawServer(interim) as server, client() as c:
+        for _ in range(2):
+            r = await c.post(f"{server.url}/", content=b"x")
+            assert (r.status_code, r.text) == (200, "final")
+        assert server.accepted == 1
+
+
+async def test_a_body_closed_before_its_end_is_not_reused() -> None:
+    big = b"y" * MiB
+
+    async def big_then_echo(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            await conn.send(response(big if req.target == "/big" else f"{conn.index}".encode()))
+
+    async with RawServer(big_then_echo) as server, client() as c:
+        async with c.stream("GET", f"{server.url}/big") as r:
+            async for chunk in r.aiter_raw():
+                assert chunk
+                break
+        assert (await c.get(f"{server.url}/next")).text == "1"
+        await asyncio.wait_for(server.conns[0].eof.wait(), WAIT)
+        assert server.accepted == 2
+
+
+async def test_extra_bytes_after_a_response_are_never_the_next_call_s_answer() -> None:
+    # A second, unasked-for response on the wire must not become the answer to
+    # whoever uses the connection next (another tenant, in the broker).
+    async def two_answers(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if conn.index == 0:
+                await conn.send(response(b"first") + response(b"stale"))
+            else:
+                await conn.send(response(req.target.encode()))
+
+    async with RawServer(two_answers) as server, client() as c:
+        assert (await c.get(f"{server.url}/one")).text == "first"
+        assert (await c.get(f"{server.url}/two")).text == "/two"
+
+
+async def test_bytes_that_arrive_on_an_idle_connection_retire_it() -> None:
+    # Some servers send "408 Request Timeout" on an idle connection before closing it.
+    sent = asyncio.Event()
+
+    async def late_408(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            await conn.send(response(req.target.encode()))
+            if conn.index == 0:
+                await conn.send(response(b"", "408 Request Timeout"))
+                sent.set()
+
+    async with RawServer(late_408) as server, client() as c:
+        assert (await c.get(f"{server.url}/one")).text == "/one"
+        await asyncio.wait_for(sent.wait(), WAIT)
+        await settle()
+        r = await c.get(f"{server.url}/two")
+        assert (r.status_code, r.text) == (200, "/two")
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+async def test_a_server_that_never_answers_raises_read_timeout() -> None:
+    async with RawServer(stall) as server, client(timeout=httpx.Timeout(WAIT, read=0.3)) as c:
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await bounded(c.get(f"{server.url}/"))
+        assert time.monotonic() - start < WAIT / 2
+
+
+async def test_a_body_that_stops_coming_raises_read_timeout() -> None:
+    async def half_a_body(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
+        await asyncio.sleep(WAIT * 3)
+
+    async with RawServer(half_a_body) as server, client(timeout=httpx.Timeout(WAIT, read=0.3)) as c:
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await bounded(c.get(f"{server.url}/"))
+        assert time.monotonic() - start < WAIT / 2
+
+
+async def test_a_closed_port_raises_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with client() as c:
+        with pytest.raises(httpx.ConnectError):
+            await bounded(c.get(f"http://127.0.0.1:{port}/"))
+
+
+async def test_an_exhausted_pool_raises_pool_timeout_and_recovers(upstream: RawServer) -> None:
+    async with client(max_connections=1) as c:
+        held = await c.send(c.build_request("GET", f"{upstream.url}/held"), stream=True)
+        start = time.monotonic()
+        with pytest.raises(httpx.PoolTimeout):
+            await bounded(c.get(f"{upstream.url}/waits", timeout=httpx.Timeout(WAIT, pool=0.2)))
+        assert time.monotonic() - start < WAIT / 2
+        await held.aclose()
+        assert (await c.get(f"{upstream.url}/after")).text.endswith("GET /after")
+
+
+async def test_a_waiting_call_gets_the_connection_when_it_comes_free(upstream: RawServer) -> None:
+    async with client(max_connections=1) as c:
+        held = await c.send(c.build_request("GET", f"{upstream.url}/held"), stream=True)
+        waiting = asyncio.ensure_future(c.get(f"{upstream.url}/next"))
+        await settle()
+        assert not waiting.done()
+        await held.aread()  # read to the end: the connection goes back to the pool
+        assert (await asyncio.wait_for(waiting, WAIT)).text == "0 GET /next"
+        assert upstream.accepted == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["status", "not-http", "length", "two-lengths", "header", "chunk-size"],
+)
+async def test_malformed_responses_raise_remote_protocol_error(garbage: bytes) -> None:
+    async def malformed_first(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            await conn.send(garbage if conn.index == 0 else response(req.target.encode()))
+
+    async with RawServer(malformed_first) as server, client() as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await bounded(c.get(f"{server.url}/bad"))
+        await asyncio.wait_for(server.conns[0].eof.wait(), WAIT)  # the broken connection is closed
+        assert (await c.get(f"{server.url}/good")).text == "/good"
+        assert server.accepted == 2
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["complete-head", "endless-head"])
+async def test_a_response_head_over_the_limit_raises_remote_protocol_error(whole: bool) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+        b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 5)
+    )
+    assert len(head) > MAX_HEAD_BYTES
+
+    async def big_head(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(head + b"Content-Length: 2\r\n\r\nok" if whole else head)
+        await conn.until_eof()
+
+    async with RawServer(big_head) as server, client() as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await bounded(c.get(f"{server.url}/"))
+        await asyncio.wait_for(server.conns[0].eof.wait(), WAIT)
+
+
+async def test_a_head_just_under_the_limit_is_accepted() -> None:
+    filler = MAX_HEAD_BYTES // 2
+
+    async def large_head(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(response(b"ok", "200 OK", f"X-Filler: {'f' * filler}"))
+
+    async with RawServer(large_head) as server, client() as c:
+        r = await c.get(f"{server.url}/")
+        assert r.text == "ok" and len(r.headers["x-filler"]) == filler
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"",  # no response at all
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 100,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"z" * 50,
+        b"HTTP/1.1 200 OK\r\nContent-Len",  # a torn head
+    ],
+    ids=["nothing", "content-length", "chunked", "torn-head"],
+)
+async def test_a_server_that_hangs_up_mid_response_raises_remote_protocol_error(answer: bytes) -> None:
+    async def hang_up(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(answer)
+
+    async with RawServer(hang_up) as server, client() as c:
+        start = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await bounded(c.get(f"{server.url}/"))
+        assert time.monotonic() - start < WAIT / 2  # an error, not a wait for the read timeout
+        assert server.accepted == 1
+
+
+async def test_a_server_that_resets_the_connection_mid_body_raises_an_error() -> None:
+    async def reset(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"z" * 100)
+        # SO_LINGER 0: close with an RST rather than a FIN.
+        conn.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.writer.transport.abort()
+
+    async with RawServer(reset) as server, client() as c:
+        start = time.monotonic()
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            await bounded(c.get(f"{server.url}/"))
+        assert time.monotonic() - start < WAIT / 2
+
+
+async def test_a_server_that_never_reads_raises_write_timeout() -> None:
+    async def deaf(conn: Conn) -> None:
+        await asyncio.sleep(WAIT * 3)
+
+    async def endless() -> AsyncIterator[bytes]:
+        block = b"w" * MiB
+        for _ in range(1024):  # far more than the socket buffers hold
+            yield block
+
+    async with RawServer(deaf) as server, client(timeout=httpx.Timeout(WAIT, write=0.3)) as c:
+        with pytest.raises(httpx.WriteTimeout):
+            await bounded(c.post(f"{server.url}/", content=endless()))
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+async def digest(conn: Conn) -> None:
+    """Answer each request with its body's length and SHA-256."""
+    while (req := await conn.request()) is not None:
+        await conn.send(response(f"{len(req.body)} {hashlib.sha256(req.body).hexdigest()}".encode()))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["content-length", "chunked"])
+async def test_a_large_request_body_arrives_intact(streamed: bool) -> None:
+    body = hashlib.sha256(b"seed").digest() * (8 * MiB // 32)  # 8 MiB
+    assert len(body) == 8 * MiB
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 300_000):
+            yield body[i : i + 300_000]
+
+    async with RawServer(digest) as server, client() as c:
+        for _ in range(2):
+            r = await c.post(f"{server.url}/upload", content=pieces() if streamed else body)
+            assert r.text == f"{len(body)} {hashlib.sha256(body).hexdigest()}"
+        assert server.accepted == 1
+
+
+def block(i: int) -> bytes:
+    """The i-th MiB of a large response: different bytes in every block."""
+    return hashlib.sha256(i.to_bytes(4, "big")).digest() * (MiB // 32)
+
+
+async def test_a_large_response_streams_through_intact() -> None:
+    blocks = 20
+    expected = hashlib.sha256(b"".join(block(i) for i in range(blocks))).hexdigest()
+
+    async def large(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(f"HTTP/1.1 200 OK\r\nContent-Length: {blocks * MiB}\r\n\r\n".encode())
+            for i in range(blocks):
+                await conn.send(block(i))
+
+    async with RawServer(large) as server, client() as c:
+        for _ in range(2):
+            h = hashlib.sha256()
+            size = 0
+            async with c.stream("GET", f"{server.url}/large") as r:
+                async for chunk in r.aiter_raw():
+                    h.update(chunk)
+                    size += len(chunk)
+            assert (size, h.hexdigest()) == (blocks * MiB, expected)
+        assert server.accepted == 1
+
+
+async def test_a_caller_that_reads_slowly_holds_the_server_back() -> None:
+    # The transport stops reading the socket when the caller falls behind, so the
+    # server's writes block instead of the broker buffering the whole body.
+    blocks = 64  # more than the kernel's socket buffers and MAX_BUFFERED together
+    sent = 0
+
+    async def flood(conn: Conn) -> None:
+        nonlocal sent
+        await conn.request()
+        await conn.send(f"HTTP/1.1 200 OK\r\nContent-Length: {blocks * MiB}\r\n\r\n".encode())
+        for i in range(blocks):
+            await conn.send(block(i))
+            sent += MiB
+
+    async with RawServer(flood) as server, client() as c:
+        async with c.stream("GET", f"{server.url}/") as r:
+            # Wait until the server is stuck (no progress for half a second).
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:
+                before = sent
+                await asyncio.sleep(0.5)
+                if sent == before:
+                    break
+            assert sent < blocks * MiB
+            size = 0
+            async for chunk in r.aiter_raw():
+                size += len(chunk)
+            assert size == blocks * MiB
+
+
+async def test_a_connection_that_finished_while_its_reader_lagged_still_notices_a_fin() -> None:
+    # The whole response, head and body, is MAX_BUFFERED + 1 bytes and arrives while
+    # the caller is not reading, so the transport stops reading the socket on its very
+    # last byte; the server then closes the connection. Once the caller has read the
+    # body and the connection is idle in the pool, the pool must still see that FIN.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+    size = MAX_BUFFERED + 1 - len(head % (MAX_BUFFERED + 1))  # head and body: just over the mark
+
+    async def one_answer_then_fin(conn: Conn) -> None:
+        if (req := await conn.request()) is not None:
+            if conn.index == 0:
+                await conn.send(head % size + b"b" * size)
+            else:
+                await conn.send(response(req.target.encode()))
+
+    async with RawServer(one_answer_then_fin) as server, client() as c:
+        r = await c.send(c.build_request("GET", f"{server.url}/big"), stream=True)
+        await asyncio.wait_for(server.conns[0].closed.wait(), WAIT)
+        await asyncio.sleep(0.2)  # the bytes reach the client's socket buffer
+        assert len(await r.aread()) == size
+        await settle()
+        assert (await c.get(f"{server.url}/next")).text == "/next"
+
+
+async def test_gzip_content_encoding_is_decoded() -> None:
+    text = b"compressible " * 5000
+
+    async def gzipped(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            assert "gzip" in req.headers["accept-encoding"]
+            await conn.send(response(gzip.compress(text), "200 OK", "Content-Encoding: gzip"))
+
+    async with RawServer(gzipped) as server, client() as c:
+        r = await c.get(f"{server.url}/")
+        assert r.content == text
+        assert r.headers["content-encoding"] == "gzip"
+
+
+# -- TLS and shutdown -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(ctx)
+    return ctx
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+async def test_https_with_a_trusted_certificate(ca: trustme.CA) -> None:
+    async with RawServer(echo, server_context(ca, "127.0.0.1")) as server, client(ssl_context=trusting(ca)) as c:
+        for i in range(3):
+            r = await c.get(f"{server.url}/tls/{i}")
+            assert r.text == f"0 GET /tls/{i}"
+        assert server.accepted == 1
+
+
+async def test_https_large_response_over_tls(ca: trustme.CA) -> None:
+    blocks = 8
+    expected = hashlib.sha256(b"".join(block(i) for i in range(blocks))).hexdigest()
+
+    async def large(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(f"HTTP/1.1 200 OK\r\nContent-Length: {blocks * MiB}\r\n\r\n".encode())
+            for i in range(blocks):
+                await conn.send(block(i))
+
+    async with RawServer(large, server_context(ca, "127.0.0.1")) as server, client(ssl_context=trusting(ca)) as c:
+        for _ in range(2):
+            r = await c.get(f"{server.url}/")
+            assert hashlib.sha256(r.content).hexdigest() == expected
+        assert server.accepted == 1
+
+
+async def test_https_with_an_untrusted_certificate_raises_connect_error(ca: trustme.CA) -> None:
+    async with RawServer(echo, server_context(ca, "127.0.0.1")) as server, client() as c:
+        with pytest.raises(httpx.ConnectError):
+            await bounded(c.get(f"{server.url}/"))
+
+
+async def test_https_with_a_certificate_for_another_name_raises_connect_error(ca: trustme.CA) -> None:
+    async with RawServer(echo, server_context(ca, "upstream.example")) as server, client(ssl_context=trusting(ca)) as c:
+        with pytest.raises(httpx.ConnectError):
+            await bounded(c.get(f"{server.url}/"))
+
+
+async def test_aclose_closes_the_pooled_connections() -> None:
+    barrier = asyncio.Barrier(3)
+
+    async def together(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            async with asyncio.timeout(WAIT):
+                await barrier.wait()
+            await conn.send(response(req.target.encode()))
+
+    async with RawServer(together) as server:
+        c = client()
+        await asyncio.gather(*(c.get(f"{server.url}/{i}") for i in range(3)))
+        assert server.accepted == 3
+        assert not any(conn.eof.is_set() for conn in server.conns)
+        await c.aclose()
+        for conn in server.conns:
+            await asyncio.wait_for(conn.eof.wait(), WAIT)
+
+
+async def test_idle_connections_over_max_idle_are_closed() -> None:
+    barrier = asyncio.Barrier(5)
+
+    async def together(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req.target.startswith("/together"):
+                async with asyncio.timeout(WAIT):
+                    await barrier.wait()
+            await conn.send(response(f"{conn.index}".encode()))
+
+    async with RawServer(together) as server, client(max_idle=2) as c:
+        await asyncio.gather(*(c.get(f"{server.url}/together") for _ in range(5)))
+        await eventually(
+            lambda: sum(conn.eof.is_set() for conn in server.conns) == 3, "the three connections over max_idle to close"
+        )
+        # The most recently used connection is taken first, so one serves them all.
+        again = {(await c.get(f"{server.url}/again")).text for _ in range(4)}
+        assert len(again) == 1
+        assert server.accepted == 5
+
+
+async def test_connections_idle_longer_than_idle_seconds_are_not_reused(upstream: RawServer) -> None:
+    async with client(idle_seconds=0.0) as c:
+        assert [(await c.get(f"{upstream.url}/")).text for _ in range(3)] == ["0 GET /", "1 GET /", "2 GET /"]
+        await eventually(
+            lambda: sum(conn.eof.is_set() for conn in upstream.conns) == 2, "the expired connections to close"
+        )
