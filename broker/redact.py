@@ -24,6 +24,13 @@ from urllib.parse import quote, quote_plus
 # A base64 fragment shorter than this is too likely to occur by chance.
 MIN_FRAGMENT = 8
 
+# With more secrets than this, a body is first searched for literal pieces of
+# each secret (see `_Prefilter`), and only the secrets found there are matched
+# with their full patterns. One regex of every secret's pattern costs time in
+# proportion to the number of secrets: 20 ms for a 13 KB body with 50 secrets.
+DIRECT_MAX = 1
+GRAM = 8  # the prefilter's piece length; anchors need 2 * GRAM - 1 characters
+
 SpanFinder = Callable[[str], Iterable[tuple[int, int, str]]]
 
 
@@ -105,6 +112,62 @@ def secret_pattern(secret: str) -> str:
     return "|".join([chars, *map(re.escape, frags)])
 
 
+# Runs of these characters hold every anchor (unreserved characters, plus
+# base64's "+/="); a longer run around an anchor is fine.
+_RUN_RE = re.compile(rf"[A-Za-z0-9._~+/=-]{{{2 * GRAM - 1},}}")
+
+
+def _anchors(secret: str) -> list[str] | None:
+    """Literal strings, one of which every form `secret_pattern` matches contains.
+
+    The character-by-character forms keep the secret's unreserved characters as
+    they are, so its longest unreserved run is in each of them; each base64
+    fragment is itself literal. None if any is too short to look for.
+    """
+    runs = re.findall(r"[A-Za-z0-9._~-]+", secret)
+    longest = max(runs, key=len, default="")
+    anchors = [longest, *_b64_fragments(secret.encode("utf-8"))]
+    if any(len(a) < 2 * GRAM - 1 for a in anchors):
+        return None
+    return anchors
+
+
+class _Prefilter:
+    """Which secrets may be in a text, in time that does not grow with their number.
+
+    Every GRAM-long piece of every anchor is indexed. An anchor of at least
+    2 * GRAM - 1 characters inside a run of the text covers a piece that starts
+    at a multiple of GRAM within that run, so only those pieces of the text are
+    looked up. A piece found is a candidate, not a match: the full pattern decides.
+    """
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.always: set[int] = set()  # secrets with no usable anchor: always matched
+        self.pieces: dict[str, set[int]] = {}
+        for index, secret in enumerate(secrets):
+            anchors = _anchors(secret)
+            if anchors is None:
+                self.always.add(index)
+                continue
+            for anchor in anchors:
+                for i in range(len(anchor) - GRAM + 1):
+                    self.pieces.setdefault(anchor[i:i + GRAM], set()).add(index)
+
+    def candidates(self, text: str) -> set[int]:
+        found = set(self.always)
+        pieces = self.pieces
+        for run in _RUN_RE.findall(text):
+            for i in range(0, len(run) - GRAM + 1, GRAM):
+                hit = pieces.get(run[i:i + GRAM])
+                if hit is not None:
+                    found |= hit
+        return found
+
+
+# A text pattern and the same as bytes (non-UTF-8 bodies).
+_Patterns = tuple[re.Pattern[str], re.Pattern[bytes]]
+
+
 class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
@@ -118,11 +181,9 @@ class Redactor:
                          key=lambda p: len(p[1]), reverse=True)
         self._labels = [label for label, _ in ordered]
         self._count = len(ordered)
-        source = "|".join(f"(?P<s{i}>{secret_pattern(secret)})"
-                          for i, (_, secret) in enumerate(ordered))
-        self._text_re = re.compile(source) if ordered else None
-        # Literal non-ASCII characters become their UTF-8 bytes: right for bytes bodies.
-        self._bytes_re = re.compile(source.encode("utf-8")) if ordered else None
+        self._sources = [f"(?P<s{i}>{secret_pattern(secret)})" for i, (_, secret) in enumerate(ordered)]
+        self._prefilter = _Prefilter([secret for _, secret in ordered]) if self._count > DIRECT_MAX else None
+        self._compiled: dict[frozenset[int], _Patterns] = {}
         self._extra = extra
 
     def __repr__(self) -> str:
@@ -130,8 +191,9 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """`value` with every managed secret and leak-rule match replaced."""
-        if self._text_re is not None:
-            value = self._text_re.sub(self._replacement, value)
+        patterns = self._patterns(value)
+        if patterns is not None:
+            value = patterns[0].sub(self._replacement, value)
         if self._extra is not None:
             spans = sorted(self._extra(value), reverse=True)
             for start, end, rule in spans:
@@ -144,9 +206,32 @@ class Redactor:
             return self.text(value.decode("utf-8")).encode("utf-8")
         except UnicodeDecodeError:
             pass
-        if self._bytes_re is None:
+        # Anchors are ASCII, so latin-1 (a byte per character) finds them where they are.
+        patterns = self._patterns(value.decode("latin-1"))
+        if patterns is None:
             return value  # leak rules are text rules
-        return self._bytes_re.sub(lambda m: self._replacement(m).encode("utf-8"), value)
+        return patterns[1].sub(lambda m: self._replacement(m).encode("utf-8"), value)
+
+    def _patterns(self, text: str) -> _Patterns | None:
+        """The compiled patterns of the secrets that may be in `text`, or None for none."""
+        if not self._count:
+            return None
+        if self._prefilter is None:
+            which = frozenset(range(self._count))
+        else:
+            which = frozenset(self._prefilter.candidates(text))
+            if not which:
+                return None
+        compiled = self._compiled.get(which)
+        if compiled is None:
+            # Group names keep each secret's index, so _replacement finds its label.
+            source = "|".join(self._sources[i] for i in sorted(which))
+            # Literal non-ASCII characters become their UTF-8 bytes: right for bytes bodies.
+            compiled = (re.compile(source), re.compile(source.encode("utf-8")))
+            if len(self._compiled) >= 256:
+                self._compiled.clear()
+            self._compiled[which] = compiled
+        return compiled
 
     def _replacement(self, match: re.Match[Any]) -> str:
         group = match.lastgroup

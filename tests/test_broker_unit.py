@@ -37,9 +37,20 @@ def leaked(text: str, secret: str) -> list[str]:
 # -- redaction -----------------------------------------------------------------------------
 
 
+def redactor_for(secret: str, crowd: int) -> Redactor:
+    """A Redactor for `secret`, among `crowd` other managed secrets (which takes the
+    prefilter's path once there are more than DIRECT_MAX)."""
+    others = [(f"other{i}", f"sk-other-{i:04d}-{'x' * 24}") for i in range(crowd)]
+    return Redactor([("cred", secret), *others])
+
+
+CROWDS = [0, 40]
+
+
+@pytest.mark.parametrize("crowd", CROWDS)
 @pytest.mark.parametrize("secret", SECRETS, ids=range(len(SECRETS)))
-def test_every_echoed_encoding_is_redacted(secret: str) -> None:
-    redactor = Redactor({"cred": secret})
+def test_every_echoed_encoding_is_redacted(secret: str, crowd: int) -> None:
+    redactor = redactor_for(secret, crowd)
     for label, form in echoes(secret).items():
         out = redactor.text(f"before {form} after")
         assert not leaked(out, secret), label
@@ -47,9 +58,10 @@ def test_every_echoed_encoding_is_redacted(secret: str) -> None:
         assert out.startswith("before ") and out.endswith(" after")
 
 
+@pytest.mark.parametrize("crowd", CROWDS)
 @pytest.mark.parametrize("secret", SECRETS, ids=range(len(SECRETS)))
-def test_escaped_forms_that_encoders_disagree_on_are_redacted(secret: str) -> None:
-    redactor = Redactor({"cred": secret})
+def test_escaped_forms_that_encoders_disagree_on_are_redacted(secret: str, crowd: int) -> None:
+    redactor = redactor_for(secret, crowd)
     forms = [
         quote(secret),  # keeps "/"
         quote(secret, safe="/!*'()"),  # like encodeURIComponent
@@ -94,9 +106,10 @@ def test_a_longer_secret_wins_over_a_shorter_one_inside_it() -> None:
     assert redactor.text("x abcdefgh12345678 y") == "x [REDACTED:short] y"
 
 
-def test_bytes_that_are_not_utf8_are_redacted() -> None:
+@pytest.mark.parametrize("crowd", CROWDS)
+def test_bytes_that_are_not_utf8_are_redacted(crowd: int) -> None:
     secret = KEYS[("acme", "legacy")]  # non-ASCII
-    redactor = Redactor({"legacy": secret})
+    redactor = Redactor([("legacy", secret), *[(f"o{i}", f"sk-other-{i:04d}-{'y' * 24}") for i in range(crowd)]])
     body = b"\xff\xfe\x00" + secret.encode() + b"\x80" + base64.b64encode(secret.encode())
     out = redactor.bytes(body)
     assert secret.encode() not in out
@@ -113,6 +126,28 @@ def test_headers_are_redacted_and_other_text_is_left_alone() -> None:
     assert redactor.text(text) == text
     assert Redactor({}).text(text) == text
     assert secret not in repr(redactor)
+
+
+def test_many_secrets_each_redacted_where_it_appears_and_nowhere_else() -> None:
+    secrets = {f"c{i}": f"tok_{i:03d}_" + "abcdefghijklmnopqrstuvwxyz"[i % 26] * 20 for i in range(120)}
+    redactor = Redactor(secrets)
+    body = json.dumps({"a": secrets["c7"], "b": base64.b64encode(f"Bearer {secrets['c99']}".encode()).decode(),
+                       "c": quote(secrets["c42"], safe=""), "clean": "tok_007_ but not the rest " * 50})
+    out = redactor.text(body)
+    for name, secret in secrets.items():
+        assert not leaked(out, secret), name
+    assert out.count("[REDACTED:c7]") == 1 and out.count("[REDACTED:c42]") == 1
+    assert "[REDACTED:c99]" in out
+    assert out.count("tok_007_ but not the rest") == 50
+    assert redactor.text("nothing to see") == "nothing to see"
+
+
+def test_the_prefilter_finds_the_shortest_anchor_at_any_offset_in_a_longer_run() -> None:
+    secret = "Abcdefghijklmn0"  # 15 characters: the shortest anchor the prefilter takes
+    redactor = redactor_for(secret, crowd=5)
+    for offset in range(20):
+        text = f"x{'z' * offset}{secret}zz y"
+        assert redactor.text(text) == f"x{'z' * offset}[REDACTED:cred]zz y", offset
 
 
 def test_leak_rule_spans_are_redacted_too() -> None:
