@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import tomllib
 from collections.abc import Iterable
@@ -34,6 +35,11 @@ DEFAULTS: dict[str, float | int] = {
     "max_response_bytes": 10 * 1024 * 1024,
     "scan_max_file_bytes": 2 * 1024 * 1024,
 }
+
+
+def default_forward_workers() -> int:
+    """One forwarding worker per core beyond the broker's own, at most 2; none on one core."""
+    return max(0, min(2, (os.cpu_count() or 1) - 1))
 
 
 class ConfigError(Exception):
@@ -108,6 +114,8 @@ class BrokerSettings:
     max_request_bytes: int = 10 * 1024 * 1024
     max_response_bytes: int = 10 * 1024 * 1024
     scan_max_file_bytes: int = 2 * 1024 * 1024
+    # Processes that forward and redact calls while several are in flight (broker/workers.py).
+    forward_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,10 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise where.error(f"broker.{key}", "must be a positive number")
             settings[key] = float(value)
+    workers = broker_raw.get("forward_workers", default_forward_workers())
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 16:
+        raise where.error("broker.forward_workers", "must be a whole number from 0 to 16")
+    settings["forward_workers"] = workers
     broker = BrokerSettings(**settings)
 
     tenants_raw = raw.get("tenants", {})

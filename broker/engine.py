@@ -39,13 +39,16 @@ from broker.forward import Forwarder, UpstreamError
 from broker.identity import Caller, IdentityError, Peer, identify
 from broker.leakrules import iter_provider_key_spans
 from broker.paths import Paths, ensure_private_dir
-from broker.policy import Decision, PathRejected, decide, normalize_path
+from broker.policy import Decision, NormalPath, PathRejected, decide, normalize_path
 from broker.redact import Redactor
-from broker.secrets import SecretStore, SecretStoreError
+from broker.secrets import Secret, SecretStore, SecretStoreError
+from broker.workers import ForwardPool
 
 Subscriber = Callable[[object], None]
 
 CONFIG_POLL_SECONDS = 1.0
+# More calls than this on the wire at once, and the next goes to a forwarding worker.
+BUSY_CALLS = 1
 
 # HTTP status of each refusal code.
 REFUSAL_STATUS = {
@@ -116,7 +119,10 @@ class Engine:
         self._config_stamp: tuple[int, int, int] | None = None
         self._config_poll: asyncio.Task[None] | None = None
         self._redactor: Redactor | None = None
+        self._redaction: list[tuple[str, str]] = []  # what _redactor redacts, for the workers
         self._forwarder: Forwarder | None = None
+        self._pool: ForwardPool | None = None
+        self._upstream_calls = 0  # calls on the wire right now
         self._server: Any = None
         self.watcher: Any = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -162,6 +168,9 @@ class Engine:
         self.audit.subscribe(self._on_audit)
         self._forwarder = Forwarder(timeout=self.config.broker.upstream_timeout,
                                     max_response_bytes=self.config.broker.max_response_bytes)
+        if self.config.broker.forward_workers:
+            # Started on the first busy moment; changing the number needs a restart.
+            self._pool = ForwardPool(self.config.broker.forward_workers)
         if serve:
             self._server = Server(self, self.paths.socket)
             await self._server.start()
@@ -193,6 +202,9 @@ class Engine:
             self._server = None
         if self._forwarder is not None:
             await self._forwarder.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         await self.audit.close()
         self._set_state("stopped")
 
@@ -315,6 +327,8 @@ class Engine:
             info["watcher"] = dataclasses.asdict(self.watcher.health())
         if self.transcripts is not None:
             info["transcripts"] = self.transcripts.health()
+        if self._pool is not None:
+            info["forward_workers"] = self._pool.health()
         return info
 
     def whoami(self, peer: Peer) -> dict[str, Any] | Refusal:
@@ -335,8 +349,8 @@ class Engine:
     def redactor(self) -> Redactor:
         if self._redactor is None:
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
-            secrets = [(cred, value) for (_t, cred), value in self.managed_secrets().items()]
-            self._redactor = Redactor(secrets, iter_provider_key_spans)
+            self._redaction = [(cred, value) for (_t, cred), value in self.managed_secrets().items()]
+            self._redactor = Redactor(self._redaction, iter_provider_key_spans)
         return self._redactor
 
     async def refuse(self, peer: Peer | None, code: str, message: str, *,
@@ -458,9 +472,9 @@ class Engine:
                            "the call was refused", None)
         assert self._forwarder is not None
         start = time.perf_counter()
+        self._upstream_calls += 1
         try:
-            upstream = await self._forwarder.send(credential, secret, req.method, path,
-                                                  req.query, req.headers, req.body)
+            status, headers, body, size, ms = await self._send(credential, secret, req, path)
         except UpstreamError as e:
             outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
                            status="upstream_error", message=str(e),
@@ -470,12 +484,10 @@ class Engine:
             except AuditError:
                 pass
             return Refusal("upstream_error", str(e), attempt["id"], e.status)
-        redactor = self.redactor()
-        body = redactor.bytes(upstream.body)
-        headers = redactor.headers(upstream.headers)
+        finally:
+            self._upstream_calls -= 1
         outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
-                       status=upstream.status, bytes=len(upstream.body),
-                       ms=round(upstream.ms, 2))
+                       status=status, bytes=size, ms=round(ms, 2))
         try:
             # Written to the file before the answer goes back (a failed write withholds it);
             # its fsync is shared with the next batch instead of delaying this answer.
@@ -483,7 +495,33 @@ class Engine:
         except AuditError:
             return Refusal("audit_unavailable", "the audit log cannot be written; the response "
                            "was withheld", attempt["id"])
-        return Answer(upstream.status, headers, body, attempt["id"])
+        return Answer(status, headers, body, attempt["id"])
+
+    async def _send(self, credential: Credential, secret: Secret, req: CallRequest,
+                    path: NormalPath) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
+        """(status, redacted headers, redacted body, upstream body size, ms) of one call.
+
+        While other calls are on the wire too, a forwarding worker makes it (the loop
+        stays free for deciding and auditing calls); alone, it is made here, which is
+        quicker than a hop to another process.
+        """
+        pool = self._pool
+        if pool is not None and self._upstream_calls > BUSY_CALLS:
+            if pool.ready:
+                broker = self.config.broker
+                self.redactor()  # current secrets, for the workers too
+                return await pool.forward(
+                    credential, secret, req.method, path, req.query, req.headers, req.body,
+                    upstream_timeout=broker.upstream_timeout,
+                    max_response_bytes=broker.max_response_bytes,
+                    redaction=self._redaction)
+            pool.start_soon()
+        assert self._forwarder is not None
+        upstream = await self._forwarder.send(credential, secret, req.method, path,
+                                              req.query, req.headers, req.body)
+        redactor = self.redactor()
+        return (upstream.status, redactor.headers(upstream.headers),
+                redactor.bytes(upstream.body), len(upstream.body), upstream.ms)
 
 
 def json_body(value: Any) -> bytes:

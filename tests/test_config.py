@@ -165,6 +165,17 @@ def test_broker_settings_must_be_positive_numbers(paths: Paths, setting: str, va
     assert "positive" in message
 
 
+@pytest.mark.parametrize("value", ["-1", "17", "1.5", "true", '"2"'])
+def test_forward_workers_must_be_a_small_whole_number(paths: Paths, value: str) -> None:
+    message = config_error(paths, f"[broker]\nforward_workers = {value}\n")
+    assert message.startswith(f"{paths.config_file}, line 2: broker.forward_workers "), message
+
+
+def test_forward_workers_may_be_zero(paths: Paths) -> None:
+    write_config(paths, "[broker]\nforward_workers = 0\n")
+    assert load_config(paths).broker.forward_workers == 0
+
+
 def test_broker_settings_are_read(paths: Paths) -> None:
     write_config(paths, "[broker]\napproval_timeout = 5\nupstream_timeout = 2.5\nmax_request_bytes = 1000\n")
     b = load_config(paths).broker

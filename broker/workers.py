@@ -1,0 +1,281 @@
+"""Forwarding in worker processes, for when the broker's event loop is busy.
+
+Everything that decides a call (identity, policy, approval, audit) stays in the
+broker's own process. What only carries it out — putting the request on the
+wire with httpx, reading the answer, redacting it — can run in a worker, so
+that under load the broker uses more than one core, and a large response's
+redaction does not hold up the dashboard or other agents' calls.
+
+A worker is `python -m broker.workers FD`, a child of the broker, talking over
+a private socket pair: length-prefixed `marshal` frames of plain data (no
+pickle: nothing on either side can run code by sending a frame). The secret of
+a call, and the managed secrets to redact, cross that socket and nothing else:
+never argv, the environment or a file. A worker exits when the broker closes
+its end (or dies); if a worker dies, its calls in flight fail as
+`upstream_error` and a new worker takes its place on the next call.
+
+Frames, broker -> worker:
+    ("redact", [(label, secret), ...])      the managed secrets, from now on
+    ("call", id, job)                        see `ForwardPool.forward`
+worker -> broker:
+    ("ok", id, status, headers, body, raw_bytes, ms)
+    ("error", id, message, http_status)      an UpstreamError
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from broker.config import Auth, Credential
+from broker.forward import Forwarder, UpstreamError
+from broker.policy import NormalPath
+from broker.secrets import Secret
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("!I")
+MAX_FRAME = 64 * 1024 * 1024  # above any body cap: a frame is a whole call or answer
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next frame, or None at end of stream."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+        (size,) = _LENGTH.unpack(head)
+        if size > MAX_FRAME:
+            raise ValueError(f"frame of {size} bytes")
+        # Frames come only from the other end of a socket pair this broker made with
+        # its own child: and marshal builds plain values, it cannot run code.
+        return marshal.loads(await reader.readexactly(size))  # noqa: S302
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def _frame(message: tuple[Any, ...]) -> bytes:
+    data = marshal.dumps(message)
+    return _LENGTH.pack(len(data)) + data
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self.redaction: object = None  # the secrets list last sent (compared by identity)
+        self.alive = True
+        self.reading: asyncio.Task[None] | None = None
+
+
+class ForwardPool:
+    """Worker processes that forward calls and redact the answers."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._workers: list[_Worker] = []
+        self._next_id = 0
+        self._starting: asyncio.Task[None] | None = None
+        self._closed = False
+        self.calls = 0  # calls the workers made
+        self.lost = 0  # workers that stopped while the broker ran
+
+    def health(self) -> dict[str, Any]:
+        return {"size": self.size, "calls": self.calls, "lost": self.lost,
+                "pids": [w.proc.pid for w in self._workers if w.alive]}
+
+    @property
+    def ready(self) -> bool:
+        """True once at least one worker is running (they start in the background)."""
+        return any(w.alive for w in self._workers)
+
+    def start_soon(self) -> None:
+        """Start the missing workers in the background (calls meanwhile run in-process)."""
+        if self._closed or self._starting is not None:
+            return
+        if sum(w.alive for w in self._workers) >= self.size:
+            return
+        self._starting = asyncio.create_task(self._fill(), name="outloop-forward-workers")
+
+    async def _fill(self) -> None:
+        try:
+            self._workers = [w for w in self._workers if w.alive]
+            while len(self._workers) < self.size and not self._closed:
+                self._workers.append(await self._spawn())
+        except Exception as e:  # no worker: calls keep running in-process
+            log.warning("could not start a forwarding worker: %s", e)
+        finally:
+            self._starting = None
+
+    async def _spawn(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker.workers", str(theirs.fileno()),
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_FRAME)
+        worker = _Worker(proc, reader, writer)
+        worker.reading = asyncio.create_task(self._read(worker), name="outloop-forward-worker")
+        return worker
+
+    async def _read(self, worker: _Worker) -> None:
+        try:
+            while True:
+                message = await _read_frame(worker.reader)
+                if message is None:
+                    break
+                future = worker.pending.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (OSError, ValueError, EOFError, TypeError) as e:
+            log.warning("forwarding worker %s: %s", worker.proc.pid, type(e).__name__)
+        finally:
+            self._lost(worker)
+
+    def _lost(self, worker: _Worker) -> None:
+        worker.alive = False
+        if not self._closed:
+            self.lost += 1
+        for future in worker.pending.values():
+            if not future.done():
+                future.set_exception(UpstreamError("the forwarding worker stopped", 502))
+        worker.pending.clear()
+        worker.writer.close()
+        if worker.proc.returncode is None and not self._closed:
+            with contextlib.suppress(OSError):
+                worker.proc.kill()
+
+    async def forward(self, credential: Credential, secret: Secret, method: str,
+                      path: NormalPath, query: list[tuple[str, str]], headers: dict[str, str],
+                      body: bytes, *, upstream_timeout: float, max_response_bytes: int,
+                      redaction: Sequence[tuple[str, str]]
+                      ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
+        """(status, redacted headers, redacted body, upstream body size, ms) of the call
+        made by a worker; raises UpstreamError as `Forwarder.send` does."""
+        live = [w for w in self._workers if w.alive]
+        if len(live) < self.size:
+            self.start_soon()
+        if not live:
+            raise UpstreamError("no forwarding worker is running", 502)
+        worker = min(live, key=lambda w: len(w.pending))
+        frames = []
+        if worker.redaction is not redaction:
+            frames.append(_frame(("redact", [tuple(p) for p in redaction])))
+            worker.redaction = redaction
+        self._next_id += 1
+        call_id = self._next_id
+        job = (credential.tenant, credential.name, credential.base_url, credential.auth.kind,
+               credential.auth.arg, secret.reveal(), method, path.encoded,
+               [tuple(q) for q in query], dict(headers), bytes(body), float(upstream_timeout),
+               int(max_response_bytes))
+        frames.append(_frame(("call", call_id, job)))
+        future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+        worker.pending[call_id] = future
+        worker.writer.write(b"".join(frames))
+        try:
+            answer = await future
+        finally:
+            worker.pending.pop(call_id, None)
+        self.calls += 1
+        if answer[0] == "error":
+            raise UpstreamError(answer[2], answer[3])
+        _, _, status, out_headers, out_body, raw_bytes, ms = answer
+        return status, [tuple(h) for h in out_headers], out_body, raw_bytes, ms
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._starting
+        for worker in self._workers:
+            worker.writer.close()  # the worker sees EOF and exits
+        for worker in self._workers:
+            if worker.reading is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(worker.reading, 2)
+            try:
+                await asyncio.wait_for(worker.proc.wait(), 2)
+            except TimeoutError:
+                worker.proc.kill()
+                await worker.proc.wait()
+        self._workers = []
+
+
+# -- the worker side ---------------------------------------------------------------
+
+
+async def _serve(fd: int) -> None:
+    from broker.leakrules import iter_provider_key_spans
+    from broker.redact import Redactor
+
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME)
+    forwarder = Forwarder(timeout=30.0, max_response_bytes=10 * 1024 * 1024)
+    redactor = Redactor([], iter_provider_key_spans)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def call(call_id: int, job: tuple[Any, ...], redactor: Redactor) -> None:
+        (tenant, name, base_url, auth_kind, auth_arg, secret, method, path, query, headers,
+         body, timeout, cap) = job
+        credential = Credential(tenant, name, base_url, Auth(auth_kind, auth_arg))
+        forwarder.timeout = timeout
+        forwarder.max_response_bytes = cap
+        try:
+            upstream = await forwarder.send(credential, Secret(secret), method,
+                                            NormalPath((), path), [tuple(q) for q in query],
+                                            headers, body)
+            answer: tuple[Any, ...] = (
+                "ok", call_id, upstream.status,
+                [tuple(h) for h in redactor.headers(upstream.headers)],
+                redactor.bytes(upstream.body), len(upstream.body), upstream.ms)
+        except UpstreamError as e:
+            answer = ("error", call_id, str(e), e.status)
+        except Exception as e:  # a bug: say which, never the details (they may hold the URL)
+            answer = ("error", call_id, f"the forwarding worker failed ({type(e).__name__})", 502)
+        writer.write(_frame(answer))
+
+    try:
+        while True:
+            message = await _read_frame(reader)
+            if message is None:
+                break
+            if message[0] == "redact":
+                redactor = Redactor([tuple(p) for p in message[1]], iter_provider_key_spans)
+            elif message[0] == "call":
+                task = asyncio.create_task(call(message[1], message[2], redactor))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await forwarder.close()
+        writer.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m broker.workers FD (started by the broker)", file=sys.stderr)
+        return 2
+    # Ctrl-C in the broker's terminal reaches this process group too: the broker
+    # decides when a worker stops (it closes the socket), so in-flight calls finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve(int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
