@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,10 @@ from broker.secrets import Secret
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")
-MAX_FRAME = 64 * 1024 * 1024  # above any body cap: a frame is a whole call or answer
+# A frame is a whole call or answer, so it holds up to a body cap (configurable);
+# this only catches a corrupt length.
+MAX_FRAME = 1 << 30
+RETRY_SECONDS = 10.0  # after a failed start or a second lost worker
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
@@ -87,6 +91,7 @@ class ForwardPool:
         self._next_id = 0
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
+        self._retry_at = 0.0  # monotonic time before which no worker is started
         self.calls = 0  # calls the workers made
         self.lost = 0  # workers that stopped while the broker ran
 
@@ -103,6 +108,8 @@ class ForwardPool:
         """Start the missing workers in the background (calls meanwhile run in-process)."""
         if self._closed or self._starting is not None:
             return
+        if time.monotonic() < self._retry_at:
+            return  # a start failed, or a worker died, moments ago: not in a loop
         if sum(w.alive for w in self._workers) >= self.size:
             return
         self._starting = asyncio.create_task(self._fill(), name="outloop-forward-workers")
@@ -114,6 +121,7 @@ class ForwardPool:
                 self._workers.append(await self._spawn())
         except Exception as e:  # no worker: calls keep running in-process
             log.warning("could not start a forwarding worker: %s", e)
+            self._retry_at = time.monotonic() + RETRY_SECONDS
         finally:
             self._starting = None
 
@@ -126,7 +134,7 @@ class ForwardPool:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_FRAME)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
         worker = _Worker(proc, reader, writer)
         worker.reading = asyncio.create_task(self._read(worker), name="outloop-forward-worker")
         return worker
@@ -149,6 +157,8 @@ class ForwardPool:
         worker.alive = False
         if not self._closed:
             self.lost += 1
+            if self.lost > 1:  # once may be a kill; again, wait before the next start
+                self._retry_at = time.monotonic() + RETRY_SECONDS
         for future in worker.pending.values():
             if not future.done():
                 future.set_exception(UpstreamError("the forwarding worker stopped", 502))
@@ -223,7 +233,7 @@ async def _serve(fd: int) -> None:
     from broker.redact import Redactor
 
     sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
     forwarder = Forwarder(timeout=30.0, max_response_bytes=10 * 1024 * 1024)
     redactor = Redactor([], iter_provider_key_spans)
     tasks: set[asyncio.Task[None]] = set()
