@@ -105,6 +105,9 @@ LAZY_SYNC_SECONDS = 0.005
 # about what a fast disk takes for the fsync itself; a slow disk must not
 # stall the loop (the dashboard shares it), so there the thread takes it.
 INLINE_SYNC_MAX_SECONDS = 0.002
+# An fsync on the loop that takes longer than this (a disk or network file
+# system gone bad) sends every later fsync to the thread, for good.
+INLINE_SYNC_GIVE_UP_SECONDS = 0.05
 
 Record = dict[str, Any]
 Clock = Callable[[], datetime]
@@ -667,7 +670,10 @@ class AuditLog:
         # work in the loop's default executor, and the store needs no locks.
         self._executor: ThreadPoolExecutor | None = None
         self._subscribers: list[Subscriber] = []
-        self._sync_seconds = 0.0  # smoothed time an fsync takes here
+        # Smoothed time an fsync takes here; it starts slow, so the first fsyncs run
+        # on the thread and a disk that hangs from the start never stalls the loop.
+        self._sync_seconds = 0.01
+        self._inline_ok = True  # False once an fsync on the loop was very slow
         self._writing = False  # the writer task is writing a batch (it may be waiting to)
 
     @property
@@ -949,14 +955,19 @@ class AuditLog:
         done: asyncio.Future[None] = loop.create_future()
         self._syncing = done
         size, head = current.size, last["hash"]
-        if self._sync_seconds <= INLINE_SYNC_MAX_SECONDS:
+        if self._inline_ok and self._sync_seconds <= INLINE_SYNC_MAX_SECONDS:
             job: asyncio.Future[None] = loop.create_future()
+            start = time.perf_counter()
             try:
                 self._timed_sync(current, size, head, head_line)
             except Exception as exc:
                 job.set_exception(exc)
             else:
                 job.set_result(None)
+            if time.perf_counter() - start > INLINE_SYNC_GIVE_UP_SECONDS:
+                self._inline_ok = False
+                logger.warning("an audit fsync blocked the broker for %.0f ms; fsyncs run on "
+                               "the audit thread from now on", (time.perf_counter() - start) * 1000)
             self.stats.inline_fsyncs += 1
             self._synced(job, current, items, done)
             return

@@ -170,7 +170,7 @@ class Engine:
                                     max_response_bytes=self.config.broker.max_response_bytes)
         if self.config.broker.forward_workers:
             # Started on the first busy moment; changing the number needs a restart.
-            self._pool = ForwardPool(self.config.broker.forward_workers)
+            self._pool = ForwardPool(self.config.broker.forward_workers, self.paths.state_dir)
         if serve:
             self._server = Server(self, self.paths.socket)
             await self._server.start()
@@ -347,9 +347,16 @@ class Engine:
     # -- calls ------------------------------------------------------------------
 
     def redactor(self) -> Redactor:
+        """What answers are redacted with: every managed secret, and the leak rules.
+
+        Raises SecretStoreError when the keyring cannot be read: an answer that
+        cannot be redacted of every secret must not be given (nothing is cached
+        then, so the next call asks the keyring again).
+        """
         if self._redactor is None:
+            keys = [(c.tenant, c.name) for c in self.config.credentials()]
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
-            self._redaction = [(cred, value) for (_t, cred), value in self.managed_secrets().items()]
+            self._redaction = [(cred, s.reveal()) for (_t, cred), s in self.secrets.managed(keys).items()]
             self._redactor = Redactor(self._redaction, iter_provider_key_spans)
         return self._redactor
 
@@ -464,6 +471,13 @@ class Engine:
                 peer, "unknown_credential",
                 f"the keyring holds no secret for {credential.tenant}/{credential.name}; "
                 "add it with `outloop credential add`", base=base)
+        try:
+            # Before the key goes out: an answer that cannot be redacted is not given.
+            redactor, redaction = self.redactor(), self._redaction
+        except SecretStoreError as e:
+            return await self.refuse(peer, "unknown_credential",
+                                     f"the answer could not be redacted, so the call was refused: {e}",
+                                     base=base)
         fields = dict(base, event="attempt", decision=verdict[0], approver=verdict[1])
         try:
             attempt = await self.audit.record(fields)
@@ -474,7 +488,8 @@ class Engine:
         start = time.perf_counter()
         self._upstream_calls += 1
         try:
-            status, headers, body, size, ms = await self._send(credential, secret, req, path)
+            status, headers, body, size, ms = await self._send(credential, secret, req, path,
+                                                               redactor, redaction)
         except UpstreamError as e:
             outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
                            status="upstream_error", message=str(e),
@@ -498,7 +513,8 @@ class Engine:
         return Answer(status, headers, body, attempt["id"])
 
     async def _send(self, credential: Credential, secret: Secret, req: CallRequest,
-                    path: NormalPath) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
+                    path: NormalPath, redactor: Redactor, redaction: list[tuple[str, str]]
+                    ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
         """(status, redacted headers, redacted body, upstream body size, ms) of one call.
 
         While other calls are on the wire too, a forwarding worker makes it (the loop
@@ -509,17 +525,15 @@ class Engine:
         if pool is not None and self._upstream_calls > BUSY_CALLS:
             if pool.ready:
                 broker = self.config.broker
-                self.redactor()  # current secrets, for the workers too
                 return await pool.forward(
                     credential, secret, req.method, path, req.query, req.headers, req.body,
                     upstream_timeout=broker.upstream_timeout,
                     max_response_bytes=broker.max_response_bytes,
-                    redaction=self._redaction)
+                    redaction=redaction)
             pool.start_soon()
         assert self._forwarder is not None
         upstream = await self._forwarder.send(credential, secret, req.method, path,
                                               req.query, req.headers, req.body)
-        redactor = self.redactor()
         return (upstream.status, redactor.headers(upstream.headers),
                 redactor.bytes(upstream.body), len(upstream.body), upstream.ms)
 

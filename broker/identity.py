@@ -8,12 +8,11 @@ client's tenant by `cd`-ing there.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -30,27 +29,19 @@ class Peer:
 
     pid: int
     uid: int
+    _lineage: list[tuple[int, ...]] = field(default_factory=list, compare=False, repr=False)
 
-    @functools.cached_property
-    def ancestors(self) -> tuple[int, ...]:
-        """The caller's ancestors, parent first, read once per connection.
+    def ancestors(self, fresh: bool = False) -> tuple[int, ...]:
+        """The caller's ancestors, parent first, read on the first call of a connection.
 
-        A process's ancestors can only exit, never be replaced by others (an
-        orphan is adopted by init or a subreaper above it), so the chain read on
-        the first call holds for the connection's life. What changes, the
-        folders they are in, is read on every call. Should an ancestor exit
-        and its pid be reused meanwhile, the new process's folder is examined
-        in its place: that can only add a refusal, never lift one.
+        A process's ancestors can only exit, never be replaced by others, so the
+        chain holds for the connection's life; what changes, the folders they are
+        in, is read on every call. When one has exited, the chain is read again
+        (`fresh`): its orphans now belong to a process further up.
         """
-        return _ancestors(self.pid)
-
-    @functools.cached_property
-    def exe(self) -> str:
-        """The caller's program, for the audit ("" if unreadable). Read once per
-        connection: it changes only by exec, and sockets do not survive an exec."""
-        return _exe(self.pid)
-
-
+        if fresh or not self._lineage:
+            self._lineage[:] = [_ancestors(self.pid)]
+        return self._lineage[0]
 @dataclass(frozen=True)
 class Caller:
     """A caller mapped to a tenant."""
@@ -103,7 +94,7 @@ def identify(peer: Peer, config: Config) -> Caller:
     except (psutil.Error, OSError):
         raise IdentityError("unmapped_workspace", "the calling process could not be examined",
                             pid=peer.pid) from None
-    exe = peer.exe
+    exe = _exe(peer.pid)  # every call: a socket can outlive an exec
     found = config.workspace_for(cwd)
     if found is None:
         raise IdentityError(
@@ -112,7 +103,11 @@ def identify(peer: Peer, config: Config) -> Caller:
             pid=peer.pid, exe=exe, cwd=Path(cwd),
         )
     tenant, workspace = found
-    other = _ancestor_tenant(peer.ancestors, tenant.id, config)
+    other = _ancestor_tenant(peer.ancestors(), tenant.id, config)
+    if other is _GONE:
+        other = _ancestor_tenant(peer.ancestors(fresh=True), tenant.id, config)
+        if other is _GONE:  # another exited just now: the walk stops there, as it always did
+            other = None
     if other is not None:
         raise IdentityError(
             "wrong_tenant",
@@ -122,13 +117,17 @@ def identify(peer: Peer, config: Config) -> Caller:
     return Caller(peer.pid, exe, Path(cwd), tenant, workspace)
 
 
+_GONE = "\0gone"  # an ancestor in the chain has exited
+
+
 def _ancestor_tenant(ancestors: tuple[int, ...], tenant: str, config: Config) -> str | None:
-    """The first other tenant found among the ancestors inside workspaces, if any."""
+    """The first other tenant found among the ancestors inside workspaces, if any
+    (_GONE if an ancestor has exited, so the chain must be read again)."""
     for parent in ancestors:
         try:
             cwd = _cwd(parent)
         except (psutil.Error, OSError):
-            return None
+            return _GONE
         found = config.workspace_for(cwd)
         if found is None:
             return None

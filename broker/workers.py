@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from broker.config import Auth, Credential
@@ -49,6 +50,9 @@ _LENGTH = struct.Struct("!I")
 # this only catches a corrupt length.
 MAX_FRAME = 1 << 30
 RETRY_SECONDS = 10.0  # after a failed start or a second lost worker
+# A worker's answer may take 4x the upstream timeout plus this before the worker
+# is taken for stuck (the upstream timeout applies to each phase, not the call).
+GRACE_SECONDS = 10.0
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Any:
@@ -85,8 +89,10 @@ class _Worker:
 class ForwardPool:
     """Worker processes that forward calls and redact the answers."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cwd: Path) -> None:
+        """`cwd`: a private folder for the workers to run in (the broker's state folder)."""
         self.size = size
+        self.cwd = cwd
         self._workers: list[_Worker] = []
         self._next_id = 0
         self._starting: asyncio.Task[None] | None = None
@@ -127,14 +133,27 @@ class ForwardPool:
 
     async def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()
+        proc: asyncio.subprocess.Process | None = None
         try:
+            # -P and a private cwd: `-m` would otherwise import from the current folder
+            # first, and the broker may have been started inside a client's workspace,
+            # where an agent could have left a `broker/` package to be run with every
+            # tenant's secrets.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker.workers", str(theirs.fileno()),
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                sys.executable, "-P", "-m", "broker.workers", str(theirs.fileno()),
+                pass_fds=[theirs.fileno()], cwd=self.cwd, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            theirs.close()
+            ours.close()
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(proc.wait(), 2)
+            raise
         worker = _Worker(proc, reader, writer)
         worker.reading = asyncio.create_task(self._read(worker), name="outloop-forward-worker")
         return worker
@@ -154,6 +173,8 @@ class ForwardPool:
             self._lost(worker)
 
     def _lost(self, worker: _Worker) -> None:
+        if not worker.alive:
+            return  # already counted: killed as stuck, then its reader saw the end
         worker.alive = False
         if not self._closed:
             self.lost += 1
@@ -196,7 +217,13 @@ class ForwardPool:
         worker.pending[call_id] = future
         worker.writer.write(b"".join(frames))
         try:
-            answer = await future
+            # Timeouts apply upstream in the worker; this catches a worker that is
+            # stuck (stopped, wedged) yet still holds its socket open.
+            answer = await asyncio.wait_for(future, 4 * upstream_timeout + GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("forwarding worker %s stopped answering; replacing it", worker.proc.pid)
+            self._lost(worker)
+            raise UpstreamError("the forwarding worker stopped answering", 504) from None
         finally:
             worker.pending.pop(call_id, None)
         self.calls += 1

@@ -390,30 +390,39 @@ async def test_200_concurrent_records_share_fsyncs(audit_dir: Path, sync_on: str
     assert stats.inline_fsyncs == (stats.fsyncs if sync_on == "loop" else 0)
 
 
-async def test_fsyncs_move_to_the_audit_thread_while_the_disk_is_slow(
+async def test_fsyncs_run_on_the_loop_only_while_the_disk_is_fast(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ran_on: list[int] = []
+    delay = [0.0]
 
-    def slow(fd: int) -> None:
+    def timed(fd: int) -> None:
         ran_on.append(threading.get_ident())
-        time.sleep(0.02)
-
-    def fast(fd: int) -> None:
-        ran_on.append(threading.get_ident())
+        time.sleep(delay[0])
 
     loop_thread = threading.get_ident()
+    monkeypatch.setattr(audit, "_datasync", timed)
     async with AuditLog(audit_dir) as log:
-        monkeypatch.setattr(audit, "_datasync", slow)
+        await log.record(call(0))
+        assert ran_on[-1] != loop_thread  # not known to be fast yet: the thread
+        for i in range(10):
+            await log.record(call(1 + i))
+        assert ran_on[-1] == loop_thread  # fast: on the loop, no thread hand-off
+        delay[0] = 0.01  # slow, but not alarming
         for i in range(4):
-            await log.record(call(i))
-        assert ran_on[0] == loop_thread  # not known to be slow yet
-        assert ran_on[-1] != loop_thread  # now it is: the loop is not blocked
-        monkeypatch.setattr(audit, "_datasync", fast)
+            await log.record(call(20 + i))
+        assert ran_on[-1] != loop_thread  # slow: the loop is not blocked
+        delay[0] = 0.0
         for i in range(20):
-            await log.record(call(10 + i))
+            await log.record(call(30 + i))
         assert ran_on[-1] == loop_thread  # fast again: back on the loop
-    assert verify(audit_dir).count == 24
+        delay[0] = 0.1  # one fsync on the loop that stalls it: never again
+        await log.record(call(60))
+        delay[0] = 0.0
+        for i in range(20):
+            await log.record(call(70 + i))
+        assert ran_on[-1] != loop_thread
+    assert verify(audit_dir).count == 56
 
 
 async def test_verify_while_records_are_being_written(audit_dir: Path) -> None:

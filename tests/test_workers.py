@@ -3,6 +3,7 @@ through a worker process, with the same key, redaction and audit as in-process c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,9 @@ from typing import Any
 
 import pytest
 from broker_fixtures import BrokerThread, World, wait_for
+
+from broker import workers
+from broker.secrets import SecretStoreError
 
 pytest_plugins = ("broker_fixtures",)
 
@@ -132,6 +136,76 @@ def test_a_worker_killed_mid_call_fails_its_calls_and_a_new_one_takes_over(
     assert health(pooled)["pids"] != [pid]
     answers = results(world, agents(world, world.acme, [[f"/echo/after-{i}"] for i in range(4)]))
     assert all(a["status"] == 200 for a in answers)
+
+
+def test_a_worker_never_runs_code_from_the_folder_the_broker_was_started_in(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An agent's workspace with a planted `broker` package, and the operator starts
+    # Outloop from there: `python -m broker.workers` must not import it.
+    planted = tmp_path / "planted"
+    (planted / "broker").mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    (planted / "broker" / "__init__.py").write_text("")
+    (planted / "broker" / "workers.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.chdir(planted)
+    world.configure(forward_workers=1)
+    broker = BrokerThread(world.paths).start()
+    try:
+        busy_until_a_worker_runs(world, broker)
+        answers = results(world, agents(world, world.acme, [["/slow/p?s=0.3"]] * 4))
+        assert all(a["status"] == 200 for a in answers)
+        assert health(broker)["calls"] > 0
+    finally:
+        broker.stop()
+    assert not marker.exists()
+
+
+def test_a_stuck_worker_fails_its_calls_in_time_and_is_replaced(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "GRACE_SECONDS", 1.0)
+    world.configure(forward_workers=1, upstream_timeout=0.5)
+    broker = BrokerThread(world.paths).start()
+    try:
+        busy_until_a_worker_runs(world, broker)
+        (pid,) = health(broker)["pids"]
+        os.kill(pid, signal.SIGSTOP)  # alive, socket open, never answers
+        try:
+            start = time.monotonic()
+            answers = results(world, agents(world, world.acme, [["/slow/s?s=0.2"]] * 4))
+            assert time.monotonic() - start < 30
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # killed as stuck, as it should be
+                os.kill(pid, signal.SIGCONT)
+        stuck = [a for a in answers if a["status"] != 200]
+        assert stuck and all(a["body"]["error"]["code"] == "upstream_error" for a in stuck)
+        assert health(broker)["lost"] == 1
+    finally:
+        broker.stop()
+
+
+def test_an_answer_that_cannot_be_redacted_is_refused_before_the_key_goes_out(
+    world: World, pooled: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = pooled.engine
+
+    def broken(keys: object) -> object:
+        raise SecretStoreError("the keyring is locked")
+
+    working = engine.secrets.managed
+    monkeypatch.setattr(engine.secrets, "managed", broken)
+    pooled.call(setattr, engine, "_redactor", None)  # as after a config reload
+    world.upstream.clear()
+    (answer,) = results(world, agents(world, world.acme, [["/echo/x"]]))
+    assert answer["status"] != 200
+    assert answer["body"]["error"]["code"] == "unknown_credential"
+    assert "redacted" in answer["body"]["error"]["message"]
+    assert world.upstream.records == []
+    monkeypatch.setattr(engine.secrets, "managed", working)
+    (answer,) = results(world, agents(world, world.acme, [["/echo/x"]]))
+    assert answer["status"] == 200 and answer["body"]["body"]["echo"]["plain"] == "[REDACTED:api]"
 
 
 def test_workers_stop_with_the_broker(world: World) -> None:
