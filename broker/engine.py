@@ -243,12 +243,18 @@ class Engine:
     def _workspace_list(self) -> list[tuple[str, Path]]:
         return [(t.id, ws) for t in self.config.tenants.values() for ws in t.workspaces]
 
-    def managed_secrets(self) -> dict[tuple[str, str], str]:
-        """Every secret the broker manages, by (tenant, credential), for leak matching."""
+    def managed_secrets(self, *, strict: bool = False) -> dict[tuple[str, str], str]:
+        """Every secret the broker manages, by (tenant, credential), for leak matching.
+
+        A keyring that cannot be read gives {} (the watcher tries again later), or
+        with `strict` raises SecretStoreError.
+        """
         keys = [(c.tenant, c.name) for c in self.config.credentials()]
         try:
             return {k: s.reveal() for k, s in self.secrets.managed(keys).items()}
         except SecretStoreError:
+            if strict:
+                raise
             return {}
 
     def _on_audit(self, record: dict[str, Any]) -> None:
@@ -354,9 +360,9 @@ class Engine:
         then, so the next call asks the keyring again).
         """
         if self._redactor is None:
-            keys = [(c.tenant, c.name) for c in self.config.credentials()]
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
-            self._redaction = [(cred, s.reveal()) for (_t, cred), s in self.secrets.managed(keys).items()]
+            secrets = self.managed_secrets(strict=True)
+            self._redaction = [(cred, value) for (_t, cred), value in secrets.items()]
             self._redactor = Redactor(self._redaction, iter_provider_key_spans)
         return self._redactor
 
