@@ -575,13 +575,18 @@ class OutloopApp(App[int]):
 
     # -- timers -------------------------------------------------------------------
 
+    # While the app shuts down a timer may still fire after its panes (NoMatches),
+    # or its screens (an empty stack), are gone.
+
     def _drain_audit(self) -> None:
-        with contextlib.suppress(NoMatches):  # the panes are gone while the app shuts down
-            self.dashboard.drain_audit()
+        if self.screen_stack:
+            with contextlib.suppress(NoMatches):
+                self.dashboard.drain_audit()
 
     def _tick(self) -> None:
-        with contextlib.suppress(NoMatches):
-            self.dashboard.refresh_view()
+        if self.screen_stack:
+            with contextlib.suppress(NoMatches):
+                self.dashboard.refresh_view()
 
 
 def _call_first(obj: Any, names: Iterable[str], *args: Any) -> Any:
