@@ -490,7 +490,6 @@ class Engine:
         except AuditError:
             return Refusal("audit_unavailable", "the audit log cannot be written; "
                            "the call was refused", None)
-        assert self._forwarder is not None
         start = time.perf_counter()
         self._upstream_calls += 1
         try:
