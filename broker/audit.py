@@ -780,15 +780,21 @@ class AuditLog:
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         item = _Pending(full, moment.astimezone(UTC).date(), future, durable)
         current = None if self._pending or self._writing else self._store.writable(item.day)
-        if current is not None:
-            # Nothing queued and the writer idle: append now, in call order, instead
-            # of a round trip through the writer task (which still does the fsync).
-            part = _Part(item.day)
-            part.items.append(item)
-            self._append(current, part)
-        else:
+        if current is None:
             self._pending.append(item)
-        self._wake.set()
+            self._wake.set()
+            return await future
+        # Nothing queued and the writer idle: append now, in call order, instead
+        # of a round trip through the writer task.
+        part = _Part(item.day)
+        part.items.append(item)
+        self._append(current, part)
+        if durable and self._syncing is None and self._unsynced and self._sync_inline():
+            # The fsync too (a fast disk): the record is durable when this returns,
+            # with no wake of the writer task in between.
+            self._start_sync()
+        else:
+            self._wake.set()
         return await future
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
@@ -955,7 +961,7 @@ class AuditLog:
         done: asyncio.Future[None] = loop.create_future()
         self._syncing = done
         size, head = current.size, last["hash"]
-        if self._inline_ok and self._sync_seconds <= INLINE_SYNC_MAX_SECONDS:
+        if self._sync_inline():
             job: asyncio.Future[None] = loop.create_future()
             start = time.perf_counter()
             try:
@@ -974,6 +980,10 @@ class AuditLog:
         job = loop.run_in_executor(self._executor, self._timed_sync, current, size, head, head_line)
         job.add_done_callback(lambda f: self._synced(f, current, items, done))
 
+    def _sync_inline(self) -> bool:
+        """Whether the next fsync runs on the loop (the disk has been fast) or the thread."""
+        return self._inline_ok and self._sync_seconds <= INLINE_SYNC_MAX_SECONDS
+
     def _timed_sync(self, current: _DayFile, size: int, head: str, head_line: bytes) -> None:
         start = time.perf_counter()
         try:
@@ -985,7 +995,8 @@ class AuditLog:
         self, job: asyncio.Future[None], current: _DayFile, items: list[_Pending], done: asyncio.Future[None]
     ) -> None:
         self._syncing = None
-        self._wake.set()
+        if self._pending or self._unsynced or self._state.closing:
+            self._wake.set()
         if job.cancelled():  # nothing cancels it; should it happen, nobody is told "written"
             self._state.broken = True
             self._fail(items + self._unsynced, asyncio.CancelledError())

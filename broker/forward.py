@@ -1,4 +1,4 @@
-"""Putting a call on the wire: one shared httpx client, the credential injected.
+"""Putting a call on the wire: one shared connection pool, the credential injected.
 
 The upstream URL is the credential's base_url plus the normalised path. Client
 headers that could carry a credential, and hop-by-hop headers, are dropped; the
@@ -9,16 +9,17 @@ response sizes are capped.
 from __future__ import annotations
 
 import base64
-import http.cookiejar
 import time
+import zlib
 from dataclasses import dataclass
 
 import httpx2 as httpx
 
+from broker import __version__
 from broker.config import Credential
 from broker.policy import NormalPath
 from broker.secrets import Secret
-from broker.transport import PooledTransport
+from broker.transport import PooledTransport, ResponseTooLarge
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
@@ -82,74 +83,69 @@ def outgoing_query(query: list[tuple[str, str]], credential: Credential,
     return out
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where a base URL's calls go: pool origin, path prefix and Host header, parsed once."""
+
+    origin: tuple[bytes, bytes, int]
+    prefix: bytes
+    host: bytes
+
+
 class Forwarder:
-    """Sends calls upstream with a shared connection pool."""
+    """Sends calls upstream on one shared pool of connections (see broker/transport.py).
+
+    httpx parses the base URL and encodes the query; the exchange goes straight to
+    the pool's `fetch`, not through httpx's client layers, which cost more per
+    call than the exchange itself (see the README's decisions). Nothing here keeps
+    cookies, follows a redirect, or retries.
+    """
 
     def __init__(self, *, timeout: float, max_response_bytes: int) -> None:
+        self.timeout = timeout  # seconds for each of pool, connect, write and each read
         self.max_response_bytes = max_response_bytes
-        # A jar that accepts no cookies: the pool is shared by every tenant.
-        jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(timeout),
-            transport=PooledTransport(max_connections=200, max_idle=64),
-            cookies=jar,
-            trust_env=False,
-        )
-        # The content codings httpx decodes are the ones it asks for by default.
-        offered = self._client.headers.get("accept-encoding", "")
-        self._decodable = frozenset({"identity"} | {
-            e.strip().lower() for e in offered.split(",") if e.strip()})
-
-    @property
-    def timeout(self) -> float:
-        """Seconds for each of connect, write and read (a config reload may change it)."""
-        read = self._client.timeout.read
-        return 0.0 if read is None else read
-
-    @timeout.setter
-    def timeout(self, seconds: float) -> None:
-        self._client.timeout = httpx.Timeout(seconds)
+        self._pool = PooledTransport(max_connections=200, max_idle=64)
+        self._routes: dict[str, _Route] = {}
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
+
+    def _route(self, base_url: str) -> _Route:
+        route = self._routes.get(base_url)
+        if route is None:
+            url = httpx.URL(base_url)  # IDNA host, percent-encoded path: httpx's rules
+            scheme = url.raw_scheme
+            port = url.port or (443 if scheme == b"https" else 80)
+            route = _Route((scheme, url.raw_host, port), url.raw_path.rstrip(b"/"), url.netloc)
+            self._routes[base_url] = route
+        return route
 
     async def send(self, credential: Credential, secret: Secret, method: str, path: NormalPath,
                    query: list[tuple[str, str]], headers: dict[str, str],
                    body: bytes) -> UpstreamResponse:
         """Make the call; raise UpstreamError on network failure, timeout or oversize."""
-        url = credential.base_url + path.encoded
+        route = self._route(credential.base_url)
+        target = route.prefix + path.encoded.encode("ascii")
         params = outgoing_query(query, credential, secret)
-        request = self._client.build_request(
-            method, url,
-            # None when empty: an empty QueryParams costs a second URL parse for nothing
-            # (base_url and the normalised path carry no query).
-            params=httpx.QueryParams(params) if params else None,
-            headers=outgoing_headers(headers, credential, secret),
-            content=body if body else None,
-        )
+        if params:
+            target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
+        try:
+            head = _request_head(route.host, method, outgoing_headers(headers, credential, secret),
+                                 len(body))
+        except UnicodeEncodeError:
+            # Its text could quote the key; say which kind of value it was instead.
+            raise UpstreamError("a header value (or the credential) is not ASCII, so it "
+                                "cannot be sent", 502) from None
         start = time.perf_counter()
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > self.max_response_bytes:
-                    raise UpstreamError(self._too_big(), 502)
-                codings = response.headers.get_list("content-encoding", split_commas=True)
-                unknown = [c for c in codings if c.strip().lower() not in self._decodable]
-                if unknown:
-                    # Undecoded bytes could carry the key past redaction.
-                    raise UpstreamError(f"{credential.host} answered in a content encoding "
-                                        f"the broker cannot read ({unknown[0][:20]})", 502)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_response_bytes:
-                        raise UpstreamError(self._too_big(), 502)
-                    chunks.append(chunk)
-            finally:
-                await response.aclose()
+            fetched = await self._pool.fetch(route.origin, method.encode("ascii"), target, head,
+                                             body, timeout=self.timeout,
+                                             max_bytes=self.max_response_bytes)
+            response_headers = [(_text(k), _text(v)) for k, v in fetched.headers]
+            content = _decoded(fetched.body, response_headers, self.max_response_bytes,
+                               credential.host)
+        except ResponseTooLarge:
+            raise UpstreamError(self._too_big(), 502) from None
         except httpx.TimeoutException:
             raise UpstreamError(
                 f"{credential.host} did not answer within {self.timeout:g} s", 504) from None
@@ -158,9 +154,74 @@ class Forwarder:
             raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})",
                                 502) from None
         ms = (time.perf_counter() - start) * 1000
-        out_headers = [(k, v) for k, v in response.headers.multi_items()
-                       if k.lower() not in RESPONSE_DROP]
-        return UpstreamResponse(response.status_code, out_headers, b"".join(chunks), ms)
+        out_headers = [(k, v) for k, v in response_headers if k.lower() not in RESPONSE_DROP]
+        return UpstreamResponse(fetched.status, out_headers, content, ms)
 
     def _too_big(self) -> str:
         return f"the upstream response is larger than the {self.max_response_bytes} byte cap"
+
+
+# The codings the broker asks for and can undo (zlib does both).
+ACCEPT_ENCODING = b"gzip, deflate"
+_DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"),
+                    (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
+
+
+def _request_head(host: bytes, method: str, headers: dict[str, str],
+                  body_size: int) -> list[tuple[bytes, bytes]]:
+    """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
+    out = [(b"Host", host)]
+    out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())
+    present = {k.lower() for k, _ in out}
+    out.extend((name, value) for key, name, value in _DEFAULT_HEADERS if key not in present)
+    out.append((b"Accept-Encoding", ACCEPT_ENCODING))
+    if body_size or method in ("POST", "PUT", "PATCH"):
+        out.append((b"Content-Length", str(body_size).encode("ascii")))
+    return out
+
+
+def _text(raw: bytes) -> str:
+    """A header name or value as httpx shows it: ASCII, else UTF-8, else latin-1."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -> bytes:
+    """The body with its content codings undone, at most `cap` bytes of it.
+
+    Only what ACCEPT_ENCODING offers is undone; anything else is refused, since
+    bytes the broker cannot read could carry the key past redaction.
+    """
+    codings = [c.strip().lower() for k, v in headers if k.lower() == "content-encoding"
+               for c in v.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise UpstreamError(f"{host} answered in a content encoding the broker cannot "
+                                f"read ({coding[:20]})", 502)
+        body = _inflate(body, coding, cap, host)
+    return body
+
+
+def _inflate(data: bytes, coding: str, cap: int, host: str) -> bytes:
+    # gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate from servers that
+    # send that instead (as httpx and browsers accept).
+    wbits = [zlib.MAX_WBITS | 16] if coding != "deflate" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    for bits in wbits:
+        decoder = zlib.decompressobj(bits)
+        try:
+            out = decoder.decompress(data, cap + 1)  # a zip bomb stops at the cap
+            if len(out) > cap:
+                raise ResponseTooLarge(cap)
+            if not decoder.eof:
+                raise zlib.error("truncated")
+            return out
+        except zlib.error:
+            continue
+    raise UpstreamError(f"{host} sent a {coding} body that does not decode", 502)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024
+# On shutdown, how long a call already being handled may take to send its answer.
+STOP_GRACE_SECONDS = 2.0
 READ_CHUNK = 64 * 1024
 # Header names that may not come from the agent at all (h11 has checked framing).
 FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\0")
@@ -56,7 +58,7 @@ class Server:
         self.engine = engine
         self.path = path
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
 
     def check_free(self) -> None:
         """Raise SocketInUse if a live broker already answers on the socket path."""
@@ -84,8 +86,16 @@ class Server:
         os.chmod(self.path, 0o600)
 
     async def stop(self) -> None:
+        """Stop listening; calls being answered get a moment to finish, idle connections close."""
         if self._server is not None:
             self._server.close()
+            busy = [task for task, conn in self._connections.items() if conn.busy]
+            for task, conn in self._connections.items():
+                if not conn.busy:
+                    task.cancel()
+            if busy:
+                # Calls the shutdown refused (pending approvals) still get their answer.
+                await asyncio.wait(busy, timeout=STOP_GRACE_SECONDS)
             for task in list(self._connections):
                 task.cancel()
             with contextlib.suppress(Exception):
@@ -98,13 +108,14 @@ class Server:
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        conn = _Connection(self.engine, reader, writer)
+        self._connections[task] = conn
         try:
-            await _Connection(self.engine, reader, writer).run()
+            await conn.run()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -130,9 +141,11 @@ class _Connection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         sock = writer.get_extra_info("socket")
         self.peer: Peer = peer_of(sock)
+        self.busy = False  # a request has arrived and its answer is not sent yet
 
     async def run(self) -> None:
         while True:
+            self.busy = False
             try:
                 request, body = await self._read_request()
             except h11.RemoteProtocolError as e:
@@ -174,6 +187,7 @@ class _Connection:
         event = await self._next_event()
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None, b""
+        self.busy = True
         if not isinstance(event, h11.Request):
             raise BadRequest("expected an HTTP request")
         limit = self.engine.config.broker.max_request_bytes

@@ -29,6 +29,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -112,6 +113,16 @@ class _Connection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
 
+    def finish(self) -> bool:
+        """After a whole response: ready the connection for the next request, if it can be."""
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        # Reading may have paused as the body's end arrived; an idle connection
+        # must read, or it never sees the server hang up.
+        self.resume_reading()
+        return True
+
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
@@ -165,6 +176,26 @@ class _Connection(asyncio.Protocol):
                 self._waiter = None
 
 
+async def _send(conn: _Connection, event: h11.Event, timeout: float | None) -> None:  # noqa: ASYNC109
+    try:
+        await conn.send(event, timeout)
+    except h11.LocalProtocolError as e:
+        raise httpx.LocalProtocolError(str(e)) from None
+
+
+class ResponseTooLarge(Exception):
+    """The response body is longer than the caller's cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A whole response from `PooledTransport.fetch` (header names in lower case)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
 class _Body(httpx.AsyncByteStream):
     """A response body read from its connection; closing it returns the connection to the pool."""
 
@@ -191,14 +222,8 @@ class _Body(httpx.AsyncByteStream):
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        reuse = self._done and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
-        if reuse:
-            conn.h11.start_next_cycle()
-            # Reading may have paused as the body's end arrived; an idle connection
-            # must read, or it never sees the server hang up.
-            conn.resume_reading()
         # Not reused: a body not read to its end, or "Connection: close".
-        self._transport._release(conn, reuse)
+        self._transport._release(conn, self._done and conn.finish())
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
@@ -221,34 +246,112 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return self._ssl
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RuntimeError("the transport is closed")
         url = request.url
         scheme = url.raw_scheme
         if scheme not in (b"http", b"https"):
             raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}")
         port = url.port or (443 if scheme == b"https" else 80)
-        origin = (scheme, url.raw_host, port)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        conn = await self._checkout((scheme, url.raw_host, port), timeouts.get("pool"),
+                                    timeouts.get("connect"))
+        try:
+            write_timeout = timeouts.get("write")
+            await self._send_head(conn, request.method.encode("ascii"), request.url.raw_path,
+                                  request.headers.raw, write_timeout)
+            async for chunk in request.stream:  # type: ignore[union-attr]
+                if chunk:
+                    await _send(conn, h11.Data(data=chunk), write_timeout)
+            await _send(conn, h11.EndOfMessage(), write_timeout)
+            head = await self._read_head(conn, timeouts.get("read"))
+        except BaseException:
+            self._release(conn, reuse=False)
+            raise
+        # The slot and the connection come back when the body is closed.
+        extensions: dict[str, Any] = {"http_version": b"HTTP/" + head.http_version,
+                                      "reason_phrase": head.reason}
+        return httpx.Response(status_code=head.status_code, headers=head.headers.raw_items(),
+                              stream=_Body(self, conn, timeouts.get("read")),
+                              extensions=extensions)
+
+    async def fetch(self, origin: tuple[bytes, bytes, int], method: bytes, target: bytes,
+                    headers: list[tuple[bytes, bytes]], body: bytes, *, timeout: float | None,  # noqa: ASYNC109
+                    max_bytes: int) -> Fetched:
+        """One whole exchange on the pool, without httpx's request and response models.
+
+        The broker's hot path: it reads every answer whole anyway, and httpx's
+        client layers cost more per call than the exchange itself. `timeout`
+        bounds each of pool, connect, write and each read; a body over
+        `max_bytes` raises ResponseTooLarge. Failures raise httpx's exceptions.
+        """
+        conn = await self._checkout(origin, timeout, timeout)
+        reuse = False
+        try:
+            await self._send_head(conn, method, target, headers, timeout)
+            if body:
+                await _send(conn, h11.Data(data=body), timeout)
+            await _send(conn, h11.EndOfMessage(), timeout)
+            head = await self._read_head(conn, timeout)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                event = await conn.next_event(timeout)
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > max_bytes:
+                        raise ResponseTooLarge(max_bytes)
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+                else:  # pragma: no cover - h11 sends only these after a Response
+                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
+            reuse = conn.finish()
+            return Fetched(head.status_code, list(head.headers), b"".join(chunks))
+        finally:
+            self._release(conn, reuse)
+
+    async def _checkout(self, origin: tuple[bytes, bytes, int], pool_timeout: float | None,
+                        connect_timeout: float | None) -> _Connection:
+        """A connection to `origin`, idle or new, holding one of the pool's slots."""
+        if self._closed:
+            raise RuntimeError("the transport is closed")
         if self._slots.locked():
             try:
-                async with asyncio.timeout(timeouts.get("pool")):
+                async with asyncio.timeout(pool_timeout):
                     await self._slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no upstream connection came free in time") from None
         else:
             await self._slots.acquire()  # free: returns without waiting
-        conn = None
         try:
-            conn = self._idle_connection(origin) or await self._connect(origin, timeouts.get("connect"))
-            # The slot and the connection come back when the body is closed.
-            return await self._exchange(conn, request, timeouts)
+            return self._idle_connection(origin) or await self._connect(origin, connect_timeout)
         except BaseException:
-            if conn is None:
-                self._slots.release()
-            else:
-                self._release(conn, reuse=False)
+            self._slots.release()
             raise
+
+    @staticmethod
+    async def _send_head(conn: _Connection, method: bytes, target: bytes,
+                         headers: list[tuple[bytes, bytes]], timeout: float | None) -> None:  # noqa: ASYNC109
+        try:
+            event = h11.Request(method=method, target=target, headers=headers)
+        except h11.LocalProtocolError as e:
+            raise httpx.LocalProtocolError(str(e)) from None
+        await _send(conn, event, timeout)
+
+    @staticmethod
+    async def _read_head(conn: _Connection, timeout: float | None) -> h11.Response:  # noqa: ASYNC109
+        while True:
+            event = await conn.next_event(timeout)
+            if isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and friends: the final answer follows
+            if isinstance(event, h11.Response):
+                break
+            raise httpx.RemoteProtocolError("the server disconnected without a response")
+        # h11 bounds a head only while it is still incomplete after a read; one that came
+        # whole in a single read is measured here (about: h11 drops some whitespace).
+        size = len(event.reason) + sum(len(k) + len(v) + 4 for k, v in event.headers.raw_items())
+        if size > MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
+        return event
 
     def _idle_connection(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -278,38 +381,6 @@ class PooledTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"cannot connect to the upstream ({type(e).__name__})") from None
         self._open.add(conn)
         return conn
-
-    async def _exchange(self, conn: _Connection, request: httpx.Request,
-                        timeouts: dict[str, float | None]) -> httpx.Response:
-        write_timeout = timeouts.get("write")
-        read_timeout = timeouts.get("read")
-        target = request.url.raw_path
-        try:
-            await conn.send(h11.Request(method=request.method.encode("ascii"), target=target,
-                                        headers=request.headers.raw), write_timeout)
-            async for chunk in request.stream:  # type: ignore[union-attr]
-                if chunk:
-                    await conn.send(h11.Data(data=chunk), write_timeout)
-            await conn.send(h11.EndOfMessage(), write_timeout)
-        except h11.LocalProtocolError as e:
-            raise httpx.LocalProtocolError(str(e)) from None
-        while True:
-            event = await conn.next_event(read_timeout)
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and friends: the final answer follows
-            if isinstance(event, h11.Response):
-                break
-            raise httpx.RemoteProtocolError("the server disconnected without a response")
-        headers = event.headers.raw_items()
-        # h11 bounds a head only while it is still incomplete after a read; one that came
-        # whole in a single read is measured here (about: h11 drops some whitespace).
-        if len(event.reason) + sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEAD_BYTES:
-            raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
-        extensions: dict[str, Any] = {"http_version": b"HTTP/" + event.http_version,
-                                      "reason_phrase": event.reason}
-        body = _Body(self, conn, read_timeout)
-        return httpx.Response(status_code=event.status_code, headers=headers,
-                              stream=body, extensions=extensions)
 
     def _release(self, conn: _Connection, reuse: bool) -> None:
         self._slots.release()

@@ -465,16 +465,14 @@ class OutloopApp(App[int]):
         self.dashboard.action_add_workspace(tenant)
 
     async def stop_engine(self) -> None:
-        """Refuse what is pending, let those answers go out, then stop the engine."""
+        """Refuse what is pending, then stop the engine (which sends those answers first)."""
         if self._stopped:
             return
         self._stopped = True
         if self._unsubscribe is not None:
             self._unsubscribe()
-        refused = len(self.engine.pending())
-        self.engine.detach_approver()  # denies everything pending
-        if refused:
-            await asyncio.sleep(0.2)  # let the refusals be audited and written to the callers
+        # Denies everything pending; the engine's stop lets those answers go out.
+        self.engine.detach_approver()
         if self.started:
             await self.engine.stop()
 

@@ -939,6 +939,9 @@ def test_cli_tail_follow_stops_quietly_on_ctrl_c(audit_dir: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background inherits SIGINT ignored, and Python keeps an
+        # ignored SIGINT ignored: give the child the default a terminal user has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()

@@ -552,6 +552,29 @@ def test_an_unanswered_ask_times_out(world: World, broker: BrokerThread) -> None
     assert world.upstream.records == []
 
 
+def test_stopping_the_broker_answers_a_pending_call_before_closing(world: World,
+                                                                   broker: BrokerThread) -> None:
+    broker.call(broker.engine.attach_approver)
+    agent = world.agent_popen(world.acme, [req("api", "POST", "/ask/deploy")])
+    _pending(broker)
+    broker.stop()  # as quitting the dashboard does: pending calls are refused, then it closes
+    out, err = agent.communicate(timeout=60)
+    world.assert_clean(out + err)
+    (result,) = json.loads(out)
+    assert error_of(result)["code"] == "denied_by_operator"
+    assert world.upstream.records == []
+
+
+def test_stopping_the_broker_lets_a_call_on_the_wire_finish(world: World, broker: BrokerThread) -> None:
+    agent = world.agent_popen(world.acme, [req("api", "GET", "/slow", query={"s": "0.5"})])
+    wait_for(lambda: world.upstream.records, 30, "the call to reach the upstream")
+    broker.stop()
+    out, err = agent.communicate(timeout=60)
+    world.assert_clean(out + err)
+    (result,) = json.loads(out)
+    assert envelope(result)["status"] == 200
+
+
 def test_without_an_approver_ask_is_unavailable(world: World, broker: BrokerThread) -> None:
     (result,) = world.agent(world.acme, [req("api", "POST", "/ask/x")])
     assert error_of(result)["code"] == "approval_unavailable"

@@ -214,6 +214,25 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
         await forwarder.close()
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+async def test_forwarder_undoes_content_codings_within_the_cap(up: Upstream, coding: str) -> None:
+    forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
+    c = cred("bearer", f"{up.url}/t")
+    try:
+        ok = await forwarder.send(c, SECRET, "GET", normalize_path("/huge"),
+                                  [("n", "100000"), ("coding", coding)], {}, b"")
+        assert ok.body == b"x" * 100_000
+        assert not any(k.lower() == "content-encoding" for k, _ in ok.headers)
+        assert up.records[-1].header("Accept-Encoding") == "gzip, deflate"
+        # 100 KB that packs into a few hundred bytes: the cap applies to what it unpacks to.
+        with pytest.raises(UpstreamError) as bomb:
+            await forwarder.send(c, SECRET, "GET", normalize_path("/huge"),
+                                 [("n", "100001"), ("coding", coding)], {}, b"")
+        assert bomb.value.status == 502 and "100000 byte cap" in str(bomb.value)
+    finally:
+        await forwarder.close()
+
+
 async def test_forwarder_timeouts_and_unreachable_hosts_say_so_without_the_key(up: Upstream) -> None:
     forwarder = Forwarder(timeout=0.2, max_response_bytes=1000)
     try:

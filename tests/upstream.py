@@ -16,7 +16,8 @@ credential's base_url may carry a path of its own):
                             Accept-Encoding it knows (gzip, deflate, bzip2), or
                             with ?force=<encoding> whatever was asked
     .../redirect?to=URL     302 to URL (the key rides along in the query)
-    .../huge?n=N            N bytes of "x"
+    .../huge?n=N            N bytes of "x"; with &coding=gzip|deflate|raw-deflate
+                            they are sent compressed that way
     .../slow?s=S            answers after S seconds
     .../hold                answers once `release()` is called
     .../status/NNN          answers NNN with the JSON echo
@@ -136,8 +137,16 @@ class _Handler(BaseHTTPRequestHandler):
             target = params.get("to", "http://127.0.0.1:9/")
             return self._send(302, b"", [("Location", f"{target}?token={quote_plus(key)}")])
         if "/huge" in path:
-            return self._send(200, b"x" * int(params.get("n", "1000")),
-                              [("Content-Type", "text/plain")])
+            data = b"x" * int(params.get("n", "1000"))
+            coding = params.get("coding")
+            if coding is None:
+                return self._send(200, data, [("Content-Type", "text/plain")])
+            raw = coding == "raw-deflate"
+            packer = zlib.compressobj(wbits=-zlib.MAX_WBITS) if raw else None
+            packed = (packer.compress(data) + packer.flush() if packer
+                      else gzip.compress(data) if coding == "gzip" else zlib.compress(data))
+            return self._send(200, packed, [("Content-Type", "text/plain"),
+                                            ("Content-Encoding", "deflate" if raw else coding)])
         if "/slow" in path:
             time.sleep(float(params.get("s", "1")))
         doc = {"path": path, "nonce": nonce, "method": self.command, "echo": echoes(key),
