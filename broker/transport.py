@@ -15,8 +15,10 @@ protocols:
   one is O(1) however many are pooled;
 - TLS is asyncio's, with httpx's default context (certifi's CA bundle);
 - timeouts are httpx's (connect, read, write, pool from the request's
-  `timeout` extension) and failures raise httpx's exceptions, so the client
-  above behaves as with the stock transport.
+  `timeout` extension) and failures raise httpx's exceptions, so a client
+  above behaves as with the stock transport;
+- `fetch` makes a whole exchange on the same pool without httpx's request and
+  response models: the broker's hot path (broker/forward.py).
 
 No proxies (the broker's client ignores the environment), no HTTP/2, no
 retries: a request is put on the wire at most once.
