@@ -795,7 +795,9 @@ class AuditLog:
         part = _Part(item.day)
         part.items.append(item)
         self._append(current, part)
-        if durable and not batch and self._syncing is None and self._sync_inline():
+        if not self._unsynced:
+            pass  # the write failed or the record was refused (its caller is told): nothing to sync
+        elif durable and not batch and self._syncing is None and self._sync_inline():
             # Nothing to share an fsync with, and a fast disk: fsync now, so the record
             # is durable when this returns, with no wake of the writer task in between.
             self._start_sync()

@@ -205,7 +205,8 @@ def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -
         if coding not in ("gzip", "x-gzip", "deflate"):
             raise UpstreamError(f"{host} answered in a content encoding the broker cannot "
                                 f"read ({coding[:20]})", 502)
-        body = _inflate(body, coding, cap, host)
+        if body:  # HEAD, 204 and 304 answers name a coding but have no body to undo
+            body = _inflate(body, coding, cap, host)
     return body
 
 

@@ -91,6 +91,7 @@ class Server:
             self._server.close()
             busy = [task for task, conn in self._connections.items() if conn.busy]
             for task, conn in self._connections.items():
+                conn.stopping = True
                 if not conn.busy:
                     task.cancel()
             if busy:
@@ -142,6 +143,7 @@ class _Connection:
         sock = writer.get_extra_info("socket")
         self.peer: Peer = peer_of(sock)
         self.busy = False  # a request has arrived and its answer is not sent yet
+        self.stopping = False  # the broker is stopping: close once this answer is sent
 
     async def run(self) -> None:
         while True:
@@ -166,8 +168,9 @@ class _Connection:
                 payload = _json({"error": {"code": "internal_error", "audit_id": None,
                                            "message": "the broker failed on this call; "
                                            "see its log (OUTLOOP_DEBUG=1)"}})
-            await self._send(status, headers, payload)
-            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+            await self._send(status, headers, payload, close=self.stopping)
+            if (self.stopping or self.conn.our_state is h11.MUST_CLOSE
+                    or self.conn.their_state is h11.MUST_CLOSE):
                 return
             try:
                 self.conn.start_next_cycle()

@@ -589,6 +589,44 @@ async def test_a_write_that_fails_fails_closed_without_waiting_for_fsync(audit_d
     assert rec["path"].endswith("/99")
 
 
+def _no_space(fd: int, data: bytes) -> None:
+    raise OSError(28, "No space left on device")
+
+
+async def test_a_failed_write_of_a_record_fsynced_in_the_call_fails_closed(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "INLINE_SYNC_MAX_SECONDS", float("inf"))  # fsync inside record()
+    real = audit._write_all
+    async with AuditLog(audit_dir) as log:
+        first = await log.record(call(0), batch=False)
+        monkeypatch.setattr(audit, "_write_all", _no_space)
+        with pytest.raises(AuditError, match="No space left"):
+            await log.record(call(1), batch=False)
+        monkeypatch.setattr(audit, "_write_all", real)
+        last = await log.record(call(2), batch=False)
+    assert [r["id"] for r in iter_records(audit_dir)] == [first["id"], last["id"]]
+    assert verify(audit_dir).ok
+
+
+async def test_a_failed_write_does_not_stop_later_records_being_fsynced_on_their_own(
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = audit._write_all
+    async with AuditLog(audit_dir) as log:
+        await log.record(call(0))
+        monkeypatch.setattr(audit, "_write_all", _no_space)
+        with pytest.raises(AuditError, match="No space left"):
+            await log.record({"event": "outcome", "status": 200}, durable=False)
+        monkeypatch.setattr(audit, "_write_all", real)
+        await asyncio.sleep(audit.LAZY_SYNC_SECONDS * 4)
+        outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
+        deadline = time.monotonic() + 5
+        while log.head != outcome["hash"] and time.monotonic() < deadline:
+            await asyncio.sleep(audit.LAZY_SYNC_SECONDS)
+        assert log.head == outcome["hash"] and _head_hash(audit_dir) == outcome["hash"]
+
+
 async def test_a_failed_fsync_fails_the_waiting_call_and_keeps_the_chain_whole(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch, sync_on: str
 ) -> None:

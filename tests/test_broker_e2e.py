@@ -575,6 +575,41 @@ def test_stopping_the_broker_lets_a_call_on_the_wire_finish(world: World, broker
     assert envelope(result)["status"] == 200
 
 
+KEEP_ALIVE_AGENT = r"""
+import json, sys
+from broker.client import _UnixConnection
+from broker.paths import Paths
+conn = _UnixConnection(Paths.from_env().socket, 60)
+out = []
+for path, query in (("/slow", {"s": "0.5"}), ("/echo/after-stop", {})):
+    payload = {"credential": "api", "method": "GET", "path": path, "query": query}
+    try:
+        conn.request("POST", "/v1/request", body=json.dumps(payload).encode(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out.append(r.status)
+        r.read()
+    except OSError as e:
+        out.append(type(e).__name__)
+print(json.dumps(out))
+"""
+
+
+def test_stopping_the_broker_takes_no_new_call_on_a_kept_alive_connection(
+        world: World, broker: BrokerThread) -> None:
+    agent = subprocess.Popen([sys.executable, "-c", KEEP_ALIVE_AGENT], cwd=world.acme,
+                             env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    wait_for(lambda: world.upstream.records, 30, "the call to reach the upstream")
+    broker.stop()
+    out, err = agent.communicate(timeout=60)
+    world.assert_clean(out + err)
+    first, second = json.loads(out)
+    assert first == 200  # the call on the wire was answered
+    assert second != 200  # the connection closed after it: nothing new started
+    assert [r.path for r in world.upstream.records] == ["/acme/slow"]
+
+
 def test_without_an_approver_ask_is_unavailable(world: World, broker: BrokerThread) -> None:
     (result,) = world.agent(world.acme, [req("api", "POST", "/ask/x")])
     assert error_of(result)["code"] == "approval_unavailable"

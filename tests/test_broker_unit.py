@@ -233,6 +233,19 @@ async def test_forwarder_undoes_content_codings_within_the_cap(up: Upstream, cod
         await forwarder.close()
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+async def test_forwarder_answers_a_coded_response_without_a_body(up: Upstream, coding: str) -> None:
+    # HEAD (like 204 and 304) carries the GET's Content-Encoding but no body: nothing to undo.
+    forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
+    try:
+        head = await forwarder.send(cred("bearer", f"{up.url}/t"), SECRET, "HEAD",
+                                    normalize_path("/huge"), [("n", "1000"), ("coding", coding)],
+                                    {}, b"")
+        assert head.status == 200 and head.body == b""
+    finally:
+        await forwarder.close()
+
+
 async def test_forwarder_timeouts_and_unreachable_hosts_say_so_without_the_key(up: Upstream) -> None:
     forwarder = Forwarder(timeout=0.2, max_response_bytes=1000)
     try:
