@@ -163,6 +163,10 @@ class Forwarder:
 
 # The codings the broker asks for and can undo (zlib does both).
 ACCEPT_ENCODING = b"gzip, deflate"
+# IANA's HTTP content codings, and bzip2 (common, unregistered): names safe to quote.
+KNOWN_CODINGS = frozenset({"aes128gcm", "br", "bzip2", "compress", "dcb", "dcz", "deflate",
+                           "exi", "gzip", "identity", "pack200-gzip", "x-compress", "x-gzip",
+                           "zstd"})
 _DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"),
                     (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
 
@@ -203,8 +207,11 @@ def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -
         if coding == "identity":
             continue
         if coding not in ("gzip", "x-gzip", "deflate"):
+            # Named only if it is a known coding: the header is the upstream's text, and
+            # this message reaches the agent and the audit log unredacted.
+            name = coding if coding in KNOWN_CODINGS else "not a registered coding"
             raise UpstreamError(f"{host} answered in a content encoding the broker cannot "
-                                f"read ({coding[:20]})", 502)
+                                f"read ({name})", 502)
         if body:  # HEAD, 204 and 304 answers name a coding but have no body to undo
             body = _inflate(body, coding, cap, host)
     return body

@@ -14,7 +14,8 @@ credential's base_url may carry a path of its own):
     .../binary/...          the key's bytes inside a body that is not UTF-8
     .../compressed/...      the JSON echo, compressed with the first encoding of
                             Accept-Encoding it knows (gzip, deflate, bzip2), or
-                            with ?force=<encoding> whatever was asked
+                            with ?force=<encoding> whatever was asked (an unknown
+                            one is named in Content-Encoding, the body left as is)
     .../redirect?to=URL     302 to URL (the key rides along in the query)
     .../huge?n=N            N bytes of "x"; with &coding=gzip|deflate|raw-deflate
                             they are sent compressed that way
@@ -180,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
         if force:
             accepted = [force]
         coders = {"bzip2": bz2.compress, "gzip": gzip.compress, "deflate": zlib.compress}
+        if force and force not in coders:  # a coding nobody knows, named as asked
+            return self._send(200, data, [("Content-Type", "application/json"),
+                                          ("Content-Encoding", force)])
         for name in accepted:
             if name in coders:
                 return self._send(200, coders[name](data), [
