@@ -1,4 +1,4 @@
-"""The broker's HTTP/1.1 server on a Unix socket (h11 does the framing).
+"""The broker's HTTP/1.1 server on a Unix socket (httptools, i.e. llhttp, parses requests).
 
 Routes (DESIGN §4):
     GET  /v1/health
@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import errno
+import http
 import json
 import logging
 import os
 import re
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import h11
+import httptools
 
 from broker import __version__
 from broker.identity import Peer, peer_of
@@ -38,7 +41,7 @@ MAX_HEAD = 64 * 1024
 # On shutdown, how long a call already being handled may take to send its answer.
 STOP_GRACE_SECONDS = 2.0
 READ_CHUNK = 64 * 1024
-# Header names that may not come from the agent at all (h11 has checked framing).
+# What a header from the agent may not hold (the parser has checked the framing).
 FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\0")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -133,13 +136,92 @@ def _is_live(path: Path) -> bool:
     return True
 
 
+@dataclass
+class _Request:
+    """One request as the parser saw it; header names in lower case."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+
+
+class _Parser:
+    """httptools (llhttp) callbacks gathering whole requests, in the order they came.
+
+    Enforces the head size and the body cap as the bytes arrive, so neither is
+    buffered past its limit.
+    """
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.parser = httptools.HttpRequestParser(self)
+        self.ready: collections.deque[_Request] = collections.deque()
+        self.in_message = False  # a request has begun and is not whole yet
+        self._in_body = False  # its head is whole, its body is arriving
+        self._head_bytes = 0
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        self._head_bytes += len(data)  # since the last head or request ended: about
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            raise e.__context__ or BadRequest("malformed HTTP") from None
+        except httptools.HttpParserUpgrade:
+            raise BadRequest("protocol upgrades are not supported") from None
+        except httptools.HttpParserError as e:
+            raise BadRequest(f"malformed HTTP ({e})") from None
+        if not self._in_body and self._head_bytes > MAX_HEAD:
+            raise BadRequest(f"the request head is larger than {MAX_HEAD} bytes", 431)
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._target, self._headers, self._body, self._size = b"", [], [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_body, self._head_bytes = True, 0
+        # A head that arrived whole in one read is measured here (about: the parser
+        # drops some whitespace); one still arriving, in `feed`.
+        if len(self._target) + sum(len(k) + len(v) + 4 for k, v in self._headers) > MAX_HEAD:
+            raise BadRequest(f"the request head is larger than {MAX_HEAD} bytes", 431)
+        for name, value in self._headers:
+            if name == b"content-length" and int(value) > self.max_body:
+                raise BadRequest(f"the request body is larger than the {self.max_body} byte cap",
+                                 413)
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_body:
+            raise BadRequest(f"the request body is larger than the {self.max_body} byte cap", 413)
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = self._in_body = False
+        self._head_bytes = 0
+        self.ready.append(_Request(self.parser.get_method(), self._target, self._headers,
+                                   b"".join(self._body), self.parser.should_keep_alive()))
+
+
 class _Connection:
     def __init__(self, engine: Engine, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.engine = engine
         self.reader = reader
         self.writer = writer
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.parser = _Parser(engine.config.broker.max_request_bytes)
         sock = writer.get_extra_info("socket")
         self.peer: Peer = peer_of(sock)
         self.busy = False  # a request has arrived and its answer is not sent yet
@@ -149,17 +231,14 @@ class _Connection:
         while True:
             self.busy = False
             try:
-                request, body = await self._read_request()
-            except h11.RemoteProtocolError as e:
-                await self._refuse_protocol(f"malformed HTTP ({e})", e.error_status_hint)
-                return
+                request = await self._read_request()
             except BadRequest as e:
                 await self._refuse_protocol(str(e), e.status)
                 return
             if request is None:
                 return
             try:
-                status, headers, payload = await self._dispatch(request, body)
+                status, headers, payload = await self._dispatch(request, request.body)
             except Exception as e:  # a bug must still answer the agent, and never leak detail
                 log.error("internal error handling a call: %s", type(e).__name__,
                           exc_info=os.environ.get("OUTLOOP_DEBUG") == "1")
@@ -168,74 +247,43 @@ class _Connection:
                 payload = _json({"error": {"code": "internal_error", "audit_id": None,
                                            "message": "the broker failed on this call; "
                                            "see its log (OUTLOOP_DEBUG=1)"}})
-            await self._send(status, headers, payload, close=self.stopping)
-            if (self.stopping or self.conn.our_state is h11.MUST_CLOSE
-                    or self.conn.their_state is h11.MUST_CLOSE):
-                return
-            try:
-                self.conn.start_next_cycle()
-            except h11.LocalProtocolError:
+            close = self.stopping or not request.keep_alive
+            await self._send(status, headers, payload, close=close,
+                             head_only=request.method == b"HEAD")
+            if close:
                 return
 
-    async def _next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await self.reader.read(READ_CHUNK)
-                self.conn.receive_data(data)
-                continue
-            return event
-
-    async def _read_request(self) -> tuple[h11.Request | None, bytes]:
-        event = await self._next_event()
-        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            return None, b""
+    async def _read_request(self) -> _Request | None:
+        """The next whole request, or None once the caller hangs up between requests."""
+        parser = self.parser
+        while not parser.ready:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                if parser.in_message:
+                    self.busy = True
+                    raise BadRequest("the connection closed in the middle of a request")
+                return None
+            parser.feed(data)
+            self.busy = parser.in_message or bool(parser.ready)
+        # A request with a body that the limit check lets through is read whole.
         self.busy = True
-        if not isinstance(event, h11.Request):
-            raise BadRequest("expected an HTTP request")
-        limit = self.engine.config.broker.max_request_bytes
-        for name, value in event.headers:
-            if name == b"content-length" and int(value) > limit:
-                raise BadRequest(f"the request body is larger than the {limit} byte cap", 413)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            part = await self._next_event()
-            if isinstance(part, h11.Data):
-                size += len(part.data)
-                if size > limit:
-                    raise BadRequest(f"the request body is larger than the {limit} byte cap", 413)
-                chunks.append(part.data)
-            elif isinstance(part, h11.EndOfMessage):
-                return event, b"".join(chunks)
-            elif isinstance(part, h11.ConnectionClosed):
-                return None, b""
-            else:
-                raise BadRequest("unexpected HTTP framing")
+        return parser.ready.popleft()
 
     async def _refuse_protocol(self, message: str, status: int) -> None:
         refusal = await self.engine.refuse(self.peer, "bad_request", message, status=status)
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(h11.LocalProtocolError):
-                await self._send(refusal.http_status, [], _json(refusal.json()), close=True)
+        await self._send(refusal.http_status, _refusal_headers(refusal), _json(refusal.json()),
+                         close=True)
 
     async def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
-                    close: bool = False) -> None:
-        hdrs = [(k.encode("ascii"), _header_bytes(v)) for k, v in headers
-                if k.lower() not in ("content-length", "connection")]
-        hdrs.append((b"Content-Length", str(len(body)).encode("ascii")))
-        if close:
-            hdrs.append((b"Connection", b"close"))
-        out = self.conn.send(h11.Response(status_code=status, headers=hdrs))
-        out += self.conn.send(h11.Data(data=body)) if body else b""
-        out += self.conn.send(h11.EndOfMessage())
-        self.writer.write(out)
+                    close: bool = False, head_only: bool = False) -> None:
+        self.writer.write(response_bytes(status, headers, b"" if head_only else body,
+                                         len(body), close))
         await self.writer.drain()
 
-    async def _dispatch(self, request: h11.Request, body: bytes
+    async def _dispatch(self, request: _Request, body: bytes
                         ) -> tuple[int, list[tuple[str, str]], bytes]:
         target = request.target.decode("ascii", "replace")
-        method = request.method.decode("ascii")
+        method = request.method.decode("ascii", "replace")
         parts = urlsplit(target)
         if parts.scheme or parts.netloc:
             return await self._refusal("bad_request", "absolute URLs are not accepted")
@@ -273,11 +321,40 @@ class _Connection:
         return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
 
 
-def _header_bytes(value: str) -> bytes:
-    """An upstream header value back to bytes: h11 only encodes ASCII str itself.
+def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, length: int,
+                   close: bool) -> bytes:
+    """A whole HTTP/1.1 response: status line, headers, Content-Length, then the body.
 
-    httpx decodes header bytes as ASCII, else UTF-8, else latin-1; latin-1 gives back
-    the bytes of the last, and anything it cannot encode came from UTF-8.
+    Header names and values come from the broker or from an upstream's answer that
+    h11 has already parsed; a line break or NUL in one would still split the
+    response, so it is refused here rather than written.
+    """
+    reason = _REASONS.get(status, b"")
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        if name.lower() in ("content-length", "connection", "transfer-encoding"):
+            continue
+        raw = _header_bytes(value)
+        if not HEADER_NAME_RE.fullmatch(name) or any(c in raw for c in b"\r\n\0"):
+            raise ValueError(f"header {name[:40]!r} cannot be written")
+        out.append(name.encode("ascii") + b": " + raw + b"\r\n")
+    out.append(b"Content-Length: %d\r\n" % length)
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    out.append(body)
+    return b"".join(out)
+
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
+
+
+def _header_bytes(value: str) -> bytes:
+    """An upstream header value back to the bytes it was sent as.
+
+    Values are decoded as ASCII, else UTF-8, else latin-1 (broker/forward.py, as httpx
+    does); latin-1 gives back the bytes of the last, and anything it cannot encode
+    came from UTF-8.
     """
     try:
         return value.encode("latin-1")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,48 @@ REFUSALS: list[tuple[str, str, dict[str, Any], str]] = [
     ("json-bad-method", "acme", req("api", "GET /x HTTP/1.1\r\n", "/echo/x"), "bad_request"),
     *[(f"malformed-http-{i}", "acme", {"raw": raw}, "bad_request") for i, raw in enumerate(RAW_MALFORMED)],
 ]
+
+
+def _exchange(path: Path, data: bytes, *, hang_up: bool = True) -> bytes:
+    """Send raw bytes on the broker socket and read until the broker closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(data)
+        if hang_up:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: BrokerThread) -> None:
+    health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    # Pipelined requests are answered in order.
+    assert _exchange(world.socket, health * 3).count(b"HTTP/1.1 200 OK\r\n") == 3
+    # An HTTP/1.0 caller without keep-alive is answered, and the broker closes.
+    old = _exchange(world.socket, b"GET /v1/health HTTP/1.0\r\n\r\n", hang_up=False)
+    assert old.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in old
+    # HEAD: the length of the answer, not the answer.
+    head, _, body = _exchange(world.socket, health.replace(b"GET", b"HEAD")).partition(b"\r\n\r\n")
+    assert b"Content-Length: 0" not in head and body == b""
+    # A chunked body is read whole (this caller's folder maps to no tenant: it got that far).
+    doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
+    chunked = (b"POST /v1/request HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n%s\r\n0\r\n\r\n" % (len(doc), doc))
+    answer = _exchange(world.socket, chunked)
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"X-Outloop-Error: unmapped_workspace" in answer
+    # A head too large to be a request, and a protocol upgrade, are refused and audited.
+    huge = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    too_big = _exchange(world.socket, huge)
+    assert too_big.startswith(b"HTTP/1.1 431 ") and b"bad_request" in too_big
+    endless = _exchange(world.socket, huge[:-4] + b"a" * 100_000)  # a head that never ends
+    assert endless.startswith(b"HTTP/1.1 431 ")
+    upgrade = _exchange(world.socket, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+                        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert upgrade.startswith(b"HTTP/1.1 400 ") and b"upgrades are not supported" in upgrade
+    assert world.upstream.records == []
 
 
 def test_refusals_are_coded_audited_and_never_reach_upstream(world: World, broker: BrokerThread) -> None:
