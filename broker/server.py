@@ -289,9 +289,9 @@ class _Connection:
             return await self._refusal("bad_request", "absolute URLs are not accepted")
         path = parts.path
         json_type = [("Content-Type", "application/json")]
-        if path == "/v1/health" and method == "GET":
+        if path == "/v1/health" and method in ("GET", "HEAD"):
             return 200, json_type, _json(self.engine.health())
-        if path == "/v1/whoami" and method == "GET":
+        if path == "/v1/whoami" and method in ("GET", "HEAD"):
             result = self.engine.whoami(self.peer)
             if isinstance(result, dict):
                 return 200, json_type, _json(result)
