@@ -293,6 +293,9 @@ class PooledTransport(httpx.AsyncBaseTransport):
                 await _send(conn, h11.Data(data=body), timeout)
             await _send(conn, h11.EndOfMessage(), timeout)
             head = await self._read_head(conn, timeout)
+            declared = next((v for k, v in head.headers if k == b"content-length"), None)
+            if declared is not None and method != b"HEAD" and int(declared) > max_bytes:
+                raise ResponseTooLarge(max_bytes)  # said up front: not read at all
             chunks: list[bytes] = []
             size = 0
             while True:

@@ -205,6 +205,9 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
         with pytest.raises(UpstreamError) as big:
             await forwarder.send(c, SECRET, "GET", normalize_path("/huge"), [("n", "1001")], {}, b"")
         assert big.value.status == 502 and "1000 byte cap" in str(big.value)
+        # A HEAD answer's Content-Length is the size of what GET would send: no body comes.
+        head = await forwarder.send(c, SECRET, "HEAD", normalize_path("/huge"), [("n", "5000")], {}, b"")
+        assert (head.status, head.body) == (200, b"")
         echo = await forwarder.send(c, SECRET, "GET", normalize_path("/echo/x"), [], {}, b"")
         assert not any(k.lower() in ("set-cookie", "content-length", "connection") for k, _ in echo.headers)
         with pytest.raises(UpstreamError) as unreadable:
