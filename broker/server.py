@@ -167,16 +167,23 @@ class _Parser:
         self._size = 0
 
     def feed(self, data: bytes) -> None:
-        self._head_bytes += len(data)  # since the last head or request ended: about
+        # Since the last head, body data or request ended: about. In a body, what is
+        # not data (chunk extensions, trailers) is capped like a head.
+        self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             raise e.__context__ or BadRequest("malformed HTTP") from None
         except httptools.HttpParserUpgrade:
+            if self.ready and not self.in_message:
+                self.ready.pop()  # the upgrade request itself: refused, not answered
             raise BadRequest("protocol upgrades are not supported") from None
         except httptools.HttpParserError as e:
             raise BadRequest(f"malformed HTTP ({e})") from None
-        if not self._in_body and self._head_bytes > MAX_HEAD:
+        if self._head_bytes > MAX_HEAD:
+            if self._in_body:
+                raise BadRequest(f"the request's chunk extensions or trailers are larger than "
+                                 f"{MAX_HEAD} bytes", 431)
             raise BadRequest(f"the request head is larger than {MAX_HEAD} bytes", 431)
 
     # -- httptools callbacks
@@ -189,7 +196,9 @@ class _Parser:
         self._target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if not self._in_body:  # trailers are not headers, and are dropped (as h11 did)
+            # llhttp keeps trailing whitespace; it is not part of the value (h11 strips it).
+            self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self._in_body, self._head_bytes = True, 0
@@ -203,6 +212,7 @@ class _Parser:
                                  413)
 
     def on_body(self, body: bytes) -> None:
+        self._head_bytes = 0
         self._size += len(body)
         if self._size > self.max_body:
             raise BadRequest(f"the request body is larger than the {self.max_body} byte cap", 413)
@@ -226,6 +236,8 @@ class _Connection:
         self.peer: Peer = peer_of(sock)
         self.busy = False  # a request has arrived and its answer is not sent yet
         self.stopping = False  # the broker is stopping: close once this answer is sent
+        # A malformed request read with whole ones before it: refused once they are answered.
+        self.error: BadRequest | None = None
 
     async def run(self) -> None:
         while True:
@@ -256,14 +268,25 @@ class _Connection:
     async def _read_request(self) -> _Request | None:
         """The next whole request, or None once the caller hangs up between requests."""
         parser = self.parser
+        # [broker] limits apply from the next call, as on a new connection.
+        parser.max_body = self.engine.config.broker.max_request_bytes
         while not parser.ready:
+            if self.error is not None:
+                self.busy = True
+                raise self.error
             data = await self.reader.read(READ_CHUNK)
             if not data:
                 if parser.in_message:
                     self.busy = True
                     raise BadRequest("the connection closed in the middle of a request")
                 return None
-            parser.feed(data)
+            try:
+                parser.feed(data)
+            except BadRequest as e:
+                if not parser.ready:
+                    self.busy = True  # refused and audited even if the broker is stopping
+                    raise
+                self.error = e
             self.busy = parser.in_message or bool(parser.ready)
         # A request with a body that the limit check lets through is read whole.
         self.busy = True

@@ -269,6 +269,66 @@ def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: Brok
     assert world.upstream.records == []
 
 
+def test_trailers_and_chunk_extensions_are_capped_like_a_head(world: World, broker: BrokerThread) -> None:
+    """What a chunked body carries besides its data is not buffered without end."""
+    chunked = b"POST /v1/request HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
+    for rest in (b"0\r\nX-Trailer: " + b"a" * 150_000,  # a trailer that never ends
+                 b"0\r\n" + b"X-Trailer: a\r\n" * 12_000,  # trailers without end
+                 b"1;ext=" + b"a" * 150_000):  # a chunk extension that never ends
+        answer = _exchange(world.socket, chunked + rest)
+        assert answer.startswith(b"HTTP/1.1 431 ") and b"bad_request" in answer, answer[:200]
+
+
+def test_whole_requests_read_with_a_malformed_one_are_answered_first(world: World,
+                                                                      broker: BrokerThread) -> None:
+    health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    upgrade = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    for bad in (b"GARBAGE\r\n\r\n", upgrade):
+        answers = _exchange(world.socket, health + bad)
+        assert answers.startswith(b"HTTP/1.1 200 OK\r\n"), answers[:200]
+        assert answers.count(b"HTTP/1.1 200 ") == 1
+        refusal = json.loads(answers[answers.index(b"HTTP/1.1 400 "):].partition(b"\r\n\r\n")[2])
+        assert audit_by_id(world, refusal["error"]["audit_id"])["decision"] == "bad_request"
+
+
+def test_a_kept_alive_connection_gets_the_body_cap_of_the_next_call(world: World,
+                                                                     broker: BrokerThread) -> None:
+    """[broker] limits apply from the next call, on a connection opened before the change too."""
+    def call(s: socket.socket, reason: str) -> bytes:
+        doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x", "reason": reason})
+        s.sendall(b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(doc), doc.encode()))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+        while len(body) < length:
+            body += s.recv(65536)
+        return head
+
+    doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
+    world.configure(max_request_bytes=2048)
+    _exchange(world.socket, b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(doc), doc))  # a call: the broker reads the cap of 2048
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(world.socket))
+        world.configure(max_request_bytes=20_000)
+        assert call(s, "").startswith(b"HTTP/1.1 403 ")  # this folder maps to no tenant
+        assert call(s, "r" * 5000).startswith(b"HTTP/1.1 403 ")
+
+
+def test_proxy_headers_are_read_as_h11_read_them(world: World, broker: BrokerThread) -> None:
+    """Whitespace around a value is not part of it; trailers are not headers (RFC 9110 §5.5, §6.5)."""
+    raw = ("POST /v1/proxy/api/echo/ws HTTP/1.1\r\nHost: x\r\nX-Nonce: padded \t\r\n"
+           "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
+    (result,) = world.agent(world.acme, [{"raw": raw}])
+    assert result["status"] == 200, result["body"][:300]
+    (received,) = world.upstream.records
+    assert received.header("X-Nonce") == "padded" and received.header("X-Trailer") is None
+
+
 def test_refusals_are_coded_audited_and_never_reach_upstream(world: World, broker: BrokerThread) -> None:
     """Every case of REFUSALS, one agent process per folder (a process per case is slow)."""
     folders = {"acme": world.acme, "globex": world.globex, "unmapped": world.unmapped}
