@@ -241,6 +241,26 @@ def _exchange(path: Path, data: bytes, *, hang_up: bool = True) -> bytes:
     return b"".join(chunks)
 
 
+def test_expect_100_continue_is_answered_before_the_body(world: World, broker: BrokerThread) -> None:
+    doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
+    head = (b"POST /v1/request HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(doc))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(world.socket))
+        s.sendall(head)
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # asked for, before the body
+        s.sendall(doc)
+        s.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    # This caller's folder maps to no tenant: the body was read and the call judged.
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"unmapped_workspace" in answer
+    # A body declared over the cap is refused at once, without asking for it.
+    over = head.replace(b"Content-Length: %d" % len(doc), b"Content-Length: 999999999")
+    refused = _exchange(world.socket, over)
+    assert refused.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in refused
+
+
 def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: BrokerThread) -> None:
     health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
     # Pipelined requests are answered in order.
