@@ -796,8 +796,8 @@ class AuditLog:
         part.items.append(item)
         self._append(current, part)
         if not self._unsynced:
-            pass  # the write failed or the record was refused (its caller is told): nothing to sync
-        elif durable and not batch and self._syncing is None and self._sync_inline():
+            return await future  # the write failed or the record was refused: its caller is told
+        if durable and not batch and self._syncing is None and self._sync_inline():
             # Nothing to share an fsync with, and a fast disk: fsync now, so the record
             # is durable when this returns, with no wake of the writer task in between.
             self._start_sync()
@@ -830,10 +830,11 @@ class AuditLog:
     # time; while it runs the writer keeps appending, and the next fsync
     # covers everything appended meanwhile. An fsync on the loop blocks it for
     # its fraction of a millisecond, and what arrives meanwhile forms the next
-    # batch. That is the group commit: a batch is what one fsync covers. A caller waiting for durability is
-    # answered when the fsync covering its record returns; a ``durable=False``
-    # caller when its record is written. Records appended only by such callers
-    # wait up to LAZY_SYNC_SECONDS for a durable record to share the fsync.
+    # batch. That is the group commit: a batch is what one fsync covers. A
+    # caller waiting for durability is answered when the fsync covering its
+    # record returns; a ``durable=False`` caller when its record is written.
+    # Records appended only by such callers wait up to LAZY_SYNC_SECONDS for a
+    # durable record to share the fsync.
 
     async def _run_writer(self) -> None:
         batch: list[_Pending] = []

@@ -154,7 +154,7 @@ class Forwarder:
             raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})",
                                 502) from None
         ms = (time.perf_counter() - start) * 1000
-        out_headers = [(k, v) for k, v in response_headers if k.lower() not in RESPONSE_DROP]
+        out_headers = [(k, v) for k, v in response_headers if k not in RESPONSE_DROP]
         return UpstreamResponse(fetched.status, out_headers, content, ms)
 
     def _too_big(self) -> str:
@@ -196,12 +196,13 @@ def _text(raw: bytes) -> str:
 
 
 def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -> bytes:
-    """The body with its content codings undone, at most `cap` bytes of it.
+    """The body with its content codings undone, at most `cap` bytes of it (`headers`:
+    names in lower case, as `fetch` gives them).
 
     Only what ACCEPT_ENCODING offers is undone; anything else is refused, since
     bytes the broker cannot read could carry the key past redaction.
     """
-    codings = [c.strip().lower() for k, v in headers if k.lower() == "content-encoding"
+    codings = [c.strip().lower() for k, v in headers if k == "content-encoding"
                for c in v.split(",") if c.strip()]
     for coding in reversed(codings):
         if coding == "identity":

@@ -42,6 +42,8 @@ class Peer:
         if fresh or not self._lineage:
             self._lineage[:] = [_ancestors(self.pid)]
         return self._lineage[0]
+
+
 @dataclass(frozen=True)
 class Caller:
     """A caller mapped to a tenant."""

@@ -162,6 +162,22 @@ async def echo(conn: Conn) -> None:
         await conn.send(response(f"{conn.index} {req.method} {req.target}".encode()))
 
 
+def answer_together(parties: int, body: Callable[[Conn, Request], str],
+                    wait_for: str = "/") -> Handler:
+    """Keep-alive: hold each request whose target starts with `wait_for` until
+    `parties` of them are in (so that many calls are in flight at once), then answer."""
+    barrier = asyncio.Barrier(parties)
+
+    async def handler(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req.target.startswith(wait_for):
+                async with asyncio.timeout(WAIT):
+                    await barrier.wait()
+            await conn.send(response(body(conn, req).encode()))
+
+    return handler
+
+
 async def stall(conn: Conn) -> None:
     """Read the request, then never answer."""
     await conn.request()
@@ -213,14 +229,7 @@ async def test_sequential_calls_share_one_connection(upstream: RawServer) -> Non
 async def test_concurrent_calls_each_get_their_own_answer_then_reuse_the_connections() -> None:
     # The server answers only once all ten requests are in, so ten calls in flight
     # need ten connections, and the second round must find them all in the pool.
-    barrier = asyncio.Barrier(10)
-
-    async def together(conn: Conn) -> None:
-        while (req := await conn.request()) is not None:
-            async with asyncio.timeout(WAIT):
-                await barrier.wait()
-            await conn.send(response(f"{conn.index} {req.target}".encode()))
-
+    together = answer_together(10, lambda conn, req: f"{conn.index} {req.target}")
     async with RawServer(together) as server, client() as c:
         for _ in range(2):
             answers = await asyncio.gather(*(c.get(f"{server.url}/call/{i}") for i in range(10)))
@@ -735,14 +744,7 @@ async def test_https_with_a_certificate_for_another_name_raises_connect_error(ca
 
 
 async def test_aclose_closes_the_pooled_connections() -> None:
-    barrier = asyncio.Barrier(3)
-
-    async def together(conn: Conn) -> None:
-        while (req := await conn.request()) is not None:
-            async with asyncio.timeout(WAIT):
-                await barrier.wait()
-            await conn.send(response(req.target.encode()))
-
+    together = answer_together(3, lambda conn, req: req.target)
     async with RawServer(together) as server:
         c = client()
         await asyncio.gather(*(c.get(f"{server.url}/{i}") for i in range(3)))
@@ -754,15 +756,7 @@ async def test_aclose_closes_the_pooled_connections() -> None:
 
 
 async def test_idle_connections_over_max_idle_are_closed() -> None:
-    barrier = asyncio.Barrier(5)
-
-    async def together(conn: Conn) -> None:
-        while (req := await conn.request()) is not None:
-            if req.target.startswith("/together"):
-                async with asyncio.timeout(WAIT):
-                    await barrier.wait()
-            await conn.send(response(f"{conn.index}".encode()))
-
+    together = answer_together(5, lambda conn, req: f"{conn.index}", wait_for="/together")
     async with RawServer(together) as server, client(max_idle=2) as c:
         await asyncio.gather(*(c.get(f"{server.url}/together") for _ in range(5)))
         await eventually(
