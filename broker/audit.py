@@ -127,10 +127,11 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
     return _dumps({k: v for k, v in record.items() if k != "hash"})
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _dumps(record: Mapping[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return _CANONICAL.encode(record).encode("utf-8")
 
 
 def record_hash(prev: str, record: Mapping[str, Any]) -> str:
@@ -140,7 +141,9 @@ def record_hash(prev: str, record: Mapping[str, Any]) -> str:
 
 def format_ts(moment: datetime) -> str:
     """Format ``moment`` as RFC 3339 UTC with milliseconds, e.g. ``2025-01-02T03:04:05.678Z``."""
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def day_file_name(day: date) -> str:
@@ -171,7 +174,18 @@ def _strip(value: Any) -> Any:
     return value
 
 
+# Field names the broker writes on every call; a record holding only these, with
+# plain values, needs no cleaning (the common case, on every call).
+_PLAIN_FIELDS = frozenset({
+    "event", "tenant", "workspace", "pid", "exe", "credential", "method", "host", "path",
+    "rule", "decision", "reason", "approver", "status", "bytes", "ms", "attempt", "message",
+})
+_SCALAR_TYPES = frozenset(_SCALARS)
+
+
 def _clean(fields: Mapping[str, Any]) -> Record:
+    if fields.keys() <= _PLAIN_FIELDS and set(map(type, fields.values())) <= _SCALAR_TYPES:
+        return dict(fields)
     out: Record = {}
     for key, value in fields.items():
         if not isinstance(key, str):
@@ -782,9 +796,11 @@ class AuditLog:
         if self._last_ts is not None and moment < self._last_ts:
             moment = self._last_ts
         self._last_ts = moment
+        if moment.tzinfo is not UTC:
+            moment = moment.astimezone(UTC)
         full: Record = {"ts": format_ts(moment), "id": _new_id(moment), **record}
         future: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
-        item = _Pending(full, moment.astimezone(UTC).date(), future, durable)
+        item = _Pending(full, moment.date(), future, durable)
         current = None if self._pending or self._writing else self._store.writable(item.day)
         if current is None:
             self._pending.append(item)

@@ -130,15 +130,15 @@ class Forwarder:
         if params:
             target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
         try:
-            head = _request_head(route.host, method, outgoing_headers(headers, credential, secret),
-                                 len(body))
+            sent = _request_headers(route.host, method,
+                                    outgoing_headers(headers, credential, secret), len(body))
         except UnicodeEncodeError:
             # Its text could quote the key; say which kind of value it was instead.
             raise UpstreamError("a header value (or the credential) is not ASCII, so it "
                                 "cannot be sent", 502) from None
         start = time.perf_counter()
         try:
-            fetched = await self._pool.fetch(route.origin, method.encode("ascii"), target, head,
+            fetched = await self._pool.fetch(route.origin, method.encode("ascii"), target, sent,
                                              body, timeout=self.timeout,
                                              max_bytes=self.max_response_bytes)
             response_headers = [(_text(k), _text(v)) for k, v in fetched.headers]
@@ -171,7 +171,7 @@ _DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"),
                     (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
 
 
-def _request_head(host: bytes, method: str, headers: dict[str, str],
+def _request_headers(host: bytes, method: str, headers: dict[str, str],
                   body_size: int) -> list[tuple[bytes, bytes]]:
     """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
     out = [(b"Host", host)]

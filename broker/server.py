@@ -358,7 +358,7 @@ def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, len
     """A whole HTTP/1.1 response: status line, headers, Content-Length, then the body.
 
     Header names and values come from the broker or from an upstream's answer that
-    h11 has already parsed; a line break or NUL in one would still split the
+    llhttp has already parsed; a line break or NUL in one would still split the
     response, so it is refused here rather than written.
     """
     reason = _REASONS.get(status, b"")
@@ -445,7 +445,7 @@ def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
 
 def _check_header(name: str, value: str) -> None:
     if not HEADER_NAME_RE.fullmatch(name):
-        # h11 would refuse it on the way out, after the attempt is audited, as upstream_error.
+        # The pool would refuse it on the way out, after the attempt is audited, as upstream_error.
         raise BadRequest(f"header name {name[:40]!r} is not an HTTP token "
                          "(letters, digits and !#$%&'*+-.^_`|~)")
     if any(c in value for c in FORBIDDEN_VALUE_CHARS):

@@ -1,188 +1,45 @@
-"""The broker's upstream transport for httpx: pooled HTTP/1.1 connections on asyncio.
+"""The broker's upstream HTTP/1.1 client: pooled keep-alive connections on asyncio.
 
-httpx's stock transport (httpcore over AnyIO) costs about half a millisecond of
-CPU per call, as much as everything else the broker does together. Each call
-scans every pooled connection twice (and asks each socket, by a system call,
-whether the server hung up), and every read and write passes through AnyIO's
-cancel scopes. This transport does the same job for the one shape the broker
-needs, plain HTTP/1.1 to a handful of API hosts with keep-alive, on asyncio
-protocols:
+The broker reads every answer whole (it must redact it), so one call here is one
+whole exchange, `PooledTransport.fetch`, for the one shape the broker needs: plain
+HTTP/1.1 to a handful of API hosts, with keep-alive. httpx's stock transport
+(httpcore over AnyIO) cost about half a millisecond of CPU per call, and httpx's
+client layers above it more than the exchange itself; h11, pure Python, then
+took 40-80 µs of each exchange. So:
 
-- framing is h11's (a maintained protocol library), not ours;
+- responses are parsed by httptools (llhttp, Node.js's parser, in C), never by
+  us; the request head is written here from values the broker has checked, and
+  checked again, so no CR, LF or NUL can split it;
 - a connection learns that the server hung up from asyncio's callbacks
-  (`eof_received` / `connection_lost`), so idle connections are never polled;
+  (`eof_received` / `connection_lost`), so idle connections are never polled,
+  and bytes no request asked for retire it;
 - idle connections are kept per origin, most recently used first, so taking
   one is O(1) however many are pooled;
-- TLS is asyncio's, with httpx's default context (certifi's CA bundle);
-- timeouts are httpx's (connect, read, write, pool from the request's
-  `timeout` extension) and failures raise httpx's exceptions, so a client
-  above behaves as with the stock transport;
-- `fetch` makes a whole exchange on the same pool without httpx's request and
-  response models: the broker's hot path (broker/forward.py).
+- TLS is asyncio's, with httpx's default context;
+- `timeout` bounds the wait for a pool slot, the connect, the write, and every
+  silence while the answer arrives; failures raise httpx's exceptions.
 
-No proxies (the broker's client ignores the environment), no HTTP/2, no
-retries: a request is put on the wire at most once.
+No proxies, no HTTP/2, no retries: a request is put on the wire at most once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-import h11
+import httptools
 import httpx2 as httpx
 
-# Largest response head h11 will buffer (status line + headers).
+# Largest response head (status line and headers) read before giving up.
 MAX_HEAD_BYTES = 64 * 1024
-# Bytes received but not yet read by the caller before the socket stops being read.
-MAX_BUFFERED = 1024 * 1024
 
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: h11's state machine fed by asyncio's callbacks."""
-
-    def __init__(self, origin: tuple[bytes, bytes, int]) -> None:
-        self.origin = origin
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-        self.transport: asyncio.Transport | None = None
-        self.lost = False  # the socket is closed, or the server sent EOF
-        self.idle_since = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._drained: asyncio.Future[None] | None = None
-        self._unread = 0  # bytes received that h11 has not handed out yet (about)
-        self._reading_paused = False
-
-    # -- asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a stream transport
-
-    def data_received(self, data: bytes) -> None:
-        self.h11.receive_data(data)
-        self._unread += len(data)
-        if self._unread > MAX_BUFFERED and self.transport is not None and not self._reading_paused:
-            # The reader is behind: stop reading the socket until it catches up,
-            # so a fast server cannot make the broker buffer without bound.
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.lost = True
-        try:
-            self.h11.receive_data(b"")
-        except h11.RemoteProtocolError:
-            pass
-        self._wake()
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._wake()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- used by the transport
-
-    def reusable(self) -> bool:
-        # Bytes already buffered on an idle connection (a second response, a late 408)
-        # would otherwise be read as the answer to the next request.
-        return (not self.lost and self.h11.our_state is h11.IDLE
-                and self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0])
-
-    def resume_reading(self) -> None:
-        """Count unread bytes from zero again and read the socket if it was paused."""
-        self._unread = 0
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-
-    def finish(self) -> bool:
-        """After a whole response: ready the connection for the next request, if it can be."""
-        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-            return False
-        self.h11.start_next_cycle()
-        # Reading may have paused as the body's end arrived; an idle connection
-        # must read, or it never sees the server hang up.
-        self.resume_reading()
-        return True
-
-    def close(self) -> None:
-        self.lost = True
-        if self.transport is not None:
-            self.transport.close()
-
-    async def send(self, event: h11.Event, timeout: float | None) -> None:  # noqa: ASYNC109
-        data = self.h11.send(event)
-        if self.lost or self.transport is None:
-            raise httpx.WriteError("the server closed the connection")
-        if data:
-            self.transport.write(data)
-        if self._paused:
-            loop = asyncio.get_running_loop()
-            self._drained = loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._drained
-            except TimeoutError:
-                raise httpx.WriteTimeout("timed out sending the request") from None
-            finally:
-                self._drained = None
-            if self.lost:
-                raise httpx.WriteError("the server closed the connection")
-
-    async def next_event(self, timeout: float | None) -> h11.Event:  # noqa: ASYNC109
-        """The next event from the server, waiting at most `timeout` for more bytes."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                raise httpx.RemoteProtocolError(f"the server broke HTTP/1.1 framing: {e}") from None
-            if event is h11.PAUSED:  # only after a whole response, which nobody reads past
-                raise httpx.RemoteProtocolError("the server sent more than one response")
-            if event is not h11.NEED_DATA:
-                assert isinstance(event, h11.Event)
-                if isinstance(event, h11.Data):
-                    self._unread -= len(event.data)
-                return event
-            self.resume_reading()
-            if self.lost:
-                raise httpx.RemoteProtocolError("the server disconnected without a whole response")
-            self._waiter = loop.create_future()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._waiter
-            except TimeoutError:
-                raise httpx.ReadTimeout("timed out waiting for the server") from None
-            finally:
-                self._waiter = None
-
-
-async def _send(conn: _Connection, event: h11.Event, timeout: float | None) -> None:  # noqa: ASYNC109
-    try:
-        await conn.send(event, timeout)
-    except h11.LocalProtocolError as e:
-        raise httpx.LocalProtocolError(str(e)) from None
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no space, no line break
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # anything but HTAB splits or corrupts a line
 
 
 class ResponseTooLarge(Exception):
@@ -198,38 +55,241 @@ class Fetched:
     body: bytes
 
 
-class _Body(httpx.AsyncByteStream):
-    """A response body read from its connection; closing it returns the connection to the pool."""
+def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request line and headers, as sent; raises httpx.LocalProtocolError for
+    anything that is not a token, a visible target, or a single-line value.
 
-    def __init__(self, transport: PooledTransport, conn: _Connection, read_timeout: float | None) -> None:
-        self._transport = transport
-        self._conn: _Connection | None = conn
-        self._timeout = read_timeout
-        self._done = False
+    The messages name what is wrong but never quote a value: one may be the key.
+    """
+    if not _TOKEN.fullmatch(method):
+        raise httpx.LocalProtocolError("the method is not an HTTP token")
+    if not _TARGET.fullmatch(target):
+        raise httpx.LocalProtocolError("the request target holds a space or a control character")
+    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            raise httpx.LocalProtocolError("a header name is not an HTTP token")
+        if _CONTROL.search(value):
+            raise httpx.LocalProtocolError(f"header {name.decode('ascii')} holds a control character")
+        lines += (name, b": ", value.strip(b" \t"), b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        if conn is None:
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; llhttp's callbacks gather the answer to the request in flight."""
+
+    def __init__(self, origin: tuple[bytes, bytes, int]) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.lost = False  # the socket is closed, or the server sent EOF
+        self.stray = False  # bytes came that no request asked for: never reuse
+        self.idle_since = 0.0
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        # The exchange in flight (begin() starts one): None while idle.
+        self._parser: httptools.HttpResponseParser | None = None
+        self._done: asyncio.Future[None] | None = None  # resolved when whole, or failed
+        self._head_only = False  # the answer to HEAD: its head is all of it
+        self._max_bytes = 0
+        self._heard = 0.0  # monotonic time bytes last arrived
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # bytes fed since the head (or a trailer) began: about
+        self._interim = False  # reading a 1xx answer, which the final one follows
+        self._until_eof = False  # the body ends when the server closes
+        self.complete = False
+        self.keep_alive = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.in_body = False  # the final head is whole
+        self.chunks: list[bytes] = []
+        self._size = 0
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self.complete:
+            self.stray = True  # a late 408, a second answer: never read as the next one
             return
-        while not self._done:
-            event = await conn.next_event(self._timeout)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                self._done = True
-            else:  # pragma: no cover - h11 sends only these after a Response
-                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
+        self._heard = time.monotonic()
+        self._head_bytes += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause if isinstance(cause, Exception) else
+                       httpx.RemoteProtocolError("the server's answer could not be read"))
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the server switched protocols"))
+        except httptools.HttpParserError as e:
+            self._fail(httpx.RemoteProtocolError(f"the server broke HTTP/1.1 framing: {e}"))
+        else:
+            if self._head_bytes > MAX_HEAD_BYTES and not self.complete:
+                self._fail(httpx.RemoteProtocolError(
+                    "the server sent a response head (or chunk trailer) over 64 KiB"))
 
-    async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
+    def eof_received(self) -> bool:
+        self.lost = True
+        if self._parser is not None and not self.complete:
+            if self.in_body and self._until_eof:
+                self._finish(keep_alive=False)  # the close is the body's end
+            else:
+                self._fail(httpx.RemoteProtocolError("the server disconnected without a whole response"))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # a reset, say: even a body that ends at the close is cut short
+            self._fail(httpx.ReadError(f"the connection broke ({type(exc).__name__})"))
+        elif not self.lost:
+            self.eof_received()
+        self.lost = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.stray = True  # a second answer in the same read
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_body:  # trailers are not headers, and are dropped
+            # llhttp keeps trailing whitespace; it is not part of the value.
+            self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        self._head_bytes = 0
+        # A head that arrived whole in one read is measured here (about: llhttp drops
+        # some whitespace); one still arriving, as it is fed.
+        if sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
+        status = self._parser.get_status_code()
+        if status < 200:  # 100 Continue and friends: the final answer follows
+            self._interim = True
+            self.headers = []
             return
-        # Not reused: a body not read to its end, or "Connection: close".
-        self._transport._release(conn, self._done and conn.finish())
+        self.status, self.in_body = status, True
+        if self._head_only:
+            self._finish(self._parser.should_keep_alive())
+            return
+        length = chunked = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        if status in (204, 304):
+            return  # no body, whatever the head says; llhttp completes it
+        if length is not None and int(length) > self._max_bytes:
+            raise ResponseTooLarge(self._max_bytes)  # said up front: not read at all
+        self._until_eof = length is None and not chunked
+
+    def on_body(self, body: bytes) -> None:
+        self._head_bytes = 0
+        if self.complete:
+            self.stray = True  # a body after a HEAD's answer
+            return
+        self._size += len(body)
+        if self._size > self._max_bytes:
+            raise ResponseTooLarge(self._max_bytes)
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self.complete:
+            assert self._parser is not None
+            self._finish(self._parser.should_keep_alive())
+
+    # -- one exchange
+
+    def begin(self, *, head_only: bool, max_bytes: int) -> None:
+        """Ready to read the answer to a request about to be written."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._done = asyncio.get_running_loop().create_future()
+        self._head_only, self._max_bytes = head_only, max_bytes
+        self._head_bytes, self._size, self._interim, self._until_eof = 0, 0, False, False
+        self.complete = self.keep_alive = self.in_body = False
+        self.status, self.headers, self.chunks = 0, [], []
+
+    async def write(self, data: bytes, timeout: float | None) -> None:  # noqa: ASYNC109
+        if self.lost or self.transport is None:
+            raise httpx.WriteError("the server closed the connection")
+        self.transport.write(data)
+        if self._write_paused:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drained
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+            finally:
+                self._drained = None
+            if self.lost and not self.complete:
+                raise httpx.WriteError("the server closed the connection")
+
+    async def answer(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Wait until the answer is whole; raises what broke it, or ReadTimeout after
+        `timeout` seconds with no byte from the server."""
+        done = self._done
+        assert done is not None
+        if not done.done() and timeout is not None:
+            self._heard = time.monotonic()
+            self._quiet_timer = asyncio.get_running_loop().call_later(timeout, self._check_quiet, timeout)
+        try:
+            await done
+        finally:
+            if self._quiet_timer is not None:
+                self._quiet_timer.cancel()
+                self._quiet_timer = None
+
+    def _check_quiet(self, timeout: float) -> None:
+        quiet = time.monotonic() - self._heard
+        if quiet >= timeout:
+            self._fail(httpx.ReadTimeout("timed out waiting for the server"))
+        else:
+            self._quiet_timer = asyncio.get_running_loop().call_later(timeout - quiet, self._check_quiet, timeout)
+
+    def _finish(self, keep_alive: bool) -> None:
+        self.complete, self.keep_alive = True, keep_alive
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _fail(self, exc: Exception) -> None:
+        self.stray = True  # whatever is left on the wire cannot be trusted
+        self._parser = None
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+
+    def reusable(self) -> bool:
+        return not (self.lost or self.stray) and (self._parser is None or (self.complete and self.keep_alive))
+
+    def rest(self) -> None:
+        """Back to idle after a whole answer: what comes now, nobody asked for."""
+        self._parser = self._done = None
+        self.chunks = []
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
 
 
-class PooledTransport(httpx.AsyncBaseTransport):
-    """Pooled HTTP/1.1 for httpx.AsyncClient (`transport=`); see the module docstring."""
+class PooledTransport:
+    """Pooled HTTP/1.1 connections for the broker's calls; see the module docstring."""
 
     def __init__(self, *, max_connections: int = 200, max_idle: int = 64,
                  idle_seconds: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -247,116 +307,46 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._ssl = httpx.create_ssl_context()
         return self._ssl
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        scheme = url.raw_scheme
-        if scheme not in (b"http", b"https"):
-            raise httpx.UnsupportedProtocol(f"unsupported scheme {url.scheme!r}")
-        port = url.port or (443 if scheme == b"https" else 80)
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        conn = await self._checkout((scheme, url.raw_host, port), timeouts.get("pool"),
-                                    timeouts.get("connect"))
-        try:
-            write_timeout = timeouts.get("write")
-            await self._send_head(conn, request.method.encode("ascii"), request.url.raw_path,
-                                  request.headers.raw, write_timeout)
-            async for chunk in request.stream:  # type: ignore[union-attr]
-                if chunk:
-                    await _send(conn, h11.Data(data=chunk), write_timeout)
-            await _send(conn, h11.EndOfMessage(), write_timeout)
-            head = await self._read_head(conn, timeouts.get("read"))
-        except BaseException:
-            self._release(conn, reuse=False)
-            raise
-        # The slot and the connection come back when the body is closed.
-        extensions: dict[str, Any] = {"http_version": b"HTTP/" + head.http_version,
-                                      "reason_phrase": head.reason}
-        return httpx.Response(status_code=head.status_code, headers=head.headers.raw_items(),
-                              stream=_Body(self, conn, timeouts.get("read")),
-                              extensions=extensions)
-
     async def fetch(self, origin: tuple[bytes, bytes, int], method: bytes, target: bytes,
                     headers: list[tuple[bytes, bytes]], body: bytes, *, timeout: float | None,  # noqa: ASYNC109
                     max_bytes: int) -> Fetched:
-        """One whole exchange on the pool, without httpx's request and response models.
-
-        The broker's hot path: it reads every answer whole anyway, and httpx's
-        client layers cost more per call than the exchange itself. `timeout`
-        bounds each of pool, connect, write and each read; a body over
-        `max_bytes` raises ResponseTooLarge. Failures raise httpx's exceptions.
-        """
-        conn = await self._checkout(origin, timeout, timeout)
+        """One whole exchange: `origin` is (scheme, host, port), `headers` already hold
+        Host and Content-Length. A body over `max_bytes` raises ResponseTooLarge;
+        failures raise httpx's exceptions."""
+        head = request_head(method, target, headers)
+        conn = await self._checkout(origin, timeout)
         reuse = False
         try:
-            await self._send_head(conn, method, target, headers, timeout)
-            if body:
-                await _send(conn, h11.Data(data=body), timeout)
-            await _send(conn, h11.EndOfMessage(), timeout)
-            head = await self._read_head(conn, timeout)
-            declared = next((v for k, v in head.headers if k == b"content-length"), None)
-            if declared is not None and method != b"HEAD" and int(declared) > max_bytes:
-                raise ResponseTooLarge(max_bytes)  # said up front: not read at all
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                event = await conn.next_event(timeout)
-                if isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > max_bytes:
-                        raise ResponseTooLarge(max_bytes)
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
-                else:  # pragma: no cover - h11 sends only these after a Response
-                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
-            reuse = conn.finish()
-            return Fetched(head.status_code, list(head.headers), b"".join(chunks))
+            conn.begin(head_only=method == b"HEAD", max_bytes=max_bytes)
+            if len(body) <= 65536:
+                await conn.write(head + body, timeout)
+            else:  # not copied to join the head
+                await conn.write(head, timeout)
+                await conn.write(body, timeout)
+            await conn.answer(timeout)
+            reuse = conn.keep_alive
+            return Fetched(conn.status, conn.headers, b"".join(conn.chunks))
         finally:
+            conn.rest()
             self._release(conn, reuse)
 
-    async def _checkout(self, origin: tuple[bytes, bytes, int], pool_timeout: float | None,
-                        connect_timeout: float | None) -> _Connection:
+    async def _checkout(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
         """A connection to `origin`, idle or new, holding one of the pool's slots."""
         if self._closed:
             raise RuntimeError("the transport is closed")
         if self._slots.locked():
             try:
-                async with asyncio.timeout(pool_timeout):
+                async with asyncio.timeout(timeout):
                     await self._slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no upstream connection came free in time") from None
         else:
             await self._slots.acquire()  # free: returns without waiting
         try:
-            return self._idle_connection(origin) or await self._connect(origin, connect_timeout)
+            return self._idle_connection(origin) or await self._connect(origin, timeout)
         except BaseException:
             self._slots.release()
             raise
-
-    @staticmethod
-    async def _send_head(conn: _Connection, method: bytes, target: bytes,
-                         headers: list[tuple[bytes, bytes]], timeout: float | None) -> None:  # noqa: ASYNC109
-        try:
-            event = h11.Request(method=method, target=target, headers=headers)
-        except h11.LocalProtocolError as e:
-            raise httpx.LocalProtocolError(str(e)) from None
-        await _send(conn, event, timeout)
-
-    @staticmethod
-    async def _read_head(conn: _Connection, timeout: float | None) -> h11.Response:  # noqa: ASYNC109
-        while True:
-            event = await conn.next_event(timeout)
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue and friends: the final answer follows
-            if isinstance(event, h11.Response):
-                break
-            raise httpx.RemoteProtocolError("the server disconnected without a response")
-        # h11 bounds a head only while it is still incomplete after a read; one that came
-        # whole in a single read is measured here (about: h11 drops some whitespace).
-        size = len(event.reason) + sum(len(k) + len(v) + 4 for k, v in event.headers.raw_items())
-        if size > MAX_HEAD_BYTES:
-            raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
-        return event
 
     def _idle_connection(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -373,13 +363,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        name = host.decode("ascii")
+        name = host.decode("ascii").strip("[]")
         tls = self._context() if scheme == b"https" else None
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(origin), name.strip("[]"), port, ssl=tls,
-                    server_hostname=name.strip("[]") if tls else None)
+                    lambda: _Connection(origin), name, port, ssl=tls,
+                    server_hostname=name if tls else None)
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting to the upstream") from None
         except (OSError, ssl.SSLError) as e:
