@@ -198,6 +198,15 @@ def _clean(fields: Mapping[str, Any]) -> Record:
     return out
 
 
+def _seal(record: Record, prev: str) -> bytes:
+    """Chain `record` to the record whose hash is `prev`: set its prev and hash, return its line."""
+    record["prev"] = prev
+    canon = _dumps(record)  # no "hash" key yet, so this is the canonical form
+    digest = hashlib.sha256(prev.encode("ascii") + canon).hexdigest()
+    record["hash"] = digest
+    return canon[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
+
+
 def _hash_marker(hash_hex: str) -> bytes:
     # How a record's own hash appears in its line; its successor holds the
     # same digest only under "prev", so this finds the record itself.
@@ -808,11 +817,16 @@ class AuditLog:
             return await future
         # Nothing queued and the writer idle: append now, in call order, instead
         # of a round trip through the writer task.
-        part = _Part(item.day)
-        part.items.append(item)
-        self._append(current, part)
-        if not self._unsynced:
-            return await future  # the write failed or the record was refused: its caller is told
+        try:
+            line = _seal(full, self._tail)
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"audit record is not JSON-serialisable: {type(exc).__name__}") from None
+        try:
+            self._store.append(current, line)
+        except Exception as exc:
+            self._write_failed([item], exc)
+            return await future  # raises the AuditError its caller is told
+        self._written([item])
         if durable and not batch and self._syncing is None and self._sync_inline():
             # Nothing to share an fsync with, and a fast disk: fsync now, so the record
             # is durable when this returns, with no wake of the writer task in between.
@@ -929,6 +943,11 @@ class AuditLog:
         except Exception as exc:
             self._write_failed(part.items, exc)
             return False
+        self._written(items)
+        return True
+
+    def _written(self, items: list[_Pending]) -> None:
+        """`items` are in the file: they wait for an fsync; lazy callers are answered now."""
         self._tail = items[-1].record["hash"]
         if not self._unsynced:
             self._unsynced_since = asyncio.get_running_loop().time()
@@ -938,27 +957,21 @@ class AuditLog:
                 self._unsynced_durable += 1
             elif not item.future.done():
                 item.future.set_result(item.record)
-        return True
 
     def _chain(self, part: _Part) -> list[_Pending]:
         prev = self._tail
         chained: list[_Pending] = []
         for item in part.items:
-            record = item.record
-            record["prev"] = prev
             try:
-                canon = _dumps(record)  # no "hash" key yet, so this is the canonical form
+                part.data += _seal(item.record, prev)
             except (TypeError, ValueError) as exc:
                 if not item.future.done():
                     item.future.set_exception(
                         AuditError(f"audit record is not JSON-serialisable: {type(exc).__name__}")
                     )
                 continue
-            digest = hashlib.sha256(prev.encode("ascii") + canon).hexdigest()
-            record["hash"] = digest
-            part.data += canon[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
             chained.append(item)
-            prev = digest
+            prev = item.record["hash"]
         return chained
 
     async def _open_day(self, day: date) -> _DayFile:
