@@ -21,6 +21,7 @@ from broker.config import Config, Tenant
 
 # Ancestors further up than this are not examined (a loop guard; real trees are shallow).
 MAX_ANCESTORS = 64
+_UID = os.getuid()  # the broker's own user; callers must run as it
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Caller:
 
     pid: int
     exe: str
-    cwd: Path
+    cwd: str  # resolved, as the kernel reports it
     tenant: Tenant
     workspace: Path
 
@@ -88,7 +89,7 @@ def peer_of(sock: socket.socket) -> Peer:
 
 def identify(peer: Peer, config: Config) -> Caller:
     """Map a peer to its tenant and workspace, or raise IdentityError with the DESIGN code."""
-    if peer.uid != os.getuid():
+    if peer.uid != _UID:
         raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker",
                             pid=peer.pid)
     try:
@@ -116,7 +117,7 @@ def identify(peer: Peer, config: Config) -> Caller:
             f"the calling process tree spans tenants {tenant.id!r} and {other!r}",
             pid=peer.pid, exe=exe, cwd=Path(cwd), tenant=tenant.id, workspace=workspace,
         )
-    return Caller(peer.pid, exe, Path(cwd), tenant, workspace)
+    return Caller(peer.pid, exe, cwd, tenant, workspace)
 
 
 _GONE = "\0gone"  # an ancestor in the chain has exited
