@@ -907,6 +907,12 @@ _KEYWORDS = _index(RULES)
 _ORDER = {r.id: i for i, r in enumerate(RULES)}
 
 
+def may_hold_provider_key(text: str) -> bool:
+    """False when no rule's keyword is in `text`: then iter_provider_key_spans finds
+    nothing in it, nor in any part of it (a cheap check before many small texts)."""
+    return next(_KEYWORDS.iter(text.lower()), None) is not None
+
+
 def _candidate_rules(lowered: str) -> list[Rule]:
     hit: set[int] = set()
     for indexes in {found for _end, found in _KEYWORDS.iter(lowered)}:

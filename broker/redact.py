@@ -172,9 +172,12 @@ class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
     def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]],
-                 extra: SpanFinder | None = None) -> None:
+                 extra: SpanFinder | None = None,
+                 extra_gate: Callable[[str], bool] | None = None) -> None:
         """`secrets` maps a label (the credential name) to its secret value, or lists
-        (label, secret) pairs: tenants may each have a credential of the same name."""
+        (label, secret) pairs: tenants may each have a credential of the same name.
+        `extra_gate(text)`, if given, is False only when `extra` finds nothing in
+        `text` nor in any part of it."""
         pairs = secrets.items() if isinstance(secrets, Mapping) else secrets
         # Longest first, so a secret is not half-replaced by a shorter one inside it.
         ordered = sorted(((label, secret) for label, secret in pairs if secret),
@@ -185,6 +188,7 @@ class Redactor:
         self._prefilter = _Prefilter([secret for _, secret in ordered]) if self._count > DIRECT_MAX else None
         self._compiled: dict[frozenset[int], _Patterns] = {}
         self._extra = extra
+        self._extra_gate = extra_gate
 
     def __repr__(self) -> str:
         return f"Redactor({self._count} secrets)"
@@ -239,4 +243,13 @@ class Redactor:
         return f"[REDACTED:{self._labels[int(group[1:])]}]"
 
     def headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-        return [(k, self.text(v)) for k, v in headers]
+        pairs = list(headers)
+        # Usually nothing needs redacting: one look at all the values says so. A secret
+        # (its patterns have no anchors) or a rule's keyword in one value is in them all.
+        values = "\n".join(v for _, v in pairs)
+        patterns = self._patterns(values)
+        if ((patterns is None or patterns[0].search(values) is None)
+                and (self._extra is None
+                     or (self._extra_gate is not None and not self._extra_gate(values)))):
+            return pairs
+        return [(k, self.text(v)) for k, v in pairs]

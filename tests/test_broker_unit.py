@@ -155,6 +155,28 @@ def test_leak_rule_spans_are_redacted_too() -> None:
     assert redactor.text("id AKIA1234 end") == "id [REDACTED:rule] end"
 
 
+def test_headers_are_redacted_as_each_value_would_be_with_the_real_leak_rules() -> None:
+    # headers() first looks at all the values together; that must never let through
+    # what redacting each value on its own would catch (a key at the start or end of
+    # a value, alone or among others, the managed secret in any header).
+    from broker.leakrules import RULES, iter_provider_key_spans, may_hold_provider_key
+
+    secret = KEYS[("acme", "api")]
+    redactor = Redactor({"api": secret}, iter_provider_key_spans, may_hold_provider_key)
+    plain = [("Content-Type", "application/json"), ("Date", "Fri, 27 Nov 2026 22:00:00 GMT")]
+    keys = [example for rule in RULES if rule.confident for example in rule.true_positives[:1]]
+    assert len(keys) > 50
+    caught = 0
+    for key in [*keys, f"Bearer {secret}"]:
+        for headers in ([("X-Key", key)], [*plain, ("X-Key", key)], [("X-Key", key), *plain],
+                        [("X-Key", f"id={key};")]):
+            expected = [(k, redactor.text(v)) for k, v in headers]
+            assert redactor.headers(headers) == expected, key
+            caught += expected != headers
+    assert caught > 4 * 50  # the rules do fire here: the comparison is not vacuous
+    assert redactor.headers(plain) == plain
+
+
 # -- forwarding: headers and query ---------------------------------------------------------
 
 
