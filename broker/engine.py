@@ -29,6 +29,7 @@ from broker.approvals import Approvals
 from broker.audit import AuditError, AuditLog
 from broker.config import Config, ConfigError, Credential, load_config
 from broker.events import (
+    AuditRecorded,
     BrokerStateChanged,
     ConfigRejected,
     ConfigReloaded,
@@ -259,9 +260,8 @@ class Engine:
             return {}
 
     def _on_audit(self, record: dict[str, Any]) -> None:
-        from broker.events import AuditRecorded
-
-        self._publish(AuditRecorded(record))
+        if self._subscribers:  # none for `outloop broker`
+            self._publish(AuditRecorded(record))
 
     # -- config reload ------------------------------------------------------------
 

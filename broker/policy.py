@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Literal
 from urllib.parse import quote, unquote
 
@@ -57,7 +57,7 @@ class NormalPath:
     segments: tuple[str, ...]
     encoded: str  # what goes to the upstream, beginning with "/"
 
-    @property
+    @cached_property
     def match_key(self) -> str:
         # Segments joined with "/" after decoding; an encoded "/" inside a segment is
         # kept as %2F so it can never pose as a separator to the matcher.
@@ -113,6 +113,20 @@ def normalize_path(raw: str) -> NormalPath:
     (encoded or not), empty inner segments, backslashes, control characters, and a
     query or fragment (the query travels separately).
     """
+    # Agents call the same paths over and over, and a NormalPath is immutable; only
+    # short paths are kept, so the cache's size stays bounded in bytes too.
+    return _normalize_cached(raw) if len(raw) <= CACHED_PATH_MAX else _normalize(raw)
+
+
+CACHED_PATH_MAX = 1024
+
+
+@lru_cache(maxsize=4096)
+def _normalize_cached(raw: str) -> NormalPath:
+    return _normalize(raw)
+
+
+def _normalize(raw: str) -> NormalPath:
     if not raw.startswith("/"):
         raise PathRejected("the path must start with '/' (absolute URLs are not accepted)")
     if raw.startswith("//"):

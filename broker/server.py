@@ -44,6 +44,7 @@ READ_CHUNK = 64 * 1024
 # What a header from the agent may not hold (the parser has checked the framing).
 FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\0")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_LINE_BREAK_OR_NUL = re.compile(rb"[\r\n\0]")
 
 
 class SocketInUse(Exception):
@@ -367,7 +368,7 @@ def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, len
         if name.lower() in ("content-length", "connection", "transfer-encoding"):
             continue
         raw = _header_bytes(value)
-        if not HEADER_NAME_RE.fullmatch(name) or any(c in raw for c in b"\r\n\0"):
+        if not HEADER_NAME_RE.fullmatch(name) or _LINE_BREAK_OR_NUL.search(raw):
             raise ValueError(f"header {name[:40]!r} cannot be written")
         out.append(name.encode("ascii") + b": " + raw + b"\r\n")
     out.append(b"Content-Length: %d\r\n" % length)
