@@ -26,16 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import fcntl
 import re
+import select
 import ssl
+import struct
+import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
 import httpx2 as httpx
 
-# Largest response head (status line and headers) read before giving up.
+# Largest response head (status line and headers) read before giving up; interim
+# (1xx) heads before the final one count towards it too.
 MAX_HEAD_BYTES = 64 * 1024
+# More interim answers than this before the final one, and the server is stalling.
+MAX_INTERIM = 8
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no space, no line break
@@ -85,6 +94,9 @@ class _Connection(asyncio.Protocol):
         self.lost = False  # the socket is closed, or the server sent EOF
         self.stray = False  # bytes came that no request asked for: never reuse
         self.idle_since = 0.0
+        self.on_idle_lost: Callable[[_Connection], None] | None = None  # set while pooled
+        self.request_sent = False  # the whole request of the exchange is written
+        self._fd = -1
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         # The exchange in flight (begin() starts one): None while idle.
@@ -92,28 +104,32 @@ class _Connection(asyncio.Protocol):
         self._done: asyncio.Future[None] | None = None  # resolved when whole, or failed
         self._head_only = False  # the answer to HEAD: its head is all of it
         self._max_bytes = 0
-        self._heard = 0.0  # monotonic time bytes last arrived
+        self._heard = 0.0  # monotonic time bytes last arrived (or request bytes last left)
+        self._unsent = -1  # request bytes not yet taken by the server when last looked at
         self._quiet_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes fed since the head (or a trailer) began: about
-        self._interim = False  # reading a 1xx answer, which the final one follows
+        self._interim = 0  # 1xx answers read so far; > 0 while reading one
+        self._in_interim = False
         self._until_eof = False  # the body ends when the server closes
         self.complete = False
         self.keep_alive = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.in_body = False  # the final head is whole
-        self.chunks: list[bytes] = []
-        self._size = 0
+        self.body = bytearray()  # one buffer: many tiny chunks cost no more than their bytes
 
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
+        sock = transport.get_extra_info("socket")
+        self._fd = -1 if sock is None else sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
         if parser is None or self.complete:
             self.stray = True  # a late 408, a second answer: never read as the next one
+            self._left_pool()
             return
         self._heard = time.monotonic()
         self._head_bytes += len(data)
@@ -134,6 +150,7 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.lost = True
+        self._left_pool()
         if self._parser is not None and not self.complete:
             if self.in_body and self._until_eof:
                 self._finish(keep_alive=False)  # the close is the body's end
@@ -147,6 +164,7 @@ class _Connection(asyncio.Protocol):
         elif not self.lost:
             self.eof_received()
         self.lost = True
+        self._left_pool()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -171,19 +189,22 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
-        self._head_bytes = 0
         # A head that arrived whole in one read is measured here (about: llhttp drops
         # some whitespace); one still arriving, as it is fed.
         if sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue and friends: the final answer follows
-            self._interim = True
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise httpx.RemoteProtocolError("the server sent interim answers and no final one")
+            self._in_interim = True
             self.headers = []
             return
+        self._head_bytes = 0
         self.status, self.in_body = status, True
         if self._head_only:
-            self._finish(self._parser.should_keep_alive())
+            self._finish(self._head_keep_alive())
             return
         length = chunked = None
         for name, value in self.headers:
@@ -202,17 +223,27 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             self.stray = True  # a body after a HEAD's answer
             return
-        self._size += len(body)
-        if self._size > self._max_bytes:
+        if len(self.body) + len(body) > self._max_bytes:
             raise ResponseTooLarge(self._max_bytes)
-        self.chunks.append(body)
+        self.body += body
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
+        if self._in_interim:
+            self._in_interim = False
         elif not self.complete:
             assert self._parser is not None
             self._finish(self._parser.should_keep_alive())
+
+    def _head_keep_alive(self) -> bool:
+        """Whether the connection stays open after the answer to a HEAD. llhttp cannot
+        know the request was HEAD, and takes a head with no length as the start of a
+        body that ends at the close."""
+        assert self._parser is not None
+        tokens = {t.strip().lower() for name, value in self.headers if name == b"connection"
+                  for t in value.split(b",")}
+        if self._parser.get_http_version() == "1.0":
+            return b"keep-alive" in tokens
+        return b"close" not in tokens
 
     # -- one exchange
 
@@ -221,25 +252,36 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._done = asyncio.get_running_loop().create_future()
         self._head_only, self._max_bytes = head_only, max_bytes
-        self._head_bytes, self._size, self._interim, self._until_eof = 0, 0, False, False
-        self.complete = self.keep_alive = self.in_body = False
-        self.status, self.headers, self.chunks = 0, [], []
+        self._head_bytes, self._interim, self._in_interim, self._until_eof = 0, 0, False, False
+        self.complete = self.keep_alive = self.in_body = self.request_sent = False
+        self.status, self.headers, self.body = 0, [], bytearray()
 
-    async def write(self, data: bytes, timeout: float | None) -> None:  # noqa: ASYNC109
+    async def write(self, data: bytes, timeout: float | None) -> bool:  # noqa: ASYNC109
+        """Write (part of) the request; False if the exchange ended before it was all
+        written (an early answer, a 413 say, or a failure: answer() tells which)."""
         if self.lost or self.transport is None:
             raise httpx.WriteError("the server closed the connection")
         self.transport.write(data)
-        if self._write_paused:
+        unsent = self.transport.get_write_buffer_size()
+        while self._write_paused and not self.lost:
+            if self._done is not None and self._done.done():
+                return False
             self._drained = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await self._drained
             except TimeoutError:
-                raise httpx.WriteTimeout("timed out sending the request") from None
+                # `timeout` bounds a stall, not the whole upload: going on if it moved.
+                if self.transport.get_write_buffer_size() >= unsent:
+                    raise httpx.WriteTimeout("timed out sending the request") from None
+                unsent = self.transport.get_write_buffer_size()
             finally:
                 self._drained = None
-            if self.lost and not self.complete:
-                raise httpx.WriteError("the server closed the connection")
+        if self._done is not None and self._done.done():
+            return False
+        if self.lost:
+            raise httpx.WriteError("the server closed the connection")
+        return True
 
     async def answer(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Wait until the answer is whole; raises what broke it, or ReadTimeout after
@@ -248,6 +290,7 @@ class _Connection(asyncio.Protocol):
         assert done is not None
         if not done.done() and timeout is not None:
             self._heard = time.monotonic()
+            self._unsent = -1  # measured at the first check: no system call on every call
             self._quiet_timer = asyncio.get_running_loop().call_later(timeout, self._check_quiet, timeout)
         try:
             await done
@@ -257,35 +300,78 @@ class _Connection(asyncio.Protocol):
                 self._quiet_timer = None
 
     def _check_quiet(self, timeout: float) -> None:
+        unsent = self._unsent_bytes()
+        if unsent and (self._unsent < 0 or unsent < self._unsent):
+            # The request is still going out (a large upload to a slow server): not quiet.
+            self._unsent, self._heard = unsent, time.monotonic()
         quiet = time.monotonic() - self._heard
         if quiet >= timeout:
             self._fail(httpx.ReadTimeout("timed out waiting for the server"))
         else:
             self._quiet_timer = asyncio.get_running_loop().call_later(timeout - quiet, self._check_quiet, timeout)
 
+    def _unsent_bytes(self) -> int:
+        """Request bytes not yet taken by the server: buffered here, and in the kernel."""
+        if self.transport is None:
+            return 0
+        size = self.transport.get_write_buffer_size()
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):  # Linux: the socket's send queue
+                size += struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+        return size
+
     def _finish(self, keep_alive: bool) -> None:
         self.complete, self.keep_alive = True, keep_alive
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+        self._stop_waiting_to_write()
 
     def _fail(self, exc: Exception) -> None:
         self.stray = True  # whatever is left on the wire cannot be trusted
         self._parser = None
         if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
+        self._stop_waiting_to_write()
+
+    def _stop_waiting_to_write(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def reusable(self) -> bool:
         return not (self.lost or self.stray) and (self._parser is None or (self.complete and self.keep_alive))
 
+    def unread_bytes_waiting(self) -> bool:
+        """Whether the kernel holds bytes (or a FIN) that asyncio has not delivered yet:
+        a connection taken from the pool must have none, or a late answer would be read
+        as the next call's."""
+        if self._fd < 0:
+            return True
+        readable, _, _ = select.select([self._fd], [], [], 0)
+        return bool(readable)
+
     def rest(self) -> None:
-        """Back to idle after a whole answer: what comes now, nobody asked for."""
+        """Done with the exchange: what comes now, nobody asked for."""
+        done = self._done
+        if done is not None and done.done() and not done.cancelled():
+            done.exception()  # a failure the caller heard of another way (a failed write)
         self._parser = self._done = None
-        self.chunks = []
+        self.body = bytearray()
 
     def close(self) -> None:
+        """Close; an exchange not finished is failed, and its unsent bytes dropped."""
+        unfinished = self._done is not None and not self.complete
+        if unfinished:
+            self._fail(httpx.ReadError("the connection was closed"))
         self.lost = True
         if self.transport is not None:
-            self.transport.close()
+            if unfinished or self.stray or not self.request_sent:
+                self.transport.abort()  # not one more byte of a request given up on
+            else:
+                self.transport.close()
+
+    def _left_pool(self) -> None:
+        if self.on_idle_lost is not None:
+            self.on_idle_lost(self)
 
 
 class PooledTransport:
@@ -301,6 +387,7 @@ class PooledTransport:
         self._ssl = ssl_context
         self._open: set[_Connection] = set()
         self._closed = False
+        self._reaper: asyncio.TimerHandle | None = None  # closes connections idle too long
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -318,15 +405,19 @@ class PooledTransport:
         reuse = False
         try:
             conn.begin(head_only=method == b"HEAD", max_bytes=max_bytes)
-            if len(body) <= 65536:
-                await conn.write(head + body, timeout)
-            else:  # not copied to join the head
-                await conn.write(head, timeout)
-                await conn.write(body, timeout)
+            # A large body is not copied to join the head.
+            for data in (head + body,) if len(body) <= 65536 else (head, body):
+                if not await conn.write(data, timeout):
+                    break  # the exchange ended first: answer() says how
+            else:
+                conn.request_sent = True
             await conn.answer(timeout)
-            reuse = conn.keep_alive
-            return Fetched(conn.status, conn.headers, b"".join(conn.chunks))
+            # Half a request left on the wire would be read as the start of the next.
+            reuse = conn.keep_alive and conn.request_sent
+            return Fetched(conn.status, conn.headers, bytes(conn.body))
         finally:
+            if not reuse:
+                conn.close()  # before rest(): an unfinished exchange is aborted
             conn.rest()
             self._release(conn, reuse)
 
@@ -343,6 +434,8 @@ class PooledTransport:
         else:
             await self._slots.acquire()  # free: returns without waiting
         try:
+            if self._closed:  # closed while this call waited for a slot
+                raise RuntimeError("the transport is closed")
             return self._idle_connection(origin) or await self._connect(origin, timeout)
         except BaseException:
             self._slots.release()
@@ -354,11 +447,38 @@ class PooledTransport:
         while idle:
             conn = idle.pop()  # most recently used: the least likely to have been closed
             self._idle_count -= 1
-            if conn.reusable() and now - conn.idle_since < self._idle_seconds:
+            conn.on_idle_lost = None
+            if (conn.reusable() and now - conn.idle_since < self._idle_seconds
+                    and not conn.unread_bytes_waiting()):
                 return conn
             conn.close()
             self._open.discard(conn)
         return None
+
+    def _idle_lost(self, conn: _Connection) -> None:
+        """A pooled connection heard from its server (a FIN, a late 408): out of the pool."""
+        conn.on_idle_lost = None
+        idle = self._idle.get(conn.origin)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+            self._idle_count -= 1
+        conn.close()
+        self._open.discard(conn)
+
+    def _reap(self) -> None:
+        """Close the connections idle for idle_seconds (each deque is oldest first);
+        again in idle_seconds while any are left."""
+        self._reaper = None
+        now = time.monotonic()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= self._idle_seconds:
+                conn = idle.popleft()
+                self._idle_count -= 1
+                conn.on_idle_lost = None
+                conn.close()
+                self._open.discard(conn)
+        if self._idle_count and not self._closed:
+            self._reaper = asyncio.get_running_loop().call_later(self._idle_seconds, self._reap)
 
     async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
         scheme, host, port = origin
@@ -379,17 +499,25 @@ class PooledTransport:
 
     def _release(self, conn: _Connection, reuse: bool) -> None:
         self._slots.release()
+        now = time.monotonic()
         if not reuse or self._closed or not conn.reusable() or self._idle_count >= self._max_idle:
             conn.close()
             self._open.discard(conn)
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
+        conn.on_idle_lost = self._idle_lost
         self._idle.setdefault(conn.origin, collections.deque()).append(conn)
         self._idle_count += 1
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self._idle_seconds, self._reap)
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for conn in list(self._open):
+            conn.on_idle_lost = None
             conn.close()
         self._open.clear()
         self._idle.clear()

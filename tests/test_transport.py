@@ -10,11 +10,15 @@ a broken transport reaches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import socket
 import ssl
 import struct
+import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -823,3 +827,233 @@ async def test_connections_idle_longer_than_idle_seconds_are_not_reused(upstream
         await eventually(
             lambda: sum(conn.eof.is_set() for conn in upstream.conns) == 2, "the expired connections to close"
         )
+
+
+# -- what a pooled connection may hold, and how connections end -----------------------------
+
+
+def thread_server(script: Callable[[int, socket.socket], None]) -> tuple[socket.socket, str]:
+    """A blocking server in threads of its own: it goes on sending while the event loop
+    is busy and not reading, which an asyncio server on the same loop cannot."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(WAIT)
+    accepted = 0
+
+    def accept() -> None:
+        nonlocal accepted
+        try:
+            while True:
+                sock, _ = listener.accept()
+                sock.settimeout(WAIT)
+                threading.Thread(target=script, args=(accepted, sock), daemon=True).start()
+                accepted += 1
+        except OSError:
+            pass  # the listener was closed: the test is over
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def read_target(sock: socket.socket) -> bytes | None:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        head += chunk
+    return head.split(b" ")[1]
+
+
+async def test_an_answer_nobody_asked_for_still_in_the_kernel_is_never_the_next_answer() -> None:
+    # The stray answer reaches the client's socket while the loop is busy (it has not
+    # read it yet) and the connection is idle in the pool: taking it must notice.
+    def late_second_answer(index: int, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError), sock:
+            while (target := read_target(sock)) is not None:
+                sock.sendall(response(target))
+                if target == b"/one":
+                    time.sleep(0.05)
+                    sock.sendall(response(b"STALE: an answer nobody asked for"))
+
+    listener, url = thread_server(late_second_answer)
+    with listener:
+        async with client() as c:
+            assert (await c.get(f"{url}/one")).text == "/one"
+            time.sleep(0.3)  # noqa: ASYNC251 - the loop is busy elsewhere on purpose
+            assert (await c.get(f"{url}/two")).text == "/two"
+
+
+async def test_a_hang_up_still_in_the_kernel_makes_the_next_call_connect_afresh() -> None:
+    def answer_then_hang_up(index: int, sock: socket.socket) -> None:
+        with sock:
+            read_target(sock)
+            sock.sendall(response(b"%d" % index))
+            time.sleep(0.05)
+
+    listener, url = thread_server(answer_then_hang_up)
+    with listener:
+        async with client() as c:
+            assert (await c.get(f"{url}/one")).text == "0"
+            time.sleep(0.3)  # noqa: ASYNC251 - the FIN is in the kernel, not yet seen by asyncio
+            assert (await c.get(f"{url}/two")).text == "1"
+
+
+async def test_a_connection_the_server_closed_while_idle_leaves_the_pool_at_once() -> None:
+    # Dead connections must not fill max_idle and crowd out live ones to another host.
+    async def answer_then_fin(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(response(b"a"))
+
+    async with RawServer(answer_then_fin) as a, RawServer(echo) as b, client(max_idle=1) as c:
+        assert (await c.get(f"{a.url}/")).text == "a"
+        await asyncio.wait_for(a.conns[0].closed.wait(), WAIT)
+        await settle()
+        for _ in range(3):
+            await c.get(f"{b.url}/")
+        assert b.accepted == 1
+
+
+async def test_an_idle_connection_is_closed_after_idle_seconds_even_with_no_more_calls() -> None:
+    async with RawServer(echo) as a, client(idle_seconds=0.1) as c:
+        await c.get(f"{a.url}/")
+        await asyncio.wait_for(a.conns[0].eof.wait(), WAIT)
+
+
+async def test_a_cancelled_upload_stops_going_out() -> None:
+    # The broker gave up on the call: the upstream must not receive the rest and act on it.
+    received: dict[str, int] = {}
+
+    async def slow_reader(conn: Conn) -> None:
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got = 0
+        try:
+            while got < length and (chunk := await conn.reader.read(65536)):
+                got += len(chunk)
+                await asyncio.sleep(0.002)
+        finally:
+            received["bytes"], received["of"] = got, length
+
+    async with RawServer(slow_reader) as server, client() as c:
+        call = asyncio.ensure_future(c.post(f"{server.url}/orders", b"u" * (16 * MiB)))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(server.conns[0].closed.wait(), WAIT)
+    assert received["bytes"] < received["of"]
+
+
+async def test_a_slow_but_steady_upload_is_not_a_timeout() -> None:
+    # `timeout` bounds a stall, not the whole upload: 8 MiB at ~6 MB/s under a 0.5 s timeout.
+    async def steady_reader(conn: Conn) -> None:
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got = 0
+        while got < length:
+            got += len(await conn.reader.read(min(65536, length - got)))
+            await asyncio.sleep(0.01)
+        await conn.send(response(b"%d" % got))
+
+    body = b"u" * (8 * MiB)
+    async with RawServer(steady_reader) as server, client(timeout=0.5) as c:
+        assert (await bounded(c.post(f"{server.url}/", body))).text == str(len(body))
+
+
+async def test_closing_the_pool_ends_a_call_in_flight_at_once() -> None:
+    release = asyncio.Event()
+    async with RawServer(held_until(release)) as server:
+        c = client(max_connections=1)
+        held = asyncio.ensure_future(c.get(f"{server.url}/held"))
+        await eventually(lambda: server.accepted == 1, "the held call to reach the server")
+        waiting = asyncio.ensure_future(c.get(f"{server.url}/after-close"))
+        await settle()
+        await c.aclose()
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadError):
+            await bounded(held)
+        assert time.monotonic() - start < WAIT / 2
+        with pytest.raises(RuntimeError):  # it waited for a slot: it must not connect now
+            await bounded(waiting)
+        release.set()
+        assert server.accepted == 1
+
+
+async def test_a_server_that_hangs_up_during_an_upload_leaves_no_unread_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def hang_up(conn: Conn) -> None:
+        await conn.reader.readuntil(b"\r\n\r\n")
+        conn.writer.transport.abort()
+
+    async with RawServer(hang_up) as server, client(timeout=2) as c:
+        with pytest.raises(httpx.HTTPError):
+            await bounded(c.post(f"{server.url}/", b"w" * (64 * MiB)))
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+
+
+async def test_tiny_chunks_cost_no_more_memory_than_their_bytes() -> None:
+    wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"2\r\nab\r\n" * (MiB // 2) + b"0\r\n\r\n")  # 1 MiB of body, 3.5 MiB on the wire
+
+    async def tiny_chunks(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(wire)
+
+    async with RawServer(tiny_chunks) as server, client(max_bytes=MiB) as c:
+        tracemalloc.start()
+        try:
+            r = await c.get(f"{server.url}/")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(r.content) == MiB
+    assert peak < 12 * MiB  # the wire (3.5 MiB, held by the test server too) and one copy of the body
+
+
+async def test_endless_interim_answers_end_the_call() -> None:
+    async def interims(conn: Conn) -> None:
+        await conn.request()
+        for _ in range(40):
+            await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await asyncio.sleep(0.05)
+        await conn.until_eof()
+
+    async with RawServer(interims) as server, client(timeout=0.3) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await bounded(c.get(f"{server.url}/"))
+
+
+async def test_the_answer_to_head_without_a_length_keeps_the_connection() -> None:
+    async def head_no_length(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req.method == "HEAD":
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            else:
+                await conn.send(response(req.target.encode()))
+
+    async with RawServer(head_no_length) as server, client() as c:
+        assert (await c.request("HEAD", f"{server.url}/")).status_code == 200
+        assert (await c.get(f"{server.url}/x")).text == "/x"
+        assert server.accepted == 1
+
+
+async def test_an_answer_before_the_upload_is_done_is_given_and_the_connection_not_reused() -> None:
+    # A 413 sent on reading the head: the caller gets it, and what is left of the body
+    # never reaches the next call's request on that connection.
+    async def refuse_early(conn: Conn) -> None:
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        if b"/upload" in head:
+            await conn.send(response(b"too large", "413 Content Too Large"))
+            await conn.until_eof()
+            return
+        await conn.send(response(b"fresh"))
+
+    async with RawServer(refuse_early) as server, client(timeout=2) as c:
+        r = await bounded(c.post(f"{server.url}/upload", b"w" * (64 * MiB)))
+        assert (r.status_code, r.text) == (413, "too large")
+        assert (await c.get(f"{server.url}/next")).text == "fresh"
+        assert server.accepted == 2
