@@ -114,14 +114,16 @@ def normalize_path(raw: str) -> NormalPath:
     query or fragment (the query travels separately).
     """
     # Agents call the same paths over and over, and a NormalPath is immutable; only
-    # short paths are kept, so the cache's size stays bounded in bytes too.
-    return _normalize_cached(raw) if len(raw) <= CACHED_PATH_MAX else _normalize(raw)
+    # short ASCII paths are kept, so the cache stays small in bytes (a few MiB at most).
+    if len(raw) <= CACHED_PATH_MAX and raw.isascii():
+        return _normalize_cached(raw)
+    return _normalize(raw)
 
 
-CACHED_PATH_MAX = 1024
+CACHED_PATH_MAX = 256
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=2048)
 def _normalize_cached(raw: str) -> NormalPath:
     return _normalize(raw)
 

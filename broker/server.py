@@ -45,6 +45,8 @@ READ_CHUNK = 64 * 1024
 FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\0")
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _LINE_BREAK_OR_NUL = re.compile(rb"[\r\n\0]")
+# A JSON escape of a UTF-16 surrogate: paired, it is one character; alone, it is not text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class SocketInUse(Exception):
@@ -466,6 +468,12 @@ def parse_request_json(body: bytes) -> CallRequest:
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):  # rare: only then is the whole document checked
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                             "which is not text") from None
     for key in ("credential", "method", "path"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise BadRequest(f"'{key}' is required and must be a string")

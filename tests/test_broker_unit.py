@@ -325,10 +325,16 @@ def test_a_request_body_is_parsed() -> None:
     doc(headers={"": "b"}), doc(headers={"X-A": "caf\u00e9"}), doc(headers={"X-A": "a\0b"}),
     doc(query="a=1"), doc(query={"a": {"b": 1}}), doc(query={"a": None}), doc(query=[["a"]]),
     doc(tenant=5), doc(reason=["x"]),
+    doc(path="/\ud800"), doc(reason="\udfff"), doc(body={"k": "\ud83d"}),  # lone surrogates
 ])
 def test_malformed_request_bodies_are_bad_requests(body: bytes) -> None:
     with pytest.raises(BadRequest):
         parse_request_json(body)
+
+
+def test_a_surrogate_pair_is_one_character_not_a_bad_request() -> None:
+    assert parse_request_json(doc(path="/\U0001F600")).path == "/\U0001F600"
+    assert b"\\ud83d\\ude00" in doc(path="/\U0001F600")  # json.dumps escaped it as a pair
 
 
 def test_a_proxy_target_is_parsed() -> None:
