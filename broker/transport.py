@@ -108,8 +108,8 @@ class _Connection(asyncio.Protocol):
         self._unsent = -1  # request bytes not yet taken by the server when last looked at
         self._quiet_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes fed since the head (or a trailer) began: about
-        self._interim = 0  # 1xx answers read so far; > 0 while reading one
-        self._in_interim = False
+        self._interim = 0  # 1xx answers read so far
+        self._in_interim = False  # reading one
         self._until_eof = False  # the body ends when the server closes
         self.complete = False
         self.keep_alive = False
@@ -165,16 +165,14 @@ class _Connection(asyncio.Protocol):
             self.eof_received()
         self.lost = True
         self._left_pool()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._stop_waiting_to_write()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._stop_waiting_to_write()
 
     # -- llhttp callbacks
 
@@ -190,8 +188,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         # A head that arrived whole in one read is measured here (about: llhttp drops
-        # some whitespace); one still arriving, as it is fed.
-        if sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
+        # some whitespace), if the bytes fed since it began could hold one that large;
+        # one still arriving, as it is fed.
+        if (self._head_bytes > MAX_HEAD_BYTES
+                and sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES):
             raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue and friends: the final answer follows
