@@ -38,10 +38,9 @@ from broker.events import (
 )
 from broker.forward import Forwarder, UpstreamError
 from broker.identity import Caller, IdentityError, Peer, identify
-from broker.leakrules import iter_provider_key_spans, may_hold_provider_key
 from broker.paths import Paths, ensure_private_dir
 from broker.policy import Decision, NormalPath, PathRejected, decide, normalize_path
-from broker.redact import Redactor
+from broker.redact import Redactor, with_leak_rules
 from broker.secrets import Secret, SecretStore, SecretStoreError
 from broker.workers import ForwardPool
 
@@ -364,7 +363,7 @@ class Engine:
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
             secrets = self.managed_secrets(strict=True)
             self._redaction = [(cred, value) for (_t, cred), value in secrets.items()]
-            self._redactor = Redactor(self._redaction, iter_provider_key_spans, may_hold_provider_key)
+            self._redactor = with_leak_rules(self._redaction)
         return self._redactor
 
     async def refuse(self, peer: Peer | None, code: str, message: str, *,

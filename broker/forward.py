@@ -172,7 +172,7 @@ _DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"),
 
 
 def _request_headers(host: bytes, method: str, headers: dict[str, str],
-                  body_size: int) -> list[tuple[bytes, bytes]]:
+                     body_size: int) -> list[tuple[bytes, bytes]]:
     """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
     out = [(b"Host", host)]
     out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())

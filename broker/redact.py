@@ -253,3 +253,11 @@ class Redactor:
                      or (self._extra_gate is not None and not self._extra_gate(values)))):
             return pairs
         return [(k, self.text(v)) for k, v in pairs]
+
+
+def with_leak_rules(secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> Redactor:
+    """A Redactor of `secrets` that also redacts what the confident leak rules find:
+    what every answer, worker answer and hook output is redacted with."""
+    from broker.leakrules import iter_provider_key_spans, may_hold_provider_key
+
+    return Redactor(secrets, iter_provider_key_spans, may_hold_provider_key)

@@ -256,13 +256,12 @@ class ForwardPool:
 
 
 async def _serve(fd: int) -> None:
-    from broker.leakrules import iter_provider_key_spans, may_hold_provider_key
-    from broker.redact import Redactor
+    from broker.redact import Redactor, with_leak_rules
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     forwarder = Forwarder(timeout=30.0, max_response_bytes=10 * 1024 * 1024)
-    redactor = Redactor([], iter_provider_key_spans, may_hold_provider_key)
+    redactor = with_leak_rules([])
     tasks: set[asyncio.Task[None]] = set()
 
     async def call(call_id: int, job: tuple[Any, ...], redactor: Redactor) -> None:
@@ -291,8 +290,7 @@ async def _serve(fd: int) -> None:
             if message is None:
                 break
             if message[0] == "redact":
-                redactor = Redactor([tuple(p) for p in message[1]], iter_provider_key_spans,
-                                    may_hold_provider_key)
+                redactor = with_leak_rules([tuple(p) for p in message[1]])
             elif message[0] == "call":
                 task = asyncio.create_task(call(message[1], message[2], redactor))
                 tasks.add(task)

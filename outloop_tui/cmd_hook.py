@@ -172,11 +172,9 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
         return None
     rules = sorted({f.rule for f in findings})
     if tool.startswith("mcp__"):
-        from broker.leakrules import iter_provider_key_spans, may_hold_provider_key
-        from broker.redact import Redactor
+        from broker.redact import with_leak_rules
 
-        redactor = Redactor([(c, v) for (_t, c), v in ctx.secrets.items()], iter_provider_key_spans,
-                            may_hold_provider_key)
+        redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
         return {"hookSpecificOutput": {
             "hookEventName": "PostToolUse",
             "updatedMCPToolOutput": _map_strings(response, redactor.text),
