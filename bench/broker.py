@@ -63,15 +63,20 @@ UPSTREAM_PATH = "/v1/items"
 def _spawn_secret_service(root: Path, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     for sub in ("data", "runtime", "config"):
         (root / sub).mkdir(mode=0o700)
-    env.update(XDG_DATA_HOME=str(root / "data"), XDG_RUNTIME_DIR=str(root / "runtime"),
-               XDG_CONFIG_HOME=str(root / "config"),
-               PYTHON_KEYRING_BACKEND="keyring.backends.SecretService.Keyring")
+    env.update(
+        XDG_DATA_HOME=str(root / "data"),
+        XDG_RUNTIME_DIR=str(root / "runtime"),
+        XDG_CONFIG_HOME=str(root / "config"),
+        PYTHON_KEYRING_BACKEND="keyring.backends.SecretService.Keyring",
+    )
     if not (shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon")):
-        sys.exit("this benchmark needs dbus-daemon and gnome-keyring-daemon "
-                 "(apt-get install dbus gnome-keyring)")
-    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
-                            "--print-address=1"], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, env=env)
+        sys.exit("this benchmark needs dbus-daemon and gnome-keyring-daemon (apt-get install dbus gnome-keyring)")
+    bus = subprocess.Popen(
+        ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     assert bus.stdout is not None
     address = bus.stdout.readline().decode().strip()
     if not address:
@@ -80,7 +85,11 @@ def _spawn_secret_service(root: Path, env: dict[str, str]) -> list[subprocess.Po
     env["DBUS_SESSION_BUS_ADDRESS"] = address
     daemon = subprocess.Popen(
         ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     assert daemon.stdin is not None
     daemon.stdin.write(b"bench-session-password")
     daemon.stdin.close()
@@ -90,8 +99,7 @@ def _spawn_secret_service(root: Path, env: dict[str, str]) -> list[subprocess.Po
 def _outloop(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
     deadline = time.monotonic() + 20
     while True:  # the Secret Service may take a moment to come up
-        done = subprocess.run([OUTLOOP, *args], input=stdin, capture_output=True, text=True,
-                              env=env, timeout=30)
+        done = subprocess.run([OUTLOOP, *args], input=stdin, capture_output=True, text=True, env=env, timeout=30)
         if done.returncode == 0:
             return done.stdout
         if time.monotonic() > deadline:
@@ -108,15 +116,18 @@ def sequential(port: int, sock: str, count: int, seconds: float) -> dict[str, li
     url = f"http://127.0.0.1:{port}{UPSTREAM_PATH}"
     payload = json.dumps({"credential": CRED, "method": "GET", "path": UPSTREAM_PATH}).encode()
     times: dict[str, list[float]] = {"direct": [], "request": [], "proxy": []}
-    with httpx.Client(trust_env=False) as direct, \
-            httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://outloop",
-                         trust_env=False) as brokered:
+    with (
+        httpx.Client(trust_env=False) as direct,
+        httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://outloop", trust_env=False) as brokered,
+    ):
         calls = {
             "direct": lambda: direct.get(url, headers={"Authorization": "Bearer dummy"}),
-            "request": lambda: brokered.post("/v1/request", content=payload,
-                                             headers={"Content-Type": "application/json"}),
-            "proxy": lambda: brokered.get(f"/v1/proxy/{CRED}{UPSTREAM_PATH}",
-                                          headers={"Authorization": "Bearer dummy"}),
+            "request": lambda: brokered.post(
+                "/v1/request", content=payload, headers={"Content-Type": "application/json"}
+            ),
+            "proxy": lambda: brokered.get(
+                f"/v1/proxy/{CRED}{UPSTREAM_PATH}", headers={"Authorization": "Bearer dummy"}
+            ),
         }
         for name, call in calls.items():  # warm-up: connections, caches
             for _ in range(50):
@@ -140,8 +151,9 @@ def _check(name: str, response: httpx.Response) -> None:
         sys.exit(f"{name}: upstream status {response.json().get('status')}")
 
 
-async def _load(make_client: object, request: object, clients: int, seconds: float,
-                max_calls: int) -> tuple[int, float]:
+async def _load(
+    make_client: object, request: object, clients: int, seconds: float, max_calls: int
+) -> tuple[int, float]:
     done = 0
     stop = time.monotonic() + seconds
 
@@ -178,8 +190,9 @@ def workers_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(c.pid) for c in children)
 
 
-def throughput(port: int, sock: str, clients: int, seconds: float, broker_pid: int,
-               profile: str | None = None) -> dict[str, float]:
+def throughput(
+    port: int, sock: str, clients: int, seconds: float, broker_pid: int, profile: str | None = None
+) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}{UPSTREAM_PATH}"
     payload = json.dumps({"credential": CRED, "method": "GET", "path": UPSTREAM_PATH}).encode()
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -189,27 +202,41 @@ def throughput(port: int, sock: str, clients: int, seconds: float, broker_pid: i
         return httpx.AsyncClient(limits=limits, trust_env=False)
 
     def broker_client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock, limits=limits),
-                                 base_url="http://outloop", trust_env=False)
+        return httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=sock, limits=limits), base_url="http://outloop", trust_env=False
+        )
 
     async def direct_call(c: httpx.AsyncClient) -> httpx.Response:
         return await c.get(url, headers={"Authorization": "Bearer dummy"})
 
     async def broker_call(c: httpx.AsyncClient) -> httpx.Response:
-        return await c.post("/v1/request", content=payload,
-                            headers={"Content-Type": "application/json"})
+        return await c.post("/v1/request", content=payload, headers={"Content-Type": "application/json"})
 
     out: dict[str, float] = {}
-    for name, make, call in (("direct", direct_client, direct_call),
-                             ("broker", broker_client, broker_call)):
+    for name, make, call in (("direct", direct_client, direct_call), ("broker", broker_client, broker_call)):
         asyncio.run(_load(make, call, clients, min(1.0, seconds), cap))  # warm-up
         spy = None
         if profile is not None and name == "broker":
             # Sampled without pausing the broker, over the measured run only.
-            spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--nonblocking",
-                                    "-p", str(broker_pid), "-r", "250", "-d", f"{seconds:g}",
-                                    "-f", "raw", "-o", profile],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                [
+                    str(VENV_BIN / "py-spy"),
+                    "record",
+                    "--nonblocking",
+                    "-p",
+                    str(broker_pid),
+                    "-r",
+                    "250",
+                    "-d",
+                    f"{seconds:g}",
+                    "-f",
+                    "raw",
+                    "-o",
+                    profile,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         cpu, workers = cpu_seconds(broker_pid), workers_cpu_seconds(broker_pid)
         n, elapsed = asyncio.run(_load(make, call, clients, seconds, cap))
         if name == "broker":
@@ -232,17 +259,24 @@ def lean_throughput(world: BenchWorld, clients: int, seconds: float) -> dict[str
     payload = json.dumps({"credential": CRED, "method": "GET", "path": UPSTREAM_PATH}).encode()
     requests = {
         "direct": b"GET " + UPSTREAM_PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  b"Authorization: Bearer dummy\r\n\r\n",
+        b"Authorization: Bearer dummy\r\n\r\n",
         "broker": b"POST /v1/request HTTP/1.1\r\nHost: outloop\r\nContent-Type: application/json"
-                  b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload,
+        b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload,
     }
     targets = {"direct": ["--tcp", f"127.0.0.1:{world.port}"], "broker": ["--unix", world.sock]}
     out: dict[str, float] = {}
     for name in ("direct", "broker"):
         request_file = world.root / f"{name}.http"
         request_file.write_bytes(requests[name])
-        command = [sys.executable, str(HERE / "loadgen.py"), *targets[name], "--request",
-                   str(request_file), "--clients", str(clients)]
+        command = [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            *targets[name],
+            "--request",
+            str(request_file),
+            "--clients",
+            str(clients),
+        ]
         _loadgen(command, min(1.0, seconds), world.workspace)  # warm-up
         pid = world.broker.pid
         cpu, workers = cpu_seconds(pid), workers_cpu_seconds(pid)
@@ -257,8 +291,9 @@ def lean_throughput(world: BenchWorld, clients: int, seconds: float) -> dict[str
 
 
 def _loadgen(command: list[str], seconds: float, cwd: Path) -> dict[str, float]:
-    done = subprocess.run([*command, "--seconds", f"{seconds:g}"], capture_output=True,
-                          text=True, timeout=seconds + 60, cwd=cwd)
+    done = subprocess.run(
+        [*command, "--seconds", f"{seconds:g}"], capture_output=True, text=True, timeout=seconds + 60, cwd=cwd
+    )
     if done.returncode != 0:
         sys.exit(f"loadgen failed: {done.stderr.strip()[-500:]}")
     result: dict[str, float] = json.loads(done.stdout)
@@ -301,20 +336,28 @@ def bench_world(prefix: str, keep: bool = False) -> Iterator[BenchWorld]:
     broker: subprocess.Popen[bytes] | None = None
     try:
         procs += _spawn_secret_service(root, env)
-        upstream = subprocess.Popen([sys.executable, str(HERE / "upstream_fast.py")],
-                                    stdout=subprocess.PIPE, env=env)
+        upstream = subprocess.Popen([sys.executable, str(HERE / "upstream_fast.py")], stdout=subprocess.PIPE, env=env)
         procs.append(upstream)
         assert upstream.stdout is not None
         port = int(upstream.stdout.readline())
 
         _outloop(env, "tenant", "add", "bench")
         _outloop(env, "workspace", "add", "bench", str(workspace))
-        _outloop(env, "credential", "add", "bench", CRED, "--base-url",
-                 f"http://127.0.0.1:{port}", "--allow", "GET /**", stdin=SECRET + "\n")
+        _outloop(
+            env,
+            "credential",
+            "add",
+            "bench",
+            CRED,
+            "--base-url",
+            f"http://127.0.0.1:{port}",
+            "--allow",
+            "GET /**",
+            stdin=SECRET + "\n",
+        )
 
         log = open(root / "broker.log", "wb")  # noqa: SIM115 - closed with the temp folder
-        broker = subprocess.Popen([OUTLOOP, "broker"], env=env, stdout=log, stderr=log,
-                                  cwd=root)
+        broker = subprocess.Popen([OUTLOOP, "broker"], env=env, stdout=log, stderr=log, cwd=root)
         world = BenchWorld(root, home, workspace, env, port, broker)
         deadline = time.monotonic() + 20
         while not os.path.exists(world.sock):
@@ -348,9 +391,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput run")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder, print it")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="py-spy the broker during the brokered throughput run "
-                             "(raw collapsed stacks to FILE; needs py-spy)")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy the broker during the brokered throughput run (raw collapsed stacks to FILE; needs py-spy)",
+    )
     args = parser.parse_args()
     profile_file = os.path.abspath(args.profile) if args.profile else None
 
@@ -369,55 +414,62 @@ def main() -> int:
         with httpx.Client(transport=httpx.HTTPTransport(uds=sock), trust_env=False) as c:
             health = c.get("http://outloop/v1/health").json()
         # A lower bound: the throughput warm-up is not counted.
-        brokered = (len(seq["request"]) + len(seq["proxy"]) + 100 + tput["broker_calls"]
-                    + lean["broker_calls"])
+        brokered = len(seq["request"]) + len(seq["proxy"]) + 100 + tput["broker_calls"] + lean["broker_calls"]
         records = _audit_records(home) - records_before
-        verify = subprocess.run([OUTLOOP, "audit", "verify"], env=env, capture_output=True,
-                                text=True, timeout=120)
+        verify = subprocess.run([OUTLOOP, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120)
 
         d50, d99 = _pct(seq["direct"], 0.5), _pct(seq["direct"], 0.99)
-        print(f"outloop broker bench: {os.cpu_count()} cores, python "
-              f"{sys.version.split()[0]}, upstream bench/upstream_fast.py (raw asyncio), "
-              f"keyring: private Secret Service; load average before "
-              f"{load[0]:.2f} (other work on the machine skews calls/s; CPU per call less so)")
-        print(f"\n1. sequential latency, {len(seq['direct'])} calls each, one keep-alive "
-              "connection, interleaved")
-        print(f"   {'':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
-              f"{'p50 +ms':>9}{'p99 +ms':>9}{'p50 x':>7}")
-        for name, label in (("direct", "direct httpx2"), ("request", "broker /v1/request"),
-                            ("proxy", "broker /v1/proxy")):
+        print(
+            f"outloop broker bench: {os.cpu_count()} cores, python "
+            f"{sys.version.split()[0]}, upstream bench/upstream_fast.py (raw asyncio), "
+            f"keyring: private Secret Service; load average before "
+            f"{load[0]:.2f} (other work on the machine skews calls/s; CPU per call less so)"
+        )
+        print(f"\n1. sequential latency, {len(seq['direct'])} calls each, one keep-alive connection, interleaved")
+        print(f"   {'':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'p50 +ms':>9}{'p99 +ms':>9}{'p50 x':>7}")
+        for name, label in (
+            ("direct", "direct httpx2"),
+            ("request", "broker /v1/request"),
+            ("proxy", "broker /v1/proxy"),
+        ):
             p50, p99 = _pct(seq[name], 0.5), _pct(seq[name], 0.99)
-            print(f"   {label:<22}{p50:9.3f}{p99:9.3f}{statistics.fmean(seq[name]):9.3f}"
-                  f"{p50 - d50:9.3f}{p99 - d99:9.3f}{p50 / d50:7.2f}")
+            print(
+                f"   {label:<22}{p50:9.3f}{p99:9.3f}{statistics.fmean(seq[name]):9.3f}"
+                f"{p50 - d50:9.3f}{p99 - d99:9.3f}{p50 / d50:7.2f}"
+            )
         added = _pct(seq["request"], 0.5) - d50
         print(f"   broker CPU per call (user+sys, all threads): {seq_cpu:.3f} ms")
-        print(f"   goal p50 added <= 1 ms: {'met' if added <= 1 else 'NOT met'} "
-              f"({added:.3f} ms)")
+        print(f"   goal p50 added <= 1 ms: {'met' if added <= 1 else 'NOT met'} ({added:.3f} ms)")
         ratio = tput["broker"] / tput["direct"]
         print(f"\n2. throughput, {args.clients} concurrent clients, {args.seconds:g} s each")
         print("   a. httpx2 clients (asyncio tasks in this process), as an agent's SDK would call")
         print(f"   direct httpx2        {tput['direct']:8.0f} calls/s")
-        print(f"   broker /v1/request   {tput['broker']:8.0f} calls/s   "
-              f"{ratio:.2f} x direct")
-        print(f"   CPU per call (user+sys): broker {tput['broker_cpu_ms']:.3f} ms, "
-              f"its forwarding workers {tput['workers_cpu_ms']:.3f} ms")
+        print(f"   broker /v1/request   {tput['broker']:8.0f} calls/s   {ratio:.2f} x direct")
+        print(
+            f"   CPU per call (user+sys): broker {tput['broker_cpu_ms']:.3f} ms, "
+            f"its forwarding workers {tput['workers_cpu_ms']:.3f} ms"
+        )
         print("   b. bench/loadgen.py (own process, raw HTTP/1.1): what the broker sustains")
         print(f"   direct loadgen       {lean['direct']:8.0f} calls/s")
-        print(f"   broker /v1/request   {lean['broker']:8.0f} calls/s   "
-              f"{lean['broker'] / lean['direct']:.2f} x direct")
-        print(f"   CPU per call (user+sys): broker {lean['broker_cpu_ms']:.3f} ms, "
-              f"its forwarding workers {lean['workers_cpu_ms']:.3f} ms")
+        print(f"   broker /v1/request   {lean['broker']:8.0f} calls/s   {lean['broker'] / lean['direct']:.2f} x direct")
+        print(
+            f"   CPU per call (user+sys): broker {lean['broker_cpu_ms']:.3f} ms, "
+            f"its forwarding workers {lean['workers_cpu_ms']:.3f} ms"
+        )
         met = ratio >= 0.5 and lean["broker"] >= 1500
-        print(f"   goal >= 0.50 x direct (a) and >= 1500 calls/s (b): "
-              f"{'met' if met else 'NOT met'}")
+        print(f"   goal >= 0.50 x direct (a) and >= 1500 calls/s (b): {'met' if met else 'NOT met'}")
         audit = health.get("audit") or {}
-        print(f"\n3. audit: {records} records written for >= {brokered:.0f} brokered calls "
-              f"({records / brokered:.2f} per call); verify: "
-              f"{'ok' if verify.returncode == 0 else 'FAILED'} ({verify.stdout.strip()[:120]})")
+        print(
+            f"\n3. audit: {records} records written for >= {brokered:.0f} brokered calls "
+            f"({records / brokered:.2f} per call); verify: "
+            f"{'ok' if verify.returncode == 0 else 'FAILED'} ({verify.stdout.strip()[:120]})"
+        )
         if audit:
-            print(f"   group commit: {audit.get('records')} records in {audit.get('batches')} "
-                  f"batches, {audit.get('fsyncs')} fsyncs, largest batch "
-                  f"{audit.get('largest_batch')}")
+            print(
+                f"   group commit: {audit.get('records')} records in {audit.get('batches')} "
+                f"batches, {audit.get('fsyncs')} fsyncs, largest batch "
+                f"{audit.get('largest_batch')}"
+            )
         ok = verify.returncode == 0 and records >= 2 * brokered
         return 0 if ok else 1
 

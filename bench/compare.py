@@ -50,34 +50,39 @@ CRED, UPSTREAM_PATH = bench.CRED, bench.UPSTREAM_PATH
 def base_broker(world: bench.BenchWorld, rev: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """REV's broker on a copy of the world's config, from a temporary worktree."""
     tree = Path(tempfile.mkdtemp(prefix="olcmp-tree-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), rev],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), rev], check=True, capture_output=True
+    )
     home = world.root / "base-home"
     home.mkdir(mode=0o700)
     shutil.copy(world.home / "config.toml", home / "config.toml")
     # The package is imported from the worktree, never from this tree (checked).
-    code = (f"import sys; sys.path.insert(0, {str(tree)!r}); import broker; "
-            f"assert broker.__file__.startswith({str(tree)!r}), broker.__file__; "
-            "from outloop_tui.cli import main; sys.exit(main())")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tree)!r}); import broker; "
+        f"assert broker.__file__.startswith({str(tree)!r}), broker.__file__; "
+        "from outloop_tui.cli import main; sys.exit(main())"
+    )
     log = open(world.root / "base-broker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-c", code, "broker"], cwd=world.root,
-                            env=dict(world.env, OUTLOOP_HOME=str(home)), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "broker"],
+        cwd=world.root,
+        env=dict(world.env, OUTLOOP_HOME=str(home)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     sock = str(home / "broker.sock")
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"{rev}'s broker did not start: "
-                         f"{(world.root / 'base-broker.log').read_text()[-2000:]}")
+                sys.exit(f"{rev}'s broker did not start: {(world.root / 'base-broker.log').read_text()[-2000:]}")
             time.sleep(0.05)
         yield proc, sock
     finally:
         proc.terminate()
         proc.wait(10)
         log.close()
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
-                       capture_output=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
         shutil.rmtree(tree, ignore_errors=True)
 
 
@@ -115,30 +120,41 @@ def main() -> int:
         url = f"http://127.0.0.1:{world.port}{UPSTREAM_PATH}"
         with contextlib.ExitStack() as stack:
             direct = stack.enter_context(httpx.Client(trust_env=False))
-            clients = {name: stack.enter_context(httpx.Client(
-                transport=httpx.HTTPTransport(uds=sock), base_url="http://outloop",
-                trust_env=False)) for name, sock in socks.items()}
+            clients = {
+                name: stack.enter_context(
+                    httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://outloop", trust_env=False)
+                )
+                for name, sock in socks.items()
+            }
             calls: dict[str, Callable[[], httpx.Response]] = {"direct": lambda: direct.get(url)}
             for name, client in clients.items():
                 calls[name] = lambda c=client: c.post("/v1/request", content=payload)
             p50 = sequential(calls, args.seq)
 
         request = world.root / "request.http"
-        request.write_bytes(b"POST /v1/request HTTP/1.1\r\nHost: outloop\r\nContent-Type: "
-                            b"application/json\r\nContent-Length: " + str(len(payload)).encode()
-                            + b"\r\n\r\n" + payload)
+        request.write_bytes(
+            b"POST /v1/request HTTP/1.1\r\nHost: outloop\r\nContent-Type: "
+            b"application/json\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
         rates: dict[str, list[float]] = {"this": [], "base": []}
         cpu: dict[str, list[float]] = {"this": [], "base": []}
         for r in range(args.rounds):
             for name in ("this", "base") if r % 2 == 0 else ("base", "this"):
-                command = [sys.executable, str(HERE / "loadgen.py"), "--unix", socks[name],
-                           "--request", str(request), "--clients", "32"]
+                command = [
+                    sys.executable,
+                    str(HERE / "loadgen.py"),
+                    "--unix",
+                    socks[name],
+                    "--request",
+                    str(request),
+                    "--clients",
+                    "32",
+                ]
                 if r == 0:
                     bench._loadgen(command, 1, world.workspace)  # warm-up
                 before = bench.cpu_seconds(pids[name]) + bench.workers_cpu_seconds(pids[name])
                 result = bench._loadgen(command, args.seconds, world.workspace)
-                used = (bench.cpu_seconds(pids[name]) + bench.workers_cpu_seconds(pids[name])
-                        - before)
+                used = bench.cpu_seconds(pids[name]) + bench.workers_cpu_seconds(pids[name]) - before
                 rates[name].append(result["per_second"])
                 cpu[name].append(used * 1000 / max(result["calls"], 1))
 
@@ -150,10 +166,11 @@ def main() -> int:
     print(f"2. loadgen x32, {args.rounds} alternating runs of {args.seconds:g} s each")
     for name in ("this", "base"):
         runs = " ".join(f"{x:.0f}" for x in rates[name])
-        print(f"   {name:<7}{statistics.fmean(rates[name]):8.0f} calls/s ({runs})   "
-              f"CPU/call {statistics.fmean(cpu[name]):.3f} ms (broker + workers)")
-    print(f"   calls/s, this / base: "
-          f"{statistics.fmean(rates['this']) / statistics.fmean(rates['base']):.2f}x")
+        print(
+            f"   {name:<7}{statistics.fmean(rates[name]):8.0f} calls/s ({runs})   "
+            f"CPU/call {statistics.fmean(cpu[name]):.3f} ms (broker + workers)"
+        )
+    print(f"   calls/s, this / base: {statistics.fmean(rates['this']) / statistics.fmean(rates['base']):.2f}x")
     return 0
 
 

@@ -52,13 +52,25 @@ class Corpus:
         return [f for f in self.files if f not in planted]
 
 
-WORDS = ("request response handler client server config value user account order invoice "
-         "payment session cache queue worker retry timeout batch record stream event metric "
-         "token_count model prompt index search result filter page limit offset status "
-         "created updated deleted enabled region bucket object path route service build").split()
-PLACEHOLDERS = ("your-api-key-here", "changeme", "<your-token>", "${SECRET_FROM_VAULT}",
-                "xxxxxxxxxxxxxxxx", "", "sk-...", "replace-me", "$(op read op://dev/api/key)",
-                "TODO", "outloop:github")
+WORDS = (
+    "request response handler client server config value user account order invoice "
+    "payment session cache queue worker retry timeout batch record stream event metric "
+    "token_count model prompt index search result filter page limit offset status "
+    "created updated deleted enabled region bucket object path route service build"
+).split()
+PLACEHOLDERS = (
+    "your-api-key-here",
+    "changeme",
+    "<your-token>",
+    "${SECRET_FROM_VAULT}",
+    "xxxxxxxxxxxxxxxx",
+    "",
+    "sk-...",
+    "replace-me",
+    "$(op read op://dev/api/key)",
+    "TODO",
+    "outloop:github",
+)
 
 
 class Gen:
@@ -81,8 +93,7 @@ class Gen:
         return hashlib.sha256(str(self.r.random()).encode()).hexdigest()
 
     def integrity(self) -> str:
-        return "sha512-" + base64.b64encode(hashlib.sha512(str(self.r.random()).encode())
-                                            .digest()).decode()
+        return "sha512-" + base64.b64encode(hashlib.sha512(str(self.r.random()).encode()).digest()).decode()
 
     def b64(self, n: int) -> str:
         return base64.b64encode(self.r.randbytes(n)).decode()
@@ -93,9 +104,11 @@ class Gen:
         return f"{head}.{body.rstrip('=')}.{base64.urlsafe_b64encode(self.r.randbytes(32)).decode().rstrip('=')}"
 
     def ts(self) -> str:
-        return (f"2025-{self.r.randint(1, 12):02d}-{self.r.randint(1, 28):02d}T"
-                f"{self.r.randint(0, 23):02d}:{self.r.randint(0, 59):02d}:"
-                f"{self.r.randint(0, 59):02d}.{self.r.randint(0, 999):03d}Z")
+        return (
+            f"2025-{self.r.randint(1, 12):02d}-{self.r.randint(1, 28):02d}T"
+            f"{self.r.randint(0, 23):02d}:{self.r.randint(0, 59):02d}:"
+            f"{self.r.randint(0, 59):02d}.{self.r.randint(0, 999):03d}Z"
+        )
 
     def sentence(self) -> str:
         return " ".join(self.word() for _ in range(self.r.randint(6, 14))).capitalize() + "."
@@ -115,7 +128,7 @@ def py_file(g: Gen, n: int) -> list[str]:
             f'    digest = "{g.sha256()}"',
             f"    token_count = len({g.word()}) * {g.r.randint(2, 999)}",
             '    password = os.environ.get("DB_PASSWORD")',
-            f'    api_key = settings.{g.word().upper()}_API_KEY',
+            f"    api_key = settings.{g.word().upper()}_API_KEY",
             f'    commit = "{g.sha1()}"',
             f"    return {{'{g.word()}': {g.word()}, 'status': {g.r.randint(200, 599)}}}",
             "",
@@ -129,7 +142,7 @@ def js_file(g: Gen, n: int) -> list[str]:
         out += [
             f"export async function {g.ident()}({g.word()}) {{",
             f"  const id = '{g.uuid()}';",
-            f"  const etag = \"{g.sha1()}\";",
+            f'  const etag = "{g.sha1()}";',
             f"  const apiKey = process.env.{g.word().upper()}_API_KEY;",
             f"  const res = await fetch(`/api/${{id}}/{g.word()}?limit={g.r.randint(1, 100)}`);",
             f"  // {g.sentence()}",
@@ -149,8 +162,14 @@ def json_file(g: Gen, n: int) -> list[str]:
         }
         for _ in range(n)
     }
-    doc = {"name": g.word(), "lockfileVersion": 3, "requires": True, "packages": deps,
-           "apiKey": "${API_KEY}", "sessionSecret": "changeme"}
+    doc = {
+        "name": g.word(),
+        "lockfileVersion": 3,
+        "requires": True,
+        "packages": deps,
+        "apiKey": "${API_KEY}",
+        "sessionSecret": "changeme",
+    }
     return json.dumps(doc, indent=2).splitlines()
 
 
@@ -217,14 +236,24 @@ def env_example(g: Gen, n: int) -> list[str]:
 def toml_file(g: Gen, n: int) -> list[str]:
     out = ["[tool.app]", f'name = "{g.word()}"']
     for _ in range(n):
-        out += [f"[{g.word()}.{g.word()}]", f'hash = "{g.sha256()}"', f'id = "{g.uuid()}"',
-                f"retries = {g.r.randint(0, 9)}", f'blob = "{g.b64(48)}"']
+        out += [
+            f"[{g.word()}.{g.word()}]",
+            f'hash = "{g.sha256()}"',
+            f'id = "{g.uuid()}"',
+            f"retries = {g.r.randint(0, 9)}",
+            f'blob = "{g.b64(48)}"',
+        ]
     return out
 
 
 KINDS = {
-    ".py": py_file, ".js": js_file, ".json": json_file, ".yaml": yaml_file, ".md": md_file,
-    ".log": log_file, ".toml": toml_file,
+    ".py": py_file,
+    ".js": js_file,
+    ".json": json_file,
+    ".yaml": yaml_file,
+    ".md": md_file,
+    ".log": log_file,
+    ".toml": toml_file,
 }
 
 # --- planting ------------------------------------------------------------------------------
@@ -249,8 +278,7 @@ def render(fmt: str, name: str, value: str, g: Gen) -> str:
     if fmt == ".py":
         return f'{name} = """{value}"""' if multiline else f'{name} = "{value}"'
     if fmt == ".js":
-        return (f"const {name} = `{value}`;" if multiline
-                else f'const config = {{ {name}: "{value}", retries: 3 }};')
+        return f"const {name} = `{value}`;" if multiline else f'const config = {{ {name}: "{value}", retries: 3 }};'
     if fmt == ".json":
         return f"  {json.dumps(name)}: {json.dumps(value)},"
     if fmt == ".yaml":
@@ -285,8 +313,7 @@ def generate(root: Path, files: int = 3000, seed: int = 7) -> Corpus:
         for k, fmt in enumerate(formats):
             # Prefer a KEY=value example: it renders naturally in every format.
             assigns = [e for e in rule.true_positives if _ASSIGN.match(e)]
-            example = (assigns or list(rule.true_positives))[k % len(assigns or
-                                                                  rule.true_positives)]
+            example = (assigns or list(rule.true_positives))[k % len(assigns or rule.true_positives)]
             name, value = _name_and_value(rule, example)
             folder = root / f"planted{k}" / rule.id
             folder.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ import sys
 import time
 
 
-async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  request: bytes, stop: float, counts: dict[str, int]) -> None:
+async def _client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, stop: float, counts: dict[str, int]
+) -> None:
     while time.monotonic() < stop:
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
@@ -39,8 +40,7 @@ async def _client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     writer.close()
 
 
-async def run(target: str, unix: bool, request: bytes, clients: int,
-              seconds: float) -> dict[str, float]:
+async def run(target: str, unix: bool, request: bytes, clients: int, seconds: float) -> dict[str, float]:
     conns = []
     for _ in range(clients):
         if unix:
@@ -53,8 +53,12 @@ async def run(target: str, unix: bool, request: bytes, clients: int,
     stop = time.monotonic() + seconds
     await asyncio.gather(*(_client(r, w, request, stop, counts) for r, w in conns))
     elapsed = time.perf_counter() - start
-    return {"calls": counts["calls"], "seconds": elapsed,
-            "per_second": counts["calls"] / elapsed, "not_ok": counts["not_ok"]}
+    return {
+        "calls": counts["calls"],
+        "seconds": elapsed,
+        "per_second": counts["calls"] / elapsed,
+        "not_ok": counts["not_ok"],
+    }
 
 
 def main() -> int:
@@ -68,8 +72,7 @@ def main() -> int:
     args = parser.parse_args()
     with open(args.request, "rb") as f:
         request = f.read()
-    result = asyncio.run(run(args.unix or args.tcp, bool(args.unix), request, args.clients,
-                             args.seconds))
+    result = asyncio.run(run(args.unix or args.tcp, bool(args.unix), request, args.clients, args.seconds))
     print(json.dumps(result), flush=True)
     return 0
 

@@ -77,8 +77,14 @@ async def measure(env: dict[str, str], sock: Path, workspace: Path, calls: int) 
                 sys.exit(f"mcp call failed: {text[:300]}")
 
         def call_once() -> None:
-            done = subprocess.run([OUTLOOP, "call", CRED, "GET", UPSTREAM_PATH], cwd=workspace,
-                                  env=env, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                [OUTLOOP, "call", CRED, "GET", UPSTREAM_PATH],
+                cwd=workspace,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if done.returncode != 0:
                 sys.exit(f"outloop call failed ({done.returncode}): {done.stderr.strip()}")
 
@@ -117,20 +123,25 @@ def main() -> int:
         times = asyncio.run(measure(env, sock, workspace, args.calls))
 
         p = {k: (_pct(v, 0.5), _pct(v, 0.9)) for k, v in times.items() if k != "mcp_start"}
-        print(f"outloop MCP bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
-              f"{args.calls} calls of each kind, interleaved, loopback upstream")
+        print(
+            f"outloop MCP bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
+            f"{args.calls} calls of each kind, interleaved, loopback upstream"
+        )
         print(f"{'path':<44}{'p50 ms':>10}{'p90 ms':>10}")
-        labels = {"mcp": "MCP tool call (outloop mcp over stdio)",
-                  "call": "outloop call (a new process per call)",
-                  "socket": "POST /v1/request on the socket (floor)"}
+        labels = {
+            "mcp": "MCP tool call (outloop mcp over stdio)",
+            "call": "outloop call (a new process per call)",
+            "socket": "POST /v1/request on the socket (floor)",
+        }
         for key in ("mcp", "call", "socket"):
             print(f"{labels[key]:<44}{p[key][0]:>10.2f}{p[key][1]:>10.2f}")
         mcp50, call50, sock50 = p["mcp"][0], p["call"][0], p["socket"][0]
-        print(f"MCP over the socket floor: +{mcp50 - sock50:.2f} ms p50; "
-              f"outloop call over the floor: +{call50 - sock50:.2f} ms p50")
+        print(
+            f"MCP over the socket floor: +{mcp50 - sock50:.2f} ms p50; "
+            f"outloop call over the floor: +{call50 - sock50:.2f} ms p50"
+        )
         print(f"outloop call / MCP tool call (p50): {call50 / mcp50:.1f}x")
-        print(f"starting `outloop mcp` (once per Claude Code session): "
-              f"{times['mcp_start'][0]:.0f} ms")
+        print(f"starting `outloop mcp` (once per Claude Code session): {times['mcp_start'][0]:.0f} ms")
         return 0
 
 

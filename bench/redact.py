@@ -29,10 +29,20 @@ from broker import leakrules, redact  # noqa: E402
 from broker.leakrules import iter_provider_key_spans  # noqa: E402
 from broker.redact import Redactor  # noqa: E402
 
-BODY = json.dumps({"items": [
-    {"id": i, "name": f"item {i}", "description": "lorem ipsum dolor sit amet " * 3,
-     "url": f"https://example.com/a/{i}?x=1", "sha": secrets.token_hex(20)}
-    for i in range(70)]})
+BODY = json.dumps(
+    {
+        "items": [
+            {
+                "id": i,
+                "name": f"item {i}",
+                "description": "lorem ipsum dolor sit amet " * 3,
+                "url": f"https://example.com/a/{i}?x=1",
+                "sha": secrets.token_hex(20),
+            }
+            for i in range(70)
+        ]
+    }
+)
 
 
 def _per_call(redactor: Redactor, body: bytes, repeat: int) -> float:
@@ -50,8 +60,9 @@ def main() -> int:
     args = parser.parse_args()
     clean = BODY.encode()
     print(f"body {len(clean) / 1024:.1f} KB JSON; ms per response (lower is better)")
-    print(f"{'secrets':>8} {'one regex':>10} {'prefilter':>10} {'ratio':>7} "
-          f"{'one regex, hit':>15} {'prefilter, hit':>15}")
+    print(
+        f"{'secrets':>8} {'one regex':>10} {'prefilter':>10} {'ratio':>7} {'one regex, hit':>15} {'prefilter, hit':>15}"
+    )
     default_max = redact.DIRECT_MAX
     for n in (int(x) for x in args.sizes.split(",")):
         pairs = [(f"cred{i}", "sk-" + secrets.token_urlsafe(30)) for i in range(n)]
@@ -67,21 +78,25 @@ def main() -> int:
         repeat = max(3, args.repeat // max(1, n // 10))
         b_clean, o_clean = _per_call(baseline, clean, repeat), _per_call(ours, clean, args.repeat)
         b_hit, o_hit = _per_call(baseline, hit, repeat), _per_call(ours, hit, args.repeat)
-        print(f"{n:>8} {b_clean:>10.3f} {o_clean:>10.3f} {b_clean / o_clean:>6.1f}x "
-              f"{b_hit:>15.3f} {o_hit:>15.3f}")
+        print(f"{n:>8} {b_clean:>10.3f} {o_clean:>10.3f} {b_clean / o_clean:>6.1f}x {b_hit:>15.3f} {o_hit:>15.3f}")
     rules = Redactor([], iter_provider_key_spans)
-    print(f"leak-rule redaction of the same body (any number of secrets): "
-          f"{_per_call(rules, clean, args.repeat):.3f} ms")
+    print(
+        f"leak-rule redaction of the same body (any number of secrets): {_per_call(rules, clean, args.repeat):.3f} ms"
+    )
     # The rules' keyword pass, which picks the rules a body may match: the trie-shaped
     # regex Outloop used before against the Aho-Corasick automaton it uses now.
     text = clean.decode().lower()
     keywords = {kw for rule in leakrules.RULES for kw in rule.keywords}
     alternation = re.compile(trie_regex(keywords))
     found = {m for _end, ids in leakrules._KEYWORDS.iter(text) for m in ids}
-    base, ours_kw = (_timed(lambda: alternation.findall(text), args.repeat),
-                     _timed(lambda: leakrules._candidate_rules(text), args.repeat))
-    print(f"keyword pass ({len(keywords)} keywords, {len(found)} rules hit): trie regex "
-          f"{base:.3f} ms, Aho-Corasick {ours_kw:.3f} ms, {base / ours_kw:.1f}x")
+    base, ours_kw = (
+        _timed(lambda: alternation.findall(text), args.repeat),
+        _timed(lambda: leakrules._candidate_rules(text), args.repeat),
+    )
+    print(
+        f"keyword pass ({len(keywords)} keywords, {len(found)} rules hit): trie regex "
+        f"{base:.3f} ms, Aho-Corasick {ours_kw:.3f} ms, {base / ours_kw:.1f}x"
+    )
     return 0
 
 

@@ -140,28 +140,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = generate(Path(tmp) / "corpus", args.files)
         total = sum(f.stat().st_size for f in corpus.files)
-        print(f"corpus: {len(corpus.files)} files, {total / 1e6:.1f} MB, "
-              f"{len(corpus.plants)} planted keys ({len(L.RULES)} rules), "
-              f"{len(corpus.clean_files())} clean files")
+        print(
+            f"corpus: {len(corpus.files)} files, {total / 1e6:.1f} MB, "
+            f"{len(corpus.plants)} planted keys ({len(L.RULES)} rules), "
+            f"{len(corpus.clean_files())} clean files"
+        )
         provider, everything, secs, nbytes, nfiles = run_outloop(corpus)
         recall, fps, fp_mb = score(corpus, provider, everything)
         ours = nbytes / 1e6 / secs
-        print(f"outloop        recall {recall:6.1%}  FP {fps:5d} ({fp_mb:7.2f}/MB clean)  "
-              f"{ours:6.2f} MB/s  {nfiles / secs:7.0f} files/s  (1 process)")
+        print(
+            f"outloop        recall {recall:6.1%}  FP {fps:5d} ({fp_mb:7.2f}/MB clean)  "
+            f"{ours:6.2f} MB/s  {nfiles / secs:7.0f} files/s  (1 process)"
+        )
         if not args.skip_peer:
             ds_hits, ds_secs = run_detect_secrets(corpus, args.ds_procs)
             ds_recall, ds_fps, ds_fp_mb = score(corpus, ds_hits, ds_hits)
             theirs = total / 1e6 / ds_secs
-            print(f"detect-secrets recall {ds_recall:6.1%}  FP {ds_fps:5d} ({ds_fp_mb:7.2f}/MB "
-                  f"clean)  {theirs:6.2f} MB/s  {len(corpus.files) / ds_secs:7.0f} files/s  "
-                  f"({args.ds_procs} processes)")
+            print(
+                f"detect-secrets recall {ds_recall:6.1%}  FP {ds_fps:5d} ({ds_fp_mb:7.2f}/MB "
+                f"clean)  {theirs:6.2f} MB/s  {len(corpus.files) / ds_secs:7.0f} files/s  "
+                f"({args.ds_procs} processes)"
+            )
             print(f"throughput ratio outloop / detect-secrets: {ours / theirs:.1f}x")
     samples, missed = asyncio.run(latency(args.writes))
     if samples:
         q = statistics.quantiles(samples, n=100)
-        print(f"write-to-alert over {args.writes} writes (new folders, renames, appends, "
-              f"writes): p50 {statistics.median(samples):.0f} ms  p95 {q[94]:.0f} ms  "
-              f"max {max(samples):.0f} ms  missed {missed}")
+        print(
+            f"write-to-alert over {args.writes} writes (new folders, renames, appends, "
+            f"writes): p50 {statistics.median(samples):.0f} ms  p95 {q[94]:.0f} ms  "
+            f"max {max(samples):.0f} ms  missed {missed}"
+        )
     else:
         print(f"write-to-alert: every one of {args.writes} writes missed")
 

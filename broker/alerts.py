@@ -73,11 +73,19 @@ class Alert:
         if status not in STATUSES or severity not in SEVERITY_RANK:
             raise ValueError("unknown status or severity")
         return cls(
-            id=str(data["id"]), ts=str(data["ts"]), tenant=data.get("tenant"),
-            workspace=data.get("workspace"), path=str(data["path"]), line=int(data["line"]),
-            rule=str(data["rule"]), severity=severity, preview=str(data["preview"]),
-            fingerprint=str(data["fingerprint"]), status=status,
-            first_seen=str(data.get("first_seen") or data["ts"]), reason=data.get("reason"),
+            id=str(data["id"]),
+            ts=str(data["ts"]),
+            tenant=data.get("tenant"),
+            workspace=data.get("workspace"),
+            path=str(data["path"]),
+            line=int(data["line"]),
+            rule=str(data["rule"]),
+            severity=severity,
+            preview=str(data["preview"]),
+            fingerprint=str(data["fingerprint"]),
+            status=status,
+            first_seen=str(data.get("first_seen") or data["ts"]),
+            reason=data.get("reason"),
         )
 
     @classmethod
@@ -85,11 +93,18 @@ class Alert:
         """A fresh alert for a scanner finding."""
         ts = _now()
         return cls(
-            id=alert_id(finding.path, finding.fingerprint), ts=ts, tenant=finding.tenant,
+            id=alert_id(finding.path, finding.fingerprint),
+            ts=ts,
+            tenant=finding.tenant,
             workspace=str(finding.workspace) if finding.workspace is not None else None,
-            path=str(finding.path), line=finding.line, rule=finding.rule,
-            severity=finding.severity, preview=finding.preview,
-            fingerprint=finding.fingerprint, status=status, first_seen=ts,
+            path=str(finding.path),
+            line=finding.line,
+            rule=finding.rule,
+            severity=finding.severity,
+            preview=finding.preview,
+            fingerprint=finding.fingerprint,
+            status=status,
+            first_seen=ts,
         )
 
 
@@ -163,8 +178,7 @@ class AlertStore:
                     continue
                 self._alerts[alert.id] = alert
             if self.skipped_lines:
-                log.warning("alerts: skipped %d unreadable line(s) in %s",
-                            self.skipped_lines, self.path)
+                log.warning("alerts: skipped %d unreadable line(s) in %s", self.skipped_lines, self.path)
             if len(lines) > self.COMPACT_FACTOR * len(self._alerts) + 1000:
                 self._compact()
 
@@ -265,17 +279,21 @@ class AlertStore:
                     if old is not None:
                         alert = replace(alert, first_seen=old.first_seen)
                     if status == "ignored":
-                        ref = next(a for a in self._alerts.values()
-                                   if a.fingerprint == fp and a.status == "ignored")
+                        ref = next(a for a in self._alerts.values() if a.fingerprint == fp and a.status == "ignored")
                         alert = replace(alert, reason=ref.reason)
                         changed.append(alert)
                     else:
                         changed.append(alert)
                         events.append(AlertOpened(alert))
-                elif (old.line, old.rule, old.severity) != (
-                        finding.line, finding.rule, finding.severity):
-                    alert = replace(old, ts=_now(), line=finding.line, rule=finding.rule,
-                                    severity=finding.severity, preview=finding.preview)
+                elif (old.line, old.rule, old.severity) != (finding.line, finding.rule, finding.severity):
+                    alert = replace(
+                        old,
+                        ts=_now(),
+                        line=finding.line,
+                        rule=finding.rule,
+                        severity=finding.severity,
+                        preview=finding.preview,
+                    )
                     changed.append(alert)
                     if old.status == "open":
                         events.append(AlertUpdated(alert))
@@ -310,9 +328,14 @@ class AlertStore:
         prefix = str(root).rstrip(os.sep) + os.sep
         keep = {str(p) for p in present}
         with self._lock:
-            stale = [a for a in self._alerts.values()
-                     if a.status == "open" and a.path.startswith(prefix) and a.path not in keep
-                     and not os.path.lexists(a.path)]
+            stale = [
+                a
+                for a in self._alerts.values()
+                if a.status == "open"
+                and a.path.startswith(prefix)
+                and a.path not in keep
+                and not os.path.lexists(a.path)
+            ]
             changed = [replace(a, ts=_now(), status="resolved") for a in stale]
             events: list[AlertEvent] = [AlertResolved(a) for a in changed]
             self._commit(changed, events)

@@ -28,13 +28,16 @@ class Grant:
 
 def grant_key(approval: PendingApproval) -> GrantKey:
     # Without a matched rule (a credential with no rules) the grant covers the exact path.
-    return (approval.tenant, approval.credential, approval.method,
-            approval.rule or f"{approval.method} {approval.path}")
+    return (
+        approval.tenant,
+        approval.credential,
+        approval.method,
+        approval.rule or f"{approval.method} {approval.path}",
+    )
 
 
 class Approvals:
-    def __init__(self, publish: Callable[[object], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, publish: Callable[[object], None], clock: Callable[[], float] = time.monotonic) -> None:
         self._publish = publish
         self._clock = clock
         self._waiting: dict[str, tuple[PendingApproval, asyncio.Future[tuple[Decision, str]]]] = {}
@@ -43,8 +46,9 @@ class Approvals:
 
     def new(self, *, timeout: float, **fields: object) -> PendingApproval:
         now = self._clock()
-        return PendingApproval(id=uuid.uuid4().hex[:12], created=now, deadline=now + timeout,
-                               created_wall=time.time(), **fields)  # type: ignore[arg-type]
+        return PendingApproval(
+            id=uuid.uuid4().hex[:12], created=now, deadline=now + timeout, created_wall=time.time(), **fields
+        )  # type: ignore[arg-type]
 
     def granted(self, approval: PendingApproval) -> Grant | None:
         """The live "always" grant covering this call, if any."""
@@ -66,9 +70,7 @@ class Approvals:
         self._waiting[approval.id] = (approval, future)
         self._publish(ApprovalRequested(approval))
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(future), max(0.0, approval.deadline - self._clock())
-            )
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, approval.deadline - self._clock()))
         except TimeoutError:
             self._finish(approval.id, "timeout", "timeout")
             return "timeout", "timeout"
@@ -79,8 +81,9 @@ class Approvals:
         finally:
             self._waiting.pop(approval.id, None)
 
-    def answer(self, approval_id: str, decision: Decision, approver: str = "operator",
-               always_ttl: float = 3600.0) -> bool:
+    def answer(
+        self, approval_id: str, decision: Decision, approver: str = "operator", always_ttl: float = 3600.0
+    ) -> bool:
         """Answer a pending approval: "approved", "always" or "denied". False if not pending."""
         if decision not in ("approved", "always", "denied"):
             raise ValueError(f"unknown decision {decision!r}")
@@ -105,8 +108,7 @@ class Approvals:
 
     def pending(self) -> list[PendingApproval]:
         """Waiting approvals, oldest first."""
-        return sorted((a for a, f in self._waiting.values() if not f.done()),
-                      key=lambda a: a.created)
+        return sorted((a for a, f in self._waiting.values() if not f.done()), key=lambda a: a.created)
 
     def deny_all(self, decision: Decision = "cancelled", approver: str = "shutdown") -> int:
         """Refuse everything pending (on quit, or when the broker is locked)."""
@@ -117,4 +119,3 @@ class Approvals:
 
     def revoke_grants(self) -> None:
         self._grants.clear()
-

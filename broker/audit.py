@@ -179,10 +179,28 @@ def _strip(value: Any) -> Any:
 
 # Field names the broker writes on every call; a record holding only these, with
 # plain values, needs no cleaning (the common case, on every call).
-_PLAIN_FIELDS = frozenset({
-    "event", "tenant", "workspace", "pid", "exe", "credential", "method", "host", "path",
-    "rule", "decision", "reason", "approver", "status", "bytes", "ms", "attempt", "message",
-})
+_PLAIN_FIELDS = frozenset(
+    {
+        "event",
+        "tenant",
+        "workspace",
+        "pid",
+        "exe",
+        "credential",
+        "method",
+        "host",
+        "path",
+        "rule",
+        "decision",
+        "reason",
+        "approver",
+        "status",
+        "bytes",
+        "ms",
+        "attempt",
+        "message",
+    }
+)
 _SCALAR_TYPES = frozenset(_SCALARS)
 
 
@@ -777,8 +795,7 @@ class AuditLog:
         self._executor.shutdown(wait=False)
         self._executor = None
 
-    async def record(self, fields: Mapping[str, Any], *, durable: bool = True,
-                     batch: bool = True) -> Record:
+    async def record(self, fields: Mapping[str, Any], *, durable: bool = True, batch: bool = True) -> Record:
         """Append one record and return it, with ts, id, prev and hash, once it is on disk.
 
         Records are chained in the order of the calls. Keys that could carry a
@@ -882,8 +899,10 @@ class AuditLog:
                         self._writing = False
                     batch = []
                     continue
-                if self._unsynced and self._syncing is None and (
-                    self._unsynced_durable or self._state.closing or self._lazy_due()
+                if (
+                    self._unsynced
+                    and self._syncing is None
+                    and (self._unsynced_durable or self._state.closing or self._lazy_due())
                 ):
                     self._start_sync()
                     continue
@@ -932,8 +951,10 @@ class AuditLog:
                     self._write_failed([item for later in parts[index:] for item in later.items], exc)
                     return
             if not self._append(current, part):
-                self._write_failed([item for later in parts[index + 1:] for item in later.items],
-                                   AuditError("an earlier record could not be written"))
+                self._write_failed(
+                    [item for later in parts[index + 1 :] for item in later.items],
+                    AuditError("an earlier record could not be written"),
+                )
                 return
 
     def _append(self, current: _DayFile, part: _Part) -> bool:
@@ -1020,8 +1041,10 @@ class AuditLog:
                 job.set_result(None)
             if time.perf_counter() - start > INLINE_SYNC_GIVE_UP_SECONDS:
                 self._inline_ok = False
-                logger.warning("an audit fsync blocked the broker for %.0f ms; fsyncs run on "
-                               "the audit thread from now on", (time.perf_counter() - start) * 1000)
+                logger.warning(
+                    "an audit fsync blocked the broker for %.0f ms; fsyncs run on the audit thread from now on",
+                    (time.perf_counter() - start) * 1000,
+                )
             self.stats.inline_fsyncs += 1
             self._synced(job, current, items, done)
             return

@@ -47,9 +47,14 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def request(sock_path: Path, method: str, target: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None,
-            timeout: float = DEFAULT_TIMEOUT) -> Response:
+def request(
+    sock_path: Path,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Response:
     """One HTTP request to the broker; raises BrokerUnreachable if it is not there."""
     conn = _UnixConnection(sock_path, timeout)
     try:
@@ -82,5 +87,4 @@ def whoami(sock_path: Path) -> Response:
 
 def call(sock_path: Path, payload: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> Response:
     """POST /v1/request with the given JSON payload."""
-    return request(sock_path, "POST", "/v1/request",
-                   body=json.dumps(payload).encode("utf-8"), timeout=timeout)
+    return request(sock_path, "POST", "/v1/request", body=json.dumps(payload).encode("utf-8"), timeout=timeout)

@@ -93,8 +93,7 @@ class Credential:
     def rule_summary(self) -> str:
         if not self.has_rules:
             return "ask for everything"
-        parts = [f"{k} {len(v)}" for k, v in (("allow", self.allow), ("ask", self.ask),
-                                              ("deny", self.deny)) if v]
+        parts = [f"{k} {len(v)}" for k, v in (("allow", self.allow), ("ask", self.ask), ("deny", self.deny)) if v]
         return ", ".join(parts)
 
 

@@ -167,8 +167,9 @@ class Engine:
             Server(self, self.paths.socket).check_free()
         await self.audit.open()
         self.audit.subscribe(self._on_audit)
-        self._forwarder = Forwarder(timeout=self.config.broker.upstream_timeout,
-                                    max_response_bytes=self.config.broker.max_response_bytes)
+        self._forwarder = Forwarder(
+            timeout=self.config.broker.upstream_timeout, max_response_bytes=self.config.broker.max_response_bytes
+        )
         if self.config.broker.forward_workers:
             # Started on the first busy moment; changing the number needs a restart.
             self._pool = ForwardPool(self.config.broker.forward_workers, self.paths.state_dir)
@@ -215,8 +216,9 @@ class Engine:
 
         self.alerts = AlertStore(self.paths.alerts_file)
         self.alerts.subscribe(self._publish)
-        self.watcher = LeakWatcher(self._workspace_list(), self.managed_secrets, self.alerts,
-                                   max_bytes=self.config.broker.scan_max_file_bytes)
+        self.watcher = LeakWatcher(
+            self._workspace_list(), self.managed_secrets, self.alerts, max_bytes=self.config.broker.scan_max_file_bytes
+        )
         await self.watcher.start()
 
     # -- Claude Code transcripts (broker/transcripts.py) -----------------------------
@@ -229,8 +231,7 @@ class Engine:
         if getattr(self, "alerts", None) is None:
             self.alerts = AlertStore(self.paths.alerts_file)
             self.alerts.subscribe(self._publish)
-        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets,
-                                             self.alerts)
+        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets, self.alerts)
         await self.transcripts.start()
 
     def _background(self, result: object) -> None:
@@ -324,11 +325,15 @@ class Engine:
         self._set_state("listening")
 
     def health(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"ok": True, "version": __version__, "state": self.state,
-                                "locked": self.locked,
-                                "approver": bool(self.approvals.attached),
-                                # Group commit counters: how many fsyncs the records cost.
-                                "audit": dataclasses.asdict(self.audit.stats)}
+        info: dict[str, Any] = {
+            "ok": True,
+            "version": __version__,
+            "state": self.state,
+            "locked": self.locked,
+            "approver": bool(self.approvals.attached),
+            # Group commit counters: how many fsyncs the records cost.
+            "audit": dataclasses.asdict(self.audit.stats),
+        }
         if self.watcher is not None:
             info["watcher"] = dataclasses.asdict(self.watcher.health())
         if self.transcripts is not None:
@@ -343,12 +348,16 @@ class Engine:
             caller = identify(peer, config)
         except IdentityError as e:
             return Refusal(e.code, str(e), None)
-        return {"tenant": caller.tenant.id, "name": caller.tenant.name,
-                "workspace": str(caller.workspace),
-                "credentials": sorted(caller.tenant.credentials),
-                "rules": {c.name: {"base_url": c.base_url, "allow": list(c.allow),
-                                   "ask": list(c.ask), "deny": list(c.deny)}
-                          for c in caller.tenant.credentials.values()}}
+        return {
+            "tenant": caller.tenant.id,
+            "name": caller.tenant.name,
+            "workspace": str(caller.workspace),
+            "credentials": sorted(caller.tenant.credentials),
+            "rules": {
+                c.name: {"base_url": c.base_url, "allow": list(c.allow), "ask": list(c.ask), "deny": list(c.deny)}
+                for c in caller.tenant.credentials.values()
+            },
+        }
 
     # -- calls ------------------------------------------------------------------
 
@@ -366,8 +375,9 @@ class Engine:
             self._redactor = with_leak_rules(self._redaction)
         return self._redactor
 
-    async def refuse(self, peer: Peer | None, code: str, message: str, *,
-                     base: dict[str, Any] | None = None, status: int = 0) -> Refusal:
+    async def refuse(
+        self, peer: Peer | None, code: str, message: str, *, base: dict[str, Any] | None = None, status: int = 0
+    ) -> Refusal:
         """Audit a refusal and build its answer (fails closed if the audit cannot be written)."""
         fields = dict(base or {})
         fields.update(event="attempt", decision=code, message=message)
@@ -376,8 +386,7 @@ class Engine:
         try:
             record = await self.audit.record(fields)
         except AuditError:
-            return Refusal("audit_unavailable", "the audit log cannot be written; "
-                           "the call was refused", None)
+            return Refusal("audit_unavailable", "the audit log cannot be written; the call was refused", None)
         self._publish(Refused(code, fields.get("tenant"), fields.get("credential"), message))
         return Refusal(code, message, record["id"], status)
 
@@ -391,36 +400,46 @@ class Engine:
 
     async def _call(self, peer: Peer, req: CallRequest) -> Answer | Refusal:
         config = self.refresh_config()
-        base: dict[str, Any] = {"pid": peer.pid, "credential": req.credential,
-                                "method": req.method, "path": req.path, "reason": req.reason}
+        base: dict[str, Any] = {
+            "pid": peer.pid,
+            "credential": req.credential,
+            "method": req.method,
+            "path": req.path,
+            "reason": req.reason,
+        }
         try:
             caller = identify(peer, config)
         except IdentityError as e:
-            base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None,
-                        exe=e.exe)
+            base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None, exe=e.exe)
             return await self.refuse(peer, e.code, str(e), base=base)
         base.update(tenant=caller.tenant.id, workspace=str(caller.workspace), exe=caller.exe)
 
         if self.locked:
-            return await self.refuse(peer, "denied_by_operator",
-                                     "the operator has locked the broker", base=base)
+            return await self.refuse(peer, "denied_by_operator", "the operator has locked the broker", base=base)
         if req.tenant_claim is not None and req.tenant_claim != caller.tenant.id:
             return await self.refuse(
-                peer, "wrong_tenant",
-                f"this workspace belongs to tenant {caller.tenant.id!r}, "
-                f"not {req.tenant_claim!r}", base=base)
+                peer,
+                "wrong_tenant",
+                f"this workspace belongs to tenant {caller.tenant.id!r}, not {req.tenant_claim!r}",
+                base=base,
+            )
         credential = caller.tenant.credentials.get(req.credential)
         if credential is None:
             owners = config.credential_owners(req.credential)
             if owners:
                 return await self.refuse(
-                    peer, "wrong_tenant",
-                    f"credential {req.credential!r} belongs to another tenant than "
-                    f"{caller.tenant.id!r}", base=base)
+                    peer,
+                    "wrong_tenant",
+                    f"credential {req.credential!r} belongs to another tenant than {caller.tenant.id!r}",
+                    base=base,
+                )
             return await self.refuse(
-                peer, "unknown_credential",
+                peer,
+                "unknown_credential",
                 f"no credential {req.credential!r}; this workspace may use: "
-                f"{', '.join(sorted(caller.tenant.credentials)) or 'none'}", base=base)
+                f"{', '.join(sorted(caller.tenant.credentials)) or 'none'}",
+                base=base,
+            )
         base["host"] = credential.host
         try:
             path = normalize_path(req.path)
@@ -429,84 +448,118 @@ class Engine:
         base["path"] = path.encoded
         decision = decide(req.method, path, credential.allow, credential.ask, credential.deny)
         base["rule"] = decision.rule
-        verdict = await self._authorize(peer, caller, credential, req, path.encoded, decision,
-                                        base)
+        verdict = await self._authorize(peer, caller, credential, req, path.encoded, decision, base)
         if isinstance(verdict, Refusal):
             return verdict
         return await self._forward(peer, credential, req, path, base, verdict)
 
-    async def _authorize(self, peer: Peer, caller: Caller, credential: Credential,
-                         req: CallRequest, path: str, decision: Decision,
-                         base: dict[str, Any]) -> tuple[str, str] | Refusal:
+    async def _authorize(
+        self,
+        peer: Peer,
+        caller: Caller,
+        credential: Credential,
+        req: CallRequest,
+        path: str,
+        decision: Decision,
+        base: dict[str, Any],
+    ) -> tuple[str, str] | Refusal:
         """(decision, approver) for a call policy lets through, or the refusal."""
         if decision.action == "deny":
             what = f"deny rule {decision.rule!r}" if decision.rule else "no rule allows it"
             return await self.refuse(
-                peer, "denied_by_policy",
-                f"{req.method} {path} on {credential.name} is refused: {what}", base=base)
+                peer, "denied_by_policy", f"{req.method} {path} on {credential.name} is refused: {what}", base=base
+            )
         if decision.action == "allow":
             return ("allow", "policy")
         approval = self.approvals.new(
-            timeout=self.config.broker.approval_timeout, tenant=caller.tenant.id,
-            workspace=str(caller.workspace), pid=peer.pid, exe=caller.exe,
-            credential=credential.name, method=req.method, host=credential.host, path=path,
-            rule=decision.rule, reason=req.reason)
+            timeout=self.config.broker.approval_timeout,
+            tenant=caller.tenant.id,
+            workspace=str(caller.workspace),
+            pid=peer.pid,
+            exe=caller.exe,
+            credential=credential.name,
+            method=req.method,
+            host=credential.host,
+            path=path,
+            rule=decision.rule,
+            reason=req.reason,
+        )
         if self.approvals.granted(approval):
             return ("allow", "always")
         if not self.approvals.attached:
             return await self.refuse(
-                peer, "approval_unavailable",
+                peer,
+                "approval_unavailable",
                 "this call needs the operator's approval and no dashboard is attached; "
-                "ask the operator to open `outloop`", base=base)
+                "ask the operator to open `outloop`",
+                base=base,
+            )
         answer, approver = await self.approvals.wait(approval)
         base["approver"] = approver
         if answer in ("approved", "always"):
             return (answer, approver)
         if answer == "timeout":
             return await self.refuse(
-                peer, "approval_timeout",
-                f"nobody answered within {self.config.broker.approval_timeout:g} s", base=base)
-        return await self.refuse(peer, "denied_by_operator", "the operator refused this call",
-                                 base=base)
+                peer, "approval_timeout", f"nobody answered within {self.config.broker.approval_timeout:g} s", base=base
+            )
+        return await self.refuse(peer, "denied_by_operator", "the operator refused this call", base=base)
 
-    async def _forward(self, peer: Peer, credential: Credential, req: CallRequest, path: Any,
-                       base: dict[str, Any], verdict: tuple[str, str]) -> Answer | Refusal:
+    async def _forward(
+        self,
+        peer: Peer,
+        credential: Credential,
+        req: CallRequest,
+        path: Any,
+        base: dict[str, Any],
+        verdict: tuple[str, str],
+    ) -> Answer | Refusal:
         if len(req.body) > self.config.broker.max_request_bytes:
-            return await self.refuse(peer, "bad_request", "the request body is larger than the "
-                                     f"{self.config.broker.max_request_bytes} byte cap",
-                                     base=base, status=413)
+            return await self.refuse(
+                peer,
+                "bad_request",
+                f"the request body is larger than the {self.config.broker.max_request_bytes} byte cap",
+                base=base,
+                status=413,
+            )
         try:
             secret = self.secrets.get(credential.tenant, credential.name)
         except SecretStoreError as e:
             return await self.refuse(peer, "unknown_credential", str(e), base=base)
         if secret is None:
             return await self.refuse(
-                peer, "unknown_credential",
+                peer,
+                "unknown_credential",
                 f"the keyring holds no secret for {credential.tenant}/{credential.name}; "
-                "add it with `outloop credential add`", base=base)
+                "add it with `outloop credential add`",
+                base=base,
+            )
         try:
             # Before the key goes out: an answer that cannot be redacted is not given.
             redactor, redaction = self.redactor(), self._redaction
         except SecretStoreError as e:
-            return await self.refuse(peer, "unknown_credential",
-                                     f"the answer could not be redacted, so the call was refused: {e}",
-                                     base=base)
+            return await self.refuse(
+                peer, "unknown_credential", f"the answer could not be redacted, so the call was refused: {e}", base=base
+            )
         fields = dict(base, event="attempt", decision=verdict[0], approver=verdict[1])
         try:
             # Alone, its fsync has nothing to wait for; in company, they share one.
             attempt = await self.audit.record(fields, batch=self._calls > 1)
         except AuditError:
-            return Refusal("audit_unavailable", "the audit log cannot be written; "
-                           "the call was refused", None)
+            return Refusal("audit_unavailable", "the audit log cannot be written; the call was refused", None)
         start = time.perf_counter()
         self._upstream_calls += 1
         try:
-            status, headers, body, size, ms = await self._send(credential, secret, req, path,
-                                                               redactor, redaction)
+            status, headers, body, size, ms = await self._send(credential, secret, req, path, redactor, redaction)
         except UpstreamError as e:
-            outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
-                           status="upstream_error", message=str(e),
-                           ms=round((time.perf_counter() - start) * 1000, 2))
+            outcome = dict(
+                base,
+                event="outcome",
+                attempt=attempt["id"],
+                decision=verdict[0],
+                status="upstream_error",
+                message=str(e),
+                ms=round((time.perf_counter() - start) * 1000, 2),
+            )
             try:
                 await self.audit.record(outcome, durable=False)
             except AuditError:
@@ -514,20 +567,34 @@ class Engine:
             return Refusal("upstream_error", str(e), attempt["id"], e.status)
         finally:
             self._upstream_calls -= 1
-        outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0],
-                       status=status, bytes=size, ms=round(ms, 2))
+        outcome = dict(
+            base,
+            event="outcome",
+            attempt=attempt["id"],
+            decision=verdict[0],
+            status=status,
+            bytes=size,
+            ms=round(ms, 2),
+        )
         try:
             # Written to the file before the answer goes back (a failed write withholds it);
             # its fsync is shared with the next batch instead of delaying this answer.
             await self.audit.record(outcome, durable=False)
         except AuditError:
-            return Refusal("audit_unavailable", "the audit log cannot be written; the response "
-                           "was withheld", attempt["id"])
+            return Refusal(
+                "audit_unavailable", "the audit log cannot be written; the response was withheld", attempt["id"]
+            )
         return Answer(status, headers, body, attempt["id"])
 
-    async def _send(self, credential: Credential, secret: Secret, req: CallRequest,
-                    path: NormalPath, redactor: Redactor, redaction: list[tuple[str, str]]
-                    ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
+    async def _send(
+        self,
+        credential: Credential,
+        secret: Secret,
+        req: CallRequest,
+        path: NormalPath,
+        redactor: Redactor,
+        redaction: list[tuple[str, str]],
+    ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
         """(status, redacted headers, redacted body, upstream body size, ms) of one call.
 
         While other calls are on the wire too, a forwarding worker makes it (the loop
@@ -539,16 +606,27 @@ class Engine:
             if pool.ready:
                 broker = self.config.broker
                 return await pool.forward(
-                    credential, secret, req.method, path, req.query, req.headers, req.body,
+                    credential,
+                    secret,
+                    req.method,
+                    path,
+                    req.query,
+                    req.headers,
+                    req.body,
                     upstream_timeout=broker.upstream_timeout,
                     max_response_bytes=broker.max_response_bytes,
-                    redaction=redaction)
+                    redaction=redaction,
+                )
             pool.start_soon()
         assert self._forwarder is not None
-        upstream = await self._forwarder.send(credential, secret, req.method, path,
-                                              req.query, req.headers, req.body)
-        return (upstream.status, redactor.headers(upstream.headers),
-                redactor.bytes(upstream.body), len(upstream.body), upstream.ms)
+        upstream = await self._forwarder.send(credential, secret, req.method, path, req.query, req.headers, req.body)
+        return (
+            upstream.status,
+            redactor.headers(upstream.headers),
+            redactor.bytes(upstream.body),
+            len(upstream.body),
+            upstream.ms,
+        )
 
 
 def json_body(value: Any) -> bytes:

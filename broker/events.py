@@ -76,6 +76,11 @@ class ConfigRejected:
 
 
 Event = (
-    ApprovalRequested | ApprovalResolved | AuditRecorded | Refused | BrokerStateChanged
-    | ConfigReloaded | ConfigRejected
+    ApprovalRequested
+    | ApprovalResolved
+    | AuditRecorded
+    | Refused
+    | BrokerStateChanged
+    | ConfigReloaded
+    | ConfigRejected
 )

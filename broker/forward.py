@@ -21,22 +21,51 @@ from broker.policy import NormalPath
 from broker.secrets import Secret
 from broker.transport import PooledTransport, ResponseTooLarge
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "host", "content-length", "expect",
-})
-CREDENTIAL_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-auth-token",
-    "x-goog-api-key", "private-token", "x-access-token",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-goog-api-key",
+        "private-token",
+        "x-access-token",
+    }
+)
 # The broker must read every response to redact it, so the agent may not pick an
 # encoding (bzip2, br, zstd, ...) that the broker cannot decode but the agent can.
 BROKER_OWNED = frozenset({"accept-encoding"})
 # Not passed back: framing is ours, and cookies could carry a session minted from the key.
-RESPONSE_DROP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "content-length", "content-encoding", "set-cookie", "set-cookie2",
-})
+RESPONSE_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        "set-cookie2",
+    }
+)
 
 
 class UpstreamError(Exception):
@@ -55,8 +84,7 @@ class UpstreamResponse:
     ms: float
 
 
-def outgoing_headers(client_headers: dict[str, str], credential: Credential,
-                     secret: Secret) -> dict[str, str]:
+def outgoing_headers(client_headers: dict[str, str], credential: Credential, secret: Secret) -> dict[str, str]:
     """Client headers minus hop-by-hop and credential-bearing ones, plus the credential."""
     drop = HOP_BY_HOP | CREDENTIAL_HEADERS | BROKER_OWNED
     if credential.auth.kind == "header":
@@ -73,8 +101,9 @@ def outgoing_headers(client_headers: dict[str, str], credential: Credential,
     return headers
 
 
-def outgoing_query(query: list[tuple[str, str]], credential: Credential,
-                   secret: Secret) -> list[tuple[str, str | int | float | bool | None]]:
+def outgoing_query(
+    query: list[tuple[str, str]], credential: Credential, secret: Secret
+) -> list[tuple[str, str | int | float | bool | None]]:
     out: list[tuple[str, str | int | float | bool | None]] = []
     name = credential.auth.arg if credential.auth.kind == "query" else None
     out.extend((k, v) for k, v in query if k != name)
@@ -120,9 +149,16 @@ class Forwarder:
             self._routes[base_url] = route
         return route
 
-    async def send(self, credential: Credential, secret: Secret, method: str, path: NormalPath,
-                   query: list[tuple[str, str]], headers: dict[str, str],
-                   body: bytes) -> UpstreamResponse:
+    async def send(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> UpstreamResponse:
         """Make the call; raise UpstreamError on network failure, timeout or oversize."""
         route = self._route(credential.base_url)
         target = route.prefix + path.encoded.encode("ascii")
@@ -130,29 +166,30 @@ class Forwarder:
         if params:
             target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
         try:
-            sent = _request_headers(route.host, method,
-                                    outgoing_headers(headers, credential, secret), len(body))
+            sent = _request_headers(route.host, method, outgoing_headers(headers, credential, secret), len(body))
         except UnicodeEncodeError:
             # Its text could quote the key; say which kind of value it was instead.
-            raise UpstreamError("a header value (or the credential) is not ASCII, so it "
-                                "cannot be sent", 502) from None
+            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
         start = time.perf_counter()
         try:
-            fetched = await self._pool.fetch(route.origin, method.encode("ascii"), target, sent,
-                                             body, timeout=self.timeout,
-                                             max_bytes=self.max_response_bytes)
+            fetched = await self._pool.fetch(
+                route.origin,
+                method.encode("ascii"),
+                target,
+                sent,
+                body,
+                timeout=self.timeout,
+                max_bytes=self.max_response_bytes,
+            )
             response_headers = [(_text(k), _text(v)) for k, v in fetched.headers]
-            content = _decoded(fetched.body, response_headers, self.max_response_bytes,
-                               credential.host)
+            content = _decoded(fetched.body, response_headers, self.max_response_bytes, credential.host)
         except ResponseTooLarge:
             raise UpstreamError(self._too_big(), 502) from None
         except httpx.TimeoutException:
-            raise UpstreamError(
-                f"{credential.host} did not answer within {self.timeout:g} s", 504) from None
+            raise UpstreamError(f"{credential.host} did not answer within {self.timeout:g} s", 504) from None
         except (httpx.HTTPError, OSError) as e:
             # The exception text may hold the URL, and with query auth the URL holds the key.
-            raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})",
-                                502) from None
+            raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})", 502) from None
         ms = (time.perf_counter() - start) * 1000
         out_headers = [(k, v) for k, v in response_headers if k not in RESPONSE_DROP]
         return UpstreamResponse(fetched.status, out_headers, content, ms)
@@ -164,15 +201,28 @@ class Forwarder:
 # The codings the broker asks for and can undo (zlib does both).
 ACCEPT_ENCODING = b"gzip, deflate"
 # IANA's HTTP content codings, and bzip2 (common, unregistered): names safe to quote.
-KNOWN_CODINGS = frozenset({"aes128gcm", "br", "bzip2", "compress", "dcb", "dcz", "deflate",
-                           "exi", "gzip", "identity", "pack200-gzip", "x-compress", "x-gzip",
-                           "zstd"})
-_DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"),
-                    (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
+KNOWN_CODINGS = frozenset(
+    {
+        "aes128gcm",
+        "br",
+        "bzip2",
+        "compress",
+        "dcb",
+        "dcz",
+        "deflate",
+        "exi",
+        "gzip",
+        "identity",
+        "pack200-gzip",
+        "x-compress",
+        "x-gzip",
+        "zstd",
+    }
+)
+_DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"), (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
 
 
-def _request_headers(host: bytes, method: str, headers: dict[str, str],
-                     body_size: int) -> list[tuple[bytes, bytes]]:
+def _request_headers(host: bytes, method: str, headers: dict[str, str], body_size: int) -> list[tuple[bytes, bytes]]:
     """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
     out = [(b"Host", host)]
     out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())
@@ -202,8 +252,7 @@ def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -
     Only what ACCEPT_ENCODING offers is undone; anything else is refused, since
     bytes the broker cannot read could carry the key past redaction.
     """
-    codings = [c.strip().lower() for k, v in headers if k == "content-encoding"
-               for c in v.split(",") if c.strip()]
+    codings = [c.strip().lower() for k, v in headers if k == "content-encoding" for c in v.split(",") if c.strip()]
     for coding in reversed(codings):
         if coding == "identity":
             continue
@@ -211,8 +260,7 @@ def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -
             # Named only if it is a known coding: the header is the upstream's text, and
             # this message reaches the agent and the audit log unredacted.
             name = coding if coding in KNOWN_CODINGS else "not a registered coding"
-            raise UpstreamError(f"{host} answered in a content encoding the broker cannot "
-                                f"read ({name})", 502)
+            raise UpstreamError(f"{host} answered in a content encoding the broker cannot read ({name})", 502)
         if body:  # HEAD, 204 and 304 answers name a coding but have no body to undo
             body = _inflate(body, coding, cap, host)
     return body

@@ -23,25 +23,49 @@ from pathlib import Path, PurePath
 
 # `.env.example` and friends are templates with placeholders, and agents need them.
 ENV_TEMPLATE_SUFFIXES = ("example", "sample", "template", "dist", "defaults", "schema")
-PRIVATE_KEY_NAMES = frozenset({
-    "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk", "identity",
-})
-PRIVATE_KEY_GLOBS = ("*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk",
-                     "*.p8")
-CREDENTIAL_FILES = frozenset({
-    ".netrc", "_netrc", ".pgpass", ".git-credentials", ".pypirc", ".npmrc",
-    "application_default_credentials.json", "credentials.db", "access_tokens.db",
-})
+PRIVATE_KEY_NAMES = frozenset(
+    {
+        "id_rsa",
+        "id_dsa",
+        "id_ecdsa",
+        "id_ed25519",
+        "id_ecdsa_sk",
+        "id_ed25519_sk",
+        "identity",
+    }
+)
+PRIVATE_KEY_GLOBS = ("*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", "*.p8")
+CREDENTIAL_FILES = frozenset(
+    {
+        ".netrc",
+        "_netrc",
+        ".pgpass",
+        ".git-credentials",
+        ".pypirc",
+        ".npmrc",
+        "application_default_credentials.json",
+        "credentials.db",
+        "access_tokens.db",
+    }
+)
 # Files identified by their folder as well as their name.
 CREDENTIAL_PATHS = (
-    (".aws", "credentials"), (".docker", "config.json"), (".kube", "config"),
+    (".aws", "credentials"),
+    (".docker", "config.json"),
+    (".kube", "config"),
     (".config/gh", "hosts.yml"),
 )
 
 TOOL_PATH_KEYS = {
-    "Read": ("file_path",), "Edit": ("file_path",), "MultiEdit": ("file_path",),
-    "Write": ("file_path",), "NotebookEdit": ("notebook_path",), "NotebookRead": ("notebook_path",),
-    "Grep": ("path",), "Glob": ("path",), "LS": ("path",),
+    "Read": ("file_path",),
+    "Edit": ("file_path",),
+    "MultiEdit": ("file_path",),
+    "Write": ("file_path",),
+    "NotebookEdit": ("notebook_path",),
+    "NotebookRead": ("notebook_path",),
+    "Grep": ("path",),
+    "Glob": ("path",),
+    "LS": ("path",),
 }
 # Tools whose pattern argument names files (Glob's pattern, Grep's glob filter).
 TOOL_PATTERN_KEYS = {"Glob": ("pattern",), "Grep": ("glob",)}
@@ -66,7 +90,7 @@ def classify_name(name: str) -> str | None:
     if low in (".env", ".envrc") or low.endswith(".env"):
         return "an .env file"
     if low.startswith(".env."):
-        suffix = low[len(".env."):]
+        suffix = low[len(".env.") :]
         if suffix.split(".")[-1] in ENV_TEMPLATE_SUFFIXES or suffix in ENV_TEMPLATE_SUFFIXES:
             return None
         return "an .env file"
@@ -88,8 +112,11 @@ def classify_path(path: Path, protected: Protected) -> str | None:
     for folder, name in CREDENTIAL_PATHS:
         if text.endswith(f"/{folder}/{name}"):
             return "a credentials file"
-    if "/.ssh/" in text and not path.name.endswith(".pub") and path.name not in (
-            "known_hosts", "known_hosts.old", "config", "authorized_keys"):
+    if (
+        "/.ssh/" in text
+        and not path.name.endswith(".pub")
+        and path.name not in ("known_hosts", "known_hosts.old", "config", "authorized_keys")
+    ):
         return "a private key file"
     return None
 
@@ -112,8 +139,7 @@ def classify_pattern(pattern: str) -> str | None:
         kind = classify_name(literal)
         if kind is not None:
             return kind
-        if alternative.lower().startswith("id_") and literal.lower().rstrip(".") in (
-                *PRIVATE_KEY_NAMES, "id_"):
+        if alternative.lower().startswith("id_") and literal.lower().rstrip(".") in (*PRIVATE_KEY_NAMES, "id_"):
             return "a private key file"
     return None
 
@@ -124,7 +150,7 @@ def _brace_alternatives(text: str) -> list[str]:
         return [text]
     out: list[str] = []
     for alt in m.group(1).split(","):
-        out.extend(_brace_alternatives(text[:m.start()] + alt + text[m.end():]))
+        out.extend(_brace_alternatives(text[: m.start()] + alt + text[m.end() :]))
     return out
 
 
@@ -155,8 +181,7 @@ def path_kind(path: Path, protected: Protected) -> str | None:
 # -- tool calls ---------------------------------------------------------------------
 
 
-def tool_refusal(tool: str, tool_input: dict[str, object], cwd: Path,
-                 protected: Protected) -> str | None:
+def tool_refusal(tool: str, tool_input: dict[str, object], cwd: Path, protected: Protected) -> str | None:
     """Why a built-in tool call must not run, or None when it may."""
     if tool == "Bash":
         command = tool_input.get("command")
@@ -185,17 +210,68 @@ def tool_refusal(tool: str, tool_input: dict[str, object], cwd: Path,
 # -- shell commands -------------------------------------------------------------------
 
 CONTROL = frozenset({"|", "||", "&&", ";", ";;", "&", "|&", "(", ")", "{", "}", "!"})
-WRAPPERS = frozenset({"sudo", "command", "builtin", "exec", "nohup", "time", "nice", "ionice",
-                      "stdbuf", "timeout", "doas", "then", "do", "else", "if", "while", "until"})
+WRAPPERS = frozenset(
+    {
+        "sudo",
+        "command",
+        "builtin",
+        "exec",
+        "nohup",
+        "time",
+        "nice",
+        "ionice",
+        "stdbuf",
+        "timeout",
+        "doas",
+        "then",
+        "do",
+        "else",
+        "if",
+        "while",
+        "until",
+    }
+)
 SHELLS = frozenset({"sh", "bash", "zsh", "dash", "ksh", "fish"})
 # Commands that may name a secret-holding file without printing what is in it.
-NAME_ONLY = frozenset({"ls", "stat", "test", "[", "[[", "rm", "touch", "chmod", "chown",
-                       "mkdir", "file", "wc", "realpath", "readlink", "basename", "dirname",
-                       "shred", "unlink"})
+NAME_ONLY = frozenset(
+    {
+        "ls",
+        "stat",
+        "test",
+        "[",
+        "[[",
+        "rm",
+        "touch",
+        "chmod",
+        "chown",
+        "mkdir",
+        "file",
+        "wc",
+        "realpath",
+        "readlink",
+        "basename",
+        "dirname",
+        "shred",
+        "unlink",
+    }
+)
 MOVERS = frozenset({"cp", "mv", "install", "ln"})
 GIT_NAME_ONLY = frozenset({"rm", "check-ignore", "ls-files", "status", "mv"})
-SECRET_WORDS = frozenset({"KEY", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASSWORD",
-                          "PASSWD", "PASSPHRASE", "CREDENTIAL", "CREDENTIALS", "PAT"})
+SECRET_WORDS = frozenset(
+    {
+        "KEY",
+        "APIKEY",
+        "TOKEN",
+        "SECRET",
+        "SECRETS",
+        "PASSWORD",
+        "PASSWD",
+        "PASSPHRASE",
+        "CREDENTIAL",
+        "CREDENTIALS",
+        "PAT",
+    }
+)
 ENV_DUMP_CODE = (
     re.compile(r"\bos\.environ\s*[)\]},;]"),
     re.compile(r"\bos\.environ\s*$", re.M),
@@ -218,8 +294,7 @@ def secret_named(var: str) -> bool:
     parts = set(var.upper().split("_"))
     if var.upper().endswith(("_SOCK", "_FILE", "_PATH", "_DIR", "_URL", "_ID")):
         return False
-    return bool(parts & SECRET_WORDS) or var.upper().endswith(("APIKEY", "TOKEN", "SECRET",
-                                                               "PASSWORD"))
+    return bool(parts & SECRET_WORDS) or var.upper().endswith(("APIKEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
 def bash_refusal(command: str, cwd: Path, protected: Protected, depth: int = 0) -> str | None:
@@ -259,8 +334,7 @@ def _simple_commands(command: str) -> Iterable[list[str]]:
             yield current
 
 
-def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected,
-                    depth: int) -> str | None:
+def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected, depth: int) -> str | None:
     words = list(words)
     # Redirections: `< file` reads it; `> file` writes it (still refused into Outloop's files).
     reads: list[str] = []
@@ -306,15 +380,19 @@ def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected,
             return "it prints the environment"
         return _simple_refusal(args[j:], cwd, protected, depth)
     if prog in ("set", "export", "declare", "typeset", "compgen") and not [
-            a for a in args if not a.startswith(("-", "+"))]:
+        a for a in args if not a.startswith(("-", "+"))
+    ]:
         if prog == "set" and args:
             return None  # `set -e`, `set -o pipefail`: options, no dump
         if prog == "compgen" and not any(a in ("-v", "-e") for a in args):
             return None
         return "it prints the environment"
     if prog in SHELLS or prog == "eval":
-        inner = args[args.index("-c") + 1] if "-c" in args and args.index("-c") + 1 < len(args) \
+        inner = (
+            args[args.index("-c") + 1]
+            if "-c" in args and args.index("-c") + 1 < len(args)
             else (" ".join(args) if prog == "eval" else None)
+        )
         if inner is not None and depth < 4:
             return bash_refusal(inner, cwd, protected, depth + 1)
 

@@ -59,9 +59,17 @@ class Caller:
 class IdentityError(Exception):
     """The caller cannot be mapped; `code` is the DESIGN error code."""
 
-    def __init__(self, code: str, message: str, *, pid: int | None = None, exe: str = "",
-                 cwd: Path | None = None, tenant: str | None = None,
-                 workspace: Path | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        pid: int | None = None,
+        exe: str = "",
+        cwd: Path | None = None,
+        tenant: str | None = None,
+        workspace: Path | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.pid = pid
@@ -90,20 +98,20 @@ def peer_of(sock: socket.socket) -> Peer:
 def identify(peer: Peer, config: Config) -> Caller:
     """Map a peer to its tenant and workspace, or raise IdentityError with the DESIGN code."""
     if peer.uid != _UID:
-        raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker",
-                            pid=peer.pid)
+        raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker", pid=peer.pid)
     try:
         cwd = _cwd(peer.pid)
     except (psutil.Error, OSError):
-        raise IdentityError("unmapped_workspace", "the calling process could not be examined",
-                            pid=peer.pid) from None
+        raise IdentityError("unmapped_workspace", "the calling process could not be examined", pid=peer.pid) from None
     exe = _exe(peer.pid)  # every call: a socket can outlive an exec
     found = config.workspace_for(cwd)
     if found is None:
         raise IdentityError(
             "unmapped_workspace",
             f"{cwd} belongs to no tenant; map it with `outloop workspace add TENANT {cwd}`",
-            pid=peer.pid, exe=exe, cwd=Path(cwd),
+            pid=peer.pid,
+            exe=exe,
+            cwd=Path(cwd),
         )
     tenant, workspace = found
     other = _ancestor_tenant(peer.ancestors(), tenant.id, config)
@@ -115,7 +123,11 @@ def identify(peer: Peer, config: Config) -> Caller:
         raise IdentityError(
             "wrong_tenant",
             f"the calling process tree spans tenants {tenant.id!r} and {other!r}",
-            pid=peer.pid, exe=exe, cwd=Path(cwd), tenant=tenant.id, workspace=workspace,
+            pid=peer.pid,
+            exe=exe,
+            cwd=Path(cwd),
+            tenant=tenant.id,
+            workspace=workspace,
         )
     return Caller(peer.pid, exe, cwd, tenant, workspace)
 

@@ -90,8 +90,9 @@ def parse_rule(text: str) -> Rule:
     return Rule(text, method, re.compile(regex + "/?$" if regex else "/?$"))
 
 
-def decide(method: str, path: NormalPath, allow: tuple[str, ...], ask: tuple[str, ...],
-           deny: tuple[str, ...]) -> Decision:
+def decide(
+    method: str, path: NormalPath, allow: tuple[str, ...], ask: tuple[str, ...], deny: tuple[str, ...]
+) -> Decision:
     """Apply a credential's rules to a normalised request."""
     if not (allow or ask or deny):
         return Decision("ask", None)

@@ -57,8 +57,13 @@ def _b64_fragments(raw: bytes) -> set[str]:
 def encodings(secret: str) -> set[str]:
     """Every textual form of `secret` that redaction looks for."""
     raw = secret.encode("utf-8")
-    forms = {secret, quote(secret, safe=""), quote_plus(secret, safe=""),
-             json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
     forms |= {f.replace("/", "\\/") for f in list(forms)}  # JSON's optional escaped slash
     for f in list(forms):
         if "%" in f:
@@ -73,8 +78,7 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 def _any_case(escape: str) -> str:
     """A regex for an ASCII escape sequence whose hex digits may be in either case."""
-    return "".join(f"[{c.lower()}{c.upper()}]" if c in "abcdefABCDEF" else re.escape(c)
-                   for c in escape)
+    return "".join(f"[{c.lower()}{c.upper()}]" if c in "abcdefABCDEF" else re.escape(c) for c in escape)
 
 
 def _char_pattern(c: str) -> str:
@@ -86,13 +90,14 @@ def _char_pattern(c: str) -> str:
     """
     if c in _UNRESERVED:
         return re.escape(c)
-    alts = {re.escape(c),
-            "".join("%(?:25)*" + _any_case(f"{b:02X}") for b in c.encode("utf-8"))}
+    alts = {re.escape(c), "".join("%(?:25)*" + _any_case(f"{b:02X}") for b in c.encode("utf-8"))}
     if c == " ":
         alts.add(r"\+")
-    escapes = {json.dumps(c)[1:-1],  # \" \\ \n ..., or \uXXXX (pairs beyond the BMP)
-               "".join(f"\\u{u:04x}" for u in _utf16(c))}
-    if c in "\"/":
+    escapes = {
+        json.dumps(c)[1:-1],  # \" \\ \n ..., or \uXXXX (pairs beyond the BMP)
+        "".join(f"\\u{u:04x}" for u in _utf16(c)),
+    }
+    if c in '"/':
         escapes.add("\\" + c)  # "\/" is JSON's optional escape of "/"
     for escape in escapes:
         if escape.startswith("\\"):
@@ -102,7 +107,7 @@ def _char_pattern(c: str) -> str:
 
 def _utf16(c: str) -> list[int]:
     data = c.encode("utf-16-be")
-    return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
 
 
 def secret_pattern(secret: str) -> str:
@@ -151,14 +156,14 @@ class _Prefilter:
                 continue
             for anchor in anchors:
                 for i in range(len(anchor) - GRAM + 1):
-                    self.pieces.setdefault(anchor[i:i + GRAM], set()).add(index)
+                    self.pieces.setdefault(anchor[i : i + GRAM], set()).add(index)
 
     def candidates(self, text: str) -> set[int]:
         found = set(self.always)
         pieces = self.pieces
         for run in _RUN_RE.findall(text):
             for i in range(0, len(run) - GRAM + 1, GRAM):
-                hit = pieces.get(run[i:i + GRAM])
+                hit = pieces.get(run[i : i + GRAM])
                 if hit is not None:
                     found |= hit
         return found
@@ -171,17 +176,19 @@ _Patterns = tuple[re.Pattern[str], re.Pattern[bytes]]
 class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
-    def __init__(self, secrets: Mapping[str, str] | Iterable[tuple[str, str]],
-                 extra: SpanFinder | None = None,
-                 extra_gate: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        secrets: Mapping[str, str] | Iterable[tuple[str, str]],
+        extra: SpanFinder | None = None,
+        extra_gate: Callable[[str], bool] | None = None,
+    ) -> None:
         """`secrets` maps a label (the credential name) to its secret value, or lists
         (label, secret) pairs: tenants may each have a credential of the same name.
         `extra_gate(text)`, if given, is False only when `extra` finds nothing in
         `text` nor in any part of it."""
         pairs = secrets.items() if isinstance(secrets, Mapping) else secrets
         # Longest first, so a secret is not half-replaced by a shorter one inside it.
-        ordered = sorted(((label, secret) for label, secret in pairs if secret),
-                         key=lambda p: len(p[1]), reverse=True)
+        ordered = sorted(((label, secret) for label, secret in pairs if secret), key=lambda p: len(p[1]), reverse=True)
         self._labels = [label for label, _ in ordered]
         self._count = len(ordered)
         self._sources = [f"(?P<s{i}>{secret_pattern(secret)})" for i, (_, secret) in enumerate(ordered)]
@@ -248,9 +255,9 @@ class Redactor:
         # (its patterns have no anchors) or a rule's keyword in one value is in them all.
         values = "\n".join(v for _, v in pairs)
         patterns = self._patterns(values)
-        if ((patterns is None or patterns[0].search(values) is None)
-                and (self._extra is None
-                     or (self._extra_gate is not None and not self._extra_gate(values)))):
+        if (patterns is None or patterns[0].search(values) is None) and (
+            self._extra is None or (self._extra_gate is not None and not self._extra_gate(values))
+        ):
             return pairs
         return [(k, self.text(v)) for k, v in pairs]
 

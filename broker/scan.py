@@ -30,16 +30,66 @@ DEFAULT_MAX_BYTES = 2 * 1024 * 1024
 
 # Dependency, build, cache and VCS folders: large, machine-written, and not where
 # a person pastes a key. (`env/` is not here: it often holds real env files.)
-SKIP_DIRS: frozenset[str] = frozenset({
-    ".git", ".hg", ".svn", ".jj", "node_modules", "bower_components", "jspm_packages",
-    ".venv", "venv", "virtualenv", ".virtualenvs", "site-packages", "__pycache__", ".eggs",
-    "dist", "build", "target", "out", ".tox", ".nox", ".mypy_cache", ".pytest_cache",
-    ".ruff_cache", ".hypothesis", ".cache", ".gradle", ".m2", ".cargo", "vendor", ".bundle",
-    ".next", ".nuxt", ".svelte-kit", ".parcel-cache", ".turbo", ".vercel", ".yarn",
-    ".pnpm-store", ".terraform", ".terragrunt-cache", ".serverless", ".direnv", "Pods",
-    "DerivedData", "coverage", "htmlcov", ".nyc_output", ".dart_tool", ".pub-cache",
-    ".stack-work", "_build", "deps", "elm-stuff", ".angular", ".expo", ".docusaurus",
-})
+SKIP_DIRS: frozenset[str] = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        ".jj",
+        "node_modules",
+        "bower_components",
+        "jspm_packages",
+        ".venv",
+        "venv",
+        "virtualenv",
+        ".virtualenvs",
+        "site-packages",
+        "__pycache__",
+        ".eggs",
+        "dist",
+        "build",
+        "target",
+        "out",
+        ".tox",
+        ".nox",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".hypothesis",
+        ".cache",
+        ".gradle",
+        ".m2",
+        ".cargo",
+        "vendor",
+        ".bundle",
+        ".next",
+        ".nuxt",
+        ".svelte-kit",
+        ".parcel-cache",
+        ".turbo",
+        ".vercel",
+        ".yarn",
+        ".pnpm-store",
+        ".terraform",
+        ".terragrunt-cache",
+        ".serverless",
+        ".direnv",
+        "Pods",
+        "DerivedData",
+        "coverage",
+        "htmlcov",
+        ".nyc_output",
+        ".dart_tool",
+        ".pub-cache",
+        ".stack-work",
+        "_build",
+        "deps",
+        "elm-stuff",
+        ".angular",
+        ".expo",
+        ".docusaurus",
+    }
+)
 
 MIN_MANAGED_LENGTH = 8  # shorter secrets would match ordinary text by chance
 _BINARY_PROBE = 8192
@@ -210,9 +260,7 @@ def scan_text(
             continue
         taken.append((start, end))
         line = text.count("\n", 0, start) + 1
-        findings.append(
-            Finding(tenant, workspace, path, line, rule, severity, mask(text[start:end]), fp)
-        )
+        findings.append(Finding(tenant, workspace, path, line, rule, severity, mask(text[start:end]), fp))
     findings.sort(key=lambda f: f.line)
     return findings
 
@@ -230,8 +278,7 @@ def scan_file(
     text, skipped, size = _read_text(path, max_bytes)
     if text is None:
         return FileScan(path, skipped=skipped, size=size)
-    found = scan_text(text, path, tenant=tenant, workspace=workspace, managed=managed,
-                      all_files=all_files)
+    found = scan_text(text, path, tenant=tenant, workspace=workspace, managed=managed, all_files=all_files)
     return FileScan(path, found, None, size)
 
 
@@ -289,8 +336,16 @@ def scan_tree(
         report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
 
     for path in iter_files(root, unreadable):
-        report.add(scan_file(path, tenant=tenant, workspace=workspace or root, managed=managed,
-                             all_files=all_files, max_bytes=max_bytes))
+        report.add(
+            scan_file(
+                path,
+                tenant=tenant,
+                workspace=workspace or root,
+                managed=managed,
+                all_files=all_files,
+                max_bytes=max_bytes,
+            )
+        )
     return report
 
 
@@ -310,7 +365,20 @@ def managed_from(secrets: Mapping[tuple[str, str], str] | ManagedSecrets) -> Man
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_MAX_BYTES", "SKIP_DIRS", "FileScan", "Finding", "ManagedSecrets", "ScanReport",
-    "fingerprint", "is_env_like", "is_skipped_dir", "iter_files", "managed_from", "mask",
-    "owner_of", "scan_file", "scan_text", "scan_tree",
+    "DEFAULT_MAX_BYTES",
+    "SKIP_DIRS",
+    "FileScan",
+    "Finding",
+    "ManagedSecrets",
+    "ScanReport",
+    "fingerprint",
+    "is_env_like",
+    "is_skipped_dir",
+    "iter_files",
+    "managed_from",
+    "mask",
+    "owner_of",
+    "scan_file",
+    "scan_text",
+    "scan_tree",
 )

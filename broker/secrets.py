@@ -121,8 +121,7 @@ class SecretStore:
             self.backend.set_password(SERVICE, username(tenant, credential), secret.reveal())
         except keyring.errors.KeyringError as e:
             raise SecretStoreError(
-                f"could not store the secret in the keyring ({type(e).__name__}); "
-                "`outloop doctor` says what to fix"
+                f"could not store the secret in the keyring ({type(e).__name__}); `outloop doctor` says what to fix"
             ) from None
         with self._lock:
             self._cache[(tenant, credential)] = secret

@@ -85,8 +85,7 @@ class Server:
             self.path.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where it is wider
         try:
-            self._server = await asyncio.start_unix_server(self._connection, path=str(self.path),
-                                                           limit=READ_CHUNK)
+            self._server = await asyncio.start_unix_server(self._connection, path=str(self.path), limit=READ_CHUNK)
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
@@ -111,8 +110,7 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         conn = _Connection(self.engine, reader, writer)
@@ -186,8 +184,7 @@ class _Parser:
             raise BadRequest(f"malformed HTTP ({e})") from None
         if self._head_bytes > MAX_HEAD:
             if self._in_body:
-                raise BadRequest(f"the request's chunk extensions or trailers are larger than "
-                                 f"{MAX_HEAD} bytes", 431)
+                raise BadRequest(f"the request's chunk extensions or trailers are larger than {MAX_HEAD} bytes", 431)
             raise BadRequest(f"the request head is larger than {MAX_HEAD} bytes", 431)
 
     # -- httptools callbacks
@@ -212,8 +209,7 @@ class _Parser:
             raise BadRequest(f"the request head is larger than {MAX_HEAD} bytes", 431)
         for name, value in self._headers:
             if name == b"content-length" and int(value) > self.max_body:
-                raise BadRequest(f"the request body is larger than the {self.max_body} byte cap",
-                                 413)
+                raise BadRequest(f"the request body is larger than the {self.max_body} byte cap", 413)
             if name == b"expect" and value.lower() == b"100-continue":
                 self.wants_continue = True
 
@@ -227,13 +223,19 @@ class _Parser:
     def on_message_complete(self) -> None:
         self.in_message = self._in_body = False
         self._head_bytes = 0
-        self.ready.append(_Request(self.parser.get_method(), self._target, self._headers,
-                                   b"".join(self._body), self.parser.should_keep_alive()))
+        self.ready.append(
+            _Request(
+                self.parser.get_method(),
+                self._target,
+                self._headers,
+                b"".join(self._body),
+                self.parser.should_keep_alive(),
+            )
+        )
 
 
 class _Connection:
-    def __init__(self, engine: Engine, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, engine: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.engine = engine
         self.reader = reader
         self.writer = writer
@@ -258,16 +260,23 @@ class _Connection:
             try:
                 status, headers, payload = await self._dispatch(request, request.body)
             except Exception as e:  # a bug must still answer the agent, and never leak detail
-                log.error("internal error handling a call: %s", type(e).__name__,
-                          exc_info=os.environ.get("OUTLOOP_DEBUG") == "1")
-                status, headers = 500, [("Content-Type", "application/json"),
-                                        ("X-Outloop-Error", "internal_error")]
-                payload = _json({"error": {"code": "internal_error", "audit_id": None,
-                                           "message": "the broker failed on this call; "
-                                           "see its log (OUTLOOP_DEBUG=1)"}})
+                log.error(
+                    "internal error handling a call: %s",
+                    type(e).__name__,
+                    exc_info=os.environ.get("OUTLOOP_DEBUG") == "1",
+                )
+                status, headers = 500, [("Content-Type", "application/json"), ("X-Outloop-Error", "internal_error")]
+                payload = _json(
+                    {
+                        "error": {
+                            "code": "internal_error",
+                            "audit_id": None,
+                            "message": "the broker failed on this call; see its log (OUTLOOP_DEBUG=1)",
+                        }
+                    }
+                )
             close = self.stopping or not request.keep_alive
-            await self._send(status, headers, payload, close=close,
-                             head_only=request.method == b"HEAD")
+            await self._send(status, headers, payload, close=close, head_only=request.method == b"HEAD")
             if close:
                 return
 
@@ -306,17 +315,15 @@ class _Connection:
 
     async def _refuse_protocol(self, message: str, status: int) -> None:
         refusal = await self.engine.refuse(self.peer, "bad_request", message, status=status)
-        await self._send(refusal.http_status, _refusal_headers(refusal), _json(refusal.json()),
-                         close=True)
+        await self._send(refusal.http_status, _refusal_headers(refusal), _json(refusal.json()), close=True)
 
-    async def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
-                    close: bool = False, head_only: bool = False) -> None:
-        self.writer.write(response_bytes(status, headers, b"" if head_only else body,
-                                         len(body), close))
+    async def _send(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False, head_only: bool = False
+    ) -> None:
+        self.writer.write(response_bytes(status, headers, b"" if head_only else body, len(body), close))
         await self.writer.drain()
 
-    async def _dispatch(self, request: _Request, body: bytes
-                        ) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _dispatch(self, request: _Request, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         target = request.target.decode("ascii", "replace")
         method = request.method.decode("ascii", "replace")
         parts = urlsplit(target)
@@ -347,17 +354,16 @@ class _Connection:
                 return await self._refusal("bad_request", str(e))
             outcome = await self.engine.call(self.peer, call)
             return _raw(outcome)
-        return await self._refusal("bad_request", f"no such endpoint: {method} {path} "
-                                   f"(broker {__version__})", status=404)
+        return await self._refusal(
+            "bad_request", f"no such endpoint: {method} {path} (broker {__version__})", status=404
+        )
 
-    async def _refusal(self, code: str, message: str, status: int = 0
-                       ) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)
         return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
 
 
-def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, length: int,
-                   close: bool) -> bytes:
+def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, length: int, close: bool) -> bytes:
     """A whole HTTP/1.1 response: status line, headers, Content-Length, then the body.
 
     Header names and values come from the broker or from an upstream's answer that
@@ -414,8 +420,7 @@ def _envelope(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], by
     for k, v in outcome.headers:
         key = k.lower()
         headers[key] = f"{headers[key]}, {v}" if key in headers else v
-    result: dict[str, Any] = {"status": outcome.status, "headers": headers,
-                              "audit_id": outcome.audit_id}
+    result: dict[str, Any] = {"status": outcome.status, "headers": headers, "audit_id": outcome.audit_id}
     result.update(body_field(outcome.body, headers.get("content-type", "")))
     return 200, [("Content-Type", "application/json")], _json(result)
 
@@ -449,8 +454,7 @@ def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
 def _check_header(name: str, value: str) -> None:
     if not HEADER_NAME_RE.fullmatch(name):
         # The pool would refuse it on the way out, after the attempt is audited, as upstream_error.
-        raise BadRequest(f"header name {name[:40]!r} is not an HTTP token "
-                         "(letters, digits and !#$%&'*+-.^_`|~)")
+        raise BadRequest(f"header name {name[:40]!r} is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)")
     if any(c in value for c in FORBIDDEN_VALUE_CHARS):
         raise BadRequest(f"header {name[:40]!r} holds a line break or NUL")
     if not value.isascii():
@@ -472,8 +476,9 @@ def parse_request_json(body: bytes) -> CallRequest:
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise BadRequest("the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
-                             "which is not text") from None
+            raise BadRequest(
+                "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+            ) from None
     for key in ("credential", "method", "path"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise BadRequest(f"'{key}' is required and must be a string")
@@ -481,8 +486,7 @@ def parse_request_json(body: bytes) -> CallRequest:
     if not method.isalpha() or len(method) > 20:
         raise BadRequest(f"'method' {doc['method'][:20]!r} is not an HTTP method")
     headers = doc.get("headers") or {}
-    if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
         raise BadRequest("'headers' must be an object of strings")
     for k, v in headers.items():
         _check_header(k, v)
@@ -502,8 +506,7 @@ def parse_request_json(body: bytes) -> CallRequest:
     reason = doc.get("reason") or ""
     if not isinstance(reason, str):
         raise BadRequest("'reason' must be a string")
-    return CallRequest(doc["credential"], method, doc["path"], query, headers, content, tenant,
-                       reason[:500])
+    return CallRequest(doc["credential"], method, doc["path"], query, headers, content, tenant, reason[:500])
 
 
 def _query(value: Any) -> list[tuple[str, str]]:
@@ -526,13 +529,12 @@ def _query(value: Any) -> list[tuple[str, str]]:
     return out
 
 
-def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]],
-                body: bytes) -> CallRequest:
+def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]], body: bytes) -> CallRequest:
     """Turn `/v1/proxy/<credential>/<path>?q` into a CallRequest."""
     from broker.engine import CallRequest
 
     parts = urlsplit(target)
-    rest = parts.path[len("/v1/proxy/"):]
+    rest = parts.path[len("/v1/proxy/") :]
     credential, _, path = rest.partition("/")
     credential = unquote(credential)
     if not credential:

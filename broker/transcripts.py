@@ -73,9 +73,20 @@ def record_findings(store: AlertStore, path: Path, findings: Sequence[Finding]) 
     if not findings:
         return
     key = str(path)
-    held = [Finding(a.tenant, Path(a.workspace) if a.workspace else None, path, a.line, a.rule,
-                    a.severity, a.preview, a.fingerprint)
-            for a in store.alerts(("open",)) if a.path == key]
+    held = [
+        Finding(
+            a.tenant,
+            Path(a.workspace) if a.workspace else None,
+            path,
+            a.line,
+            a.rule,
+            a.severity,
+            a.preview,
+            a.fingerprint,
+        )
+        for a in store.alerts(("open",))
+        if a.path == key
+    ]
     store.reconcile_file(path, [*held, *findings])
 
 
@@ -110,8 +121,13 @@ class TranscriptScanner:
     files changed. Not thread-safe; one caller at a time.
     """
 
-    def __init__(self, workspaces: Iterable[tuple[str, Path]], secrets: SecretsSource,
-                 *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workspaces: Iterable[tuple[str, Path]],
+        secrets: SecretsSource,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.root = projects_dir(environ)
         self._secrets = secrets
         self._managed: ManagedSecrets | None = None
@@ -142,9 +158,11 @@ class TranscriptScanner:
             entries = list(os.scandir(self.root))
         except OSError:
             return []
-        return sorted(Path(e.path) for e in entries
-                      if e.is_dir(follow_symlinks=False)
-                      and workspace_of_folder(e.name, self.workspaces) is not None)
+        return sorted(
+            Path(e.path)
+            for e in entries
+            if e.is_dir(follow_symlinks=False) and workspace_of_folder(e.name, self.workspaces) is not None
+        )
 
     def owner(self, path: Path) -> tuple[str, Path] | None:
         """The (tenant, workspace) a file under the projects folder belongs to."""
@@ -211,27 +229,25 @@ class TranscriptScanner:
         line_no = tail.lines
         for raw in chunk.split(b"\n")[:-1]:
             line_no += 1
-            found.extend(self._scan_line(raw.decode("utf-8", "surrogateescape"), path, line_no,
-                                         owner))
+            found.extend(self._scan_line(raw.decode("utf-8", "surrogateescape"), path, line_no, owner))
         tail.offset += len(chunk)
         tail.lines = line_no
         return found
 
-    def _scan_line(self, text: str, path: Path, line_no: int,
-                   owner: tuple[str, Path]) -> list[Finding]:
+    def _scan_line(self, text: str, path: Path, line_no: int, owner: tuple[str, Path]) -> list[Finding]:
         tenant, workspace = self._line_owner(text, owner)
         found: list[Finding] = []
         step = MAX_LINE_CHARS - 4096  # the overlap catches a key cut at a piece boundary
         seen: set[tuple[str, str]] = set()
         for start in range(0, max(len(text), 1), step):
             piece = text[start : start + MAX_LINE_CHARS]
-            for f in scan_text(piece, path, tenant=tenant, workspace=workspace,
-                               managed=self.managed()):
+            for f in scan_text(piece, path, tenant=tenant, workspace=workspace, managed=self.managed()):
                 if (f.rule, f.fingerprint) in seen:
                     continue
                 seen.add((f.rule, f.fingerprint))
-                found.append(Finding(f.tenant, f.workspace, f.path, line_no, f.rule,
-                                     f.severity, f.preview, f.fingerprint))
+                found.append(
+                    Finding(f.tenant, f.workspace, f.path, line_no, f.rule, f.severity, f.preview, f.fingerprint)
+                )
         return found
 
     def _line_owner(self, text: str, owner: tuple[str, Path]) -> tuple[str, Path]:
@@ -264,8 +280,9 @@ class TranscriptScanner:
         if b"\0" in data[:8192]:
             return []
         tenant, workspace = owner
-        return scan_text(data.decode("utf-8", "surrogateescape"), path, tenant=tenant,
-                         workspace=workspace, managed=self.managed())
+        return scan_text(
+            data.decode("utf-8", "surrogateescape"), path, tenant=tenant, workspace=workspace, managed=self.managed()
+        )
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -302,9 +319,15 @@ class TranscriptWatcher:
     watched until it appears.
     """
 
-    def __init__(self, workspaces: Iterable[tuple[str, Path]], secrets: SecretsSource,
-                 store: AlertStore, *, environ: Mapping[str, str] | None = None,
-                 debounce_ms: int = 50) -> None:
+    def __init__(
+        self,
+        workspaces: Iterable[tuple[str, Path]],
+        secrets: SecretsSource,
+        store: AlertStore,
+        *,
+        environ: Mapping[str, str] | None = None,
+        debounce_ms: int = 50,
+    ) -> None:
         self.scanner = TranscriptScanner(workspaces, secrets, environ=environ)
         self.store = store
         self._debounce = debounce_ms
@@ -339,8 +362,12 @@ class TranscriptWatcher:
         self.scanner.rearm(workspaces)
 
     def health(self) -> dict[str, object]:
-        return {"root": str(self.scanner.root), "running": self._task is not None
-                and not self._task.done(), "events": self.events_seen, "error": self.error}
+        return {
+            "root": str(self.scanner.root),
+            "running": self._task is not None and not self._task.done(),
+            "events": self.events_seen,
+            "error": self.error,
+        }
 
     def _watch_root(self) -> Path:
         root = self.scanner.root
@@ -357,8 +384,13 @@ class TranscriptWatcher:
             waiting = root != self.scanner.root
             try:
                 async for changes in watchfiles.awatch(
-                        root, stop_event=self._stop, debounce=self._debounce, step=20,
-                        recursive=not waiting, ignore_permission_denied=True):
+                    root,
+                    stop_event=self._stop,
+                    debounce=self._debounce,
+                    step=20,
+                    recursive=not waiting,
+                    ignore_permission_denied=True,
+                ):
                     self.events_seen += len(changes)
                     if waiting:
                         if self._watch_root() != root:

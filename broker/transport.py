@@ -137,16 +137,18 @@ class _Connection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            self._fail(cause if isinstance(cause, Exception) else
-                       httpx.RemoteProtocolError("the server's answer could not be read"))
+            self._fail(
+                cause
+                if isinstance(cause, Exception)
+                else httpx.RemoteProtocolError("the server's answer could not be read")
+            )
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError("the server switched protocols"))
         except httptools.HttpParserError as e:
             self._fail(httpx.RemoteProtocolError(f"the server broke HTTP/1.1 framing: {e}"))
         else:
             if self._head_bytes > MAX_HEAD_BYTES and not self.complete:
-                self._fail(httpx.RemoteProtocolError(
-                    "the server sent a response head (or chunk trailer) over 64 KiB"))
+                self._fail(httpx.RemoteProtocolError("the server sent a response head (or chunk trailer) over 64 KiB"))
 
     def eof_received(self) -> bool:
         self.lost = True
@@ -190,8 +192,7 @@ class _Connection(asyncio.Protocol):
         # A head that arrived whole in one read is measured here (about: llhttp drops
         # some whitespace), if the bytes fed since it began could hold one that large;
         # one still arriving, as it is fed.
-        if (self._head_bytes > MAX_HEAD_BYTES
-                and sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES):
+        if self._head_bytes > MAX_HEAD_BYTES and sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue and friends: the final answer follows
@@ -239,8 +240,7 @@ class _Connection(asyncio.Protocol):
         know the request was HEAD, and takes a head with no length as the start of a
         body that ends at the close."""
         assert self._parser is not None
-        tokens = {t.strip().lower() for name, value in self.headers if name == b"connection"
-                  for t in value.split(b",")}
+        tokens = {t.strip().lower() for name, value in self.headers if name == b"connection" for t in value.split(b",")}
         if self._parser.get_http_version() == "1.0":
             return b"keep-alive" in tokens
         return b"close" not in tokens
@@ -377,8 +377,14 @@ class _Connection(asyncio.Protocol):
 class PooledTransport:
     """Pooled HTTP/1.1 connections for the broker's calls; see the module docstring."""
 
-    def __init__(self, *, max_connections: int = 200, max_idle: int = 64,
-                 idle_seconds: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 200,
+        max_idle: int = 64,
+        idle_seconds: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._idle: dict[tuple[bytes, bytes, int], collections.deque[_Connection]] = {}
         self._idle_count = 0
         self._max_idle = max_idle
@@ -394,9 +400,17 @@ class PooledTransport:
             self._ssl = httpx.create_ssl_context()
         return self._ssl
 
-    async def fetch(self, origin: tuple[bytes, bytes, int], method: bytes, target: bytes,
-                    headers: list[tuple[bytes, bytes]], body: bytes, *, timeout: float | None,  # noqa: ASYNC109
-                    max_bytes: int) -> Fetched:
+    async def fetch(
+        self,
+        origin: tuple[bytes, bytes, int],
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        timeout: float | None,  # noqa: ASYNC109
+        max_bytes: int,
+    ) -> Fetched:
         """One whole exchange: `origin` is (scheme, host, port), `headers` already hold
         Host and Content-Length. A body over `max_bytes` raises ResponseTooLarge;
         failures raise httpx's exceptions."""
@@ -448,8 +462,7 @@ class PooledTransport:
             conn = idle.pop()  # most recently used: the least likely to have been closed
             self._idle_count -= 1
             conn.on_idle_lost = None
-            if (conn.reusable() and now - conn.idle_since < self._idle_seconds
-                    and not conn.unread_bytes_waiting()):
+            if conn.reusable() and now - conn.idle_since < self._idle_seconds and not conn.unread_bytes_waiting():
                 return conn
             conn.close()
             self._open.discard(conn)
@@ -488,8 +501,8 @@ class PooledTransport:
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(origin), name, port, ssl=tls,
-                    server_hostname=name if tls else None)
+                    lambda: _Connection(origin), name, port, ssl=tls, server_hostname=name if tls else None
+                )
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting to the upstream") from None
         except (OSError, ssl.SSLError) as e:

@@ -201,9 +201,7 @@ class LeakWatcher:
             rust_timeout=1000,
             ignore_permission_denied=True,
         )
-        pending: asyncio.Future[set[tuple[Change, str]]] = asyncio.ensure_future(
-            anext(changes_iter)
-        )
+        pending: asyncio.Future[set[tuple[Change, str]]] = asyncio.ensure_future(anext(changes_iter))
         try:
             # awatch creates the native watcher before its first await: once the
             # pending call has run that far, writes are being recorded.
@@ -255,16 +253,16 @@ class LeakWatcher:
             self._managed, self._managed_key = ManagedSecrets(mapping), key
         return self._managed
 
-    def _scan_paths(self, paths: Iterable[Path], managed: ManagedSecrets,
-                    workspaces: Sequence[tuple[str, Path]]) -> list[FileScan]:
+    def _scan_paths(
+        self, paths: Iterable[Path], managed: ManagedSecrets, workspaces: Sequence[tuple[str, Path]]
+    ) -> list[FileScan]:
         results: list[FileScan] = []
         for path in paths:
             owner = owner_of(path, workspaces)
             if owner is None:
                 continue
             tenant, ws = owner
-            results.append(scan_file(path, tenant=tenant, workspace=ws, managed=managed,
-                                     max_bytes=self._max_bytes))
+            results.append(scan_file(path, tenant=tenant, workspace=ws, managed=managed, max_bytes=self._max_bytes))
         return results
 
     def _apply(self, results: Iterable[FileScan], started: float) -> None:

@@ -75,8 +75,9 @@ def _frame(message: tuple[Any, ...]) -> bytes:
 
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.proc = proc
         self.reader = reader
         self.writer = writer
@@ -102,8 +103,12 @@ class ForwardPool:
         self.lost = 0  # workers that stopped while the broker ran
 
     def health(self) -> dict[str, Any]:
-        return {"size": self.size, "calls": self.calls, "lost": self.lost,
-                "pids": [w.proc.pid for w in self._workers if w.alive]}
+        return {
+            "size": self.size,
+            "calls": self.calls,
+            "lost": self.lost,
+            "pids": [w.proc.pid for w in self._workers if w.alive],
+        }
 
     @property
     def ready(self) -> bool:
@@ -140,9 +145,17 @@ class ForwardPool:
             # where an agent could have left a `broker/` package to be run with every
             # tenant's secrets.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-P", "-m", "broker.workers", str(theirs.fileno()),
-                pass_fds=[theirs.fileno()], cwd=self.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sys.executable,
+                "-P",
+                "-m",
+                "broker.workers",
+                str(theirs.fileno()),
+                pass_fds=[theirs.fileno()],
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             theirs.close()
             reader, writer = await asyncio.open_unix_connection(sock=ours)
         except BaseException:
@@ -189,11 +202,20 @@ class ForwardPool:
             with contextlib.suppress(OSError):
                 worker.proc.kill()
 
-    async def forward(self, credential: Credential, secret: Secret, method: str,
-                      path: NormalPath, query: list[tuple[str, str]], headers: dict[str, str],
-                      body: bytes, *, upstream_timeout: float, max_response_bytes: int,
-                      redaction: Sequence[tuple[str, str]]
-                      ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
+    async def forward(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        upstream_timeout: float,
+        max_response_bytes: int,
+        redaction: Sequence[tuple[str, str]],
+    ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
         """(status, redacted headers, redacted body, upstream body size, ms) of the call
         made by a worker; raises UpstreamError as `Forwarder.send` does."""
         live = [w for w in self._workers if w.alive]
@@ -208,10 +230,21 @@ class ForwardPool:
             worker.redaction = redaction
         self._next_id += 1
         call_id = self._next_id
-        job = (credential.tenant, credential.name, credential.base_url, credential.auth.kind,
-               credential.auth.arg, secret.reveal(), method, path.encoded,
-               [tuple(q) for q in query], dict(headers), bytes(body), float(upstream_timeout),
-               int(max_response_bytes))
+        job = (
+            credential.tenant,
+            credential.name,
+            credential.base_url,
+            credential.auth.kind,
+            credential.auth.arg,
+            secret.reveal(),
+            method,
+            path.encoded,
+            [tuple(q) for q in query],
+            dict(headers),
+            bytes(body),
+            float(upstream_timeout),
+            int(max_response_bytes),
+        )
         frames.append(_frame(("call", call_id, job)))
         future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         worker.pending[call_id] = future
@@ -265,19 +298,23 @@ async def _serve(fd: int) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     async def call(call_id: int, job: tuple[Any, ...], redactor: Redactor) -> None:
-        (tenant, name, base_url, auth_kind, auth_arg, secret, method, path, query, headers,
-         body, timeout, cap) = job
+        (tenant, name, base_url, auth_kind, auth_arg, secret, method, path, query, headers, body, timeout, cap) = job
         credential = Credential(tenant, name, base_url, Auth(auth_kind, auth_arg))
         forwarder.timeout = timeout
         forwarder.max_response_bytes = cap
         try:
-            upstream = await forwarder.send(credential, Secret(secret), method,
-                                            NormalPath((), path), [tuple(q) for q in query],
-                                            headers, body)
+            upstream = await forwarder.send(
+                credential, Secret(secret), method, NormalPath((), path), [tuple(q) for q in query], headers, body
+            )
             answer: tuple[Any, ...] = (
-                "ok", call_id, upstream.status,
+                "ok",
+                call_id,
+                upstream.status,
                 [tuple(h) for h in redactor.headers(upstream.headers)],
-                redactor.bytes(upstream.body), len(upstream.body), upstream.ms)
+                redactor.bytes(upstream.body),
+                len(upstream.body),
+                upstream.ms,
+            )
         except UpstreamError as e:
             answer = ("error", call_id, str(e), e.status)
         except Exception as e:  # a bug: say which, never the details (they may hold the URL)

@@ -32,10 +32,18 @@ def _cmd(module: str, func: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _rule_args(p: argparse.ArgumentParser) -> None:
-    for kind, what in (("allow", "runs without asking"), ("ask", "waits for the operator"),
-                       ("deny", "refused; checked first")):
-        p.add_argument(f"--{kind}", action="append", default=[], metavar="RULE",
-                       help=f"'METHOD /path/glob' that {what} (repeatable)")
+    for kind, what in (
+        ("allow", "runs without asking"),
+        ("ask", "waits for the operator"),
+        ("deny", "refused; checked first"),
+    ):
+        p.add_argument(
+            f"--{kind}",
+            action="append",
+            default=[],
+            metavar="RULE",
+            help=f"'METHOD /path/glob' that {what} (repeatable)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also log every allowed call (attempt and outcome)")
     p.set_defaults(run=_cmd("cmd_broker", "run_broker"))
 
-    p = sub.add_parser("call", help="make an API call through the broker (the agent's client)",
-                       description="Prints the redacted response body. Exit 0 for 2xx, 1 for an "
-                       "upstream non-2xx, 2 for a broker refusal, 3 when the broker is unreachable.")
+    p = sub.add_parser(
+        "call",
+        help="make an API call through the broker (the agent's client)",
+        description="Prints the redacted response body. Exit 0 for 2xx, 1 for an "
+        "upstream non-2xx, 2 for a broker refusal, 3 when the broker is unreachable.",
+    )
     p.add_argument("credential")
     p.add_argument("method")
     p.add_argument("path")
@@ -100,15 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("credential", help="add, remove or list credentials")
     csub = p.add_subparsers(title="credential commands", metavar="ACTION", required=True)
-    q = csub.add_parser("add", help="add a credential; the secret comes from a hidden prompt "
-                        "or from stdin when stdin is not a terminal",
-                        description="The secret is read from a hidden prompt, or from standard "
-                        "input when it is not a terminal; never from the command line.")
+    q = csub.add_parser(
+        "add",
+        help="add a credential; the secret comes from a hidden prompt or from stdin when stdin is not a terminal",
+        description="The secret is read from a hidden prompt, or from standard "
+        "input when it is not a terminal; never from the command line.",
+    )
     q.add_argument("tenant")
     q.add_argument("name")
     q.add_argument("--base-url", required=True, metavar="URL")
-    q.add_argument("--auth", default="bearer",
-                   help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
+    q.add_argument("--auth", default="bearer", help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
     _rule_args(q)
     q.set_defaults(run=_cmd("cmd_manage", "credential_add"))
     q = csub.add_parser("rm", help="remove a credential and its secret")
@@ -122,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="one-shot leak scan; exit 1 when anything is found")
     p.add_argument("paths", nargs="*", metavar="PATH", help="default: the mapped workspaces")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--all-files", action="store_true",
-                   help="apply every rule to every text file, not only .env-like ones")
+    p.add_argument(
+        "--all-files", action="store_true", help="apply every rule to every text file, not only .env-like ones"
+    )
     p.set_defaults(run=_cmd("cmd_scan", "run_scan"))
 
     p = sub.add_parser("alerts", help="current leak alerts")

@@ -38,8 +38,10 @@ def describe(event: object, verbose: bool = True) -> str | None:
             return f"audit {kind}: {r.get('file') or ''} {r.get('set_aside') or ''}".rstrip()
         if not verbose and not (kind == "outcome" and r.get("status") == "upstream_error"):
             return None
-        what = f"{r.get('tenant') or '-'} {r.get('credential') or '-'} " \
-               f"{r.get('method') or ''} {r.get('path') or ''}".strip()
+        what = (
+            f"{r.get('tenant') or '-'} {r.get('credential') or '-'} "
+            f"{r.get('method') or ''} {r.get('path') or ''}".strip()
+        )
         if kind == "outcome":
             return f"outcome  {what} -> {r.get('status')} ({r.get('ms')} ms)"
         return f"attempt  {what} -> {r.get('decision')}"
@@ -53,8 +55,10 @@ def describe(event: object, verbose: bool = True) -> str | None:
         return f"config change rejected, keeping the last good one: {event.message}"
     alert = getattr(event, "alert", None)
     if alert is not None:
-        return f"leak alert [{alert.severity}] {alert.path}:{alert.line} {alert.rule} " \
-               f"({alert.preview}) {getattr(event, 'kind', '')}".rstrip()
+        return (
+            f"leak alert [{alert.severity}] {alert.path}:{alert.line} {alert.rule} "
+            f"({alert.preview}) {getattr(event, 'kind', '')}".rstrip()
+        )
     return None
 
 

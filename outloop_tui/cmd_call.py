@@ -16,8 +16,7 @@ EXIT_OK, EXIT_UPSTREAM, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _payload(args: argparse.Namespace) -> dict[str, Any]:
-    payload: dict[str, Any] = {"credential": args.credential, "method": args.method.upper(),
-                               "path": args.path}
+    payload: dict[str, Any] = {"credential": args.credential, "method": args.method.upper(), "path": args.path}
     if args.header:
         headers: dict[str, str] = {}
         for h in args.header:

@@ -78,8 +78,7 @@ def targets(scope: str, project: Path) -> tuple[Path, Path]:
     if scope == "project":
         return project / ".mcp.json", project / ".claude" / "settings.json"
     override = os.environ.get("CLAUDE_CONFIG_DIR")
-    global_file = Path(override).expanduser() / ".claude.json" if override else \
-        Path.home() / ".claude.json"
+    global_file = Path(override).expanduser() / ".claude.json" if override else Path.home() / ".claude.json"
     return global_file, claude_dir() / "settings.json"
 
 
@@ -132,8 +131,10 @@ def load(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}); fix it "
-                        "or move it away, then run this again; nothing was changed") from None
+        raise UserError(
+            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}); fix it "
+            "or move it away, then run this again; nothing was changed"
+        ) from None
     if not isinstance(doc, dict):
         raise UserError(f"{path} does not hold a JSON object; nothing was changed")
     return doc
@@ -145,8 +146,10 @@ def _container(doc: dict[str, Any], key: str, kind: type, path: Path) -> Any:
         value = kind()
         doc[key] = value
     if not isinstance(value, kind):
-        raise UserError(f"{path}: {key!r} is not a JSON {'object' if kind is dict else 'array'}; "
-                        "fix it by hand, then run this again; nothing was changed")
+        raise UserError(
+            f"{path}: {key!r} is not a JSON {'object' if kind is dict else 'array'}; "
+            "fix it by hand, then run this again; nothing was changed"
+        )
     return value
 
 
@@ -172,8 +175,11 @@ def write(plan: Plan, stamp: str) -> Path | None:
 
 
 def is_our_hook(hook: Any) -> bool:
-    return isinstance(hook, dict) and isinstance(hook.get("command"), str) and bool(
-        OUR_HOOK.search(hook["command"].strip()))
+    return (
+        isinstance(hook, dict)
+        and isinstance(hook.get("command"), str)
+        and bool(OUR_HOOK.search(hook["command"].strip()))
+    )
 
 
 def is_our_server(entry: Any) -> bool:
@@ -220,16 +226,18 @@ def merge_settings(doc: dict[str, Any], command: list[str], path: Path) -> list[
     strip_hooks(doc)
     hooks = _container(doc, "hooks", dict, path)
     added: list[tuple[str, Any]] = []
-    for event, matcher, phase in (("PreToolUse", PRE_MATCHER, "pre"),
-                                  ("PostToolUse", POST_MATCHER, "post")):
+    for event, matcher, phase in (("PreToolUse", PRE_MATCHER, "pre"), ("PostToolUse", POST_MATCHER, "post")):
         groups = hooks.get(event)
         if groups is None:
             groups = hooks[event] = []
         if not isinstance(groups, list):
-            raise UserError(f"{path}: hooks.{event} is not a JSON array; fix it by hand, then "
-                            "run this again; nothing was changed")
-        group = {"matcher": matcher, "hooks": [
-            {"type": "command", "command": hook_command(command, phase), "timeout": HOOK_TIMEOUT}]}
+            raise UserError(
+                f"{path}: hooks.{event} is not a JSON array; fix it by hand, then run this again; nothing was changed"
+            )
+        group = {
+            "matcher": matcher,
+            "hooks": [{"type": "command", "command": hook_command(command, phase), "timeout": HOOK_TIMEOUT}],
+        }
         groups.append(group)
         added.append((f"hooks.{event}[]", group))
     permissions = _container(doc, "permissions", dict, path)
@@ -289,8 +297,10 @@ def plan_install(scope: str, project: Path) -> list[Plan]:
     server_file, settings_file = targets(scope, project)
     command = outloop_command(scope)
     plans = []
-    for path, merge in ((server_file, lambda d, p: merge_servers(d, server_entry(command), p)),
-                        (settings_file, lambda d, p: merge_settings(d, command, p))):
+    for path, merge in (
+        (server_file, lambda d, p: merge_servers(d, server_entry(command), p)),
+        (settings_file, lambda d, p: merge_settings(d, command, p)),
+    ):
         before = load(path)
         after = copy.deepcopy(before) if before is not None else {}
         fragments = merge(after, path)
@@ -312,8 +322,7 @@ def plan_uninstall(scope: str, project: Path) -> list[Plan]:
 
 def run_claude(args: argparse.Namespace) -> int:
     project = Path.cwd()
-    plans = plan_install(args.scope, project) if args.action == "install" else \
-        plan_uninstall(args.scope, project)
+    plans = plan_install(args.scope, project) if args.action == "install" else plan_uninstall(args.scope, project)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     changed = [p for p in plans if p.changed]
     if not changed:
@@ -337,6 +346,7 @@ def run_claude(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("(dry run: nothing was written)")
     elif args.action == "install":
-        print("Restart Claude Code in a mapped workspace; `/mcp` lists the outloop server and "
-              "`/hooks` the guard hooks.")
+        print(
+            "Restart Claude Code in a mapped workspace; `/mcp` lists the outloop server and `/hooks` the guard hooks."
+        )
     return 0

@@ -166,8 +166,9 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
     transcript = event.get("transcript_path")
     where = Path(str(transcript)) if transcript else (ctx.workspace or Path.cwd())
     managed = managed_from(ctx.secrets)
-    findings = [f for text in texts for f in scan_text(
-        text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)]
+    findings = [
+        f for text in texts for f in scan_text(text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)
+    ]
     if not findings:
         return None
     rules = sorted({f.rule for f in findings})
@@ -175,12 +176,14 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
         from broker.redact import with_leak_rules
 
         redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
-        return {"hookSpecificOutput": {
-            "hookEventName": "PostToolUse",
-            "updatedMCPToolOutput": _map_strings(response, redactor.text),
-            "additionalContext": f"Outloop redacted {len(findings)} credential value(s) "
-                                 f"({', '.join(rules)}) from this tool's output.",
-        }}
+        return {
+            "hookSpecificOutput": {
+                "hookEventName": "PostToolUse",
+                "updatedMCPToolOutput": _map_strings(response, redactor.text),
+                "additionalContext": f"Outloop redacted {len(findings)} credential value(s) "
+                f"({', '.join(rules)}) from this tool's output.",
+            }
+        }
     record_alerts(ctx.paths, findings, where)
     reason = (
         f"Outloop: the output of this {tool or 'tool'} call contained {len(findings)} live "
@@ -189,8 +192,11 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
         "(Outloop has raised a leak alert in its dashboard). For API calls use the "
         f"`{REQUEST_TOOL}` tool, which never shows a key."
     )
-    return {"decision": "block", "reason": reason,
-            "hookSpecificOutput": {"hookEventName": "PostToolUse", "additionalContext": reason}}
+    return {
+        "decision": "block",
+        "reason": reason,
+        "hookSpecificOutput": {"hookEventName": "PostToolUse", "additionalContext": reason},
+    }
 
 
 def record_alerts(paths: Paths, findings: list[Any], where: Path) -> None:
@@ -207,9 +213,11 @@ def record_alerts(paths: Paths, findings: list[Any], where: Path) -> None:
 
     ensure_private_dir(paths.state_dir)
     store = AlertStore(paths.alerts_file)
-    record_findings(store, where, [Finding(f.tenant, f.workspace, where, f.line, f.rule,
-                                           f.severity, f.preview, f.fingerprint)
-                                   for f in findings])
+    record_findings(
+        store,
+        where,
+        [Finding(f.tenant, f.workspace, where, f.line, f.rule, f.severity, f.preview, f.fingerprint) for f in findings],
+    )
 
 
 def run_post(event: dict[str, Any]) -> int:
@@ -224,8 +232,7 @@ def run_hook(args: argparse.Namespace) -> int:
         event = read_event()
     except ValueError:
         # Fail closed before a tool runs; after it ran there is nothing left to stop.
-        print("outloop hook: the hook input was not the JSON object Claude Code sends",
-              file=sys.stderr)
+        print("outloop hook: the hook input was not the JSON object Claude Code sends", file=sys.stderr)
         return EXIT_BLOCK if args.phase == "pre" else 1
     if args.phase == "pre":
         return run_pre(event)

@@ -42,10 +42,20 @@ def tenant_rm(args: argparse.Namespace) -> int:
 def tenant_list(args: argparse.Namespace) -> int:
     config = load_config(_paths())
     if args.json:
-        print(json.dumps([
-            {"id": t.id, "name": t.name, "workspaces": [str(w) for w in t.workspaces],
-             "credentials": sorted(t.credentials)} for t in config.tenants.values()
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": t.id,
+                        "name": t.name,
+                        "workspaces": [str(w) for w in t.workspaces],
+                        "credentials": sorted(t.credentials),
+                    }
+                    for t in config.tenants.values()
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not config.tenants:
         print("no tenants yet; add one with `outloop tenant add NAME`")
@@ -132,9 +142,18 @@ def credential_list(args: argparse.Namespace) -> int:
             present = store.get(c.tenant, c.name) is not None
         except SecretStoreError:
             present = False
-        rows.append({"tenant": c.tenant, "name": c.name, "base_url": c.base_url,
-                     "auth": str(c.auth), "allow": list(c.allow), "ask": list(c.ask),
-                     "deny": list(c.deny), "secret_in_keyring": present})
+        rows.append(
+            {
+                "tenant": c.tenant,
+                "name": c.name,
+                "base_url": c.base_url,
+                "auth": str(c.auth),
+                "allow": list(c.allow),
+                "ask": list(c.ask),
+                "deny": list(c.deny),
+                "secret_in_keyring": present,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -173,8 +192,11 @@ def doctor(args: argparse.Namespace) -> int:
             config = load_config(paths)
             n_ws = sum(len(t.workspaces) for t in config.tenants.values())
             n_cred = sum(len(t.credentials) for t in config.tenants.values())
-            line(True, f"config: {paths.config_file} — {len(config.tenants)} tenant(s), "
-                       f"{n_ws} workspace(s), {n_cred} credential(s)")
+            line(
+                True,
+                f"config: {paths.config_file} — {len(config.tenants)} tenant(s), "
+                f"{n_ws} workspace(s), {n_cred} credential(s)",
+            )
         except ConfigError as e:
             line(False, f"config: {e}")
         mode = stat.S_IMODE(paths.config_file.stat().st_mode)
@@ -191,8 +213,11 @@ def doctor(args: argparse.Namespace) -> int:
             for c in config.credentials():
                 try:
                     if store.get(c.tenant, c.name) is None:
-                        line(False, f"credential {c.tenant}/{c.name} has no secret in the keyring; "
-                                    f"add it again with `outloop credential add`")
+                        line(
+                            False,
+                            f"credential {c.tenant}/{c.name} has no secret in the keyring; "
+                            f"add it again with `outloop credential add`",
+                        )
                 except SecretStoreError as e:
                     line(False, str(e))
                     break
@@ -213,11 +238,13 @@ def doctor(args: argparse.Namespace) -> int:
         try:
             h = health(paths.socket)
         except BrokerUnreachable:
-            line(None, f"socket: {paths.socket} — no broker running (start `outloop` or "
-                       "`outloop broker`)")
+            line(None, f"socket: {paths.socket} — no broker running (start `outloop` or `outloop broker`)")
         else:
-            line(True, f"socket: {paths.socket} — broker {h.get('version', '?')} answering"
-                       f"{' (locked)' if h.get('locked') else ''}")
+            line(
+                True,
+                f"socket: {paths.socket} — broker {h.get('version', '?')} answering"
+                f"{' (locked)' if h.get('locked') else ''}",
+            )
             watcher = h.get("watcher")
             if isinstance(watcher, dict):
                 ok = bool(watcher.get("running")) and not watcher.get("last_error")

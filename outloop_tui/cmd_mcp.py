@@ -53,12 +53,10 @@ NEXT_STEP = {
     "with `outloop workspace add TENANT PATH` (do not look for keys instead)",
     "wrong_tenant": f"this workspace may not use that credential; call {CREDENTIALS_TOOL} "
     "for the ones it may use, and do not try another tenant's",
-    "unknown_credential": f"call {CREDENTIALS_TOOL} for the credential names this workspace "
-    "may use",
+    "unknown_credential": f"call {CREDENTIALS_TOOL} for the credential names this workspace may use",
     "denied_by_policy": "policy refuses this method and path; do not retry it, and ask the "
     "user if the call is really needed (they can change the rules)",
-    "denied_by_operator": "the operator refused this call; do not retry it unless the user "
-    "asks you to",
+    "denied_by_operator": "the operator refused this call; do not retry it unless the user asks you to",
     "approval_timeout": "nobody answered in the Outloop dashboard in time; tell the user "
     "that a call is waiting for approval, then retry once",
     "approval_unavailable": "this call needs the operator's approval and no Outloop "
@@ -66,8 +64,7 @@ NEXT_STEP = {
     "bad_request": "fix the request: the path is relative to the credential's base URL "
     "(no scheme, host or '..'), headers are names and values, the body is text or JSON",
     "upstream_error": "the API could not be reached or timed out; retry later",
-    "audit_unavailable": "the broker cannot write its audit log and refuses every call; "
-    "tell the user",
+    "audit_unavailable": "the broker cannot write its audit log and refuses every call; tell the user",
 }
 
 
@@ -95,12 +92,21 @@ def refusal_text(resp: Response) -> str:
 
 
 def unreachable_text(sock: Path) -> str:
-    return (f"refused (broker_unreachable): no Outloop broker answers on {sock}. Next: ask "
-            "the user to start `outloop` (the dashboard) or `outloop broker`, then retry.")
+    return (
+        f"refused (broker_unreachable): no Outloop broker answers on {sock}. Next: ask "
+        "the user to start `outloop` (the dashboard) or `outloop broker`, then retry."
+    )
 
 
-def build_payload(credential: str, method: str, path: str, query: dict[str, Any] | None,
-                  headers: dict[str, str] | None, body: Any, reason: str) -> dict[str, Any]:
+def build_payload(
+    credential: str,
+    method: str,
+    path: str,
+    query: dict[str, Any] | None,
+    headers: dict[str, str] | None,
+    body: Any,
+    reason: str,
+) -> dict[str, Any]:
     """The /v1/request payload for one tool call."""
     payload: dict[str, Any] = {"credential": credential, "method": method.upper(), "path": path}
     if query:
@@ -141,10 +147,13 @@ def request_sync(sock: Path, payload: dict[str, Any], timeout: float) -> str:
         raise ToolRefusal(
             f"refused (timeout): the broker did not answer within {timeout:g} s; the call may "
             "still be waiting for approval in the Outloop dashboard. Next: tell the user, then "
-            "retry once.") from None
+            "retry once."
+        ) from None
     except OSError as e:
-        raise ToolRefusal(f"refused (broker_unreachable): the broker connection failed "
-                          f"({e.strerror or type(e).__name__}). Next: retry once.") from None
+        raise ToolRefusal(
+            f"refused (broker_unreachable): the broker connection failed "
+            f"({e.strerror or type(e).__name__}). Next: retry once."
+        ) from None
     if resp.status != 200:
         raise ToolRefusal(refusal_text(resp))
     try:
@@ -163,19 +172,23 @@ def credentials_sync(sock: Path) -> str:
     if resp.status != 200:
         raise ToolRefusal(refusal_text(resp))
     info = resp.json()
-    out: dict[str, Any] = {"tenant": info.get("tenant"), "workspace": info.get("workspace"),
-                           "credentials": []}
+    out: dict[str, Any] = {"tenant": info.get("tenant"), "workspace": info.get("workspace"), "credentials": []}
     rules = info.get("rules") or {}
     for name in info.get("credentials") or []:
         r = rules.get(name) or {}
         has_rules = any(r.get(k) for k in ("allow", "ask", "deny"))
-        out["credentials"].append({
-            "name": name, "base_url": r.get("base_url"),
-            "allow": r.get("allow", []), "ask": r.get("ask", []), "deny": r.get("deny", []),
-            "note": "allow runs at once, ask waits for the operator, deny and anything "
-                    "unmatched is refused" if has_rules else
-                    "no rules: every call waits for the operator",
-        })
+        out["credentials"].append(
+            {
+                "name": name,
+                "base_url": r.get("base_url"),
+                "allow": r.get("allow", []),
+                "ask": r.get("ask", []),
+                "deny": r.get("deny", []),
+                "note": "allow runs at once, ask waits for the operator, deny and anything unmatched is refused"
+                if has_rules
+                else "no rules: every call waits for the operator",
+            }
+        )
     return json.dumps(out, indent=2, ensure_ascii=False)
 
 
@@ -195,8 +208,9 @@ def _import_mcp() -> Any:
         import mcp.server.mcpserver as mcpserver
         import mcp.server.mcpserver.exceptions  # noqa: F401 - ToolError
     except ImportError:
-        raise UserError("the MCP server needs the optional `mcp` package; install it with "
-                        "`pip install 'outloop[mcp]'`") from None
+        raise UserError(
+            "the MCP server needs the optional `mcp` package; install it with `pip install 'outloop[mcp]'`"
+        ) from None
     return mcpserver
 
 
@@ -209,15 +223,19 @@ def build_server(sock: Path | None = None) -> "MCPServer":
     from broker import __version__
 
     sock_path = sock if sock is not None else _socket()
-    server = mcpserver.MCPServer(
-        SERVER_NAME, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
+    server = mcpserver.MCPServer(SERVER_NAME, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
     ToolError = mcpserver.exceptions.ToolError  # noqa: N806
     Context = mcpserver.Context  # noqa: N806
 
     # Plain text results: structured output would send every answer to the model twice.
-    @server.tool(name=CREDENTIALS_TOOL, structured_output=False, description=(
-        "List the API credentials this workspace may use through Outloop, with each one's "
-        "base URL and allow/ask/deny rules. Never returns a secret."))
+    @server.tool(
+        name=CREDENTIALS_TOOL,
+        structured_output=False,
+        description=(
+            "List the API credentials this workspace may use through Outloop, with each one's "
+            "base URL and allow/ask/deny rules. Never returns a secret."
+        ),
+    )
     async def outloop_credentials() -> str:
         try:
             return await anyio.to_thread.run_sync(credentials_sync, sock_path)
@@ -227,18 +245,24 @@ def build_server(sock: Path | None = None) -> "MCPServer":
     async def outloop_request(
         credential: Annotated[str, Field(description="credential name, from outloop_credentials")],
         method: Annotated[str, Field(description="HTTP method: GET, POST, PUT, PATCH, DELETE")],
-        path: Annotated[str, Field(description="path relative to the credential's base URL, "
-                                               "e.g. /repos/acme/web/issues")],
+        path: Annotated[
+            str, Field(description="path relative to the credential's base URL, e.g. /repos/acme/web/issues")
+        ],
         ctx: Context,
-        query: Annotated[dict[str, str | list[str]] | None,
-                         Field(description="query parameters")] = None,
-        headers: Annotated[dict[str, str] | None,
-                           Field(description="extra request headers (never an auth header: "
-                                             "Outloop adds the credential)")] = None,
+        query: Annotated[dict[str, str | list[str]] | None, Field(description="query parameters")] = None,
+        headers: Annotated[
+            dict[str, str] | None,
+            Field(description="extra request headers (never an auth header: Outloop adds the credential)"),
+        ] = None,
         body: Annotated[Any, Field(description="request body: a JSON value, or text")] = None,
-        reason: Annotated[str, Field(description="one sentence on why you need this call; the "
-                                                 "operator sees it when approving, and it is "
-                                                 "audited")] = "",
+        reason: Annotated[
+            str,
+            Field(
+                description="one sentence on why you need this call; the "
+                "operator sees it when approving, and it is "
+                "audited"
+            ),
+        ] = "",
     ) -> str:
         payload = build_payload(credential, method, path, query, headers, body, reason)
         timeout = call_timeout()
@@ -266,20 +290,27 @@ def build_server(sock: Path | None = None) -> "MCPServer":
                     waited = time.monotonic() - start
                     try:
                         await ctx.report_progress(
-                            waited, None, f"waiting for the broker ({waited:.0f} s): the call "
-                            "may need the operator's approval in the Outloop dashboard")
+                            waited,
+                            None,
+                            f"waiting for the broker ({waited:.0f} s): the call "
+                            "may need the operator's approval in the Outloop dashboard",
+                        )
                     except Exception:  # noqa: S110 - progress is a courtesy
                         pass
         if "error" in result:
             raise ToolError(result["error"])
         return str(result["text"])
 
-    server.tool(name=REQUEST_TOOL, structured_output=False, description=(
-        "Make an HTTP API call with an Outloop-managed credential. Outloop checks the "
-        "workspace's tenant and the credential's rules, may wait for the operator to approve, "
-        "injects the key itself and returns the upstream status and body with every secret "
-        "redacted. Refusals are errors that name the reason and what to do next."))(
-        outloop_request)
+    server.tool(
+        name=REQUEST_TOOL,
+        structured_output=False,
+        description=(
+            "Make an HTTP API call with an Outloop-managed credential. Outloop checks the "
+            "workspace's tenant and the credential's rules, may wait for the operator to approve, "
+            "injects the key itself and returns the upstream status and body with every secret "
+            "redacted. Refusals are errors that name the reason and what to do next."
+        ),
+    )(outloop_request)
     return server
 
 
@@ -292,7 +323,10 @@ def _socket() -> Path:
 def run_mcp(args: argparse.Namespace) -> int:
     server = build_server()
     if sys.stdin.isatty():
-        print("outloop mcp speaks MCP on stdin/stdout; register it with "
-              "`outloop claude install` rather than running it by hand", file=sys.stderr)
+        print(
+            "outloop mcp speaks MCP on stdin/stdout; register it with "
+            "`outloop claude install` rather than running it by hand",
+            file=sys.stderr,
+        )
     server.run("stdio")
     return 0

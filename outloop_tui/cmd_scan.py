@@ -52,8 +52,9 @@ def _managed(config: Config | None) -> tuple[ManagedSecrets, str | None]:
 
         found = SecretStore().managed(keys)
     except Exception as e:  # the leak rules still run without the keyring
-        return ManagedSecrets({}), f"the keyring could not be read ({type(e).__name__}); " \
-            "managed secrets were not checked"
+        return ManagedSecrets(
+            {}
+        ), f"the keyring could not be read ({type(e).__name__}); managed secrets were not checked"
     return ManagedSecrets({k: s.reveal() for k, s in found.items()}), None
 
 
@@ -63,14 +64,15 @@ def _targets(args: argparse.Namespace, config: Config | None) -> list[Path]:
         for raw in args.paths:
             path = Path(raw).expanduser()
             if not path.exists():
-                raise UserError(f"{raw} does not exist; pass a file or folder to scan",
-                                code=EXIT_ERROR)
+                raise UserError(f"{raw} does not exist; pass a file or folder to scan", code=EXIT_ERROR)
             targets.append(path.resolve())
         return targets
     workspaces = [ws for t in (config.tenants.values() if config else []) for ws in t.workspaces]
     if not workspaces:
-        raise UserError("no workspaces are mapped; pass a PATH, or map a folder with "
-                        "`outloop workspace add TENANT PATH`", code=EXIT_ERROR)
+        raise UserError(
+            "no workspaces are mapped; pass a PATH, or map a folder with `outloop workspace add TENANT PATH`",
+            code=EXIT_ERROR,
+        )
     return [ws for ws in workspaces if ws.exists()]
 
 
@@ -86,8 +88,7 @@ def run_scan(args: argparse.Namespace) -> int:
     managed, note = _managed(config)
     if note:
         print(f"outloop: note: {note}", file=sys.stderr)
-    workspaces = [(t.id, ws) for t in config.tenants.values() for ws in t.workspaces] \
-        if config else []
+    workspaces = [(t.id, ws) for t in config.tenants.values() for ws in t.workspaces] if config else []
     max_bytes = config.broker.scan_max_file_bytes if config else DEFAULT_MAX_BYTES
     report = ScanReport()
     seen: set[Path] = set()
@@ -102,8 +103,11 @@ def run_scan(args: argparse.Namespace) -> int:
             seen.add(path)
             owner = owner_of(path, workspaces)
             tenant, ws = owner if owner else (None, None)
-            report.add(scan_file(path, tenant=tenant, workspace=ws, managed=managed,
-                                 all_files=args.all_files, max_bytes=max_bytes))
+            report.add(
+                scan_file(
+                    path, tenant=tenant, workspace=ws, managed=managed, all_files=args.all_files, max_bytes=max_bytes
+                )
+            )
     alerts = [Alert.from_finding(f) for f in report.findings]
     if args.json:
         print(json.dumps([a.to_json() for a in alerts], indent=2))
@@ -118,8 +122,9 @@ def _print_human(alerts: list[Alert], report: ScanReport) -> None:
         print(f"{a.severity.upper():8}  {a.path}:{a.line}  {a.rule}  {a.preview}{owner}")
     files = len({a.path for a in alerts})
     skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in sorted(report.skipped.items()))
-    detail = (f"{_plural(report.files_scanned, 'file')} scanned, "
-              f"{report.bytes_scanned / 1e6:.1f} MB" + (f"; skipped {skipped}" if skipped else ""))
+    detail = f"{_plural(report.files_scanned, 'file')} scanned, {report.bytes_scanned / 1e6:.1f} MB" + (
+        f"; skipped {skipped}" if skipped else ""
+    )
     if alerts:
         print(f"{_plural(len(alerts), 'leak')} in {_plural(files, 'file')} ({detail})")
     else:
@@ -140,6 +145,5 @@ def run_alerts(args: argparse.Namespace) -> int:
     for a in alerts:
         owner = f"  ({a.tenant})" if a.tenant else ""
         state = "" if a.status == "open" else f"  [ignored: {a.reason or 'no reason'}]"
-        print(f"{a.severity.upper():8}  {a.path}:{a.line}  {a.rule}  {a.preview}  "
-              f"{a.fingerprint[:12]}{owner}{state}")
+        print(f"{a.severity.upper():8}  {a.path}:{a.line}  {a.rule}  {a.preview}  {a.fingerprint[:12]}{owner}{state}")
     return 0

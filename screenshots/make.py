@@ -62,9 +62,13 @@ async def main() -> None:
             await pilot.press("escape", "c")
             await pilot.pause(0.5)
             form = app.screen
-            for field, value in (("cred-name", "sentry"), ("base-url", "https://sentry.io/api/0"),
-                                 ("allow", "GET /api/0/projects/**"), ("ask", "PUT /api/0/issues/*"),
-                                 ("deny", "DELETE /**")):
+            for field, value in (
+                ("cred-name", "sentry"),
+                ("base-url", "https://sentry.io/api/0"),
+                ("allow", "GET /api/0/projects/**"),
+                ("ask", "PUT /api/0/issues/*"),
+                ("deny", "DELETE /**"),
+            ):
                 form.query_one(f"#{field}", Input).value = value
             secret = form.query_one("#secret", Input)
             secret.focus()

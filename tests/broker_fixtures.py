@@ -137,10 +137,15 @@ def secret_forms(secret: str) -> dict[str, str]:
     three alignments (trimmed by 3 at each end, where neighbouring bytes mix in).
     """
     raw = secret.encode("utf-8")
-    forms = {"plain": secret, "pct": quote(secret, safe=""), "pct_path": quote(secret),
-             "pct_plus": quote_plus(secret), 
-             "pct_lower": re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(secret, safe="")),
-             "json": json.dumps(secret)[1:-1], "json_utf8": json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms = {
+        "plain": secret,
+        "pct": quote(secret, safe=""),
+        "pct_path": quote(secret),
+        "pct_plus": quote_plus(secret),
+        "pct_lower": re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(secret, safe="")),
+        "json": json.dumps(secret)[1:-1],
+        "json_utf8": json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
     for k in range(3):
         enc = base64.b64encode(b"\0" * k + raw).decode("ascii").rstrip("=")
         inner = enc[3:-3]
@@ -187,10 +192,25 @@ class World:
         env.update(extra)
         return env
 
-    def run(self, argv: list[str], cwd: Path, *, input: str | None = None,
-            timeout: float = 120, env: dict[str, str] | None = None) -> Ran:
-        proc = subprocess.run(argv, cwd=cwd, input=input, capture_output=True, encoding="utf-8", errors="replace",
-                              timeout=timeout, env=env or self.env())
+    def run(
+        self,
+        argv: list[str],
+        cwd: Path,
+        *,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> Ran:
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            input=input,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=timeout,
+            env=env or self.env(),
+        )
         return Ran(proc.returncode, proc.stdout, proc.stderr)
 
     def outloop(self, *args: str, cwd: Path | None = None, input: str | None = None) -> Ran:
@@ -213,17 +233,26 @@ class World:
 
     def agent_popen(self, cwd: Path, items: list[dict[str, Any]], threads: int = 1) -> subprocess.Popen[str]:
         """Start the AGENT without waiting (for calls that wait on the operator)."""
-        return subprocess.Popen([sys.executable, "-c", AGENT, json.dumps(items), str(threads)],
-                                cwd=cwd, env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", AGENT, json.dumps(items), str(threads)],
+            cwd=cwd,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def leaks(self, text: str | bytes) -> list[str]:
         """'tenant/credential:form' for every secret form found in `text`."""
         __tracebackhide__ = True  # a failure must not print the text: it holds a secret
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        return [f"{t}/{c}:{label}" for (t, c), secret in self.keys.items()
-                for label, form in secret_forms(secret).items() if form in text]
+        return [
+            f"{t}/{c}:{label}"
+            for (t, c), secret in self.keys.items()
+            for label, form in secret_forms(secret).items()
+            if form in text
+        ]
 
     def assert_clean(self, text: str | bytes) -> None:
         """Fail, naming only the credential and the encoding, if `text` holds a secret."""
@@ -269,19 +298,25 @@ def credential_tables(up: str) -> dict[str, dict[str, dict[str, Any]]]:
     """The credentials of acme and globex, pointing at the upstream `up`."""
     return {
         "acme": {
-            "api": {"base_url": f"{up}/acme", "auth": "bearer",
-                    "allow": ["GET /**", "POST /echo/**", "POST /status/**"],
-                    "ask": ["POST /ask/**"],
-                    "deny": ["DELETE /**", "GET /admin/**"]},
-            "openai": {"base_url": f"{up}/v1", "auth": "bearer",
-                       "allow": ["GET /models", "POST /chat/completions"]},
+            "api": {
+                "base_url": f"{up}/acme",
+                "auth": "bearer",
+                "allow": ["GET /**", "POST /echo/**", "POST /status/**"],
+                "ask": ["POST /ask/**"],
+                "deny": ["DELETE /**", "GET /admin/**"],
+            },
+            "openai": {"base_url": f"{up}/v1", "auth": "bearer", "allow": ["GET /models", "POST /chat/completions"]},
             "search": {"base_url": f"{up}/search", "auth": "query:key", "allow": ["GET /**"]},
             "legacy": {"base_url": f"{up}/legacy", "auth": "basic:user", "allow": ["GET /**"]},
         },
         "globex": {
-            "api": {"base_url": f"{up}/globex", "auth": "bearer",
-                    "allow": ["GET /**", "POST /echo/**"], "ask": ["POST /ask/**"],
-                    "deny": ["DELETE /**"]},
+            "api": {
+                "base_url": f"{up}/globex",
+                "auth": "bearer",
+                "allow": ["GET /**", "POST /echo/**"],
+                "ask": ["POST /ask/**"],
+                "deny": ["DELETE /**"],
+            },
             "crm": {"base_url": f"{up}/crm", "auth": "header:X-Api-Key", "allow": ["GET /**"]},
         },
     }
@@ -305,8 +340,7 @@ def make_world(tmp_path: Path, upstream: Upstream, other_host: Upstream) -> Worl
     store = SecretStore()
     for (tid, cname), value in KEYS.items():
         store.set(tid, cname, Secret(value))
-    return World(paths, root, acme.resolve(), globex.resolve(), unmapped.resolve(), upstream,
-                 other_host)
+    return World(paths, root, acme.resolve(), globex.resolve(), unmapped.resolve(), upstream, other_host)
 
 
 class BrokerThread:
@@ -342,8 +376,10 @@ class BrokerThread:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call a plain function (e.g. engine.answer) on the broker's loop thread."""
+
         async def wrapper() -> T:
             return fn(*args, **kwargs)
+
         result: T = self.run(wrapper())
         return result
 

@@ -38,7 +38,9 @@ def _start_secret_service(root: Path) -> str:
     os.environ["XDG_CONFIG_HOME"] = str(root / "config")
     bus = subprocess.Popen(
         ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert bus.stdout is not None
     address = bus.stdout.readline().strip()
@@ -48,7 +50,9 @@ def _start_secret_service(root: Path) -> str:
     os.environ["DBUS_SESSION_BUS_ADDRESS"] = address
     daemon = subprocess.Popen(
         ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     assert daemon.stdin is not None
     daemon.stdin.write(b"test-session-password")
@@ -77,9 +81,7 @@ def _start_secret_service(root: Path) -> str:
 def _start_file_keyring(root: Path) -> str:
     os.environ["OUTLOOP_TEST_KEYRING_DIR"] = str(root / "keyring")
     os.environ["PYTHON_KEYRING_BACKEND"] = "isolated_keyring.IsolatedKeyring"
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p
-    )
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     import keyring
     from isolated_keyring import IsolatedKeyring
 

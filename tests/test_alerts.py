@@ -51,8 +51,19 @@ def test_file_is_private_and_holds_no_secret(tmp_path: Path):
     text = path.read_text()
     assert TOKEN not in text and TOKEN[4:-2] not in text
     record = json.loads(text.splitlines()[0])
-    assert {"id", "ts", "tenant", "workspace", "path", "line", "rule", "severity", "preview",
-            "fingerprint", "status"} <= set(record)
+    assert {
+        "id",
+        "ts",
+        "tenant",
+        "workspace",
+        "path",
+        "line",
+        "rule",
+        "severity",
+        "preview",
+        "fingerprint",
+        "status",
+    } <= set(record)
 
 
 def test_reload_sees_the_latest_state(tmp_path: Path):
@@ -63,7 +74,9 @@ def test_reload_sees_the_latest_state(tmp_path: Path):
     store.reconcile_file(f, findings(f, f"y = '{OTHER}'\n"))
     again = AlertStore(path)
     assert sorted((a.rule, a.status) for a in again.alerts(("open", "resolved", "ignored"))) == [
-        ("gitlab-glpat", "open"), ("npm-access-token", "resolved")]
+        ("gitlab-glpat", "open"),
+        ("npm-access-token", "resolved"),
+    ]
 
 
 def test_torn_last_line_is_skipped_and_appends_continue(tmp_path: Path):
@@ -91,7 +104,9 @@ def test_ignore_by_fingerprint_applies_now_and_later(tmp_path: Path):
     store.reconcile_file(b, findings(b, f"T={TOKEN}\n"))  # same value elsewhere: stays quiet
     assert [type(e) for e in events] == [AlertOpened, AlertIgnored]
     assert {(a.path, a.status, a.reason) for a in store.alerts()} == {
-        (str(a), "ignored", "test fixture, revoked"), (str(b), "ignored", "test fixture, revoked")}
+        (str(a), "ignored", "test fixture, revoked"),
+        (str(b), "ignored", "test fixture, revoked"),
+    }
     assert store.open_alerts() == []
 
 

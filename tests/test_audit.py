@@ -590,7 +590,8 @@ async def test_a_write_that_fails_fails_closed_without_waiting_for_fsync(audit_d
 
 
 async def test_a_record_that_is_not_json_is_refused_and_the_chain_goes_on(
-        audit_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    audit_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with AuditLog(audit_dir) as log:
         first = await log.record(call(0))
         with pytest.raises(AuditError, match="not JSON-serialisable"):
@@ -598,13 +599,15 @@ async def test_a_record_that_is_not_json_is_refused_and_the_chain_goes_on(
         # The same on the writer task's path (taken when the file must be reopened first).
         monkeypatch.setattr(log._store, "writable", lambda day: None)
         together = await asyncio.gather(
-            log.record(call(1)), log.record({"event": "odd", "value": {1, 2}}), log.record(call(2)),
-            return_exceptions=True)
+            log.record(call(1)),
+            log.record({"event": "odd", "value": {1, 2}}),
+            log.record(call(2)),
+            return_exceptions=True,
+        )
         monkeypatch.undo()
         assert isinstance(together[1], AuditError)
         last = await log.record(call(3))
-    assert [r["id"] for r in iter_records(audit_dir)] == [
-        first["id"], together[0]["id"], together[2]["id"], last["id"]]
+    assert [r["id"] for r in iter_records(audit_dir)] == [first["id"], together[0]["id"], together[2]["id"], last["id"]]
     assert last["prev"] == together[2]["hash"] and first["hash"] == together[0]["prev"]
     assert verify(audit_dir).ok
 

@@ -60,13 +60,11 @@ def audit_by_id(world: World, audit_id: str) -> dict[str, Any]:
 
 
 def test_each_tenant_gets_its_own_credential_and_sees_no_secret(world: World, broker: BrokerThread) -> None:
-    items = [req("api", "GET", f"/{kind}/x", headers={"X-Nonce": kind})
-             for kind in ("echo", "text", "binary")]
+    items = [req("api", "GET", f"/{kind}/x", headers={"X-Nonce": kind}) for kind in ("echo", "text", "binary")]
     items.append(req("api", "POST", "/echo/posted", body={"hello": "world"}))
     items.append({"method": "GET", "target": "/v1/proxy/api/text/raw"})
     items.append({"method": "GET", "target": "/v1/proxy/api/binary/raw"})
-    items.append({"method": "GET", "target": "/v1/proxy/api/compressed/gz",
-                  "headers": {"Accept-Encoding": "gzip"}})
+    items.append({"method": "GET", "target": "/v1/proxy/api/compressed/gz", "headers": {"Accept-Encoding": "gzip"}})
     for tenant, folder in (("acme", world.acme), ("globex", world.globex)):
         world.upstream.clear()
         results = world.agent(folder, items)  # asserts stdout/stderr hold no secret
@@ -96,8 +94,9 @@ def test_each_tenant_gets_its_own_credential_and_sees_no_secret(world: World, br
 
 
 def test_every_auth_kind_is_injected_and_redacted(world: World, broker: BrokerThread) -> None:
-    results = world.agent(world.acme, [req("search", "GET", "/echo/q", query={"key": "agent-supplied"}),
-                                       req("legacy", "GET", "/echo/b")])
+    results = world.agent(
+        world.acme, [req("search", "GET", "/echo/q", query={"key": "agent-supplied"}), req("legacy", "GET", "/echo/b")]
+    )
     results += world.agent(world.globex, [req("crm", "GET", "/echo/h", headers={"X-Api-Key": "dummy"})])
     search, legacy, crm = world.upstream.records
     assert dict(search.query)["key"] == world.keys[("acme", "search")]
@@ -120,8 +119,9 @@ def test_outloop_call_prints_a_redacted_body(world: World, broker: BrokerThread)
 
 def test_the_agent_cannot_pick_an_encoding_the_broker_cannot_read(world: World, broker: BrokerThread) -> None:
     """A body compressed in a way the broker cannot decode would carry the key past redaction."""
-    results = world.agent(world.acme, [{"method": "GET", "target": "/v1/proxy/api/compressed/x",
-                                        "headers": {"Accept-Encoding": "bzip2"}}])
+    results = world.agent(
+        world.acme, [{"method": "GET", "target": "/v1/proxy/api/compressed/x", "headers": {"Accept-Encoding": "bzip2"}}]
+    )
     assert results[0]["status"] == 200
     body = results[0]["body"].encode("latin-1")
     with contextlib.suppress(OSError):
@@ -136,8 +136,13 @@ def test_the_agent_cannot_pick_an_encoding_the_broker_cannot_read(world: World, 
 
 def test_a_redirect_to_another_host_goes_back_to_the_agent(world: World, broker: BrokerThread) -> None:
     target = f"{world.other_host.url}/landed"
-    results = world.agent(world.acme, [req("api", "GET", "/redirect", query={"to": target}),
-                                       {"method": "GET", "target": f"/v1/proxy/api/redirect?to={target}"}])
+    results = world.agent(
+        world.acme,
+        [
+            req("api", "GET", "/redirect", query={"to": target}),
+            {"method": "GET", "target": f"/v1/proxy/api/redirect?to={target}"},
+        ],
+    )
     doc = envelope(results[0])
     assert doc["status"] == 302
     assert doc["headers"]["location"].startswith(target + "?token=")
@@ -156,8 +161,9 @@ def test_huge_and_slow_upstreams_are_upstream_errors_with_live_limits(world: Wor
     (fine,) = world.agent(world.acme, [req("api", "GET", "/huge", query={"n": "20000"})])
     assert envelope(fine)["status"] == 200
     world.configure(max_response_bytes=10000, upstream_timeout=0.3)  # while the broker runs
-    huge, slow = world.agent(world.acme, [req("api", "GET", "/huge", query={"n": "20000"}),
-                                          req("api", "GET", "/slow", query={"s": "3"})])
+    huge, slow = world.agent(
+        world.acme, [req("api", "GET", "/huge", query={"n": "20000"}), req("api", "GET", "/slow", query={"s": "3"})]
+    )
     assert (huge["status"], error_of(huge)["code"]) == (502, "upstream_error")
     assert (slow["status"], error_of(slow)["code"]) == (504, "upstream_error")
     outcomes = [r for r in world.audit() if r.get("event") == "outcome"]
@@ -189,39 +195,49 @@ REFUSALS: list[tuple[str, str, dict[str, Any], str]] = [
     ("deny-rule-lowercase", "acme", req("api", "delete", "/echo/x"), "denied_by_policy"),
     ("deny-rule-admin", "acme", req("api", "GET", "/admin/users"), "denied_by_policy"),
     ("no-rule", "acme", req("api", "PUT", "/echo/x"), "denied_by_policy"),
-    ("no-rule-proxy", "acme", {"method": "PATCH", "target": "/v1/proxy/api/echo/x", "body": "{}"},
-     "denied_by_policy"),
+    ("no-rule-proxy", "acme", {"method": "PATCH", "target": "/v1/proxy/api/echo/x", "body": "{}"}, "denied_by_policy"),
     ("dotdot", "acme", req("api", "GET", "/echo/../admin/x"), "bad_request"),
     ("dotdot-encoded", "acme", req("api", "GET", "/echo/%2e%2e/admin/x"), "bad_request"),
     ("dotdot-encoded-upper", "acme", req("api", "GET", "/echo/%2E%2E/admin"), "bad_request"),
     ("dotdot-encoded-slash", "acme", req("api", "GET", "/echo/..%2fadmin"), "bad_request"),
     ("dotdot-proxy", "acme", {"method": "GET", "target": "/v1/proxy/api/echo/../../admin/x"}, "bad_request"),
-    ("dotdot-proxy-encoded", "acme", {"method": "GET", "target": "/v1/proxy/api/echo/%2e%2e/%2e%2e/x"},
-     "bad_request"),
+    ("dotdot-proxy-encoded", "acme", {"method": "GET", "target": "/v1/proxy/api/echo/%2e%2e/%2e%2e/x"}, "bad_request"),
     ("absolute-url-path", "acme", req("api", "GET", "http://evil/x"), "bad_request"),
     ("absolute-form-target", "acme", {"method": "GET", "target": "http://evil/x"}, "bad_request"),
-    ("absolute-form-proxy", "acme", {"method": "GET", "target": "http://evil/v1/proxy/api/echo/x"},
-     "bad_request"),
-    ("absolute-form-request", "acme", {"method": "POST", "target": "http://evil/v1/request",
-                                       "body": json.dumps(req("api", "GET", "/echo/x")["payload"])},
-     "bad_request"),
+    ("absolute-form-proxy", "acme", {"method": "GET", "target": "http://evil/v1/proxy/api/echo/x"}, "bad_request"),
+    (
+        "absolute-form-request",
+        "acme",
+        {
+            "method": "POST",
+            "target": "http://evil/v1/request",
+            "body": json.dumps(req("api", "GET", "/echo/x")["payload"]),
+        },
+        "bad_request",
+    ),
     ("other-host-path", "acme", req("api", "GET", "//evil/x"), "bad_request"),
     ("other-host-proxy", "acme", {"method": "GET", "target": "/v1/proxy/api//evil/x"}, "bad_request"),
     ("url-in-proxy-path", "acme", {"method": "GET", "target": "/v1/proxy/api/http://evil/x"}, "bad_request"),
     ("query-in-path", "acme", req("api", "GET", "/echo/x?key=mine"), "bad_request"),
-    ("crlf-header-value", "acme", req("api", "GET", "/echo/x", headers={"X-A": "b\r\nX-Injected: 1"}),
-     "bad_request"),
-    ("crlf-header-name", "acme", req("api", "GET", "/echo/x", headers={"X-A\r\nX-Injected": "1"}),
-     "bad_request"),
+    ("crlf-header-value", "acme", req("api", "GET", "/echo/x", headers={"X-A": "b\r\nX-Injected: 1"}), "bad_request"),
+    ("crlf-header-name", "acme", req("api", "GET", "/echo/x", headers={"X-A\r\nX-Injected": "1"}), "bad_request"),
     ("space-in-header-name", "acme", req("api", "GET", "/echo/x", headers={"X A": "1"}), "bad_request"),
     ("newline-after-header-name", "acme", req("api", "GET", "/echo/x", headers={"X-A\n": "1"}), "bad_request"),
     ("non-ascii-header-value", "acme", req("api", "GET", "/echo/x", headers={"X-A": "café"}), "bad_request"),
-    ("non-ascii-proxy-header", "acme", {"raw": "GET /v1/proxy/api/echo/x HTTP/1.1\r\nHost: x\r\n"
-                                               "X-A: caf\xe9\r\n\r\n"}, "bad_request"),
+    (
+        "non-ascii-proxy-header",
+        "acme",
+        {"raw": "GET /v1/proxy/api/echo/x HTTP/1.1\r\nHost: x\r\nX-A: caf\xe9\r\n\r\n"},
+        "bad_request",
+    ),
     ("malformed-json", "acme", {"method": "POST", "target": "/v1/request", "body": "{not json"}, "bad_request"),
     ("json-not-object", "acme", {"method": "POST", "target": "/v1/request", "body": "[1, 2]"}, "bad_request"),
-    ("json-missing-path", "acme", {"method": "POST", "target": "/v1/request",
-                                   "body": '{"credential": "api", "method": "GET"}'}, "bad_request"),
+    (
+        "json-missing-path",
+        "acme",
+        {"method": "POST", "target": "/v1/request", "body": '{"credential": "api", "method": "GET"}'},
+        "bad_request",
+    ),
     ("json-bad-method", "acme", req("api", "GET /x HTTP/1.1\r\n", "/echo/x"), "bad_request"),
     *[(f"malformed-http-{i}", "acme", {"raw": raw}, "bad_request") for i, raw in enumerate(RAW_MALFORMED)],
 ]
@@ -243,8 +259,7 @@ def _exchange(path: Path, data: bytes, *, hang_up: bool = True) -> bytes:
 
 def test_expect_100_continue_is_answered_before_the_body(world: World, broker: BrokerThread) -> None:
     doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
-    head = (b"POST /v1/request HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(doc))
+    head = b"POST /v1/request HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(doc)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(str(world.socket))
@@ -273,8 +288,10 @@ def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: Brok
     assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 0" not in head and body == b""
     # A chunked body is read whole (this caller's folder maps to no tenant: it got that far).
     doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
-    chunked = (b"POST /v1/request HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-               + b"%x\r\n%s\r\n0\r\n\r\n" % (len(doc), doc))
+    chunked = (
+        b"POST /v1/request HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(doc), doc)
+    )
     answer = _exchange(world.socket, chunked)
     assert answer.startswith(b"HTTP/1.1 403 ") and b"X-Outloop-Error: unmapped_workspace" in answer
     # A head too large to be a request, and a protocol upgrade, are refused and audited.
@@ -283,8 +300,9 @@ def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: Brok
     assert too_big.startswith(b"HTTP/1.1 431 ") and b"bad_request" in too_big
     endless = _exchange(world.socket, huge[:-4] + b"a" * 100_000)  # a head that never ends
     assert endless.startswith(b"HTTP/1.1 431 ")
-    upgrade = _exchange(world.socket, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
-                        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    upgrade = _exchange(
+        world.socket, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     assert upgrade.startswith(b"HTTP/1.1 400 ") and b"upgrades are not supported" in upgrade
     assert world.upstream.records == []
 
@@ -292,32 +310,32 @@ def test_the_socket_speaks_http_1_1_as_clients_expect(world: World, broker: Brok
 def test_trailers_and_chunk_extensions_are_capped_like_a_head(world: World, broker: BrokerThread) -> None:
     """What a chunked body carries besides its data is not buffered without end."""
     chunked = b"POST /v1/request HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
-    for rest in (b"0\r\nX-Trailer: " + b"a" * 150_000,  # a trailer that never ends
-                 b"0\r\n" + b"X-Trailer: a\r\n" * 12_000,  # trailers without end
-                 b"1;ext=" + b"a" * 150_000):  # a chunk extension that never ends
+    for rest in (
+        b"0\r\nX-Trailer: " + b"a" * 150_000,  # a trailer that never ends
+        b"0\r\n" + b"X-Trailer: a\r\n" * 12_000,  # trailers without end
+        b"1;ext=" + b"a" * 150_000,
+    ):  # a chunk extension that never ends
         answer = _exchange(world.socket, chunked + rest)
         assert answer.startswith(b"HTTP/1.1 431 ") and b"bad_request" in answer, answer[:200]
 
 
-def test_whole_requests_read_with_a_malformed_one_are_answered_first(world: World,
-                                                                      broker: BrokerThread) -> None:
+def test_whole_requests_read_with_a_malformed_one_are_answered_first(world: World, broker: BrokerThread) -> None:
     health = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
     upgrade = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     for bad in (b"GARBAGE\r\n\r\n", upgrade):
         answers = _exchange(world.socket, health + bad)
         assert answers.startswith(b"HTTP/1.1 200 OK\r\n"), answers[:200]
         assert answers.count(b"HTTP/1.1 200 ") == 1
-        refusal = json.loads(answers[answers.index(b"HTTP/1.1 400 "):].partition(b"\r\n\r\n")[2])
+        refusal = json.loads(answers[answers.index(b"HTTP/1.1 400 ") :].partition(b"\r\n\r\n")[2])
         assert audit_by_id(world, refusal["error"]["audit_id"])["decision"] == "bad_request"
 
 
-def test_a_kept_alive_connection_gets_the_body_cap_of_the_next_call(world: World,
-                                                                     broker: BrokerThread) -> None:
+def test_a_kept_alive_connection_gets_the_body_cap_of_the_next_call(world: World, broker: BrokerThread) -> None:
     """[broker] limits apply from the next call, on a connection opened before the change too."""
+
     def call(s: socket.socket, reason: str) -> bytes:
         doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x", "reason": reason})
-        s.sendall(b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(doc), doc.encode()))
+        s.sendall(b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(doc), doc.encode()))
         data = b""
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)
@@ -329,8 +347,9 @@ def test_a_kept_alive_connection_gets_the_body_cap_of_the_next_call(world: World
 
     doc = json.dumps({"credential": "api", "method": "GET", "path": "/echo/x"}).encode()
     world.configure(max_request_bytes=2048)
-    _exchange(world.socket, b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(doc), doc))  # a call: the broker reads the cap of 2048
+    _exchange(
+        world.socket, b"POST /v1/request HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(doc), doc)
+    )  # a call: the broker reads the cap of 2048
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(str(world.socket))
@@ -341,8 +360,10 @@ def test_a_kept_alive_connection_gets_the_body_cap_of_the_next_call(world: World
 
 def test_proxy_headers_are_read_as_h11_read_them(world: World, broker: BrokerThread) -> None:
     """Whitespace around a value is not part of it; trailers are not headers (RFC 9110 §5.5, §6.5)."""
-    raw = ("POST /v1/proxy/api/echo/ws HTTP/1.1\r\nHost: x\r\nX-Nonce: padded \t\r\n"
-           "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
+    raw = (
+        "POST /v1/proxy/api/echo/ws HTTP/1.1\r\nHost: x\r\nX-Nonce: padded \t\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
     (result,) = world.agent(world.acme, [{"raw": raw}])
     assert result["status"] == 200, result["body"][:300]
     (received,) = world.upstream.records
@@ -375,8 +396,10 @@ def test_refusals_are_coded_audited_and_never_reach_upstream(world: World, broke
 def test_an_oversized_body_is_refused(world: World, broker: BrokerThread) -> None:
     world.configure(max_request_bytes=2048)
     big = "x" * 5000
-    items = [req("api", "POST", "/echo/big", body=big),
-             {"method": "POST", "target": "/v1/proxy/api/echo/big", "body": big}]
+    items = [
+        req("api", "POST", "/echo/big", body=big),
+        {"method": "POST", "target": "/v1/proxy/api/echo/big", "body": big},
+    ]
     for result in world.agent(world.acme, items):
         assert result["status"] == 413
         error = error_of(result)
@@ -417,8 +440,9 @@ def _verify(world: World, home: Path | None = None) -> subprocess.CompletedProce
     env = world.env()
     if home is not None:
         env["OUTLOOP_HOME"] = str(home)
-    return subprocess.run([OUTLOOP, "audit", "verify"], cwd=world.unmapped, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [OUTLOOP, "audit", "verify"], cwd=world.unmapped, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def _tampered_copy(world: World, tmp_path: Path, name: str, change: Any) -> Path:
@@ -430,10 +454,18 @@ def _tampered_copy(world: World, tmp_path: Path, name: str, change: Any) -> Path
     return home
 
 
-def test_audit_verifies_after_traffic_and_finds_any_tampering(world: World, broker: BrokerThread,
-                                                              tmp_path: Path) -> None:
-    world.agent(world.acme, [req("api", "GET", "/echo/a"), req("api", "DELETE", "/echo/a"),
-                             req("crm", "GET", "/echo/a"), req("api", "GET", "/text/a")])
+def test_audit_verifies_after_traffic_and_finds_any_tampering(
+    world: World, broker: BrokerThread, tmp_path: Path
+) -> None:
+    world.agent(
+        world.acme,
+        [
+            req("api", "GET", "/echo/a"),
+            req("api", "DELETE", "/echo/a"),
+            req("crm", "GET", "/echo/a"),
+            req("api", "GET", "/text/a"),
+        ],
+    )
     world.agent(world.globex, [req("api", "GET", "/echo/b"), req("crm", "GET", "/echo/b")])
     world.agent(world.unmapped, [req("api", "GET", "/echo/c")])
     broker.stop()
@@ -469,8 +501,9 @@ def test_audit_verifies_after_traffic_and_finds_any_tampering(world: World, brok
 def test_kill_9_in_the_middle_of_200_calls_leaves_a_chain_that_verifies(world: World, tmp_path: Path) -> None:
     env = world.env()
     log = open(tmp_path / "broker.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([OUTLOOP, "broker"], cwd=world.unmapped, env=env, stdout=log, stderr=log,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [OUTLOOP, "broker"], cwd=world.unmapped, env=env, stdout=log, stderr=log, start_new_session=True
+    )
     try:
         wait_for(lambda: world.outloop("whoami", cwd=world.acme).returncode == 0, 30, "the broker")
         world.upstream.clear()
@@ -519,8 +552,7 @@ def test_kill_9_in_the_middle_of_200_calls_leaves_a_chain_that_verifies(world: W
 # -- many clients at once -----------------------------------------------------------------
 
 
-def test_50_concurrent_clients_of_two_tenants_get_exactly_their_own_answers(world: World,
-                                                                            broker: BrokerThread) -> None:
+def test_50_concurrent_clients_of_two_tenants_get_exactly_their_own_answers(world: World, broker: BrokerThread) -> None:
     script = r"""
 import json, sys
 from broker.client import call
@@ -545,9 +577,20 @@ print(json.dumps(out))
         tenant = "acme" if n % 2 == 0 else "globex"
         folder = world.acme if tenant == "acme" else world.globex
         me = f"{tenant}{n}"
-        procs.append((tenant, me, subprocess.Popen(
-            [sys.executable, "-c", script, me], cwd=folder, env=world.env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        procs.append(
+            (
+                tenant,
+                me,
+                subprocess.Popen(
+                    [sys.executable, "-c", script, me],
+                    cwd=folder,
+                    env=world.env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
     for tenant, _me, proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -577,10 +620,29 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_over_the_unix_socket(world: World, broker: BrokerThread) -> None:
-    payload = json.dumps({"credential": "api", "method": "GET", "path": "/echo/curl",
-                          "headers": {"X-Nonce": "curl-1", "Authorization": "Bearer dummy"}})
-    ran = world.run(["curl", "-sS", "-i", "--unix-socket", str(world.socket), "http://outloop/v1/request",
-                     "-H", "Content-Type: application/json", "-d", payload], cwd=world.acme)
+    payload = json.dumps(
+        {
+            "credential": "api",
+            "method": "GET",
+            "path": "/echo/curl",
+            "headers": {"X-Nonce": "curl-1", "Authorization": "Bearer dummy"},
+        }
+    )
+    ran = world.run(
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--unix-socket",
+            str(world.socket),
+            "http://outloop/v1/request",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            payload,
+        ],
+        cwd=world.acme,
+    )
     assert ran.returncode == 0, ran.stderr
     world.assert_clean(ran.seen)
     head, _, body = ran.stdout.partition("\n\n")  # text mode turned CRLF into LF
@@ -589,8 +651,7 @@ def test_curl_over_the_unix_socket(world: World, broker: BrokerThread) -> None:
     assert doc["status"] == 200 and doc["body"]["nonce"] == "curl-1"
     (rec,) = world.upstream.records
     assert rec.header("Authorization") == f"Bearer {world.keys[('acme', 'api')]}"
-    ran = world.run(["curl", "-sS", "--unix-socket", str(world.socket), "http://outloop/v1/health"],
-                    cwd=world.unmapped)
+    ran = world.run(["curl", "-sS", "--unix-socket", str(world.socket), "http://outloop/v1/health"], cwd=world.unmapped)
     assert json.loads(ran.stdout)["ok"] is True
 
 
@@ -628,14 +689,18 @@ print(json.dumps({"models": [m.model_dump() for m in models.data],
 
 
 def _pending(broker: BrokerThread, count: int = 1) -> list[Any]:
-    return wait_for(lambda: (p := broker.call(broker.engine.pending)) and len(p) >= count and p,
-                    30, "a pending approval")
+    return wait_for(
+        lambda: (p := broker.call(broker.engine.pending)) and len(p) >= count and p, 30, "a pending approval"
+    )
 
 
-@pytest.mark.parametrize(("answer", "status", "code"), [
-    ("approved", 200, None), ("denied", 403, "denied_by_operator"), ("always", 200, None)])
-def test_an_ask_call_waits_for_the_operator(world: World, broker: BrokerThread, answer: str, status: int,
-                                            code: str | None) -> None:
+@pytest.mark.parametrize(
+    ("answer", "status", "code"),
+    [("approved", 200, None), ("denied", 403, "denied_by_operator"), ("always", 200, None)],
+)
+def test_an_ask_call_waits_for_the_operator(
+    world: World, broker: BrokerThread, answer: str, status: int, code: str | None
+) -> None:
     broker.call(broker.engine.attach_approver)
     agent = world.agent_popen(world.acme, [req("api", "POST", "/ask/deploy", reason="ship it")])
     (pending,) = _pending(broker)
@@ -675,8 +740,7 @@ def test_an_unanswered_ask_times_out(world: World, broker: BrokerThread) -> None
     assert world.upstream.records == []
 
 
-def test_stopping_the_broker_answers_a_pending_call_before_closing(world: World,
-                                                                   broker: BrokerThread) -> None:
+def test_stopping_the_broker_answers_a_pending_call_before_closing(world: World, broker: BrokerThread) -> None:
     broker.call(broker.engine.attach_approver)
     agent = world.agent_popen(world.acme, [req("api", "POST", "/ask/deploy")])
     _pending(broker)
@@ -718,11 +782,15 @@ print(json.dumps(out))
 """
 
 
-def test_stopping_the_broker_takes_no_new_call_on_a_kept_alive_connection(
-        world: World, broker: BrokerThread) -> None:
-    agent = subprocess.Popen([sys.executable, "-c", KEEP_ALIVE_AGENT], cwd=world.acme,
-                             env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+def test_stopping_the_broker_takes_no_new_call_on_a_kept_alive_connection(world: World, broker: BrokerThread) -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-c", KEEP_ALIVE_AGENT],
+        cwd=world.acme,
+        env=world.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: world.upstream.records, 30, "the call to reach the upstream")
     broker.stop()
     out, err = agent.communicate(timeout=60)
@@ -765,8 +833,18 @@ def test_config_changes_take_effect_without_a_restart(world: World, broker: Brok
     assert error_of(before)["code"] == "unknown_credential"
     secret = "fresh-acme-K3y/+=9Zq0"
     world.keys[("acme", "fresh")] = secret
-    ran = world.outloop("credential", "add", "acme", "fresh", "--base-url", f"{world.upstream.url}/fresh",
-                        "--allow", "GET /**", cwd=world.unmapped, input=secret + "\n")
+    ran = world.outloop(
+        "credential",
+        "add",
+        "acme",
+        "fresh",
+        "--base-url",
+        f"{world.upstream.url}/fresh",
+        "--allow",
+        "GET /**",
+        cwd=world.unmapped,
+        input=secret + "\n",
+    )
     assert ran.returncode == 0, ran.stderr
     (after,) = world.agent(world.acme, [req("fresh", "GET", "/echo/x")])
     assert envelope(after)["body"]["echo"]["plain"] == "[REDACTED:fresh]"

@@ -122,7 +122,7 @@ def test_headers_are_redacted_and_other_text_is_left_alone() -> None:
     redactor = Redactor({"api": secret})
     headers = redactor.headers([("Location", f"https://x/?token={quote_plus(secret)}"), ("X-Other", "fine")])
     assert headers == [("Location", "https://x/?token=[REDACTED:api]"), ("X-Other", "fine")]
-    text = "ordinary text with base64 aGVsbG8gd29ybGQ= and % signs %2F and \\\" quotes"
+    text = 'ordinary text with base64 aGVsbG8gd29ybGQ= and % signs %2F and \\" quotes'
     assert redactor.text(text) == text
     assert Redactor({}).text(text) == text
     assert secret not in repr(redactor)
@@ -131,8 +131,14 @@ def test_headers_are_redacted_and_other_text_is_left_alone() -> None:
 def test_many_secrets_each_redacted_where_it_appears_and_nowhere_else() -> None:
     secrets = {f"c{i}": f"tok_{i:03d}_" + "abcdefghijklmnopqrstuvwxyz"[i % 26] * 20 for i in range(120)}
     redactor = Redactor(secrets)
-    body = json.dumps({"a": secrets["c7"], "b": base64.b64encode(f"Bearer {secrets['c99']}".encode()).decode(),
-                       "c": quote(secrets["c42"], safe=""), "clean": "tok_007_ but not the rest " * 50})
+    body = json.dumps(
+        {
+            "a": secrets["c7"],
+            "b": base64.b64encode(f"Bearer {secrets['c99']}".encode()).decode(),
+            "c": quote(secrets["c42"], safe=""),
+            "clean": "tok_007_ but not the rest " * 50,
+        }
+    )
     out = redactor.text(body)
     for name, secret in secrets.items():
         assert not leaked(out, secret), name
@@ -168,8 +174,12 @@ def test_headers_are_redacted_as_each_value_would_be_with_the_real_leak_rules() 
     assert len(keys) > 50
     caught = 0
     for key in [*keys, f"Bearer {secret}"]:
-        for headers in ([("X-Key", key)], [*plain, ("X-Key", key)], [("X-Key", key), *plain],
-                        [("X-Key", f"id={key};")]):
+        for headers in (
+            [("X-Key", key)],
+            [*plain, ("X-Key", key)],
+            [("X-Key", key), *plain],
+            [("X-Key", f"id={key};")],
+        ):
             expected = [(k, redactor.text(v)) for k, v in headers]
             assert redactor.headers(headers) == expected, key
             caught += expected != headers
@@ -188,9 +198,19 @@ SECRET = Secret("s3cr3t/+=value")
 
 
 def test_client_credential_and_hop_by_hop_headers_are_dropped() -> None:
-    client = {"Authorization": "Bearer dummy", "proxy-authorization": "x", "X-API-KEY": "dummy",
-              "Connection": "close", "Transfer-Encoding": "chunked", "Host": "evil", "Content-Length": "5",
-              "Accept-Encoding": "bzip2", "Cookie": "a=b", "X-Custom": "kept", "Private-Token": "x"}
+    client = {
+        "Authorization": "Bearer dummy",
+        "proxy-authorization": "x",
+        "X-API-KEY": "dummy",
+        "Connection": "close",
+        "Transfer-Encoding": "chunked",
+        "Host": "evil",
+        "Content-Length": "5",
+        "Accept-Encoding": "bzip2",
+        "Cookie": "a=b",
+        "X-Custom": "kept",
+        "Private-Token": "x",
+    }
     out = outgoing_headers(client, cred("bearer"), SECRET)
     assert out == {"Cookie": "a=b", "X-Custom": "kept", "Authorization": "Bearer s3cr3t/+=value"}
 
@@ -203,7 +223,9 @@ def test_each_auth_kind_is_injected() -> None:
     query = outgoing_headers({"Authorization": "Bearer dummy"}, cred("query:key"), SECRET)
     assert query == {}
     assert outgoing_query([("key", "mine"), ("q", "1")], cred("query:key"), SECRET) == [
-        ("q", "1"), ("key", "s3cr3t/+=value")]
+        ("q", "1"),
+        ("key", "s3cr3t/+=value"),
+    ]
     assert outgoing_query([("key", "mine")], cred("bearer"), SECRET) == [("key", "mine")]
 
 
@@ -217,8 +239,9 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
     forwarder = Forwarder(timeout=5, max_response_bytes=1000)
     c = cred("bearer", f"{up.url}/t")
     try:
-        moved = await forwarder.send(c, SECRET, "GET", normalize_path("/redirect"),
-                                     [("to", "http://127.0.0.2:9/x")], {}, b"")
+        moved = await forwarder.send(
+            c, SECRET, "GET", normalize_path("/redirect"), [("to", "http://127.0.0.2:9/x")], {}, b""
+        )
         assert moved.status == 302
         assert dict(moved.headers)["location"].startswith("http://127.0.0.2:9/x")
         assert len(up.records) == 1
@@ -237,8 +260,9 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
         assert unreadable.value.status == 502 and "(bzip2)" in str(unreadable.value)
         # An upstream's own text is not quoted back: it could hold anything, the key included.
         with pytest.raises(UpstreamError) as odd:
-            await forwarder.send(c, SECRET, "GET", normalize_path("/compressed/x"),
-                                 [("force", SECRET.reveal())], {}, b"")
+            await forwarder.send(
+                c, SECRET, "GET", normalize_path("/compressed/x"), [("force", SECRET.reveal())], {}, b""
+            )
         assert odd.value.status == 502 and "not a registered coding" in str(odd.value)
         assert SECRET.reveal()[:6] not in str(odd.value)
     finally:
@@ -250,15 +274,17 @@ async def test_forwarder_undoes_content_codings_within_the_cap(up: Upstream, cod
     forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
     c = cred("bearer", f"{up.url}/t")
     try:
-        ok = await forwarder.send(c, SECRET, "GET", normalize_path("/huge"),
-                                  [("n", "100000"), ("coding", coding)], {}, b"")
+        ok = await forwarder.send(
+            c, SECRET, "GET", normalize_path("/huge"), [("n", "100000"), ("coding", coding)], {}, b""
+        )
         assert ok.body == b"x" * 100_000
         assert not any(k.lower() == "content-encoding" for k, _ in ok.headers)
         assert up.records[-1].header("Accept-Encoding") == "gzip, deflate"
         # 100 KB that packs into a few hundred bytes: the cap applies to what it unpacks to.
         with pytest.raises(UpstreamError) as bomb:
-            await forwarder.send(c, SECRET, "GET", normalize_path("/huge"),
-                                 [("n", "100001"), ("coding", coding)], {}, b"")
+            await forwarder.send(
+                c, SECRET, "GET", normalize_path("/huge"), [("n", "100001"), ("coding", coding)], {}, b""
+            )
         assert bomb.value.status == 502 and "100000 byte cap" in str(bomb.value)
     finally:
         await forwarder.close()
@@ -269,9 +295,15 @@ async def test_forwarder_answers_a_coded_response_without_a_body(up: Upstream, c
     # HEAD (like 204 and 304) carries the GET's Content-Encoding but no body: nothing to undo.
     forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
     try:
-        head = await forwarder.send(cred("bearer", f"{up.url}/t"), SECRET, "HEAD",
-                                    normalize_path("/huge"), [("n", "1000"), ("coding", coding)],
-                                    {}, b"")
+        head = await forwarder.send(
+            cred("bearer", f"{up.url}/t"),
+            SECRET,
+            "HEAD",
+            normalize_path("/huge"),
+            [("n", "1000"), ("coding", coding)],
+            {},
+            b"",
+        )
         assert head.status == 200 and head.body == b""
     finally:
         await forwarder.close()
@@ -281,13 +313,15 @@ async def test_forwarder_timeouts_and_unreachable_hosts_say_so_without_the_key(u
     forwarder = Forwarder(timeout=0.2, max_response_bytes=1000)
     try:
         with pytest.raises(UpstreamError) as slow:
-            await forwarder.send(cred("query:key", f"{up.url}/t"), SECRET, "GET", normalize_path("/slow"),
-                                 [("s", "2")], {}, b"")
+            await forwarder.send(
+                cred("query:key", f"{up.url}/t"), SECRET, "GET", normalize_path("/slow"), [("s", "2")], {}, b""
+            )
         assert slow.value.status == 504
         assert "s3cr3t" not in str(slow.value)
         with pytest.raises(UpstreamError) as down:
-            await forwarder.send(cred("query:key", "http://127.0.0.1:9"), SECRET, "GET", normalize_path("/x"),
-                                 [], {}, b"")
+            await forwarder.send(
+                cred("query:key", "http://127.0.0.1:9"), SECRET, "GET", normalize_path("/x"), [], {}, b""
+            )
         assert down.value.status == 502
         assert "s3cr3t" not in str(down.value) and "s3cr3t" not in repr(down.value)
     finally:
@@ -304,8 +338,15 @@ def doc(**fields: object) -> bytes:
 
 
 def test_a_request_body_is_parsed() -> None:
-    call = parse_request_json(doc(query={"a": ["1", "2"], "b": True, "c": 3}, headers={"X-A": "1"},
-                                  body={"k": "v"}, tenant="acme", reason="r" * 600))
+    call = parse_request_json(
+        doc(
+            query={"a": ["1", "2"], "b": True, "c": 3},
+            headers={"X-A": "1"},
+            body={"k": "v"},
+            tenant="acme",
+            reason="r" * 600,
+        )
+    )
     assert (call.credential, call.method, call.path) == ("api", "GET", "/x")
     assert call.query == [("a", "1"), ("a", "2"), ("b", "true"), ("c", "3")]
     assert call.headers == {"X-A": "1", "Content-Type": "application/json"}
@@ -318,28 +359,55 @@ def test_a_request_body_is_parsed() -> None:
     assert parse_request_json(doc()).body == b""
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json", b"\xff\xfe", b"[1]", b'"s"', doc(credential=""), doc(method=5), doc(path=None),
-    doc(method="GET /x HTTP/1.1"), doc(method="G" * 21), doc(headers=["a"]), doc(headers={"a": 1}),
-    doc(headers={"X-A": "b\r\nc: d"}), doc(headers={"X-A\n": "b"}), doc(headers={"X A": "b"}),
-    doc(headers={"": "b"}), doc(headers={"X-A": "caf\u00e9"}), doc(headers={"X-A": "a\0b"}),
-    doc(query="a=1"), doc(query={"a": {"b": 1}}), doc(query={"a": None}), doc(query=[["a"]]),
-    doc(tenant=5), doc(reason=["x"]),
-    doc(path="/\ud800"), doc(reason="\udfff"), doc(body={"k": "\ud83d"}),  # lone surrogates
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[1]",
+        b'"s"',
+        doc(credential=""),
+        doc(method=5),
+        doc(path=None),
+        doc(method="GET /x HTTP/1.1"),
+        doc(method="G" * 21),
+        doc(headers=["a"]),
+        doc(headers={"a": 1}),
+        doc(headers={"X-A": "b\r\nc: d"}),
+        doc(headers={"X-A\n": "b"}),
+        doc(headers={"X A": "b"}),
+        doc(headers={"": "b"}),
+        doc(headers={"X-A": "caf\u00e9"}),
+        doc(headers={"X-A": "a\0b"}),
+        doc(query="a=1"),
+        doc(query={"a": {"b": 1}}),
+        doc(query={"a": None}),
+        doc(query=[["a"]]),
+        doc(tenant=5),
+        doc(reason=["x"]),
+        doc(path="/\ud800"),
+        doc(reason="\udfff"),
+        doc(body={"k": "\ud83d"}),  # lone surrogates
+    ],
+)
 def test_malformed_request_bodies_are_bad_requests(body: bytes) -> None:
     with pytest.raises(BadRequest):
         parse_request_json(body)
 
 
 def test_a_surrogate_pair_is_one_character_not_a_bad_request() -> None:
-    assert parse_request_json(doc(path="/\U0001F600")).path == "/\U0001F600"
-    assert b"\\ud83d\\ude00" in doc(path="/\U0001F600")  # json.dumps escaped it as a pair
+    assert parse_request_json(doc(path="/\U0001f600")).path == "/\U0001f600"
+    assert b"\\ud83d\\ude00" in doc(path="/\U0001f600")  # json.dumps escaped it as a pair
 
 
 def test_a_proxy_target_is_parsed() -> None:
-    headers = [(b"host", b"outloop"), (b"content-length", b"2"), (b"authorization", b"Bearer dummy"),
-               (b"x-outloop-reason", b"why"), (b"accept", b"application/json")]
+    headers = [
+        (b"host", b"outloop"),
+        (b"content-length", b"2"),
+        (b"authorization", b"Bearer dummy"),
+        (b"x-outloop-reason", b"why"),
+        (b"accept", b"application/json"),
+    ]
     call = parse_proxy("post", "/v1/proxy/open%61i/chat/completions?stream=false&x=", headers, b"{}")
     assert (call.credential, call.method, call.path) == ("openai", "POST", "/chat/completions")
     assert call.query == [("stream", "false"), ("x", "")]
@@ -372,9 +440,18 @@ class Clock:
 
 
 def approval_fields(**extra: object) -> dict[str, object]:
-    fields: dict[str, object] = {"tenant": "acme", "workspace": "/w", "pid": 1, "exe": "x", "credential": "api",
-                                 "method": "POST", "host": "h", "path": "/ask/x", "rule": "POST /ask/**",
-                                 "reason": ""}
+    fields: dict[str, object] = {
+        "tenant": "acme",
+        "workspace": "/w",
+        "pid": 1,
+        "exe": "x",
+        "credential": "api",
+        "method": "POST",
+        "host": "h",
+        "path": "/ask/x",
+        "rule": "POST /ask/**",
+        "reason": "",
+    }
     fields.update(extra)
     return fields
 
@@ -412,8 +489,12 @@ async def test_always_grants_the_same_call_until_it_expires() -> None:
     assert await waiter == ("always", "operator")
     same = approvals.new(timeout=30, **approval_fields(path="/ask/other"))  # same rule
     assert approvals.granted(same)
-    for other in (approval_fields(tenant="globex"), approval_fields(method="PUT"),
-                  approval_fields(credential="crm"), approval_fields(rule="POST /other/**")):
+    for other in (
+        approval_fields(tenant="globex"),
+        approval_fields(method="PUT"),
+        approval_fields(credential="crm"),
+        approval_fields(rule="POST /other/**"),
+    ):
         assert not approvals.granted(approvals.new(timeout=30, **other))
     clock.now += 61
     assert not approvals.granted(same)
@@ -439,8 +520,7 @@ async def test_timeout_deny_all_and_a_caller_that_hangs_up() -> None:
     assert await approvals.wait(approvals.new(timeout=0.05, **approval_fields())) == ("timeout", "timeout")
     assert approvals.pending() == []
 
-    waiters = [asyncio.create_task(approvals.wait(approvals.new(timeout=30, **approval_fields())))
-               for _ in range(3)]
+    waiters = [asyncio.create_task(approvals.wait(approvals.new(timeout=30, **approval_fields()))) for _ in range(3)]
     while len(approvals.pending()) < 3:
         await asyncio.sleep(0)
     assert approvals.deny_all("denied", "lock") == 3

@@ -53,8 +53,12 @@ def backups(path: Path) -> list[Path]:
 
 
 def our_commands(settings: dict[str, Any], event: str) -> list[str]:
-    return [h["command"] for g in settings.get("hooks", {}).get(event, []) for h in g["hooks"]
-            if "hook" in h["command"] and "outloop" in h["command"]]
+    return [
+        h["command"]
+        for g in settings.get("hooks", {}).get(event, [])
+        for h in g["hooks"]
+        if "hook" in h["command"] and "outloop" in h["command"]
+    ]
 
 
 SETTINGS_SHAPES: dict[str, Any] = {
@@ -71,22 +75,36 @@ SETTINGS_SHAPES: dict[str, Any] = {
     "empty hooks and permissions": {"hooks": {}, "permissions": {}},
     "just a theme": {"theme": "dark"},
     "an old outloop install beside a user hook": {
-        "hooks": {"PreToolUse": [{"matcher": "Bash|Read", "hooks": [
-            {"type": "command", "command": "/old/venv/bin/outloop hook pre", "timeout": 5},
-            {"type": "command", "command": "lint-guard"}]}]},
+        "hooks": {
+            "PreToolUse": [
+                {
+                    "matcher": "Bash|Read",
+                    "hooks": [
+                        {"type": "command", "command": "/old/venv/bin/outloop hook pre", "timeout": 5},
+                        {"type": "command", "command": "lint-guard"},
+                    ],
+                }
+            ]
+        },
     },
 }
 
 
 @pytest.mark.parametrize("shape", list(SETTINGS_SHAPES))
-def test_install_merges_keeps_everything_and_backs_up(home: Path, capsys: pytest.CaptureFixture[str],
-                                                      shape: str) -> None:
+def test_install_merges_keeps_everything_and_backs_up(
+    home: Path, capsys: pytest.CaptureFixture[str], shape: str
+) -> None:
     settings_file = home / ".claude" / "settings.json"
     global_file = home / ".claude.json"
     original_settings = write(settings_file, SETTINGS_SHAPES[shape])
-    original_global = write(global_file, {"numStartups": 12, "projects": {"/x": {"allowedTools": []}},
-                                          "mcpServers": {"github": {"command": "npx", "args": ["gh-mcp"],
-                                                                    "env": {"GITHUB_TOKEN": USER_KEY}}}})
+    original_global = write(
+        global_file,
+        {
+            "numStartups": 12,
+            "projects": {"/x": {"allowedTools": []}},
+            "mcpServers": {"github": {"command": "npx", "args": ["gh-mcp"], "env": {"GITHUB_TOKEN": USER_KEY}}},
+        },
+    )
     os.chmod(global_file, 0o644)
 
     code, out, err = run(capsys, "install")
@@ -168,8 +186,7 @@ def test_install_into_nothing_creates_files(home: Path, capsys: pytest.CaptureFi
     assert not backups(home / ".claude.json")
 
 
-def test_dry_run_writes_nothing_and_shows_only_outloops_entries(home: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_writes_nothing_and_shows_only_outloops_entries(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings_file = home / ".claude" / "settings.json"
     original = write(settings_file, SETTINGS_SHAPES["other hooks, env, permissions"])
     code, out, err = run(capsys, "install", "--dry-run")
@@ -183,8 +200,7 @@ def test_dry_run_writes_nothing_and_shows_only_outloops_entries(home: Path,
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"hooks": []}', '{"hooks": {"PreToolUse": {}}}'])
-def test_unexpected_shapes_are_refused_untouched(home: Path, capsys: pytest.CaptureFixture[str],
-                                                 content: str) -> None:
+def test_unexpected_shapes_are_refused_untouched(home: Path, capsys: pytest.CaptureFixture[str], content: str) -> None:
     settings_file = home / ".claude" / "settings.json"
     settings_file.parent.mkdir()
     settings_file.write_text(content)
@@ -219,9 +235,9 @@ def test_project_scope(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert load(project / ".mcp.json") == {"mcpServers": {"db": {"command": "db-mcp"}}}
 
 
-def test_claude_config_dir_moves_the_user_files(home: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_claude_config_dir_moves_the_user_files(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     moved = tmp_path / "claude-config"
     monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(moved))
     assert run(capsys, "install")[0] == 0
@@ -234,8 +250,11 @@ def test_installed_hook_command_runs_and_blocks(home: Path, capsys: pytest.Captu
     assert run(capsys, "install")[0] == 0
     settings = load(home / ".claude" / "settings.json")
     (command,) = our_commands(settings, "PreToolUse")
-    payload = (FIXTURES / "pre_read_env.json").read_text().replace("{cwd}", str(Path.cwd())) \
+    payload = (
+        (FIXTURES / "pre_read_env.json")
+        .read_text()
+        .replace("{cwd}", str(Path.cwd()))
         .replace("{transcript}", "/tmp/t.jsonl")
-    ran = subprocess.run(["/bin/sh", "-c", command], input=payload, capture_output=True, text=True,
-                         timeout=60)
+    )
+    ran = subprocess.run(["/bin/sh", "-c", command], input=payload, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 2 and "mcp__outloop__outloop_request" in ran.stderr

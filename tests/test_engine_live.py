@@ -40,12 +40,10 @@ async def test_workspace_added_in_another_terminal_is_watched_without_a_call(wor
         newcomer.mkdir()
         await _outloop(world, "workspace", "add", "acme", str(newcomer), cwd=world.root)
         # The engine notices the config change by itself and re-arms the watcher.
-        await _until(lambda: engine.watcher.health().workspaces and
-                     str(newcomer) in engine.watcher.health().workspaces)
+        await _until(lambda: engine.watcher.health().workspaces and str(newcomer) in engine.watcher.health().workspaces)
         token = "ghp_" + fake(A62, 36, seed="engine-live")
         (newcomer / ".env").write_text(f"GITHUB_TOKEN={token}\n")
-        await _until(lambda: any(isinstance(e, AlertOpened) and e.alert.path == str(newcomer / ".env")
-                                 for e in events))
+        await _until(lambda: any(isinstance(e, AlertOpened) and e.alert.path == str(newcomer / ".env") for e in events))
         alert = next(e.alert for e in events if isinstance(e, AlertOpened))
         assert alert.tenant == "acme" and alert.line == 1
         assert token not in repr(alert) and token not in alert.preview

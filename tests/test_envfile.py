@@ -22,9 +22,15 @@ def test_basic_forms():
     )
     env = env_dict(text)
     assert env == {
-        "PLAIN": "value", "EXPORTED": "yes", "SPACED": "padded", "SINGLE": "it",
-        "DOUBLE": 'line\nnext "q"', "BACKTICK": "tick", "INLINE": "abc",
-        "HASH": "abc#not-a-comment", "EMPTY": "",
+        "PLAIN": "value",
+        "EXPORTED": "yes",
+        "SPACED": "padded",
+        "SINGLE": "it",
+        "DOUBLE": 'line\nnext "q"',
+        "BACKTICK": "tick",
+        "INLINE": "abc",
+        "HASH": "abc#not-a-comment",
+        "EMPTY": "",
     }
 
 
@@ -33,14 +39,13 @@ def test_lines_and_spans_point_into_the_original_text():
     entries = parse_env(text)
     assert [(e.key, e.line) for e in entries] == [("A", 1), ("B", 3), ("C", 4)]
     for e in entries:
-        assert text[e.value_start:e.value_end] == e.value
+        assert text[e.value_start : e.value_end] == e.value
 
 
 def test_crlf_and_bom():
     text = "\ufeffA=1\r\nB=two words\r\n\r\nC='q'\r\n"
     entries = parse_env(text)
-    assert [(e.key, e.value, e.line) for e in entries] == [
-        ("A", "1", 1), ("B", "two words", 2), ("C", "q", 4)]
+    assert [(e.key, e.value, e.line) for e in entries] == [("A", "1", 1), ("B", "two words", 2), ("C", "q", 4)]
 
 
 def test_multiline_quoted_value_keeps_following_line_numbers():

@@ -50,11 +50,28 @@ def test_token_glued_to_other_word_characters_is_not_a_match():
     assert find_secrets(f"ghp_{body}Z") == []
 
 
-@pytest.mark.parametrize("value", [
-    "", "your-key-here", "YOUR_API_KEY", "xxx", "xxxxxxxxxxxxxxxx", "changeme", "<token>",
-    "${GITHUB_TOKEN}", "$GITHUB_TOKEN", "$(op read op://vault/gh/token)", "{{ secrets.KEY }}",
-    "sk-...", "********", "outloop:github", "use-outloop-broker", "null", "REDACTED",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "your-key-here",
+        "YOUR_API_KEY",
+        "xxx",
+        "xxxxxxxxxxxxxxxx",
+        "changeme",
+        "<token>",
+        "${GITHUB_TOKEN}",
+        "$GITHUB_TOKEN",
+        "$(op read op://vault/gh/token)",
+        "{{ secrets.KEY }}",
+        "sk-...",
+        "********",
+        "outloop:github",
+        "use-outloop-broker",
+        "null",
+        "REDACTED",
+    ],
+)
 def test_placeholders(value: str):
     assert L.is_placeholder(value)
 
@@ -64,19 +81,31 @@ def test_random_values_are_not_placeholders():
         assert not L.is_placeholder(L.fake(L.A62, 40, f"ph{n}"))
 
 
-@pytest.mark.parametrize("value", ["your-key-here", "${STRIPE_KEY}", "sk_live_" + "x" * 30,
-                                   "<insert-key>", "changeme"])
+@pytest.mark.parametrize("value", ["your-key-here", "${STRIPE_KEY}", "sk_live_" + "x" * 30, "<insert-key>", "changeme"])
 def test_placeholder_values_never_alert(value: str):
     assert find_secrets(f"STRIPE_SECRET_KEY={value}\nAPI_TOKEN={value}\n", env_like=True) == []
 
 
-@pytest.mark.parametrize("name,secret", [
-    ("STRIPE_API_KEY", True), ("DB_PASSWORD", True), ("dbPassword", True),
-    ("client-secret", True), ("GITHUB_TOKEN", True), ("AUTH", True), ("JWT_SECRET", True),
-    ("TOKEN_TTL", False), ("API_URL", False), ("PASSWORD_MIN_LENGTH", False),
-    ("AUTH_PROVIDER", False), ("NEXT_PUBLIC_API_KEY", False), ("STRIPE_PUBLISHABLE_KEY", False),
-    ("SUPABASE_ANON_KEY", False), ("SECRET_MANAGER", False),
-])
+@pytest.mark.parametrize(
+    "name,secret",
+    [
+        ("STRIPE_API_KEY", True),
+        ("DB_PASSWORD", True),
+        ("dbPassword", True),
+        ("client-secret", True),
+        ("GITHUB_TOKEN", True),
+        ("AUTH", True),
+        ("JWT_SECRET", True),
+        ("TOKEN_TTL", False),
+        ("API_URL", False),
+        ("PASSWORD_MIN_LENGTH", False),
+        ("AUTH_PROVIDER", False),
+        ("NEXT_PUBLIC_API_KEY", False),
+        ("STRIPE_PUBLISHABLE_KEY", False),
+        ("SUPABASE_ANON_KEY", False),
+        ("SECRET_MANAGER", False),
+    ],
+)
 def test_secret_names(name: str, secret: bool):
     assert L.is_secret_name(name) is secret
 
@@ -113,26 +142,26 @@ def test_non_env_text_gets_only_confident_rules():
 
 
 def test_hard_negatives_are_quiet():
-    text = "\n".join([
-        "commit 3f786850e387550fdab836ed7e6dc881de23001b",
-        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-        '"integrity": "sha512-' + L.fake(L.B64, 86, "int") + '=="',
-        "id = 123e4567-e89b-12d3-a456-426614174000",
-        "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
-        "postgres://user:password@localhost:5432/app",
-        "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
-    ])
+    text = "\n".join(
+        [
+            "commit 3f786850e387550fdab836ed7e6dc881de23001b",
+            "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            '"integrity": "sha512-' + L.fake(L.B64, 86, "int") + '=="',
+            "id = 123e4567-e89b-12d3-a456-426614174000",
+            "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
+            "postgres://user:password@localhost:5432/app",
+            "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+        ]
+    )
     assert find_secrets(text) == []
 
 
 def test_provider_key_spans_for_redaction():
     a = "sk-ant-api03-" + L.fake(L.B64URL, 93, "red") + "AA"
-    b = "xoxb-" + L.fake(L.DIGITS, 12, "r1") + "-" + L.fake(L.DIGITS, 12, "r2") + "-" \
-        + L.fake(L.A62, 24, "r3")
+    b = "xoxb-" + L.fake(L.DIGITS, 12, "r1") + "-" + L.fake(L.DIGITS, 12, "r2") + "-" + L.fake(L.A62, 24, "r3")
     text = f'{{"k": "{a}", "note": "ok", "slack": "{b}"}}'
     spans = list(iter_provider_key_spans(text))
-    assert [(text[s:e], rule) for s, e, rule in spans] == [
-        (a, "anthropic-api-key"), (b, "slack-bot-token")]
+    assert [(text[s:e], rule) for s, e, rule in spans] == [(a, "anthropic-api-key"), (b, "slack-bot-token")]
 
 
 def test_entropy():

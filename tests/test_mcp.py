@@ -89,9 +89,15 @@ async def test_credentials_tool_lists_rules_never_secrets(in_acme: World, broker
 
 async def test_allowed_call_returns_redacted_answer(in_acme: World, broker: BrokerThread) -> None:
     async with Client(build_server(in_acme.socket)) as client:
-        is_error, text = await call(client, in_acme, credential="api", method="get",
-                                    path="/echo/hello", query={"nonce": "n-1"},
-                                    reason="check the echo")
+        is_error, text = await call(
+            client,
+            in_acme,
+            credential="api",
+            method="get",
+            path="/echo/hello",
+            query={"nonce": "n-1"},
+            reason="check the echo",
+        )
     assert not is_error
     answer = json.loads(text)
     assert answer["status"] == 200
@@ -105,26 +111,31 @@ async def test_allowed_call_returns_redacted_answer(in_acme: World, broker: Brok
 
 async def test_json_body_and_upstream_status(in_acme: World, broker: BrokerThread) -> None:
     async with Client(build_server(in_acme.socket)) as client:
-        is_error, text = await call(client, in_acme, credential="api", method="POST",
-                                    path="/status/404", body={"title": "x"})
+        is_error, text = await call(
+            client, in_acme, credential="api", method="POST", path="/status/404", body={"title": "x"}
+        )
     assert not is_error  # an upstream 404 is an answer, not a refusal
     answer = json.loads(text)
     assert answer["status"] == 404
     assert json.loads(answer["body"]["body"]) == {"title": "x"}
 
 
-@pytest.mark.parametrize(("arguments", "code"), [
-    ({"credential": "nope", "method": "GET", "path": "/x"}, "unknown_credential"),
-    ({"credential": "crm", "method": "GET", "path": "/x"}, "wrong_tenant"),
-    ({"credential": "api", "method": "DELETE", "path": "/repos/x"}, "denied_by_policy"),
-    ({"credential": "api", "method": "GET", "path": "/admin/users"}, "denied_by_policy"),
-    ({"credential": "api", "method": "PUT", "path": "/anything"}, "denied_by_policy"),
-    ({"credential": "api", "method": "GET", "path": "/a/../../etc"}, "bad_request"),
-    ({"credential": "api", "method": "GET", "path": "http://evil.example/x"}, "bad_request"),
-    ({"credential": "api", "method": "POST", "path": "/ask/x"}, "approval_unavailable"),
-])
-async def test_refusals_are_tool_errors_naming_the_code(in_acme: World, broker: BrokerThread,
-                                                        arguments: dict[str, Any], code: str) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "code"),
+    [
+        ({"credential": "nope", "method": "GET", "path": "/x"}, "unknown_credential"),
+        ({"credential": "crm", "method": "GET", "path": "/x"}, "wrong_tenant"),
+        ({"credential": "api", "method": "DELETE", "path": "/repos/x"}, "denied_by_policy"),
+        ({"credential": "api", "method": "GET", "path": "/admin/users"}, "denied_by_policy"),
+        ({"credential": "api", "method": "PUT", "path": "/anything"}, "denied_by_policy"),
+        ({"credential": "api", "method": "GET", "path": "/a/../../etc"}, "bad_request"),
+        ({"credential": "api", "method": "GET", "path": "http://evil.example/x"}, "bad_request"),
+        ({"credential": "api", "method": "POST", "path": "/ask/x"}, "approval_unavailable"),
+    ],
+)
+async def test_refusals_are_tool_errors_naming_the_code(
+    in_acme: World, broker: BrokerThread, arguments: dict[str, Any], code: str
+) -> None:
     async with Client(build_server(in_acme.socket)) as client:
         is_error, text = await call(client, in_acme, **arguments)
     assert is_error
@@ -145,8 +156,7 @@ async def test_unmapped_workspace(world: World, broker: BrokerThread, monkeypatc
 
 async def test_upstream_error(in_acme: World, broker: BrokerThread) -> None:
     editor = ConfigEditor(in_acme.paths)
-    editor.add_credential("acme", "down", {"base_url": "http://127.0.0.1:9", "auth": "bearer",
-                                           "allow": ["GET /**"]})
+    editor.add_credential("acme", "down", {"base_url": "http://127.0.0.1:9", "auth": "bearer", "allow": ["GET /**"]})
     editor.save()
     SecretStore().set("acme", "down", Secret("down-secret-value-123456"))
     in_acme.keys[("acme", "down")] = "down-secret-value-123456"
@@ -164,9 +174,17 @@ async def test_broker_unreachable(in_acme: World, tmp_path: Path) -> None:
 async def test_ask_then_approved(in_acme: World, broker: BrokerThread) -> None:
     broker.call(broker.engine.attach_approver)
     async with Client(build_server(in_acme.socket)) as client:
-        task = asyncio.create_task(call(client, in_acme, credential="api", method="POST",
-                                        path="/ask/deploy", body={"v": 1},
-                                        reason="deploy the fix"))
+        task = asyncio.create_task(
+            call(
+                client,
+                in_acme,
+                credential="api",
+                method="POST",
+                path="/ask/deploy",
+                body={"v": 1},
+                reason="deploy the fix",
+            )
+        )
         approval_id = await wait_pending(broker)
         pending = broker.call(broker.engine.pending)[0]
         assert pending.reason == "deploy the fix"  # what the operator sees
@@ -181,8 +199,7 @@ async def test_ask_then_approved(in_acme: World, broker: BrokerThread) -> None:
 async def test_ask_then_denied_by_operator(in_acme: World, broker: BrokerThread) -> None:
     broker.call(broker.engine.attach_approver)
     async with Client(build_server(in_acme.socket)) as client:
-        task = asyncio.create_task(call(client, in_acme, credential="api", method="POST",
-                                        path="/ask/deploy"))
+        task = asyncio.create_task(call(client, in_acme, credential="api", method="POST", path="/ask/deploy"))
         approval_id = await wait_pending(broker)
         broker.call(broker.engine.answer, approval_id, "denied")
         is_error, text = await task
@@ -193,13 +210,13 @@ async def test_ask_unanswered_times_out(in_acme: World, broker: BrokerThread) ->
     in_acme.configure(approval_timeout=0.3)
     broker.call(broker.engine.attach_approver)
     async with Client(build_server(in_acme.socket)) as client:
-        is_error, text = await call(client, in_acme, credential="api", method="POST",
-                                    path="/ask/deploy")
+        is_error, text = await call(client, in_acme, credential="api", method="POST", path="/ask/deploy")
     assert is_error and "refused (approval_timeout)" in text
 
 
-async def test_long_wait_reports_progress(in_acme: World, broker: BrokerThread,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_long_wait_reports_progress(
+    in_acme: World, broker: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import outloop_tui.cmd_mcp as cmd_mcp
 
     monkeypatch.setattr(cmd_mcp, "PROGRESS_EVERY", 0.05)
@@ -210,9 +227,11 @@ async def test_long_wait_reports_progress(in_acme: World, broker: BrokerThread,
         seen.append(message)
 
     async with Client(build_server(in_acme.socket)) as client:
-        task = asyncio.create_task(client.call_tool(
-            REQUEST_TOOL, {"credential": "api", "method": "POST", "path": "/ask/x"},
-            progress_callback=on_progress))
+        task = asyncio.create_task(
+            client.call_tool(
+                REQUEST_TOOL, {"credential": "api", "method": "POST", "path": "/ask/x"}, progress_callback=on_progress
+            )
+        )
         approval_id = await wait_pending(broker)
         while not seen:
             await asyncio.sleep(0.02)
@@ -222,8 +241,9 @@ async def test_long_wait_reports_progress(in_acme: World, broker: BrokerThread,
     assert any(m and "approval" in m for m in seen)
 
 
-async def test_client_side_deadline_is_reported(in_acme: World, broker: BrokerThread,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_client_side_deadline_is_reported(
+    in_acme: World, broker: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OUTLOOP_MCP_TIMEOUT", "0.3")
     broker.call(broker.engine.attach_approver)
     async with Client(build_server(in_acme.socket)) as client:
@@ -252,8 +272,9 @@ async def test_stdio_server_in_a_workspace(world: World, broker: BrokerThread) -
         is_error, text = await call(client, world, credential="crm", method="GET", path="/x")
         assert is_error and "refused (wrong_tenant)" in text
 
-        task = asyncio.create_task(call(client, world, credential="api", method="POST",
-                                        path="/ask/release", reason="release 1.2"))
+        task = asyncio.create_task(
+            call(client, world, credential="api", method="POST", path="/ask/release", reason="release 1.2")
+        )
         approval_id = await wait_pending(broker)
         pending = broker.call(broker.engine.pending)[0]
         assert pending.reason == "release 1.2"
@@ -281,11 +302,20 @@ async def test_stdio_server_in_unmapped_folder(world: World, broker: BrokerThrea
 
 def test_missing_mcp_package_is_one_sentence(world: World) -> None:
     # A python whose `mcp` import fails: the command names the extra to install.
-    code = ("import sys; sys.modules['mcp'] = None; sys.modules['mcp.server'] = None\n"
-            "sys.modules['mcp.server.mcpserver'] = None\n"
-            "from outloop_tui.cli import main; sys.exit(main(['mcp']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=world.acme, env=world.env(), stdin=subprocess.DEVNULL, timeout=60)
+    code = (
+        "import sys; sys.modules['mcp'] = None; sys.modules['mcp.server'] = None\n"
+        "sys.modules['mcp.server.mcpserver'] = None\n"
+        "from outloop_tui.cli import main; sys.exit(main(['mcp']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=world.acme,
+        env=world.env(),
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "pip install 'outloop[mcp]'" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -311,8 +311,9 @@ def test_literal_percent_cannot_pose_as_an_encoded_slash() -> None:
     assert n.match_key != normalize_path("/repos/a%2Fb").match_key
 
 
-@pytest.mark.parametrize("filler", ["", "/x" * (CACHED_PATH_MAX // 2), "/é"],
-                         ids=["kept-in-the-cache", "too-long-to-keep", "not-ascii"])
+@pytest.mark.parametrize(
+    "filler", ["", "/x" * (CACHED_PATH_MAX // 2), "/é"], ids=["kept-in-the-cache", "too-long-to-keep", "not-ascii"]
+)
 def test_cached_and_uncached_paths_are_judged_alike(filler: str) -> None:
     # Short ASCII paths are memoised, others are not: all must be normalised and refused the same.
     assert normalize_path(f"{filler}/repos/a%20b/").encoded == f"{quote(filler)}/repos/a%20b/"

@@ -27,11 +27,20 @@ GH = "ghp_" + L.fake(L.A62, 36, "scan-gh")
 MANAGED = "mk_" + L.fake(L.A62, 40, "scan-managed")  # no provider format: only managed matching
 
 
-@pytest.mark.parametrize("name,env", [
-    (".env", True), (".env.local", True), (".env.production", True), ("prod.env", True),
-    (".envrc", True), ("env", False), ("environment.py", False), (".envoy.yaml", False),
-    ("app.py", False),
-])
+@pytest.mark.parametrize(
+    "name,env",
+    [
+        (".env", True),
+        (".env.local", True),
+        (".env.production", True),
+        ("prod.env", True),
+        (".envrc", True),
+        ("env", False),
+        ("environment.py", False),
+        (".envoy.yaml", False),
+        ("app.py", False),
+    ],
+)
 def test_env_like(name: str, env: bool):
     assert is_env_like(Path("/w") / name) is env
 
@@ -88,16 +97,19 @@ def test_env_files_get_every_rule_other_files_only_confident(tmp_path: Path):
     (tmp_path / ".env.local").write_text(generic)
     (tmp_path / "notes.txt").write_text(generic)
     assert [f.path.name for f in scan_tree(tmp_path).findings] == [".env.local"]
-    assert {f.path.name for f in scan_tree(tmp_path, all_files=True).findings} == {
-        ".env.local", "notes.txt"}
+    assert {f.path.name for f in scan_tree(tmp_path, all_files=True).findings} == {".env.local", "notes.txt"}
 
 
-@pytest.mark.parametrize("encode", [
-    lambda s: s,
-    lambda s: base64.b64encode(s.encode()).decode(),
-    lambda s: base64.b64encode(f"user:{s}".encode()).decode(),
-    lambda s: quote(s, safe=""),
-], ids=["verbatim", "base64", "base64-basic-auth", "url-encoded"])
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda s: s,
+        lambda s: base64.b64encode(s.encode()).decode(),
+        lambda s: base64.b64encode(f"user:{s}".encode()).decode(),
+        lambda s: quote(s, safe=""),
+    ],
+    ids=["verbatim", "base64", "base64-basic-auth", "url-encoded"],
+)
 def test_managed_secret_found_in_any_encoding(encode):
     managed = ManagedSecrets({("acme", "billing"): MANAGED + "/+="})
     text = f"log line\nAuthorization: something {encode(MANAGED + '/+=')} end\n"
@@ -107,8 +119,7 @@ def test_managed_secret_found_in_any_encoding(encode):
 
 def test_managed_secret_in_another_tenants_workspace_is_critical():
     managed = ManagedSecrets({("acme", "github"): MANAGED, ("globex", "github"): "x" * 4})
-    [f] = scan_text(f"x = '{MANAGED}'", Path("/w/globex/a.py"), tenant="globex",
-                    managed=managed)
+    [f] = scan_text(f"x = '{MANAGED}'", Path("/w/globex/a.py"), tenant="globex", managed=managed)
     assert (f.rule, f.severity, f.tenant) == ("cross-tenant:acme/github", "critical", "globex")
 
 
@@ -145,9 +156,14 @@ def test_iter_files_on_a_single_file(tmp_path: Path):
 
 def _outloop(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OUTLOOP_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "outloop_tui.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "outloop_tui.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 @pytest.fixture
@@ -166,8 +182,12 @@ def test_cli_scan_reports_and_exits_1_without_printing_secrets(leaky: Path, tmp_
     assert "github-ghp" in human.stdout and f"{leaky / '.env'}:1" in human.stdout
     [alert] = json.loads(as_json.stdout)
     assert {k: alert[k] for k in ("path", "line", "rule", "severity", "status")} == {
-        "path": str(leaky / ".env"), "line": 1, "rule": "github-ghp", "severity": "critical",
-        "status": "open"}
+        "path": str(leaky / ".env"),
+        "line": 1,
+        "rule": "github-ghp",
+        "severity": "critical",
+        "status": "open",
+    }
     for out in (human.stdout, human.stderr, as_json.stdout, as_json.stderr):
         assert GH not in out and GH[4:-2] not in out
 
@@ -189,8 +209,6 @@ def test_cli_scan_errors_are_one_sentence_and_exit_2(tmp_path: Path):
 
 def test_cli_all_files_widens_the_rules(tmp_path: Path):
     (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "settings.py").write_text(
-        f'DB_PASSWORD = "{L.fake(L.A62, 20, "cli-all")}!9"\n')
+    (tmp_path / "w" / "settings.py").write_text(f'DB_PASSWORD = "{L.fake(L.A62, 20, "cli-all")}!9"\n')
     assert _outloop("scan", str(tmp_path / "w"), home=tmp_path / "h").returncode == 0
-    assert _outloop("scan", str(tmp_path / "w"), "--all-files",
-                    home=tmp_path / "h").returncode == 1
+    assert _outloop("scan", str(tmp_path / "w"), "--all-files", home=tmp_path / "h").returncode == 1

@@ -34,10 +34,15 @@ SECRETS = {("acme", "api"): ACME_KEY, ("globex", "crm"): GLOBEX_KEY}
 def line(text: str, cwd: Path | None = None, kind: str = "user") -> str:
     """One transcript record, shaped like Claude Code's (a tool result as user content)."""
     record: dict[str, object] = {
-        "parentUuid": "a1", "isSidechain": False, "userType": "external", "sessionId": "s-1",
-        "version": "2.1.0", "type": kind, "uuid": "b2", "timestamp": "2026-11-20T10:00:00.000Z",
-        "message": {"role": "user", "content": [
-            {"tool_use_id": "toolu_1", "type": "tool_result", "content": text}]},
+        "parentUuid": "a1",
+        "isSidechain": False,
+        "userType": "external",
+        "sessionId": "s-1",
+        "version": "2.1.0",
+        "type": kind,
+        "uuid": "b2",
+        "timestamp": "2026-11-20T10:00:00.000Z",
+        "message": {"role": "user", "content": [{"tool_use_id": "toolu_1", "type": "tool_result", "content": text}]},
     }
     if cwd is not None:
         record["cwd"] = str(cwd)
@@ -86,8 +91,7 @@ def test_scanner_reads_only_appended_complete_lines(claude_home: Path, folders: 
     session = folder / "s-1.jsonl"
     session.write_text(line("hello") + line(f"key is {ACME_KEY}"))
     first = scanner.scan_changes(session)
-    assert [(f.tenant, f.line, f.rule, f.severity) for f in first] == [
-        ("acme", 2, "managed-secret:acme/api", "high")]
+    assert [(f.tenant, f.line, f.rule, f.severity) for f in first] == [("acme", 2, "managed-secret:acme/api", "high")]
     assert first[0].fingerprint == hashlib.sha256(ACME_KEY.encode()).hexdigest()
     assert ACME_KEY not in repr(first)
     assert scanner.scan_changes(session) == []  # nothing new
@@ -156,8 +160,9 @@ async def wait_alerts(store: AlertStore, n: int, status: str = "open", timeout: 
     raise AssertionError(f"expected {n} {status} alerts, have {len(store.alerts((status,)))}")  # type: ignore[arg-type]
 
 
-async def test_watcher_catches_managed_secret_appended(watching: tuple[TranscriptWatcher, AlertStore],
-                                                       claude_home: Path, folders: dict[str, Path]) -> None:
+async def test_watcher_catches_managed_secret_appended(
+    watching: tuple[TranscriptWatcher, AlertStore], claude_home: Path, folders: dict[str, Path]
+) -> None:
     watcher, store = watching
     # Claude Code creates the projects tree on first use, while Outloop already watches.
     folder = transcript_dir(folders["acme"].resolve())
@@ -190,8 +195,9 @@ async def test_watcher_catches_managed_secret_appended(watching: tuple[Transcrip
     assert watcher.health()["running"]
 
 
-async def test_watcher_catches_tool_result_file(watching: tuple[TranscriptWatcher, AlertStore],
-                                                claude_home: Path, folders: dict[str, Path]) -> None:
+async def test_watcher_catches_tool_result_file(
+    watching: tuple[TranscriptWatcher, AlertStore], claude_home: Path, folders: dict[str, Path]
+) -> None:
     _watcher, store = watching
     results = transcript_dir(folders["globex"].resolve()) / "s-2" / "tool-results"
     results.mkdir(parents=True)
@@ -201,8 +207,9 @@ async def test_watcher_catches_tool_result_file(watching: tuple[TranscriptWatche
     assert alert.path == str(results / "toolu_9.txt")
 
 
-async def test_watcher_in_a_subfolder_session(watching: tuple[TranscriptWatcher, AlertStore],
-                                              claude_home: Path, folders: dict[str, Path]) -> None:
+async def test_watcher_in_a_subfolder_session(
+    watching: tuple[TranscriptWatcher, AlertStore], claude_home: Path, folders: dict[str, Path]
+) -> None:
     _watcher, store = watching
     sub = folders["acme"].resolve() / "frontend"
     folder = transcript_dir(sub)
@@ -243,9 +250,9 @@ async def test_engine_watches_transcripts_of_mapped_workspaces(world: World, cla
         await engine.stop()
 
 
-async def test_rearm_follows_a_new_workspace(watching: tuple[TranscriptWatcher, AlertStore],
-                                             claude_home: Path, tmp_path: Path,
-                                             folders: dict[str, Path]) -> None:
+async def test_rearm_follows_a_new_workspace(
+    watching: tuple[TranscriptWatcher, AlertStore], claude_home: Path, tmp_path: Path, folders: dict[str, Path]
+) -> None:
     watcher, store = watching
     newcomer = (tmp_path / "clients" / "initech").resolve()
     newcomer.mkdir()

@@ -166,8 +166,7 @@ async def echo(conn: Conn) -> None:
         await conn.send(response(f"{conn.index} {req.method} {req.target}".encode()))
 
 
-def answer_together(parties: int, body: Callable[[Conn, Request], str],
-                    wait_for: str = "/") -> Handler:
+def answer_together(parties: int, body: Callable[[Conn, Request], str], wait_for: str = "/") -> Handler:
     """Keep-alive: hold each request whose target starts with `wait_for` until
     `parties` of them are in (so that many calls are in flight at once), then answer."""
     barrier = asyncio.Barrier(parties)
@@ -234,18 +233,35 @@ class Client:
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    async def request(self, method: str, url: str, body: bytes = b"", *,
-                      headers: list[tuple[bytes, bytes]] = (), timeout: float | None = None) -> Reply:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes = b"",
+        *,
+        headers: list[tuple[bytes, bytes]] = (),
+        timeout: float | None = None,
+    ) -> Reply:
         parts = urlsplit(url)
         assert parts.hostname is not None
-        origin = (parts.scheme.encode(), parts.hostname.encode(),
-                  parts.port or (443 if parts.scheme == "https" else 80))
+        origin = (
+            parts.scheme.encode(),
+            parts.hostname.encode(),
+            parts.port or (443 if parts.scheme == "https" else 80),
+        )
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         sent = [(b"Host", parts.netloc.encode()), *headers]
         if body or method == "POST":
             sent.append((b"Content-Length", str(len(body)).encode()))
-        got = await self.transport.fetch(origin, method.encode(), target.encode(), sent, body,
-                                         timeout=timeout or self.timeout, max_bytes=self.max_bytes)
+        got = await self.transport.fetch(
+            origin,
+            method.encode(),
+            target.encode(),
+            sent,
+            body,
+            timeout=timeout or self.timeout,
+            max_bytes=self.max_bytes,
+        )
         return Reply(got.status, {k.decode(): v.decode() for k, v in got.headers}, got.body)
 
     async def get(self, url: str, **options: Any) -> Reply:
@@ -715,10 +731,10 @@ async def test_a_body_over_the_cap_raises_response_too_large(framing: str) -> No
         assert (await c.get(f"{server.url}/next")).text == "/next"
 
 
-@pytest.mark.parametrize("value", [b"a\r\nX-Injected: 1", b"a\nb", b"a\x00b", b"a\x7fb"],
-                         ids=["crlf", "lf", "nul", "del"])
-async def test_a_header_value_that_could_split_the_request_is_never_sent(
-        upstream: RawServer, value: bytes) -> None:
+@pytest.mark.parametrize(
+    "value", [b"a\r\nX-Injected: 1", b"a\nb", b"a\x00b", b"a\x7fb"], ids=["crlf", "lf", "nul", "del"]
+)
+async def test_a_header_value_that_could_split_the_request_is_never_sent(upstream: RawServer, value: bytes) -> None:
     # The message names the header, never its value: that may be the key.
     async with client() as c:
         with pytest.raises(httpx.LocalProtocolError) as caught:
@@ -982,7 +998,8 @@ async def test_closing_the_pool_ends_a_call_in_flight_at_once() -> None:
 
 
 async def test_a_server_that_hangs_up_during_an_upload_leaves_no_unread_failure(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def hang_up(conn: Conn) -> None:
         await conn.reader.readuntil(b"\r\n\r\n")
         conn.writer.transport.abort()
@@ -996,8 +1013,9 @@ async def test_a_server_that_hangs_up_during_an_upload_leaves_no_unread_failure(
 
 
 async def test_tiny_chunks_cost_no_more_memory_than_their_bytes() -> None:
-    wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"2\r\nab\r\n" * (MiB // 2) + b"0\r\n\r\n")  # 1 MiB of body, 3.5 MiB on the wire
+    wire = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"2\r\nab\r\n" * (MiB // 2) + b"0\r\n\r\n"
+    )  # 1 MiB of body, 3.5 MiB on the wire
 
     async def tiny_chunks(conn: Conn) -> None:
         while await conn.request() is not None:

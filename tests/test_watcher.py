@@ -113,8 +113,7 @@ async def test_managed_secret_cross_tenant_and_rearm(h: Harness):
     leaked = h.globex / "config.json"
     leaked.write_text(f'{{"key": "{secret}"}}\n')
     alert = (await h.next(AlertOpened, leaked)).alert
-    assert (alert.rule, alert.severity, alert.tenant) == (
-        "cross-tenant:acme/billing", "critical", "globex")
+    assert (alert.rule, alert.severity, alert.tenant) == ("cross-tenant:acme/billing", "critical", "globex")
 
     await h.watcher.rearm([("globex", h.globex)])  # acme no longer watched
     await h.watcher.wait_ready()

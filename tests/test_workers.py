@@ -55,9 +55,17 @@ def health(broker: BrokerThread) -> dict[str, Any]:
 
 
 def agents(world: World, folder: Path, paths_per_agent: list[list[str]]) -> list[subprocess.Popen[str]]:
-    return [subprocess.Popen([sys.executable, "-c", AGENT, json.dumps(paths)], cwd=folder,
-                             env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for paths in paths_per_agent]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", AGENT, json.dumps(paths)],
+            cwd=folder,
+            env=world.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for paths in paths_per_agent
+    ]
 
 
 def results(world: World, procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
@@ -78,9 +86,7 @@ def busy_until_a_worker_runs(world: World, broker: BrokerThread) -> None:
         results(world, agents(world, world.acme, [["/slow/warm?s=0.2"]] * 3))
 
 
-def test_busy_calls_go_through_a_worker_with_the_right_key_and_redacted(
-    world: World, pooled: BrokerThread
-) -> None:
+def test_busy_calls_go_through_a_worker_with_the_right_key_and_redacted(world: World, pooled: BrokerThread) -> None:
     busy_until_a_worker_runs(world, pooled)
     before = health(pooled)["calls"]
     world.upstream.clear()
@@ -104,23 +110,18 @@ def test_busy_calls_go_through_a_worker_with_the_right_key_and_redacted(
     world.assert_clean(world.audit_bytes())
 
 
-def test_a_worker_never_holds_a_secret_in_its_arguments_or_environment(
-    world: World, pooled: BrokerThread
-) -> None:
+def test_a_worker_never_holds_a_secret_in_its_arguments_or_environment(world: World, pooled: BrokerThread) -> None:
     busy_until_a_worker_runs(world, pooled)
     for pid in health(pooled)["pids"]:
         for name in ("cmdline", "environ"):
             world.assert_clean(Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" "))
 
 
-def test_a_worker_killed_mid_call_fails_its_calls_and_a_new_one_takes_over(
-    world: World, pooled: BrokerThread
-) -> None:
+def test_a_worker_killed_mid_call_fails_its_calls_and_a_new_one_takes_over(world: World, pooled: BrokerThread) -> None:
     busy_until_a_worker_runs(world, pooled)
     (pid,) = health(pooled)["pids"]
     procs = agents(world, world.acme, [["/slow/killed?s=3"]] * 4)
-    wait_for(lambda: sum("/slow/killed" in r.path for r in world.upstream.records) >= 3,
-             what="calls on the wire")
+    wait_for(lambda: sum("/slow/killed" in r.path for r in world.upstream.records) >= 3, what="calls on the wire")
     os.kill(pid, signal.SIGKILL)
     answers = results(world, procs)
     failed = [a for a in answers if a["status"] == 502]
@@ -147,8 +148,7 @@ def test_a_worker_never_runs_code_from_the_folder_the_broker_was_started_in(
     (planted / "broker").mkdir(parents=True)
     marker = tmp_path / "planted-ran"
     (planted / "broker" / "__init__.py").write_text("")
-    (planted / "broker" / "workers.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\n")
+    (planted / "broker" / "workers.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     monkeypatch.chdir(planted)
     world.configure(forward_workers=1)
     broker = BrokerThread(world.paths).start()
@@ -162,9 +162,7 @@ def test_a_worker_never_runs_code_from_the_folder_the_broker_was_started_in(
     assert not marker.exists()
 
 
-def test_a_stuck_worker_fails_its_calls_in_time_and_is_replaced(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stuck_worker_fails_its_calls_in_time_and_is_replaced(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers, "GRACE_SECONDS", 1.0)
     world.configure(forward_workers=1, upstream_timeout=0.5)
     broker = BrokerThread(world.paths).start()

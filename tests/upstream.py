@@ -72,9 +72,9 @@ class Received:
 def key_of(auth: str | None, api_key: str | None, query: list[tuple[str, str]]) -> str:
     """The credential a request carried, however it was put on the wire."""
     if auth and auth.startswith("Bearer "):
-        return auth[len("Bearer "):]
+        return auth[len("Bearer ") :]
     if auth and auth.startswith("Basic "):
-        raw = base64.b64decode(auth[len("Basic "):]).decode("utf-8", "replace")
+        raw = base64.b64decode(auth[len("Basic ") :]).decode("utf-8", "replace")
         return raw.partition(":")[2]
     if api_key:
         return api_key
@@ -88,13 +88,19 @@ def _lower_hex(text: str) -> str:
 def echoes(key: str) -> dict[str, str]:
     """The key in every encoding the broker must redact, by label."""
     raw = key.encode("utf-8")
-    out = {"plain": key, "bearer": f"Bearer {key}",
-           "pct": quote(key, safe=""), "pct_plus": quote_plus(key, safe=""),
-           "pct_lower": _lower_hex(quote(key, safe="")), "pct_path": quote(key),
-           "json_escaped": json.dumps(key), "json_slashes": json.dumps(key).replace("/", "\\/"),
-           "b64_bearer": base64.b64encode(f"Bearer {key}".encode()).decode(),
-           "b64url_bearer": base64.urlsafe_b64encode(f"Bearer {key}".encode()).decode(),
-           "b64_basic": base64.b64encode(f"user:{key}".encode()).decode()}
+    out = {
+        "plain": key,
+        "bearer": f"Bearer {key}",
+        "pct": quote(key, safe=""),
+        "pct_plus": quote_plus(key, safe=""),
+        "pct_lower": _lower_hex(quote(key, safe="")),
+        "pct_path": quote(key),
+        "json_escaped": json.dumps(key),
+        "json_slashes": json.dumps(key).replace("/", "\\/"),
+        "b64_bearer": base64.b64encode(f"Bearer {key}".encode()).decode(),
+        "b64url_bearer": base64.urlsafe_b64encode(f"Bearer {key}".encode()).decode(),
+        "b64_basic": base64.b64encode(f"user:{key}".encode()).decode(),
+    }
     for k in range(3):
         pad = b"ab"[:k]
         out[f"b64_{k}"] = base64.b64encode(pad + raw).decode()
@@ -115,8 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         parts = urlsplit(self.path)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        rec = Received(self.command, self.path, parts.path, query,
-                       list(self.headers.items()), body)
+        rec = Received(self.command, self.path, parts.path, query, list(self.headers.items()), body)
         self.server.owner._record(rec)
         key = key_of(self.headers.get("Authorization"), self.headers.get("X-Api-Key"), query)
         nonce = self.headers.get("X-Nonce") or dict(query).get("nonce", "")
@@ -125,15 +130,27 @@ class _Handler(BaseHTTPRequestHandler):
         if "/hold" in path:
             self.server.owner._hold.wait(60)
         if path.endswith("/models"):
-            return self._json(200, {"object": "list", "data": [
-                {"id": "gpt-test", "object": "model", "created": 1, "owned_by": key}]})
+            return self._json(
+                200, {"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 1, "owned_by": key}]}
+            )
         if path.endswith("/chat/completions"):
-            return self._json(200, {
-                "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                "model": "gpt-test",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"echo {key}"}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return self._json(
+                200,
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": "gpt-test",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": f"echo {key}"},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
         if "/redirect" in path:
             target = params.get("to", "http://127.0.0.1:9/")
             return self._send(302, b"", [("Location", f"{target}?token={quote_plus(key)}")])
@@ -144,25 +161,38 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, data, [("Content-Type", "text/plain")])
             raw = coding == "raw-deflate"
             packer = zlib.compressobj(wbits=-zlib.MAX_WBITS) if raw else None
-            packed = (packer.compress(data) + packer.flush() if packer
-                      else gzip.compress(data) if coding == "gzip" else zlib.compress(data))
-            return self._send(200, packed, [("Content-Type", "text/plain"),
-                                            ("Content-Encoding", "deflate" if raw else coding)])
+            packed = (
+                packer.compress(data) + packer.flush()
+                if packer
+                else gzip.compress(data)
+                if coding == "gzip"
+                else zlib.compress(data)
+            )
+            return self._send(
+                200, packed, [("Content-Type", "text/plain"), ("Content-Encoding", "deflate" if raw else coding)]
+            )
         if "/slow" in path:
             time.sleep(float(params.get("s", "1")))
-        doc = {"path": path, "nonce": nonce, "method": self.command, "echo": echoes(key),
-               "body": body.decode("utf-8", "replace")}
+        doc = {
+            "path": path,
+            "nonce": nonce,
+            "method": self.command,
+            "echo": echoes(key),
+            "body": body.decode("utf-8", "replace"),
+        }
         status = 200
         if "/status/" in path:
             status = int(path.rsplit("/status/", 1)[1][:3])
         if "/text" in path:
             text = "\n".join(f"{k}={v}" for k, v in echoes(key).items()).encode()
-            return self._send(status, text, [("Content-Type", "text/plain; charset=utf-8"),
-                                             *self._echo_headers(key, nonce)])
+            return self._send(
+                status, text, [("Content-Type", "text/plain; charset=utf-8"), *self._echo_headers(key, nonce)]
+            )
         if "/binary" in path:
             blob = b"\xff\xfe\x00" + key.encode() + b"\x80" + base64.b64encode(key.encode())
-            return self._send(status, blob, [("Content-Type", "application/octet-stream"),
-                                             *self._echo_headers(key, nonce)])
+            return self._send(
+                status, blob, [("Content-Type", "application/octet-stream"), *self._echo_headers(key, nonce)]
+            )
         if "/compressed" in path:
             return self._compressed(json.dumps(doc).encode(), key, nonce, params.get("force"))
         return self._json(status, doc, self._echo_headers(key, nonce))
@@ -176,24 +206,23 @@ class _Handler(BaseHTTPRequestHandler):
         return hdrs
 
     def _compressed(self, data: bytes, key: str, nonce: str, force: str | None) -> None:
-        accepted = [a.split(";")[0].strip() for a in
-                    (self.headers.get("Accept-Encoding") or "").split(",")]
+        accepted = [a.split(";")[0].strip() for a in (self.headers.get("Accept-Encoding") or "").split(",")]
         if force:
             accepted = [force]
         coders = {"bzip2": bz2.compress, "gzip": gzip.compress, "deflate": zlib.compress}
         if force and force not in coders:  # a coding nobody knows, named as asked
-            return self._send(200, data, [("Content-Type", "application/json"),
-                                          ("Content-Encoding", force)])
+            return self._send(200, data, [("Content-Type", "application/json"), ("Content-Encoding", force)])
         for name in accepted:
             if name in coders:
-                return self._send(200, coders[name](data), [
-                    ("Content-Type", "application/json"), ("Content-Encoding", name),
-                    *self._echo_headers(key, nonce)])
+                return self._send(
+                    200,
+                    coders[name](data),
+                    [("Content-Type", "application/json"), ("Content-Encoding", name), *self._echo_headers(key, nonce)],
+                )
         return self._send(200, data, [("Content-Type", "application/json")])
 
     def _json(self, status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> None:
-        self._send(status, json.dumps(doc).encode(),
-                   [("Content-Type", "application/json"), *(headers or [])])
+        self._send(status, json.dumps(doc).encode(), [("Content-Type", "application/json"), *(headers or [])])
 
     def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         self.send_response(status)
@@ -231,8 +260,9 @@ class Upstream:
         self._server = _Server((self.host, 0), _Handler)
         self._server.owner = self
         # A short poll interval: shutdown() waits for the serving loop to notice.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
-                                        daemon=True, name="test-upstream")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True, name="test-upstream"
+        )
         self._thread.start()
         return self
 
