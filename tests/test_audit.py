@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from broker import audit
 from broker.audit import (
     GENESIS,
     AuditError,
@@ -33,6 +32,8 @@ from broker.audit import (
     record_hash,
     verify,
 )
+from broker.audit import log as audit_log
+from broker.audit import store as audit_store
 from broker.paths import Paths
 from outloop_tui import cmd_audit
 
@@ -373,7 +374,7 @@ async def test_an_edited_last_record_is_not_mistaken_for_a_torn_tail(audit_dir: 
 @pytest.fixture(params=["loop", "thread"])
 def sync_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Where fsyncs run: on the event loop (a fast disk) or the audit thread (a slow one)."""
-    monkeypatch.setattr(audit, "INLINE_SYNC_MAX_SECONDS", float("inf") if request.param == "loop" else -1.0)
+    monkeypatch.setattr(audit_log, "INLINE_SYNC_MAX_SECONDS", float("inf") if request.param == "loop" else -1.0)
     return str(request.param)
 
 
@@ -401,7 +402,7 @@ async def test_fsyncs_run_on_the_loop_only_while_the_disk_is_fast(
         time.sleep(delay[0])
 
     loop_thread = threading.get_ident()
-    monkeypatch.setattr(audit, "_datasync", timed)
+    monkeypatch.setattr(audit_store, "_datasync", timed)
     async with AuditLog(audit_dir) as log:
         await log.record(call(0))
         assert ran_on[-1] != loop_thread  # not known to be fast yet: the thread
@@ -520,7 +521,7 @@ def _head_hash(audit_dir: Path) -> str:
 async def test_a_record_not_waiting_for_fsync_is_in_the_file_when_the_call_returns(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)  # no fsync of its own during the test
+    monkeypatch.setattr(audit_log, "LAZY_SYNC_SECONDS", 30.0)  # no fsync of its own during the test
     async with AuditLog(audit_dir) as log:
         attempt = await log.record(call(1))
         fsyncs = log.stats.fsyncs
@@ -545,12 +546,12 @@ async def test_a_record_not_waiting_for_fsync_is_fsynced_soon_on_its_own(audit_d
         outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
         deadline = time.monotonic() + 5
         while log.head != outcome["hash"] and time.monotonic() < deadline:
-            await asyncio.sleep(audit.LAZY_SYNC_SECONDS)
+            await asyncio.sleep(audit_log.LAZY_SYNC_SECONDS)
         assert log.head == outcome["hash"] and _head_hash(audit_dir) == outcome["hash"]
 
 
 async def test_close_fsyncs_records_not_yet_fsynced(audit_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
+    monkeypatch.setattr(audit_log, "LAZY_SYNC_SECONDS", 30.0)
     async with AuditLog(audit_dir) as log:
         await log.record(call(1))
         outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
@@ -561,7 +562,7 @@ async def test_close_fsyncs_records_not_yet_fsynced(audit_dir: Path, monkeypatch
 async def test_subscribers_get_records_not_waiting_for_fsync_once_fsynced(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
+    monkeypatch.setattr(audit_log, "LAZY_SYNC_SECONDS", 30.0)
     seen: list[dict[str, Any]] = []
     async with AuditLog(audit_dir) as log:
         log.subscribe(seen.append)
@@ -619,14 +620,14 @@ def _no_space(fd: int, data: bytes) -> None:
 async def test_a_failed_write_of_a_record_fsynced_in_the_call_fails_closed(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit, "INLINE_SYNC_MAX_SECONDS", float("inf"))  # fsync inside record()
-    real = audit._write_all
+    monkeypatch.setattr(audit_log, "INLINE_SYNC_MAX_SECONDS", float("inf"))  # fsync inside record()
+    real = audit_store._write_all
     async with AuditLog(audit_dir) as log:
         first = await log.record(call(0), batch=False)
-        monkeypatch.setattr(audit, "_write_all", _no_space)
+        monkeypatch.setattr(audit_store, "_write_all", _no_space)
         with pytest.raises(AuditError, match="No space left"):
             await log.record(call(1), batch=False)
-        monkeypatch.setattr(audit, "_write_all", real)
+        monkeypatch.setattr(audit_store, "_write_all", real)
         last = await log.record(call(2), batch=False)
     assert [r["id"] for r in iter_records(audit_dir)] == [first["id"], last["id"]]
     assert verify(audit_dir).ok
@@ -635,37 +636,37 @@ async def test_a_failed_write_of_a_record_fsynced_in_the_call_fails_closed(
 async def test_a_failed_write_does_not_stop_later_records_being_fsynced_on_their_own(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = audit._write_all
+    real = audit_store._write_all
     async with AuditLog(audit_dir) as log:
         await log.record(call(0))
-        monkeypatch.setattr(audit, "_write_all", _no_space)
+        monkeypatch.setattr(audit_store, "_write_all", _no_space)
         with pytest.raises(AuditError, match="No space left"):
             await log.record({"event": "outcome", "status": 200}, durable=False)
-        monkeypatch.setattr(audit, "_write_all", real)
-        await asyncio.sleep(audit.LAZY_SYNC_SECONDS * 4)
+        monkeypatch.setattr(audit_store, "_write_all", real)
+        await asyncio.sleep(audit_log.LAZY_SYNC_SECONDS * 4)
         outcome = await log.record({"event": "outcome", "status": 200}, durable=False)
         deadline = time.monotonic() + 5
         while log.head != outcome["hash"] and time.monotonic() < deadline:
-            await asyncio.sleep(audit.LAZY_SYNC_SECONDS)
+            await asyncio.sleep(audit_log.LAZY_SYNC_SECONDS)
         assert log.head == outcome["hash"] and _head_hash(audit_dir) == outcome["hash"]
 
 
 async def test_a_failed_fsync_fails_the_waiting_call_and_keeps_the_chain_whole(
     audit_dir: Path, monkeypatch: pytest.MonkeyPatch, sync_on: str
 ) -> None:
-    monkeypatch.setattr(audit, "LAZY_SYNC_SECONDS", 30.0)
-    real = audit._datasync
+    monkeypatch.setattr(audit_log, "LAZY_SYNC_SECONDS", 30.0)
+    real = audit_store._datasync
 
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     async with AuditLog(audit_dir) as log:
         first = await log.record(call(1))
-        monkeypatch.setattr(audit, "_datasync", broken)
+        monkeypatch.setattr(audit_store, "_datasync", broken)
         await log.record({"event": "outcome", "status": 200}, durable=False)
         with pytest.raises(AuditError, match="Input/output error"):
             await log.record(call(2))
-        monkeypatch.setattr(audit, "_datasync", real)
+        monkeypatch.setattr(audit_store, "_datasync", real)
         last = await log.record(call(3))
         assert log.stats.failures == 1
     # What the failed fsync covered was cut, and the chain goes on from the
