@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.leakrules import RULES, Rule  # noqa: E402
+from broker.leaks.rules import RULES, Rule  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker import leakrules, redact  # noqa: E402
-from broker.leakrules import iter_provider_key_spans  # noqa: E402
-from broker.redact import Redactor  # noqa: E402
+from broker.leaks import redact  # noqa: E402
+from broker.leaks import rules as leakrules  # noqa: E402
+from broker.leaks.redact import Redactor  # noqa: E402
+from broker.leaks.rules import iter_provider_key_spans  # noqa: E402
 
 BODY = json.dumps(
     {

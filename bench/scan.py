@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import Corpus, generate  # noqa: E402
 
-from broker import leakrules as L  # noqa: E402
-from broker.alerts import AlertOpened, AlertStore  # noqa: E402
-from broker.scan import scan_tree  # noqa: E402
+from broker.events import AlertOpened  # noqa: E402
+from broker.leaks import rules as L  # noqa: E402
+from broker.leaks.alerts import AlertStore  # noqa: E402
+from broker.leaks.scan import scan_tree  # noqa: E402
 
 Hits = dict[Path, set[int]]
 
@@ -74,7 +75,7 @@ def run_detect_secrets(corpus: Corpus, procs: int) -> tuple[Hits, float]:
 
 
 async def latency(writes: int) -> tuple[list[float], int]:
-    from broker.watcher import LeakWatcher
+    from broker.leaks.watcher import LeakWatcher
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp) / "ws"

@@ -5,6 +5,8 @@
     await engine.start()          # config, audit, socket server, leak watcher
     engine.answer(id, "approved") # or "always" / "denied"
     engine.lock(); engine.unlock()
+    engine.snapshot()             # what the dashboard shows: tenants, pending, grants, alerts
+    engine.ignore_alert(fp, why); await engine.rescan()
     await engine.stop()           # pending approvals denied, socket removed
 
 A call goes: who is calling → which credential → is the path sane → policy →
@@ -15,93 +17,59 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
-import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
-from broker.approvals import Approvals
 from broker.audit import AuditError, AuditLog
+from broker.calls.approvals import Approvals, Grant
+from broker.calls.forward import Forwarder, UpstreamError
+from broker.calls.identity import Caller, IdentityError, Peer, identify
+from broker.calls.protocol import Answer, CallRequest, Refusal
+from broker.calls.workers import ForwardPool
 from broker.config import Config, ConfigError, Credential, load_config
 from broker.events import (
     AuditRecorded,
     BrokerStateChanged,
     ConfigRejected,
     ConfigReloaded,
+    Event,
     PendingApproval,
     Refused,
 )
-from broker.forward import Forwarder, UpstreamError
-from broker.identity import Caller, IdentityError, Peer, identify
+from broker.leaks.redact import Redactor, with_leak_rules
 from broker.paths import Paths, ensure_private_dir
 from broker.policy import Decision, NormalPath, PathRejected, decide, normalize_path
-from broker.redact import Redactor, with_leak_rules
-from broker.secrets import Secret, SecretStore, SecretStoreError
-from broker.workers import ForwardPool
+from broker.secrets import BackendInfo, Secret, SecretStore, SecretStoreError, backend_info
 
-Subscriber = Callable[[object], None]
+if TYPE_CHECKING:  # imported when the watchers start: `outloop call` need not load watchfiles
+    from broker.claude.transcripts import TranscriptWatcher
+    from broker.leaks.alerts import Alert, AlertStore
+    from broker.leaks.watcher import LeakWatcher, WatcherHealth
+
+Subscriber = Callable[[Event], None]
 
 CONFIG_POLL_SECONDS = 1.0
 # More calls than this on the wire at once, and the next goes to a forwarding worker.
 BUSY_CALLS = 1
 
-# HTTP status of each refusal code.
-REFUSAL_STATUS = {
-    "unmapped_workspace": 403,
-    "wrong_tenant": 403,
-    "unknown_credential": 404,
-    "denied_by_policy": 403,
-    "denied_by_operator": 403,
-    "approval_timeout": 403,
-    "approval_unavailable": 403,
-    "bad_request": 400,
-    "upstream_error": 502,
-    "audit_unavailable": 503,
-}
-
-
-@dataclass
-class CallRequest:
-    """An agent's call, from /v1/request or /v1/proxy, already parsed."""
-
-    credential: str
-    method: str
-    path: str
-    query: list[tuple[str, str]] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    tenant_claim: str | None = None
-    reason: str = ""
-
 
 @dataclass(frozen=True)
-class Refusal:
-    code: str
-    message: str
-    audit_id: str | None
-    status: int = 0
+class Snapshot:
+    """What the dashboard shows, read in one go (the dashboard never reaches into stores)."""
 
-    @property
-    def http_status(self) -> int:
-        return self.status or REFUSAL_STATUS.get(self.code, 400)
-
-    def json(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "audit_id": self.audit_id}}
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The upstream's answer, already redacted."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    audit_id: str
+    state: str  # "starting" | "listening" | "locked" | "stopped" | "error"
+    locked: bool
+    socket: str
+    config: Config | None  # None until the engine has started
+    pending: list[PendingApproval]
+    grants: list[Grant]  # live "always" grants; `expires` is on the engine's monotonic clock
+    alerts: list[Alert]  # open leak alerts, most severe first
+    watcher: WatcherHealth | None  # None when the leak watcher is off
 
 
 class Engine:
@@ -125,9 +93,10 @@ class Engine:
         self._upstream_calls = 0  # calls on the wire right now
         self._calls = 0  # calls being handled right now (deciding, waiting or on the wire)
         self._server: Any = None
-        self.watcher: Any = None
+        self.watcher: LeakWatcher | None = None
+        self.alerts: AlertStore | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
-        self.transcripts: Any = None  # Claude Code transcript watcher (broker/transcripts.py)
+        self.transcripts: TranscriptWatcher | None = None  # Claude Code's (broker/claude/transcripts.py)
         self.started = time.time()
 
     # -- events ---------------------------------------------------------------
@@ -137,7 +106,7 @@ class Engine:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
-    def _publish(self, event: object) -> None:
+    def _publish(self, event: Event) -> None:
         for callback in list(self._subscribers):
             callback(event)
 
@@ -155,7 +124,7 @@ class Engine:
 
     async def start(self, *, serve: bool = True, watch: bool = True) -> None:
         """Load config, open the audit log, listen on the socket, start the leak watcher."""
-        from broker.server import Server
+        from broker.calls.server import Server
 
         self._set_state("starting")
         ensure_private_dir(self.paths.state_dir)
@@ -210,14 +179,22 @@ class Engine:
         await self.audit.close()
         self._set_state("stopped")
 
-    async def _start_watcher(self) -> None:
-        from broker.alerts import AlertStore
-        from broker.watcher import LeakWatcher
+    def _alert_store(self) -> AlertStore:
+        from broker.leaks.alerts import AlertStore
 
-        self.alerts = AlertStore(self.paths.alerts_file)
-        self.alerts.subscribe(self._publish)
+        if self.alerts is None:
+            self.alerts = AlertStore(self.paths.alerts_file)
+            self.alerts.subscribe(self._publish)
+        return self.alerts
+
+    async def _start_watcher(self) -> None:
+        from broker.leaks.watcher import LeakWatcher
+
         self.watcher = LeakWatcher(
-            self._workspace_list(), self.managed_secrets, self.alerts, max_bytes=self.config.broker.scan_max_file_bytes
+            self._workspace_list(),
+            self.managed_secrets,
+            self._alert_store(),
+            max_bytes=self.config.broker.scan_max_file_bytes,
         )
         await self.watcher.start()
 
@@ -225,20 +202,14 @@ class Engine:
 
     async def _start_transcripts(self) -> None:
         """Watch each workspace's Claude Code transcripts for leaked keys, into the alert store."""
-        from broker.alerts import AlertStore
-        from broker.transcripts import TranscriptWatcher
+        from broker.claude.transcripts import TranscriptWatcher
 
-        if getattr(self, "alerts", None) is None:
-            self.alerts = AlertStore(self.paths.alerts_file)
-            self.alerts.subscribe(self._publish)
-        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets, self.alerts)
+        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets, self._alert_store())
         await self.transcripts.start()
 
-    def _background(self, result: object) -> None:
-        """Run a watcher's rearm (a coroutine for the leak watcher) without blocking a call."""
-        if not inspect.isawaitable(result):
-            return
-        task = asyncio.ensure_future(result)
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a watcher's rearm without blocking a call."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -323,6 +294,35 @@ class Engine:
     def unlock(self) -> None:
         self.locked = False
         self._set_state("listening")
+
+    def snapshot(self) -> Snapshot:
+        """Everything the dashboard shows, as of now."""
+        return Snapshot(
+            state=self.state,
+            locked=self.locked,
+            socket=str(self.paths.socket),
+            config=self._config,
+            pending=self.approvals.pending(),
+            grants=self.approvals.grants(),
+            alerts=self.alerts.open_alerts() if self.alerts is not None else [],
+            watcher=self.watcher.health() if self.watcher is not None else None,
+        )
+
+    def keyring(self) -> BackendInfo:
+        """Which keyring backend holds the secrets, and whether it can (it may ask D-Bus: not per tick)."""
+        return backend_info(self.secrets.backend)
+
+    def ignore_alert(self, fingerprint: str, reason: str) -> None:
+        """Ignore a leaked value from now on, everywhere (the operator's call, audited by the store)."""
+        if self.alerts is not None:
+            self.alerts.ignore(fingerprint, reason)
+
+    async def rescan(self) -> bool:
+        """Scan every workspace again; False when the leak watcher is not running."""
+        if self.watcher is None:
+            return False
+        await self.watcher.rescan()
+        return True
 
     def health(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -627,16 +627,3 @@ class Engine:
             len(upstream.body),
             upstream.ms,
         )
-
-
-def json_body(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
-
-
-async def run_forever(engine: Engine) -> None:
-    """Serve until cancelled (used by `outloop broker`)."""
-    await engine.start()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await engine.stop()

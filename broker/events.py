@@ -1,13 +1,17 @@
-"""Events the engine publishes to subscribers (the dashboard, `outloop broker`'s log).
+"""Every event the engine publishes to subscribers (the dashboard, `outloop broker`'s log).
 
-Plain dataclasses: subscribers turn them into whatever they need (the TUI turns
-them into Textual messages in one place). None of them ever carries a secret.
+Plain dataclasses, and `Event` is their union: subscribers match on the type
+(the TUI turns them into Textual messages in one place, outloop_tui/messages.py).
+None of them ever carries a secret; an alert carries a masked preview.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a type only: the alert store imports these events, not the reverse
+    from broker.leaks.alerts import Alert
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,39 @@ class ConfigRejected:
     message: str
 
 
+# Leak alerts: published by the alert store (broker/leaks/alerts.py), through the engine.
+
+
+@dataclass(frozen=True, slots=True)
+class AlertOpened:
+    """A new leak, or one that came back after being resolved."""
+
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class AlertUpdated:
+    """An open leak moved (another line) or changed rule."""
+
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class AlertResolved:
+    """The file no longer holds the value (or is gone)."""
+
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class AlertIgnored:
+    """The operator ignored the fingerprint."""
+
+    alert: Alert
+
+
+AlertEvent = AlertOpened | AlertUpdated | AlertResolved | AlertIgnored
+
 Event = (
     ApprovalRequested
     | ApprovalResolved
@@ -83,4 +120,5 @@ Event = (
     | BrokerStateChanged
     | ConfigReloaded
     | ConfigRejected
+    | AlertEvent
 )

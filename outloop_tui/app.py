@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable
 from textual.worker import Worker, WorkerState
 
-from broker.engine import Engine
-from broker.events import PendingApproval
+from broker.engine import Engine, Snapshot
 from broker.paths import Paths
-from broker.secrets import backend_info
 from outloop_tui.commands import OutloopCommands
 from outloop_tui.messages import (
     AlertsChanged,
@@ -314,31 +311,23 @@ class DashboardScreen(Screen[None]):
     def refresh_view(self) -> None:
         """Bring every pane up to date with the engine (cheap: each pane diffs)."""
         app = self.dashboard_app
-        engine = self.engine
+        snap = self.engine.snapshot()
         now = app.clock()
-        pending = engine.pending()
-        grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now) for g in engine.approvals.grants()]
-        self.query_one(ApprovalsPane).sync(pending, grants)
-        alerts = app.open_alerts()
-        self.query_one(AlertsPane).sync(alerts, app.watcher_note(), app.acked)
-        if app.started:
-            config = engine.config
-            counts = Counter(
-                str(getattr(a, "tenant", None) or (a.get("tenant") if isinstance(a, dict) else "")) for a in alerts
-            )
-            self.query_one(TenantsTree).show(config, counts)
-        self.update_status(pending, alerts)
+        grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now) for g in snap.grants]
+        self.query_one(ApprovalsPane).sync(snap.pending, grants)
+        self.query_one(AlertsPane).sync(snap.alerts, app.watcher_note(snap), app.acked)
+        if app.started and snap.config is not None:
+            counts = Counter(a.tenant or "" for a in snap.alerts)
+            self.query_one(TenantsTree).show(snap.config, counts)
+        self.update_status(snap)
 
-    def update_status(self, pending: list[PendingApproval] | None = None, alerts: list[Any] | None = None) -> None:
+    def update_status(self, snap: Snapshot | None = None) -> None:
         app = self.dashboard_app
-        engine = self.engine
-        if pending is None:
-            pending = engine.pending()
-        if alerts is None:
-            alerts = app.open_alerts()
+        if snap is None:
+            snap = self.engine.snapshot()
         tenants = workspaces = credentials = 0
-        if app.started:
-            config = engine.config
+        if app.started and snap.config is not None:
+            config = snap.config
             tenants = len(config.tenants)
             workspaces = sum(len(t.workspaces) for t in config.tenants.values())
             credentials = sum(len(t.credentials) for t in config.tenants.values())
@@ -346,12 +335,12 @@ class DashboardScreen(Screen[None]):
         self.query_one(StatusHeader).show(
             Status(
                 state,
-                str(engine.paths.socket),
+                snap.socket,
                 tenants,
                 workspaces,
                 credentials,
-                len(pending),
-                len(alerts),
+                len(snap.pending),
+                len(snap.alerts),
                 app.bridge.audit_seen,
             )
         )
@@ -427,7 +416,7 @@ class OutloopApp(App[int]):
     def on_mount(self) -> None:
         self._unsubscribe = self.engine.subscribe(self.bridge)
         self.engine.attach_approver()
-        info = backend_info(self.engine.secrets.backend)
+        info = self.engine.keyring()
         if not info.usable:
             self.set_banner(
                 "keyring", f"No usable keyring ({info.name}): credentials cannot be stored or used. {info.advice}"
@@ -524,51 +513,34 @@ class OutloopApp(App[int]):
         if banner:
             banner.first(Banner).say("\n".join(self._banners.values()))
 
-    def open_alerts(self) -> list[Any]:
-        store = getattr(self.engine, "alerts", None)
-        if store is None:
-            return []
-        for name in ("open_alerts", "open", "current"):
-            method = getattr(store, name, None)
-            if callable(method):
-                return list(method())
-        return []
-
-    def watcher_note(self) -> str:
+    def watcher_note(self, snap: Snapshot) -> str:
         if not self.started:
             return ""
-        if self.engine.watcher is None:
+        if snap.watcher is None:
             return "leak watcher off" if not self.watch else "leak watcher not available"
         return ""
 
     def act_on_alert(self, alert_id: str, fingerprint: str, action: AlertAction) -> None:
-        store = getattr(self.engine, "alerts", None)
-        if store is None:
-            return
         if action.kind == "ack":
             # The alert stays open while the file holds the value; acknowledging marks it
             # seen for this session (dimmed, no longer counted as new).
             self.acked.add(alert_id)
-            _call_first(store, ("acknowledge",), alert_id)
             self.notify("Alert acknowledged; it stays listed until the file no longer holds the value.")
         else:
-            _call_first(store, ("ignore",), fingerprint, action.reason)
+            self.engine.ignore_alert(fingerprint, action.reason)
             self.notify("This value is ignored from now on, everywhere.", title="Alert ignored")
         self.dashboard.refresh_view()
 
     def rescan(self) -> None:
-        watcher = self.engine.watcher
-        if watcher is None:
+        if self.engine.snapshot().watcher is None:
             self.notify("The leak watcher is not running.", severity="warning")
             return
         self.notify("Rescanning every workspace…", timeout=2)
-        self._rescan(watcher)
+        self._rescan()
 
     @work(group="rescan", exclusive=True, exit_on_error=False, name="rescan")
-    async def _rescan(self, watcher: Any) -> None:
-        result = watcher.rescan()
-        if inspect.isawaitable(result):
-            await result
+    async def _rescan(self) -> None:
+        await self.engine.rescan()
         self.dashboard.refresh_view()
 
     # -- timers -------------------------------------------------------------------
@@ -585,14 +557,6 @@ class OutloopApp(App[int]):
         if self.screen_stack:
             with contextlib.suppress(NoMatches):
                 self.dashboard.refresh_view()
-
-
-def _call_first(obj: Any, names: Iterable[str], *args: Any) -> Any:
-    for name in names:
-        method = getattr(obj, name, None)
-        if callable(method):
-            return method(*args)
-    return None
 
 
 def run_dashboard(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.guard import Protected, tool_refusal
+from broker.claude.guard import Protected, tool_refusal
 from broker.paths import Paths
 
 EXIT_ALLOW, EXIT_BLOCK = 0, 2
@@ -155,7 +155,7 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
     tool's output has reached the model already: the findings become leak alerts and
     Claude is told that the value is compromised.
     """
-    from broker.scan import managed_from, scan_text
+    from broker.leaks.scan import managed_from, scan_text
 
     response = event.get("tool_response")
     texts = _strings(response)
@@ -173,7 +173,7 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
         return None
     rules = sorted({f.rule for f in findings})
     if tool.startswith("mcp__"):
-        from broker.redact import with_leak_rules
+        from broker.leaks.redact import with_leak_rules
 
         redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
         return {
@@ -206,10 +206,10 @@ def record_alerts(paths: Paths, findings: list[Any], where: Path) -> None:
     verbatim; the transcript watcher finds the same value there and agrees on the
     alert's id, so the dashboard shows one alert whichever process saw it first.
     """
-    from broker.alerts import AlertStore
+    from broker.claude.transcripts import record_findings
+    from broker.leaks.alerts import AlertStore
+    from broker.leaks.scan import Finding
     from broker.paths import ensure_private_dir
-    from broker.scan import Finding
-    from broker.transcripts import record_findings
 
     ensure_private_dir(paths.state_dir)
     store = AlertStore(paths.alerts_file)

@@ -8,9 +8,9 @@ import json
 import os
 import stat
 import sys
-from typing import Any
 
-from broker.config import ConfigEditor, ConfigError, check_base_url, load_config, validate
+from broker import manage
+from broker.config import ConfigError, load_config
 from broker.paths import PathError, Paths
 from broker.secrets import Secret, SecretStore, SecretStoreError, backend_info
 from outloop_tui.cli import UserError
@@ -21,20 +21,13 @@ def _paths() -> Paths:
 
 
 def tenant_add(args: argparse.Namespace) -> int:
-    editor = ConfigEditor(_paths())
-    editor.add_tenant(args.tenant, args.display)
-    editor.save()
+    manage.add_tenant(_paths(), args.tenant, args.display)
     print(f"added tenant {args.tenant}; map a folder with `outloop workspace add {args.tenant} PATH`")
     return 0
 
 
 def tenant_rm(args: argparse.Namespace) -> int:
-    editor = ConfigEditor(_paths())
-    credentials = editor.remove_tenant(args.tenant)
-    editor.save()
-    store = SecretStore()
-    for name in credentials:
-        store.delete(args.tenant, name)
+    credentials = manage.remove_tenant(_paths(), args.tenant, SecretStore())
     print(f"removed tenant {args.tenant} and {len(credentials)} credential secret(s)")
     return 0
 
@@ -69,18 +62,14 @@ def tenant_list(args: argparse.Namespace) -> int:
 
 
 def workspace_add(args: argparse.Namespace) -> int:
-    editor = ConfigEditor(_paths())
-    path = editor.add_workspace(args.tenant, args.path)
-    editor.save()
+    path = manage.add_workspace(_paths(), args.tenant, args.path)
     note = "" if path.is_dir() else " (the folder does not exist yet)"
     print(f"mapped {path} to tenant {args.tenant}{note}")
     return 0
 
 
 def workspace_rm(args: argparse.Namespace) -> int:
-    editor = ConfigEditor(_paths())
-    tenant = editor.remove_workspace(args.path)
-    editor.save()
+    tenant = manage.remove_workspace(_paths(), args.path)
     print(f"unmapped {args.path} from tenant {tenant}")
     return 0
 
@@ -101,34 +90,27 @@ def read_secret(prompt: str) -> Secret:
 
 
 def credential_add(args: argparse.Namespace) -> int:
-    paths = _paths()
-    editor = ConfigEditor(paths)
-    problem = check_base_url(args.base_url)
-    if problem:
-        raise UserError(f"--base-url {problem}")
-    table: dict[str, Any] = {"base_url": args.base_url, "auth": args.auth}
-    for kind in ("allow", "ask", "deny"):
-        if getattr(args, kind):
-            table[kind] = list(getattr(args, kind))
-    editor.add_credential(args.tenant, args.name, table)
-    validate(editor.raw, paths.config_file)  # refuse bad rules before asking for the secret
-    secret = read_secret(f"Secret for {args.tenant}/{args.name} (input hidden): ")
-    store = SecretStore()
-    store.set(args.tenant, args.name, secret)
     try:
-        editor.save()
-    except BaseException:
-        store.delete(args.tenant, args.name)
-        raise
+        new = manage.check_credential(
+            _paths(),
+            args.tenant,
+            args.name,
+            base_url=args.base_url,
+            auth=args.auth,
+            allow=args.allow,
+            ask=args.ask,
+            deny=args.deny,
+        )
+    except manage.BadBaseURL as e:
+        raise UserError(f"--base-url {e.problem}") from None
+    secret = read_secret(f"Secret for {args.tenant}/{args.name} (input hidden): ")
+    manage.add_credential(new, secret, SecretStore())
     print(f"added credential {args.name} to tenant {args.tenant}; its secret is in the keyring")
     return 0
 
 
 def credential_rm(args: argparse.Namespace) -> int:
-    editor = ConfigEditor(_paths())
-    editor.remove_credential(args.tenant, args.name)
-    editor.save()
-    SecretStore().delete(args.tenant, args.name)
+    manage.remove_credential(_paths(), args.tenant, args.name, SecretStore())
     print(f"removed credential {args.name} of tenant {args.tenant} and its secret")
     return 0
 

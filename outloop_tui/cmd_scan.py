@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.alerts import Alert, AlertStore
 from broker.config import Config, ConfigError, load_config
-from broker.paths import Paths
-from broker.scan import (
+from broker.leaks.alerts import Alert, AlertStore
+from broker.leaks.scan import (
     DEFAULT_MAX_BYTES,
     ManagedSecrets,
     ScanReport,
@@ -25,6 +24,7 @@ from broker.scan import (
     owner_of,
     scan_file,
 )
+from broker.paths import Paths
 from outloop_tui.cli import UserError
 
 EXIT_FOUND = 1

@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual.message import Message
 
 from broker import events as ev
 from broker.events import PendingApproval
+
+if TYPE_CHECKING:
+    from broker.leaks.alerts import Alert
 
 # Records kept between two drains; under a flood the oldest undrained ones are
 # dropped from the screen (never from the audit log on disk).
@@ -66,9 +69,9 @@ class ConfigInvalid(Message):
 
 @dataclass
 class AlertsChanged(Message):
-    """The leak alerts changed; `raised` is the new alert when one just appeared."""
+    """The leak alerts changed; `raised` is the new alert when one just opened."""
 
-    raised: Any = None
+    raised: Alert | None = None
 
 
 class EventBridge:
@@ -79,7 +82,7 @@ class EventBridge:
         self.audit: deque[dict[str, Any]] = deque(maxlen=buffer_cap)
         self.audit_seen = 0  # every record ever received, including those dropped from the buffer
 
-    def __call__(self, event: object) -> None:
+    def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.AuditRecorded):
             self.audit.append(event.record)
             self.audit_seen += 1
@@ -94,7 +97,7 @@ class EventBridge:
         return records
 
 
-def translate(event: object) -> Message | None:
+def translate(event: ev.Event) -> Message | None:
     """The Textual message for an engine event (None for events the dashboard ignores)."""
     match event:
         case ev.ApprovalRequested(approval=approval):
@@ -109,15 +112,8 @@ def translate(event: object) -> Message | None:
             return ConfigChanged()
         case ev.ConfigRejected(message=message):
             return ConfigInvalid(message)
-    return _alert_message(event)
-
-
-def _alert_message(event: object) -> Message | None:
-    # Leak-alert events come from broker/alerts.py; any event carrying an alert
-    # means the alert list changed. A newly raised open alert rings the bell.
-    name = type(event).__name__
-    if not name.startswith("Alert"):
-        return None
-    alert = getattr(event, "alert", None)
-    new = alert is not None and name in ("AlertRaised", "AlertOpened", "AlertNew")
-    return AlertsChanged(alert if new else None)
+        case ev.AlertOpened(alert=alert):  # new, or back: rings the bell
+            return AlertsChanged(alert)
+        case ev.AlertUpdated() | ev.AlertResolved() | ev.AlertIgnored():
+            return AlertsChanged()
+    return None

@@ -40,7 +40,7 @@ async def main() -> None:
         async with app.run_test(size=SIZE) as pilot:
             await app.ready.wait()
             app.agent.paste_secret()  # the cross-tenant leak, without waiting for the script
-            await until(pilot, lambda: len(app.engine.pending()) >= 2 and app.open_alerts())
+            await until(pilot, lambda: len(app.engine.pending()) >= 2 and app.engine.snapshot().alerts)
             await until(pilot, lambda: app.bridge.audit_seen >= 14)
             app.clear_notifications()
             await pilot.pause(1.2)

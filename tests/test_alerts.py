@@ -6,15 +6,10 @@ import json
 import stat
 from pathlib import Path
 
-from broker import leakrules as L
-from broker.alerts import (
-    AlertIgnored,
-    AlertOpened,
-    AlertResolved,
-    AlertStore,
-    AlertUpdated,
-)
-from broker.scan import scan_text
+from broker.events import AlertIgnored, AlertOpened, AlertResolved, AlertUpdated
+from broker.leaks import rules as L
+from broker.leaks.alerts import AlertStore
+from broker.leaks.scan import scan_text
 
 TOKEN = "npm_" + L.fake(L.A62, 36, "alerts-npm")
 OTHER = "glpat-" + L.fake(L.B64URL, 20, "alerts-gl")

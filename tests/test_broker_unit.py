@@ -17,14 +17,14 @@ if "broker_fixtures" not in sys.modules:  # its asserts read better rewritten
 from broker_fixtures import KEYS, secret_forms  # noqa: E402
 from upstream import Upstream, echoes  # noqa: E402
 
-from broker.approvals import Approvals  # noqa: E402
+from broker.calls.approvals import Approvals  # noqa: E402
+from broker.calls.forward import Forwarder, UpstreamError, outgoing_headers, outgoing_query  # noqa: E402
+from broker.calls.server import BadRequest, body_field, parse_proxy, parse_request_json  # noqa: E402
 from broker.config import Auth, Credential  # noqa: E402
 from broker.events import ApprovalRequested, ApprovalResolved  # noqa: E402
-from broker.forward import Forwarder, UpstreamError, outgoing_headers, outgoing_query  # noqa: E402
+from broker.leaks.redact import Redactor  # noqa: E402
 from broker.policy import normalize_path  # noqa: E402
-from broker.redact import Redactor  # noqa: E402
 from broker.secrets import Secret  # noqa: E402
-from broker.server import BadRequest, body_field, parse_proxy, parse_request_json  # noqa: E402
 
 SECRETS = sorted(set(KEYS.values())) + ["plainalnumsecret0123456789", "emoji-\U0001f600-key-1234567"]
 
@@ -165,7 +165,7 @@ def test_headers_are_redacted_as_each_value_would_be_with_the_real_leak_rules() 
     # headers() first looks at all the values together; that must never let through
     # what redacting each value on its own would catch (a key at the start or end of
     # a value, alone or among others, the managed secret in any header).
-    from broker.leakrules import RULES, iter_provider_key_spans, may_hold_provider_key
+    from broker.leaks.rules import RULES, iter_provider_key_spans, may_hold_provider_key
 
     secret = KEYS[("acme", "api")]
     redactor = Redactor({"api": secret}, iter_provider_key_spans, may_hold_provider_key)

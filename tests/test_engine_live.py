@@ -8,9 +8,9 @@ from pathlib import Path
 from broker_fixtures import World
 from upstream import Upstream
 
-from broker.alerts import AlertOpened, AlertResolved
 from broker.engine import Engine
-from broker.leakrules import fake
+from broker.events import AlertOpened, AlertResolved
+from broker.leaks.rules import fake
 
 pytest_plugins = ("broker_fixtures",)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.envfile import env_dict, parse_env
+from broker.leaks.envfile import env_dict, parse_env
 
 
 def test_basic_forms():

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from broker_fixtures import OUTLOOP, World
 
-from broker.guard import Protected, bash_refusal, classify_name, tool_refusal
-from broker.leakrules import RULES
+from broker.claude.guard import Protected, bash_refusal, classify_name, tool_refusal
+from broker.leaks.rules import RULES
 from outloop_tui.cmd_hook import REQUEST_TOOL
 
 pytest_plugins = ("broker_fixtures",)

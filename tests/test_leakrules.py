@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker import leakrules as L
-from broker.leakrules import RULES, find_secrets, iter_provider_key_spans
+from broker.leaks import rules as L
+from broker.leaks.rules import RULES, find_secrets, iter_provider_key_spans
 
 
 def test_rule_set_is_broad_and_well_formed():

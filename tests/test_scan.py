@@ -12,8 +12,8 @@ from urllib.parse import quote
 
 import pytest
 
-from broker import leakrules as L
-from broker.scan import (
+from broker.leaks import rules as L
+from broker.leaks.scan import (
     ManagedSecrets,
     is_env_like,
     iter_files,

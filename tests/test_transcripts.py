@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 from broker_fixtures import World
 
-from broker.alerts import AlertStore
-from broker.paths import Paths
-from broker.transcripts import (
+from broker.claude.transcripts import (
     TranscriptScanner,
     TranscriptWatcher,
     claude_config_dir,
@@ -23,6 +21,8 @@ from broker.transcripts import (
     transcript_dir,
     workspace_of_folder,
 )
+from broker.leaks.alerts import AlertStore
+from broker.paths import Paths
 
 pytest_plugins = ("broker_fixtures",)
 
@@ -221,8 +221,8 @@ async def test_watcher_in_a_subfolder_session(
 
 async def test_engine_watches_transcripts_of_mapped_workspaces(world: World, claude_home: Path) -> None:
     """The broker itself (Engine, watch=True) raises the alert and publishes it to the dashboard."""
-    from broker.alerts import AlertOpened
     from broker.engine import Engine
+    from broker.events import AlertOpened
 
     engine = Engine(world.paths)
     events: list[object] = []

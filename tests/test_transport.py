@@ -28,7 +28,7 @@ import httpx2 as httpx
 import pytest
 import trustme
 
-from broker.transport import MAX_HEAD_BYTES, PooledTransport, ResponseTooLarge
+from broker.calls.transport import MAX_HEAD_BYTES, PooledTransport, ResponseTooLarge
 
 pytestmark = pytest.mark.timeout(60)
 

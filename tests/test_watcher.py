@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import leakrules as L
-from broker.alerts import AlertEvent, AlertOpened, AlertResolved, AlertStore
-from broker.watcher import LeakWatcher
+from broker.events import AlertEvent, AlertOpened, AlertResolved
+from broker.leaks import rules as L
+from broker.leaks.alerts import AlertStore
+from broker.leaks.watcher import LeakWatcher
 
 WAIT = 15.0  # seconds; a shared, busy machine can be slow, a missed event is never fast
 

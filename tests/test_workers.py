@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from broker_fixtures import BrokerThread, World, wait_for
 
-from broker import workers
+from broker.calls import workers
 from broker.secrets import SecretStoreError
 
 pytest_plugins = ("broker_fixtures",)
@@ -143,7 +143,7 @@ def test_a_worker_never_runs_code_from_the_folder_the_broker_was_started_in(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An agent's workspace with a planted `broker` package, and the operator starts
-    # Outloop from there: `python -m broker.workers` must not import it.
+    # Outloop from there: `python -m broker.calls.workers` must not import it.
     planted = tmp_path / "planted"
     (planted / "broker").mkdir(parents=True)
     marker = tmp_path / "planted-ran"

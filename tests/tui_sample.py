@@ -13,13 +13,15 @@ import fcntl
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.approvals import Approvals
+from broker.calls.approvals import Approvals
 from broker.config import ConfigEditor
 from broker.engine import Engine
 from broker.events import AuditRecorded, PendingApproval
+from broker.leaks.alerts import Alert
 from broker.paths import Paths
 from broker.secrets import Secret, SecretStore
 from outloop_tui.app import OutloopApp
@@ -126,47 +128,51 @@ AUDIT = [
 class SampleAlerts:
     """Stands in for the leak watcher's alert store: fixed alerts, no file watching."""
 
-    alerts: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
-    def open_alerts(self) -> list[dict[str, Any]]:
+    def open_alerts(self) -> list[Alert]:
         ignored = {f for f, _ in self.ignored}
-        return [a for a in self.alerts if a["fingerprint"] not in ignored]
+        return [a for a in self.alerts if a.fingerprint not in ignored]
 
     def ignore(self, fingerprint: str, reason: str) -> None:
         self.ignored.append((fingerprint, reason))
 
 
-def sample_alerts() -> list[dict[str, Any]]:
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sample_alerts() -> list[Alert]:
     shop = ROOT / "clients" / "globex" / "shop"
     web = ROOT / "clients" / "acme" / "web"
     return [
-        {
-            "id": "al-1",
-            "ts": WALL - 95,
-            "tenant": "globex",
-            "workspace": str(shop),
-            "path": str(shop / "debug.log"),
-            "line": 2,
-            "rule": "managed-secret:acme/github",
-            "severity": "critical",
-            "preview": "ghp_****01",
-            "fingerprint": "a" * 64,
-            "status": "open",
-        },
-        {
-            "id": "al-2",
-            "ts": WALL - 1800,
-            "tenant": "acme",
-            "workspace": str(web),
-            "path": str(web / ".env"),
-            "line": 3,
-            "rule": "openai-api-key",
-            "severity": "high",
-            "preview": "sk-p****Qz",
-            "fingerprint": "b" * 64,
-            "status": "open",
-        },
+        Alert(
+            id="al-1",
+            ts=_iso(WALL - 95),
+            tenant="globex",
+            workspace=str(shop),
+            path=str(shop / "debug.log"),
+            line=2,
+            rule="managed-secret:acme/github",
+            severity="critical",
+            preview="ghp_****01",
+            fingerprint="a" * 64,
+            status="open",
+        ),
+        Alert(
+            id="al-2",
+            ts=_iso(WALL - 1800),
+            tenant="acme",
+            workspace=str(web),
+            path=str(web / ".env"),
+            line=3,
+            rule="openai-api-key",
+            severity="high",
+            preview="sk-p****Qz",
+            fingerprint="b" * 64,
+            status="open",
+        ),
     ]
 
 
@@ -236,7 +242,7 @@ def make_app(paths: Paths, *, secrets: SecretStore | None = None, alerts: bool =
     engine.approvals = Approvals(engine._publish, clock=lambda: NOW)
     app = OutloopApp(engine, watch=False, serve=False, clock=lambda: NOW, wall=lambda: WALL)
     if alerts:
-        engine.alerts = SampleAlerts(sample_alerts())  # type: ignore[attr-defined]
+        engine.alerts = SampleAlerts(sample_alerts())  # type: ignore[assignment]
     return app
 
 

@@ -11,8 +11,9 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on
@@ -23,6 +24,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
 from outloop_tui.widgets.approvals import duration
+
+if TYPE_CHECKING:
+    from broker.leaks.alerts import Alert
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 SEVERITY_STYLE = {"critical": "bold white on #b03030", "high": "bold #e5534b", "medium": "#d9a932", "low": "dim"}
@@ -37,13 +41,6 @@ COLUMNS = (
 )
 CONTEXT_LINES = 3
 _TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.~]{12,}")
-
-
-def field(alert: Any, name: str, default: Any = None) -> Any:
-    """An alert's field, whether the alert is a dataclass or a dict (from JSON)."""
-    if isinstance(alert, dict):
-        return alert.get(name, default)
-    return getattr(alert, name, default)
 
 
 @dataclass(frozen=True)
@@ -62,26 +59,22 @@ class AlertView:
     ts: float
 
     @classmethod
-    def of(cls, alert: Any) -> AlertView:
-        ts = field(alert, "ts", 0.0)
-        if isinstance(ts, str):
-            from datetime import datetime
-
-            try:
-                ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                ts = 0.0
+    def of(cls, alert: Alert) -> AlertView:
+        try:
+            ts = datetime.fromisoformat(alert.ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            ts = 0.0
         return cls(
-            str(field(alert, "id", "")),
-            str(field(alert, "severity", "low")),
-            str(field(alert, "tenant", "") or "-"),
-            str(field(alert, "workspace", "") or ""),
-            str(field(alert, "path", "")),
-            int(field(alert, "line", 0) or 0),
-            str(field(alert, "rule", "")),
-            str(field(alert, "preview", "")),
-            str(field(alert, "fingerprint", "")),
-            float(ts or 0.0),
+            alert.id,
+            alert.severity,
+            alert.tenant or "-",
+            alert.workspace or "",
+            alert.path,
+            alert.line,
+            alert.rule,
+            alert.preview,
+            alert.fingerprint,
+            ts,
         )
 
     @property
@@ -145,7 +138,7 @@ class AlertsPane(DataTable[str | Text]):
         for key, label, width in COLUMNS:
             self.add_column(label, key=key, width=width)
 
-    def sync(self, alerts: Sequence[Any], note: str = "", acked: Set[str] = frozenset()) -> None:
+    def sync(self, alerts: Sequence[Alert], note: str = "", acked: Set[str] = frozenset()) -> None:
         now = self._wall()
         acked_changed = set(acked) != set(self._acked)
         self._acked = frozenset(acked)

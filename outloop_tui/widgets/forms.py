@@ -20,7 +20,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from broker.config import ConfigEditor, ConfigError, check_base_url, validate
+from broker import manage
+from broker.config import ConfigError
 from broker.paths import Paths
 from broker.secrets import Secret, SecretStore, SecretStoreError
 
@@ -119,9 +120,7 @@ class AddTenantScreen(FormScreen):
         if not tid:
             self.fail("Give the tenant an id.")
             return None
-        editor = ConfigEditor(self.paths)
-        editor.add_tenant(tid, self.value("tenant-name") or None)
-        editor.save()
+        manage.add_tenant(self.paths, tid, self.value("tenant-name") or None)
         return Added("tenant", tid, tid)
 
 
@@ -158,9 +157,7 @@ class AddWorkspaceScreen(_TenantForm):
         if tid is None or not folder:
             self.fail("Choose a tenant and give a folder.")
             return None
-        editor = ConfigEditor(self.paths)
-        path = editor.add_workspace(tid, folder)
-        editor.save()
+        path = manage.add_workspace(self.paths, tid, folder)
         if not Path(path).is_dir():
             self.notify(f"{path} does not exist yet; it is mapped anyway.", severity="warning")
         return Added("workspace", tid, str(path))
@@ -206,18 +203,20 @@ class AddCredentialScreen(_TenantForm):
         if tid is None or not name or not base_url:
             self.fail("Choose a tenant and give a name and a base URL.")
             return None
-        problem = check_base_url(base_url)
-        if problem:
-            self.fail(f"Base URL {problem}.")
+        try:
+            new = manage.check_credential(
+                self.paths,
+                tid,
+                name,
+                base_url=base_url,
+                auth=self.value("auth") or "bearer",
+                allow=split_rules(self.value("allow")),
+                ask=split_rules(self.value("ask")),
+                deny=split_rules(self.value("deny")),
+            )
+        except manage.BadBaseURL as e:
+            self.fail(f"Base URL {e.problem}.")
             return None
-        table: dict[str, Any] = {"base_url": base_url, "auth": self.value("auth") or "bearer"}
-        for kind in ("allow", "ask", "deny"):
-            rules = split_rules(self.value(kind))
-            if rules:
-                table[kind] = rules
-        editor = ConfigEditor(self.paths)
-        editor.add_credential(tid, name, table)
-        validate(editor.raw, self.paths.config_file)  # bad rules are refused before the secret moves
         secret_input = self.query_one("#secret", Input)
         if not secret_input.value.strip():
             self.fail("Type the secret (it is stored in the keyring, never in config.toml).")
@@ -225,10 +224,5 @@ class AddCredentialScreen(_TenantForm):
             return None
         secret = Secret(secret_input.value.strip())
         secret_input.value = ""
-        self.secrets.set(tid, name, secret)
-        try:
-            editor.save()
-        except BaseException:
-            self.secrets.delete(tid, name)
-            raise
+        manage.add_credential(new, secret, self.secrets)
         return Added("credential", tid, name)

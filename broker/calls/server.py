@@ -29,11 +29,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.identity import Peer, peer_of
+from broker.calls.identity import Peer, peer_of
+from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.paths import ensure_private_dir
 
 if TYPE_CHECKING:
-    from broker.engine import Answer, CallRequest, Engine, Refusal
+    from broker.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,6 @@ def _refusal_headers(refusal: Refusal) -> list[tuple[str, str]]:
 
 
 def _envelope(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
-    from broker.engine import Refusal
 
     if isinstance(outcome, Refusal):
         return outcome.http_status, _refusal_headers(outcome), _json(outcome.json())
@@ -442,7 +442,6 @@ def body_field(body: bytes, content_type: str) -> dict[str, Any]:
 
 
 def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
-    from broker.engine import Refusal
 
     if isinstance(outcome, Refusal):
         return outcome.http_status, _refusal_headers(outcome), _json(outcome.json())
@@ -464,7 +463,6 @@ def _check_header(name: str, value: str) -> None:
 
 def parse_request_json(body: bytes) -> CallRequest:
     """Validate a /v1/request body into a CallRequest; raise BadRequest saying what is wrong."""
-    from broker.engine import CallRequest
 
     try:
         doc = json.loads(body)
@@ -531,7 +529,6 @@ def _query(value: Any) -> list[tuple[str, str]]:
 
 def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]], body: bytes) -> CallRequest:
     """Turn `/v1/proxy/<credential>/<path>?q` into a CallRequest."""
-    from broker.engine import CallRequest
 
     parts = urlsplit(target)
     rest = parts.path[len("/v1/proxy/") :]

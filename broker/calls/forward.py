@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import httpx2 as httpx
 
 from broker import __version__
+from broker.calls.transport import PooledTransport, ResponseTooLarge
 from broker.config import Credential
 from broker.policy import NormalPath
 from broker.secrets import Secret
-from broker.transport import PooledTransport, ResponseTooLarge
 
 HOP_BY_HOP = frozenset(
     {

@@ -8,7 +8,8 @@ append starts on a fresh line. When the file holds many more lines than
 alerts, loading rewrites it compactly (atomically).
 
 Subscribers get `AlertOpened`, `AlertUpdated`, `AlertResolved` and
-`AlertIgnored` events, called in the thread that changed the store.
+`AlertIgnored` events (broker/events.py), called in the thread that changed
+the store.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from broker.leakrules import SEVERITY_RANK, Severity
+from broker.events import AlertEvent, AlertIgnored, AlertOpened, AlertResolved, AlertUpdated
+from broker.leaks.rules import SEVERITY_RANK, Severity
+from broker.leaks.scan import Finding
 from broker.paths import atomic_write, ensure_private_dir
-from broker.scan import Finding
 
 log = logging.getLogger(__name__)
 
@@ -108,35 +110,6 @@ class Alert:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class AlertOpened:
-    """A new leak, or one that came back after being resolved."""
-
-    alert: Alert
-
-
-@dataclass(frozen=True, slots=True)
-class AlertUpdated:
-    """An open leak moved (another line) or changed rule."""
-
-    alert: Alert
-
-
-@dataclass(frozen=True, slots=True)
-class AlertResolved:
-    """The file no longer holds the value (or is gone)."""
-
-    alert: Alert
-
-
-@dataclass(frozen=True, slots=True)
-class AlertIgnored:
-    """The operator ignored the fingerprint."""
-
-    alert: Alert
-
-
-AlertEvent = AlertOpened | AlertUpdated | AlertResolved | AlertIgnored
 Subscriber = Callable[[AlertEvent], None]
 
 

@@ -6,7 +6,7 @@ wire with httpx, reading the answer, redacting it — can run in a worker, so
 that under load the broker uses more than one core, and a large response's
 redaction does not hold up the dashboard or other agents' calls.
 
-A worker is `python -m broker.workers FD`, a child of the broker, talking over
+A worker is `python -m broker.calls.workers FD`, a child of the broker, talking over
 a private socket pair: length-prefixed `marshal` frames of plain data (no
 pickle: nothing on either side can run code by sending a frame). The secret of
 a call, and the managed secrets to redact, cross that socket and nothing else:
@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.calls.forward import Forwarder, UpstreamError
 from broker.config import Auth, Credential
-from broker.forward import Forwarder, UpstreamError
 from broker.policy import NormalPath
 from broker.secrets import Secret
 
@@ -148,7 +148,7 @@ class ForwardPool:
                 sys.executable,
                 "-P",
                 "-m",
-                "broker.workers",
+                "broker.calls.workers",
                 str(theirs.fileno()),
                 pass_fds=[theirs.fileno()],
                 cwd=self.cwd,
@@ -289,7 +289,7 @@ class ForwardPool:
 
 
 async def _serve(fd: int) -> None:
-    from broker.redact import Redactor, with_leak_rules
+    from broker.leaks.redact import Redactor, with_leak_rules
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -341,7 +341,7 @@ async def _serve(fd: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m broker.workers FD (started by the broker)", file=sys.stderr)
+        print("usage: python -m broker.calls.workers FD (started by the broker)", file=sys.stderr)
         return 2
     # Ctrl-C in the broker's terminal reaches this process group too: the broker
     # decides when a worker stops (it closes the socket), so in-flight calls finish.

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from broker.leakrules import Severity, find_secrets
-from broker.redact import encodings
+from broker.leaks.redact import encodings
+from broker.leaks.rules import Severity, find_secrets
 
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024
 

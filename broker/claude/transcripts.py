@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.alerts import AlertStore
-from broker.scan import Finding, ManagedSecrets, managed_from, owner_of, scan_text
+from broker.leaks.alerts import AlertStore
+from broker.leaks.scan import Finding, ManagedSecrets, managed_from, owner_of, scan_text
 
 # A transcript line longer than this is scanned in pieces of this size (overlapping).
 MAX_LINE_CHARS = 4 * 1024 * 1024

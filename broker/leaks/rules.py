@@ -29,7 +29,7 @@ from typing import Literal
 
 import ahocorasick
 
-from broker.envfile import parse_env
+from broker.leaks.envfile import parse_env
 
 Severity = Literal["critical", "high", "medium", "low"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "high", "medium", "low")

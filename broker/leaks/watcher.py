@@ -27,8 +27,8 @@ from typing import Any
 
 from watchfiles import Change, DefaultFilter, awatch
 
-from broker.alerts import AlertStore
-from broker.scan import (
+from broker.leaks.alerts import AlertStore
+from broker.leaks.scan import (
     DEFAULT_MAX_BYTES,
     SKIP_DIRS,
     FileScan,

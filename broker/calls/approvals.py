@@ -13,8 +13,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from broker.events import ApprovalRequested, ApprovalResolved, PendingApproval
+from broker.events import ApprovalRequested, ApprovalResolved, Event, PendingApproval
 
 Decision = str  # "approved" | "always" | "denied" | "timeout" | "cancelled"
 GrantKey = tuple[str, str, str, str]
@@ -37,18 +38,18 @@ def grant_key(approval: PendingApproval) -> GrantKey:
 
 
 class Approvals:
-    def __init__(self, publish: Callable[[object], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic) -> None:
         self._publish = publish
         self._clock = clock
         self._waiting: dict[str, tuple[PendingApproval, asyncio.Future[tuple[Decision, str]]]] = {}
         self._grants: dict[GrantKey, Grant] = {}
         self.attached = 0  # number of attached approvers
 
-    def new(self, *, timeout: float, **fields: object) -> PendingApproval:
+    def new(self, *, timeout: float, **fields: Any) -> PendingApproval:
         now = self._clock()
         return PendingApproval(
             id=uuid.uuid4().hex[:12], created=now, deadline=now + timeout, created_wall=time.time(), **fields
-        )  # type: ignore[arg-type]
+        )
 
     def granted(self, approval: PendingApproval) -> Grant | None:
         """The live "always" grant covering this call, if any."""

@@ -265,6 +265,6 @@ class Redactor:
 def with_leak_rules(secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> Redactor:
     """A Redactor of `secrets` that also redacts what the confident leak rules find:
     what every answer, worker answer and hook output is redacted with."""
-    from broker.leakrules import iter_provider_key_spans, may_hold_provider_key
+    from broker.leaks.rules import iter_provider_key_spans, may_hold_provider_key
 
     return Redactor(secrets, iter_provider_key_spans, may_hold_provider_key)
