@@ -4,7 +4,7 @@ When dbus-daemon and gnome-keyring-daemon exist, the session starts its own D-Bu
 bus and an unlocked gnome-keyring-daemon (a real Secret Service) whose files live
 under a fresh temporary XDG_DATA_HOME, so the developer's own keyring is never
 opened. Otherwise it falls back to a file keyring in a temporary folder
-(tests/isolated_keyring.py). The pytest header says which one ran.
+(tests/support/isolated_keyring.py). The pytest header says which one ran.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,10 +20,11 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
 
-# Shared broker fixtures (two tenants, a real upstream, a running engine), assertion-rewritten.
-pytest_plugins = ("broker_fixtures",)
+# tests/support is a package (pytest puts tests/ on sys.path); its asserts read better rewritten.
+pytest.register_assert_rewrite("support")
+# Shared broker fixtures (two tenants, a real upstream, a running engine).
+pytest_plugins = ("support.fixtures",)
 
 _session: dict[str, object] = {}
 
@@ -80,10 +80,10 @@ def _start_secret_service(root: Path) -> str:
 
 def _start_file_keyring(root: Path) -> str:
     os.environ["OUTLOOP_TEST_KEYRING_DIR"] = str(root / "keyring")
-    os.environ["PYTHON_KEYRING_BACKEND"] = "isolated_keyring.IsolatedKeyring"
+    os.environ["PYTHON_KEYRING_BACKEND"] = "support.isolated_keyring.IsolatedKeyring"
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     import keyring
-    from isolated_keyring import IsolatedKeyring
+    from support.isolated_keyring import IsolatedKeyring
 
     keyring.set_keyring(IsolatedKeyring())
     return "isolated file keyring in a temp folder (dbus-daemon/gnome-keyring-daemon not found)"

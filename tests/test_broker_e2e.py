@@ -22,15 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-if "broker_fixtures" not in sys.modules:  # its asserts read better rewritten
-    pytest.register_assert_rewrite("broker_fixtures")
-
-from broker_fixtures import OUTLOOP, BrokerThread, World, wait_for  # noqa: E402
+from support.fixtures import OUTLOOP, BrokerThread, World, wait_for  # noqa: E402
 
 from broker.events import ApprovalRequested, ConfigRejected, ConfigReloaded  # noqa: E402
-
-pytest_plugins = ("broker_fixtures",)
 
 
 def req(credential: str, method: str, path: str, **extra: Any) -> dict[str, Any]:

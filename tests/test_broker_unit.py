@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
 from collections.abc import Iterator
 from urllib.parse import quote, quote_plus
 
 import pytest
-
-if "broker_fixtures" not in sys.modules:  # its asserts read better rewritten
-    pytest.register_assert_rewrite("broker_fixtures")
-
-from broker_fixtures import KEYS, secret_forms  # noqa: E402
-from upstream import Upstream, echoes  # noqa: E402
+from support.fixtures import KEYS, secret_forms  # noqa: E402
+from support.upstream import Upstream, echoes  # noqa: E402
 
 from broker.calls.approvals import Approvals  # noqa: E402
 from broker.calls.forward import Forwarder, UpstreamError, outgoing_headers, outgoing_query  # noqa: E402

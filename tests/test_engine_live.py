@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from broker_fixtures import World
-from upstream import Upstream
+from support.fixtures import World
+from support.upstream import Upstream
 
 from broker.engine import Engine
 from broker.events import AlertOpened, AlertResolved
 from broker.leaks.rules import fake
-
-pytest_plugins = ("broker_fixtures",)
 
 A62 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 

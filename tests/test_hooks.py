@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import OUTLOOP, World
+from support.fixtures import OUTLOOP, World
 
 from broker.claude.guard import Protected, bash_refusal, classify_name, tool_refusal
 from broker.leaks.rules import RULES
 from outloop_tui.cmd_hook import REQUEST_TOOL
-
-pytest_plugins = ("broker_fixtures",)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "claude"
 

@@ -19,14 +19,12 @@ import pytest
 
 pytest.importorskip("mcp")
 
-from broker_fixtures import OUTLOOP, BrokerThread, World  # noqa: E402
 from mcp import Client, StdioServerParameters  # noqa: E402
+from support.fixtures import OUTLOOP, BrokerThread, World  # noqa: E402
 
 from broker.config import ConfigEditor  # noqa: E402
 from broker.secrets import Secret, SecretStore  # noqa: E402
 from outloop_tui.cmd_mcp import CREDENTIALS_TOOL, REQUEST_TOOL, build_server  # noqa: E402
-
-pytest_plugins = ("broker_fixtures",)
 
 
 def text_of(result: Any) -> str:

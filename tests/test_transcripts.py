@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from broker_fixtures import World
+from support.fixtures import World
 
 from broker.claude.transcripts import (
     TranscriptScanner,
@@ -23,8 +23,6 @@ from broker.claude.transcripts import (
 )
 from broker.leaks.alerts import AlertStore
 from broker.paths import Paths
-
-pytest_plugins = ("broker_fixtures",)
 
 ACME_KEY = "sk-acme-transcript-Zq9+Tr4Lw7Hq2Pk81"
 GLOBEX_KEY = "gx-globex-transcript+Key8Wm-Rt5Ns3"

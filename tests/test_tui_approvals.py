@@ -22,9 +22,8 @@ from outloop_tui.app import OutloopApp
 from outloop_tui.widgets.confirm import ConfirmScreen
 
 if TYPE_CHECKING:
-    from broker_fixtures import World
+    from support.fixtures import World
 
-pytest_plugins = ("broker_fixtures",)
 
 ASK = {
     "payload": {

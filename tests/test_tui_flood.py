@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import tui_sample
+from support import tui_sample
 from textual import events
 from textual.widgets import Log
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import keyring.backends.fail
 import pytest
-import tui_sample
+from support import tui_sample
 from textual.widgets import Input
 
 from broker.config import load_config

@@ -1,4 +1,4 @@
-"""Snapshot tests of the dashboard's main states, on fixed data (tests/tui_sample.py).
+"""Snapshot tests of the dashboard's main states, on fixed data (tests/support/tui_sample.py).
 
 Clocks are constants, folders are fixed, audit records carry fixed timestamps,
 the watcher is off and inputs do not blink, so the SVGs only change when the
@@ -14,7 +14,7 @@ from typing import Any
 
 import keyring.backends.fail
 import pytest
-import tui_sample
+from support import tui_sample
 from textual.widgets import Input
 
 from broker.secrets import SecretStore

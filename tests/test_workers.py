@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import BrokerThread, World, wait_for
+from support.fixtures import BrokerThread, World, wait_for
 
 from broker.calls import workers
 from broker.secrets import SecretStoreError
-
-pytest_plugins = ("broker_fixtures",)
 
 # Each agent process makes its calls one after another; several agents at once keep
 # more than one call on the wire, which is when the broker hands calls to a worker.

@@ -1,10 +1,8 @@
 """Shared fixtures for tests that need a real broker: two tenants, a real upstream, callers.
 
-Use them from a test module (tests/ is on sys.path) with::
+tests/conftest.py loads them as a plugin for every test module.
 
-    pytest_plugins = ("broker_fixtures",)
-
-- `upstream`: a recording, echoing HTTP server on loopback (tests/upstream.py), and
+- `upstream`: a recording, echoing HTTP server on loopback (tests/support/upstream.py), and
   `other_host`: a second one, on another address, that must never be reached.
 - `world`: tenants acme and globex with workspace folders under tmp_path, an unmapped
   folder, credentials whose secrets are in the session's real keyring
@@ -41,13 +39,13 @@ from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
 import pytest
-from upstream import Upstream
 
 from broker.audit import iter_records
 from broker.config import ConfigEditor
 from broker.engine import Engine
 from broker.paths import Paths
 from broker.secrets import Secret, SecretStore
+from support.upstream import Upstream
 
 T = TypeVar("T")
 
