@@ -171,10 +171,7 @@ class DashboardScreen(Screen[None]):
         self.query_one(AuditPane).open_filter(prefill)
 
     def action_help(self) -> None:
-        self.app.push_screen(HelpScreen(self.BINDINGS))
-
-    def action_focus(self, widget_id: str) -> None:
-        self.query_one(f"#{widget_id}").focus()
+        self.app.push_screen(HelpScreen(b for b in self.BINDINGS if isinstance(b, Binding)))
 
     @on(DataTable.RowSelected, "#alerts")
     def _alert_selected(self, event: DataTable.RowSelected) -> None:
@@ -384,7 +381,7 @@ class OutloopApp(App[int]):
     ) -> None:
         super().__init__()
         self.engine = engine
-        self.watch = watch
+        self.watch_leaks = watch  # not `watch`: that is Textual's DOMNode.watch
         self.serve = serve
         self.clock = clock
         self.wall = wall
@@ -426,7 +423,7 @@ class OutloopApp(App[int]):
 
     @work(group="broker", exclusive=True, exit_on_error=False, name="broker")
     async def start_broker(self) -> None:
-        await self.engine.start(serve=self.serve, watch=self.watch)
+        await self.engine.start(serve=self.serve, watch=self.watch_leaks)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group != "broker":
@@ -517,7 +514,7 @@ class OutloopApp(App[int]):
         if not self.started:
             return ""
         if snap.watcher is None:
-            return "leak watcher off" if not self.watch else "leak watcher not available"
+            return "leak watcher off" if not self.watch_leaks else "leak watcher not available"
         return ""
 
     def act_on_alert(self, alert_id: str, fingerprint: str, action: AlertAction) -> None:

@@ -17,7 +17,18 @@ import sys
 import time
 
 from broker.engine import Engine
-from broker.events import AuditRecorded, BrokerStateChanged, ConfigRejected, ConfigReloaded, Refused
+from broker.events import (
+    AlertIgnored,
+    AlertOpened,
+    AlertResolved,
+    AlertUpdated,
+    AuditRecorded,
+    BrokerStateChanged,
+    ConfigRejected,
+    ConfigReloaded,
+    Event,
+    Refused,
+)
 from broker.paths import Paths
 
 
@@ -25,7 +36,7 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def describe(event: object, verbose: bool = True) -> str | None:
+def describe(event: Event, verbose: bool = True) -> str | None:
     """One log line for an engine event (never a secret: events carry none).
 
     Without `verbose`, audit records of calls get a line only when the call failed
@@ -53,18 +64,25 @@ def describe(event: object, verbose: bool = True) -> str | None:
         return f"config reloaded ({event.tenants} tenants)"
     if isinstance(event, ConfigRejected):
         return f"config change rejected, keeping the last good one: {event.message}"
-    alert = getattr(event, "alert", None)
-    if alert is not None:
+    if isinstance(event, AlertOpened | AlertUpdated | AlertResolved | AlertIgnored):
+        alert = event.alert
+        verb = {AlertOpened: "opened", AlertUpdated: "moved", AlertResolved: "resolved", AlertIgnored: "ignored"}
         return (
             f"leak alert [{alert.severity}] {alert.path}:{alert.line} {alert.rule} "
-            f"({alert.preview}) {getattr(event, 'kind', '')}".rstrip()
+            f"({alert.preview}) {verb[type(event)]}"
         )
     return None
 
 
 async def _serve(paths: Paths, verbose: bool = False) -> None:
     engine = Engine(paths)
-    engine.subscribe(lambda e: (line := describe(e, verbose)) and _log(line))
+
+    def log_event(event: Event) -> None:
+        line = describe(event, verbose)
+        if line:
+            _log(line)
+
+    engine.subscribe(log_event)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

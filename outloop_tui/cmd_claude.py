@@ -297,10 +297,14 @@ def plan_install(scope: str, project: Path) -> list[Plan]:
     server_file, settings_file = targets(scope, project)
     command = outloop_command(scope)
     plans = []
-    for path, merge in (
-        (server_file, lambda d, p: merge_servers(d, server_entry(command), p)),
-        (settings_file, lambda d, p: merge_settings(d, command, p)),
-    ):
+
+    def servers(doc: dict[str, Any], path: Path) -> list[tuple[str, Any]]:
+        return merge_servers(doc, server_entry(command), path)
+
+    def settings(doc: dict[str, Any], path: Path) -> list[tuple[str, Any]]:
+        return merge_settings(doc, command, path)
+
+    for path, merge in ((server_file, servers), (settings_file, settings)):
         before = load(path)
         after = copy.deepcopy(before) if before is not None else {}
         fragments = merge(after, path)

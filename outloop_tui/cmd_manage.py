@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+from typing import Any
 
 from broker import manage
 from broker.config import ConfigError, load_config
@@ -118,7 +119,7 @@ def credential_rm(args: argparse.Namespace) -> int:
 def credential_list(args: argparse.Namespace) -> int:
     config = load_config(_paths())
     store = SecretStore()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in config.credentials():
         try:
             present = store.get(c.tenant, c.name) is not None

@@ -203,29 +203,27 @@ def call_timeout() -> float:
 # -- the MCP server ---------------------------------------------------------------
 
 
-def _import_mcp() -> Any:
+def _require_mcp() -> None:
     try:
-        import mcp.server.mcpserver as mcpserver
-        import mcp.server.mcpserver.exceptions  # noqa: F401 - ToolError
+        import mcp.server.mcpserver  # noqa: F401 - only whether it is there
     except ImportError:
         raise UserError(
             "the MCP server needs the optional `mcp` package; install it with `pip install 'outloop[mcp]'`"
         ) from None
-    return mcpserver
 
 
 def build_server(sock: Path | None = None) -> "MCPServer":
     """The MCP server with Outloop's tools, talking to the broker on `sock`."""
-    mcpserver = _import_mcp()
+    _require_mcp()
     import anyio
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
     from pydantic import Field
 
     from broker import __version__
 
     sock_path = sock if sock is not None else _socket()
-    server = mcpserver.MCPServer(SERVER_NAME, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
-    ToolError = mcpserver.exceptions.ToolError  # noqa: N806
-    Context = mcpserver.Context  # noqa: N806
+    server: MCPServer = MCPServer(SERVER_NAME, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING")
 
     # Plain text results: structured output would send every answer to the model twice.
     @server.tool(

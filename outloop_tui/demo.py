@@ -39,10 +39,10 @@ from broker.secrets import Secret, SecretStore
 class MemoryKeyring(KeyringBackend):
     """A keyring that lives and dies with the demo process."""
 
-    priority = 1  # type: ignore[assignment]
+    priority = 1
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # keyring's base class is untyped
         self._items: dict[tuple[str, str], str] = {}
 
     def get_password(self, service: str, username: str) -> str | None:

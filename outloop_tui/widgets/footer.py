@@ -16,7 +16,7 @@ class KeyFooter(Footer):
         super().__init__()
         self._shown: tuple[tuple[str, str, bool], ...] | None = None
 
-    def bindings_changed(self, screen: Screen) -> None:  # type: ignore[override]
+    def bindings_changed(self, screen: Screen[object]) -> None:
         shown = tuple(
             (key, active.binding.description, active.enabled)
             for key, active in screen.active_bindings.items()

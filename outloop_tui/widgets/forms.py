@@ -65,7 +65,7 @@ class FormScreen(ModalScreen[Added | None]):
     def on_mount(self) -> None:
         # Start on the first field still to fill (the tenant is often chosen already).
         for field in self.query(".field Select, .field Input"):
-            empty = field.value == "" if isinstance(field, Input) else field.is_blank()
+            empty = field.value == "" if isinstance(field, Input) else isinstance(field, Select) and field.is_blank()
             if empty:
                 field.focus()
                 return
@@ -133,7 +133,10 @@ class _TenantForm(FormScreen):
     def tenant_select(self) -> ComposeResult:
         options = [(f"{name} ({tid})" if name != tid else tid, tid) for tid, name in self.tenants]
         select: Select[str] = Select(
-            options, prompt="choose a tenant", id="tenant", value=self.initial if self.initial else Select.BLANK
+            options,
+            prompt="choose a tenant",
+            id="tenant",
+            value=self.initial if self.initial is not None else Select.NULL,
         )
         yield from _labelled("Tenant", select)
 
