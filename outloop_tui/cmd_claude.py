@@ -32,6 +32,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,18 @@ from outloop_tui.cli import UserError
 SERVER = "outloop"
 TOOLS = (f"mcp__{SERVER}__outloop_request", f"mcp__{SERVER}__outloop_credentials")
 # Built-in tools that read or edit files or run commands, and every MCP tool (a
-# third-party filesystem server can read .env just as well).
-PRE_MATCHER = "Bash|Read|Edit|MultiEdit|Write|NotebookEdit|Grep|Glob|LS|mcp__.*"
+# third-party filesystem server can read .env just as well). The tools of Claude Code
+# 2.1.332 (its `init` event lists them); it has no Grep, Glob, LS or MultiEdit.
+PRE_MATCHER = "Bash|Monitor|Read|Edit|Write|NotebookEdit|mcp__.*"
 # Any tool's output can carry a key.
 POST_MATCHER = "*"
 HOOK_TIMEOUT = 30  # seconds; the post hook reads the keyring once per credential
 OUR_HOOK = re.compile(r"(?:^|[\s/'\"])(?:outloop|outloop_tui(?:\.cli)?)['\"]?\s+hook\s+(pre|post)\s*$")
+# Where the broker is: baked into the user-scope entries, so that a Claude Code started
+# without them still finds the broker, its config (tenants, protected folders) and its
+# alert store. Paths only, never a secret.
+BROKER_ENV = ("OUTLOOP_HOME", "OUTLOOP_SOCKET")
+BACKUP = ".outloop-backup-"
 
 
 @dataclass
@@ -102,17 +109,22 @@ def outloop_command(scope: str) -> list[str]:
     return [sys.executable, "-m", "outloop_tui.cli"]
 
 
-def server_entry(command: list[str]) -> dict[str, Any]:
+def broker_env() -> dict[str, str]:
+    """OUTLOOP_HOME / OUTLOOP_SOCKET as this install sees them (absolute), when set."""
+    return {k: str(Path(os.environ[k]).expanduser().absolute()) for k in BROKER_ENV if os.environ.get(k)}
+
+
+def server_entry(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": "stdio", "command": command[0], "args": [*command[1:], "mcp"]}
-    # Point the server at the broker this install was made against (paths, never secrets).
-    env = {k: os.environ[k] for k in ("OUTLOOP_HOME", "OUTLOOP_SOCKET") if os.environ.get(k)}
     if env:
         entry["env"] = env
     return entry
 
 
-def hook_command(command: list[str], phase: str) -> str:
-    return shlex.join([*command, "hook", phase])
+def hook_command(command: list[str], phase: str, env: dict[str, str] | None = None) -> str:
+    """The shell command of a hook: `[OUTLOOP_HOME=... ]outloop hook pre` (Claude Code runs it with sh)."""
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return " ".join([*prefix, shlex.join([*command, "hook", phase])])
 
 
 # -- reading and writing JSON files -----------------------------------------------------
@@ -221,7 +233,9 @@ def strip_hooks(doc: dict[str, Any]) -> int:
     return removed
 
 
-def merge_settings(doc: dict[str, Any], command: list[str], path: Path) -> list[tuple[str, Any]]:
+def merge_settings(
+    doc: dict[str, Any], command: list[str], path: Path, env: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
     """Add Outloop's hooks and tool permissions to a settings.json document (in place)."""
     strip_hooks(doc)
     hooks = _container(doc, "hooks", dict, path)
@@ -236,7 +250,7 @@ def merge_settings(doc: dict[str, Any], command: list[str], path: Path) -> list[
             )
         group = {
             "matcher": matcher,
-            "hooks": [{"type": "command", "command": hook_command(command, phase), "timeout": HOOK_TIMEOUT}],
+            "hooks": [{"type": "command", "command": hook_command(command, phase, env), "timeout": HOOK_TIMEOUT}],
         }
         groups.append(group)
         added.append((f"hooks.{event}[]", group))
@@ -293,18 +307,55 @@ def unmerge_servers(doc: dict[str, Any]) -> list[str]:
 # -- the command ----------------------------------------------------------------------------
 
 
+def local_settings(project: Path) -> Path:
+    """The project's own, uncommitted settings: where machine-specific values go."""
+    return project / ".claude" / "settings.local.json"
+
+
+def merge_env(doc: dict[str, Any], env: dict[str, str], path: Path) -> list[tuple[str, Any]]:
+    block = _container(doc, "env", dict, path)
+    block.update(env)
+    return [(f"env.{k}", v) for k, v in env.items()]
+
+
+def unmerge_env(doc: dict[str, Any]) -> list[str]:
+    block = doc.get("env")
+    if not isinstance(block, dict):
+        return []
+    gone = [k for k in BROKER_ENV if k in block]
+    for k in gone:
+        del block[k]
+    if gone and not block:
+        del doc["env"]
+    return [f"env.{k}" for k in gone]
+
+
+Merge = Callable[[dict[str, Any], Path], list[tuple[str, Any]]]
+
+
 def plan_install(scope: str, project: Path) -> list[Plan]:
     server_file, settings_file = targets(scope, project)
-    command = outloop_command(scope)
+    env = broker_env()
+    steps: list[tuple[Path, Merge]]
+    if scope == "project":
+        # .mcp.json and .claude/settings.json are meant to be committed: no path of this
+        # machine in them. The broker's location goes to the uncommitted settings.local.json,
+        # whose `env` Claude Code gives the session, its hooks and its MCP servers.
+        command = ["outloop"]
+        steps = [
+            (server_file, lambda doc, path: merge_servers(doc, server_entry(command, {}), path)),
+            (settings_file, lambda doc, path: merge_settings(doc, command, path)),
+        ]
+        if env:
+            steps.append((local_settings(project), lambda doc, path: merge_env(doc, env, path)))
+    else:
+        command = outloop_command(scope)
+        steps = [
+            (server_file, lambda doc, path: merge_servers(doc, server_entry(command, env), path)),
+            (settings_file, lambda doc, path: merge_settings(doc, command, path, env)),
+        ]
     plans = []
-
-    def servers(doc: dict[str, Any], path: Path) -> list[tuple[str, Any]]:
-        return merge_servers(doc, server_entry(command), path)
-
-    def settings(doc: dict[str, Any], path: Path) -> list[tuple[str, Any]]:
-        return merge_settings(doc, command, path)
-
-    for path, merge in ((server_file, servers), (settings_file, settings)):
+    for path, merge in steps:
         before = load(path)
         after = copy.deepcopy(before) if before is not None else {}
         fragments = merge(after, path)
@@ -312,44 +363,119 @@ def plan_install(scope: str, project: Path) -> list[Plan]:
     return plans
 
 
+def _strip_ours(doc: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    unmerge_servers(out)
+    unmerge_settings(out)
+    unmerge_env(out)
+    return out
+
+
+def _norm(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` without Outloop's entries and without empty containers of the kinds install fills."""
+    out = _strip_ours(doc)
+    for key in ("hooks", "permissions"):
+        inner = out.get(key)
+        if isinstance(inner, dict):
+            out[key] = {k: v for k, v in inner.items() if v not in ({}, [])}
+    return {k: v for k, v in out.items() if not (k in ("hooks", "permissions", "mcpServers", "env") and v == {})}
+
+
 def plan_uninstall(scope: str, project: Path) -> list[Plan]:
     server_file, settings_file = targets(scope, project)
+    files = [server_file, settings_file] + ([local_settings(project)] if scope == "project" else [])
     plans = []
-    for path, unmerge in ((server_file, unmerge_servers), (settings_file, unmerge_settings)):
+    for path in files:
         before = load(path)
         if before is None:
             continue
-        after = copy.deepcopy(before)
-        plans.append(Plan(path, before, after, changes=unmerge(after)))
+        after = _strip_ours(before)
+        changes = [*unmerge_servers(copy.deepcopy(before)), *unmerge_settings(copy.deepcopy(before))]
+        changes += unmerge_env(copy.deepcopy(before))
+        plans.append(Plan(path, before, after, changes=changes))
     return plans
+
+
+def backups_of(path: Path) -> list[Path]:
+    """Outloop's backups of `path`, newest first."""
+    return sorted(path.parent.glob(path.name + BACKUP + "*"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def restore(plan: Plan) -> str:
+    """Take `plan.path` back to what it was before install; what was done, in words.
+
+    The file as it was is the newest backup whose content, without Outloop's entries,
+    is what the file now holds without them: its bytes go back exactly and the backups
+    that agree go. No backup at all and nothing left: install created the file, so it
+    goes (and the `.claude` folder install created with it, if it is empty). Anything
+    else (the user changed the file since): Outloop's entries are taken out, the rest
+    and the backups stay.
+    """
+    found = backups_of(plan.path)
+    for backup in found:
+        try:
+            data = backup.read_bytes()
+            doc = json.loads(data) if data.strip() else {}
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and _strip_ours(doc) == doc and _norm(doc) == _norm(plan.after):
+            mode = plan.path.stat().st_mode & 0o777
+            replace_file(plan.path, data, mode)
+            for other in found:
+                other.unlink(missing_ok=True)
+            return f"restored {plan.path} as it was"
+    if not found and not plan.after:
+        plan.path.unlink()
+        folder = plan.path.parent
+        if folder.name == ".claude" and not any(folder.iterdir()):
+            folder.rmdir()
+        return f"removed {plan.path} (install created it)"
+    data = (json.dumps(plan.after, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    replace_file(plan.path, data, plan.path.stat().st_mode & 0o777)
+    kept = f"; backups kept: {', '.join(b.name for b in found)}" if found else ""
+    return f"updated {plan.path}{kept}"
+
+
+PROJECT_NEXT = (
+    "Next, in this folder: start `claude`, accept the folder trust dialog, and approve the "
+    "'outloop' server from .mcp.json when asked (`claude mcp list` shows 'Pending approval' "
+    "until then). In a folder Claude Code has not trusted, it ignores the project's "
+    "permissions and refuses the MCP server's tools."
+)
 
 
 def run_claude(args: argparse.Namespace) -> int:
     project = Path.cwd()
-    plans = plan_install(args.scope, project) if args.action == "install" else plan_uninstall(args.scope, project)
+    install = args.action == "install"
+    plans = plan_install(args.scope, project) if install else plan_uninstall(args.scope, project)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     changed = [p for p in plans if p.changed]
     if not changed:
-        what = "already installed" if args.action == "install" else "not installed"
+        what = "already installed" if install else "not installed"
         print(f"Outloop is {what} for Claude Code ({args.scope} scope); nothing to change.")
         return 0
     for plan in changed:
         if args.dry_run:
             verb = "create" if plan.before is None else "update"
+            if not install:
+                verb = "restore" if backups_of(plan.path) else ("remove" if not plan.after else "update")
             print(f"would {verb} {plan.path}:")
-        elif args.action == "install":
+        elif install:
             backup = write(plan, stamp)
             print(f"updated {plan.path}" + (f" (backup: {backup.name})" if backup else " (new file)"))
         else:
-            backup = write(plan, stamp)
-            print(f"updated {plan.path} (backup: {backup.name if backup else 'none'})")
+            print(restore(plan))
         for where, what in plan.fragments:
             print(f"  + {where} = {json.dumps(what)}")
         for what in plan.changes:
             print(f"  - {what}")
     if args.dry_run:
         print("(dry run: nothing was written)")
-    elif args.action == "install":
+    elif install and args.scope == "project":
+        if not shutil.which("outloop"):
+            print("Note: `outloop` is not on PATH here; the project files name it without a path.")
+        print(PROJECT_NEXT)
+    elif install:
         print(
             "Restart Claude Code in a mapped workspace; `/mcp` lists the outloop server and `/hooks` the guard hooks."
         )

@@ -10,10 +10,11 @@ pre   refuses (exit 2, the reason on stderr, which Claude reads) reading or edit
       reason points the agent at the Outloop MCP tool. Everything else: exit 0,
       no output.
 post  looks for managed secrets and high-confidence provider keys in the tool's
-      output. An MCP tool's output is replaced by a redacted copy
-      (`updatedMCPToolOutput`); a built-in tool's output has already reached the
-      model, so the hook raises a leak alert (the dashboard shows it) and tells
-      Claude the value is compromised and must be rotated.
+      output (also hex- or base64-encoded, and in the file Claude Code keeps a
+      large output in) and replaces the output with a redacted copy before the
+      model sees it: `updatedMCPToolOutput` for an MCP tool, `updatedToolOutput`
+      for a built-in one. A built-in tool's finding is also a leak alert (the
+      dashboard shows it), and Claude is told once that the value is compromised.
 
 Both stay on the standard library plus broker/ (no textual, no mcp), so a hook
 costs one short Python start.
@@ -148,54 +149,96 @@ class PostContext:
             self.secrets = {}
 
 
+# Claude Code keeps the first 30,000 characters of a large output in the hook input and
+# the whole output in this file; the rest is scanned from there (up to this much).
+PERSISTED_KEY = "persistedOutputPath"
+MAX_PERSISTED_BYTES = 16 * 1024 * 1024
+
+
+def _persisted(value: Any) -> list[Path]:
+    """Files named by `persistedOutputPath` anywhere in a tool response."""
+    if isinstance(value, dict):
+        found = [Path(v) for k, v in value.items() if k == PERSISTED_KEY and isinstance(v, str) and v]
+        return found + [p for v in value.values() for p in _persisted(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _persisted(v)]
+    return []
+
+
+def _read_persisted(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_PERSISTED_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[str, Any] | None:
     """The hook's JSON answer for one finished tool call, or None when the output is clean.
 
-    An MCP tool's output comes back redacted through `updatedMCPToolOutput`. A built-in
-    tool's output has reached the model already: the findings become leak alerts and
-    Claude is told that the value is compromised.
+    The output comes back redacted before the model sees it: `updatedMCPToolOutput`
+    for an MCP tool, `updatedToolOutput` (the same shape as `tool_response`) for a
+    built-in one. What a built-in tool printed came from this machine (a file, a
+    command), so it also becomes a leak alert. Claude is told once, in
+    `additionalContext`.
     """
+    from broker.claude.encoded import redact_runs, runs
     from broker.leaks.scan import managed_from, scan_text
 
     response = event.get("tool_response")
     texts = _strings(response)
-    if not texts:
+    persisted = _persisted(response)
+    texts += [_read_persisted(p) for p in persisted]
+    if not any(texts):
         return None
     ctx = ctx or PostContext(event)
     tool = str(event.get("tool_name") or "")
     transcript = event.get("transcript_path")
     where = Path(str(transcript)) if transcript else (ctx.workspace or Path.cwd())
     managed = managed_from(ctx.secrets)
-    findings = [
-        f for text in texts for f in scan_text(text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)
-    ]
+
+    def scan(text: str) -> list[Any]:
+        return scan_text(text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)
+
+    findings = [f for text in texts for f in scan(text)]
+    findings += [f for text in texts for run in runs(text) for f in scan(run.decoded)]
     if not findings:
         return None
     rules = sorted({f.rule for f in findings})
-    if tool.startswith("mcp__"):
-        from broker.leaks.redact import with_leak_rules
+    from broker.leaks.redact import with_leak_rules
 
-        redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
+    redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
+
+    def redact(text: str) -> str:
+        return redact_runs(redactor.text(text), lambda decoded: bool(scan(decoded)))[0]
+
+    redacted = _map_strings(response, redact)
+    count = f"{len(findings)} credential value(s) ({', '.join(rules)})"
+    if tool.startswith("mcp__"):
         return {
             "hookSpecificOutput": {
                 "hookEventName": "PostToolUse",
-                "updatedMCPToolOutput": _map_strings(response, redactor.text),
-                "additionalContext": f"Outloop redacted {len(findings)} credential value(s) "
-                f"({', '.join(rules)}) from this tool's output.",
+                "updatedMCPToolOutput": redacted,
+                "additionalContext": f"Outloop redacted {count} from this tool's output.",
             }
         }
     record_alerts(ctx.paths, findings, where)
-    reason = (
-        f"Outloop: the output of this {tool or 'tool'} call contained {len(findings)} live "
-        f"credential value(s) ({', '.join(rules)}). Treat them as compromised: do not repeat, "
-        "copy, store or use them, and tell the user that the credential must be rotated "
-        "(Outloop has raised a leak alert in its dashboard). For API calls use the "
-        f"`{REQUEST_TOOL}` tool, which never shows a key."
+    also = (
+        f" The full output, in {', '.join(map(str, persisted))}, holds them too: do not read it." if persisted else ""
+    )
+    warning = (
+        f"Outloop redacted {count} from the output of this {tool or 'tool'} call. They are live "
+        "keys that were readable on this machine: treat them as compromised, do not try to "
+        "recover, repeat or use them, and tell the user the credential must be rotated (Outloop "
+        f"has raised a leak alert in its dashboard).{also} For API calls use the `{REQUEST_TOOL}` "
+        "tool, which never shows a key."
     )
     return {
-        "decision": "block",
-        "reason": reason,
-        "hookSpecificOutput": {"hookEventName": "PostToolUse", "additionalContext": reason},
+        "hookSpecificOutput": {
+            "hookEventName": "PostToolUse",
+            "updatedToolOutput": redacted,
+            "additionalContext": warning,
+        }
     }
 
 

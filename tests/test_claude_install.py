@@ -258,3 +258,59 @@ def test_installed_hook_command_runs_and_blocks(home: Path, capsys: pytest.Captu
     )
     ran = subprocess.run(["/bin/sh", "-c", command], input=payload, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 2 and "mcp__outloop__outloop_request" in ran.stderr
+
+
+def snapshot(*roots: Path) -> dict[str, bytes | None]:
+    """Every file and folder under `roots`: path -> bytes (None for a folder)."""
+    out: dict[str, bytes | None] = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            out[str(p)] = None if p.is_dir() else p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("scope", ["user", "project"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_install_then_uninstall_leaves_everything_byte_identical(
+    home: Path, capsys: pytest.CaptureFixture[str], scope: str, existing: bool
+) -> None:
+    """No `{}` left, no backup left, no backup of a file that did not exist, formatting kept."""
+    project = Path.cwd()
+    if existing:
+        # Odd formatting on purpose: only the original bytes compare equal.
+        for path in (home / ".claude.json", home / ".claude" / "settings.json", project / ".mcp.json"):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text('{"mcpServers":{"x":{"command":"x"}},   "hooks" : {}, "env": {"A": "1"}}')
+        (project / ".claude").mkdir()
+        (project / ".claude" / "settings.json").write_text('{ "permissions": { "allow": ["Bash(ls)"] } }\n')
+    before = snapshot(home, project)
+    code, _out, _err = run(capsys, "install", "--scope", scope)
+    assert code == 0
+    assert snapshot(home, project) != before
+    if not existing:
+        assert not list(home.rglob("*" + ".outloop-backup-*")) and not list(project.rglob("*.outloop-backup-*"))
+    code, out, _err = run(capsys, "uninstall", "--scope", scope)
+    assert code == 0, out
+    assert snapshot(home, project) == before
+
+
+def test_project_scope_files_hold_no_path_of_this_machine(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = Path.cwd()
+    code, out, _err = run(capsys, "install", "--scope", "project")
+    assert code == 0
+    assert "trust" in out and "Pending approval" in out
+    for name in (".mcp.json", ".claude/settings.json"):
+        text = (project / name).read_text()
+        assert str(home) not in text and str(project) not in text and os.environ["OUTLOOP_HOME"] not in text
+    local = load(project / ".claude" / "settings.local.json")
+    assert local["env"]["OUTLOOP_HOME"] == os.environ["OUTLOOP_HOME"]
+
+
+def test_user_scope_hooks_carry_the_broker_location(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, _err = run(capsys, "install")
+    assert code == 0
+    settings = load(home / ".claude" / "settings.json")
+    for event in ("PreToolUse", "PostToolUse"):
+        (command,) = our_commands(settings, event)
+        assert f"OUTLOOP_HOME={os.environ['OUTLOOP_HOME']}" in command
+        assert f"OUTLOOP_SOCKET={os.environ['OUTLOOP_SOCKET']}" in command

@@ -260,8 +260,14 @@ def test_post_builtin_leak_raises_alert_and_warns(world: World, name: str) -> No
     assert ran.returncode == 0, ran.stderr
     world.assert_clean(ran.stdout + ran.stderr)
     out = json.loads(ran.stdout)
-    assert out["decision"] == "block"
-    assert "rotated" in out["reason"] and "managed-secret:acme/api" in out["reason"]
+    assert "decision" not in out  # the output is replaced, not blocked: one warning, not two
+    spec = out["hookSpecificOutput"]
+    assert spec["hookEventName"] == "PostToolUse"
+    assert "rotated" in spec["additionalContext"] and "managed-secret:acme/api" in spec["additionalContext"]
+    # updatedToolOutput has the shape of tool_response, the secret replaced.
+    original = json.loads(fixture(name, **fill(world, secret=secret)))["tool_response"]
+    assert set(spec["updatedToolOutput"]) == set(original)
+    assert "[REDACTED:api]" in json.dumps(spec["updatedToolOutput"])
     found = alerts(world)
     world.assert_clean(world.paths.alerts_file.read_text())
     assert len(found) == 1
@@ -300,10 +306,51 @@ def test_post_provider_key_in_bash_output(world: World) -> None:
     key = provider_key()
     ran = hook(world, "post", fixture("post_bash_leak.json", **fill(world, secret=key)))
     assert key not in ran.stdout + ran.stderr
-    assert json.loads(ran.stdout)["decision"] == "block"
+    assert "updatedToolOutput" in json.loads(ran.stdout)["hookSpecificOutput"]
     (alert,) = alerts(world)
     assert key not in json.dumps(alert)
     assert alert["fingerprint"] == hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex", "base64-wrapped"])
+@pytest.mark.parametrize("which", ["managed", "provider"])
+def test_post_encoded_keys_are_redacted(world: World, encoding: str, which: str) -> None:
+    """`cat .env | base64`, `xxd -p .env`: the key is found in the decoded text."""
+    import base64
+
+    key = world.keys[("acme", "openai")] if which == "managed" else provider_key()
+    raw = f"OPENAI_API_KEY={key}\nDEBUG=1\n".encode()
+    if encoding == "hex":
+        printed = raw.hex()
+    elif encoding == "base64":
+        printed = base64.b64encode(raw).decode()
+    else:
+        enc = base64.encodebytes(raw * 3).decode()
+        printed = enc
+    ran = hook(world, "post", fixture("post_bash_leak.json", **fill(world, secret=printed)))
+    assert ran.returncode == 0, ran.stderr
+    assert printed not in ran.stdout and key not in ran.stdout
+    world.assert_clean(ran.stdout)
+    spec = json.loads(ran.stdout)["hookSpecificOutput"]
+    assert "[REDACTED:" in json.dumps(spec["updatedToolOutput"])
+    assert alerts(world)
+
+
+def test_post_scans_the_persisted_output_of_a_large_result(world: World, tmp_path: Path) -> None:
+    """Over 30,000 characters Claude Code sends the start and `persistedOutputPath`."""
+    secret = world.keys[("acme", "api")]
+    full = tmp_path / "tool-results" / "out.txt"
+    full.parent.mkdir()
+    full.write_text("x" * 40_000 + f"\ntoken={secret}\n")
+    event = json.loads(fixture("post_bash_leak.json", **fill(world, secret="y")))
+    event["tool_response"] = {"stdout": "x" * 30_000, "stderr": "", "persistedOutputPath": str(full)}
+    ran = hook(world, "post", json.dumps(event))
+    assert ran.returncode == 0, ran.stderr
+    world.assert_clean(ran.stdout)
+    spec = json.loads(ran.stdout)["hookSpecificOutput"]
+    assert str(full) in spec["additionalContext"]
+    (alert,) = alerts(world)
+    assert alert["rule"] == "managed-secret:acme/api"
 
 
 @pytest.mark.parametrize("name", ["post_bash_clean.json", "post_mcp_clean.json"])
