@@ -1,0 +1,257 @@
+"""Claude Code itself: the real `claude` binary, a scripted Messages API, a real broker.
+
+npm installs `@anthropic-ai/claude-code` at a pinned version into a cache folder
+(~/.cache/outloop-ci/claude-<version>; the native binary comes from the registry
+package `@anthropic-ai/claude-code-linux-x64`). `outloop claude install` registers the
+MCP server and hooks in a throw-away HOME, then `claude -p ... --output-format
+stream-json` runs a script of tool calls against tests/support/fake_messages.py on
+127.0.0.1: no traffic leaves loopback (telemetry and the auto-updater are off).
+
+What the fake API received is exactly what a model would have seen: the tests assert
+that no key is in it, in any encoding, that each leak is reported to the model once,
+and that the broker audited the MCP call and stored the alerts with the tenant.
+
+Skipped only when npm is absent (.ci/run installs it); a failing install fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fake_messages import Call, FakeMessages
+from support.fixtures import OUTLOOP, BrokerThread, World
+
+pytestmark = pytest.mark.claude_real
+
+CLAUDE_VERSION = "2.1.332"
+CACHE = Path(os.environ.get("OUTLOOP_CI_CACHE", Path.home() / ".cache" / "outloop-ci")) / f"claude-{CLAUDE_VERSION}"
+REQUEST = "mcp__outloop__outloop_request"
+CREDENTIALS = "mcp__outloop__outloop_credentials"
+
+
+@pytest.fixture(scope="module")
+def claude_bin() -> Path:
+    """The pinned `claude`, installed with npm on first use."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed (.ci/run installs nodejs and npm)")
+    binary = CACHE / "node_modules" / ".bin" / "claude"
+    if not binary.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        ran = subprocess.run(
+            [npm, "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", "--loglevel=error"]
+            + [f"@anthropic-ai/claude-code@{CLAUDE_VERSION}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert ran.returncode == 0, f"npm install failed: {ran.stderr[-2000:]}"
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    assert CLAUDE_VERSION in version.stdout, version.stdout + version.stderr
+    return binary
+
+
+def claude_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".claude.json").write_text(json.dumps({"hasCompletedOnboarding": True}))
+    return home
+
+
+def claude_env(world: World, home: Path, fake_url: str) -> dict[str, str]:
+    env = {k: v for k, v in world.env().items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update(
+        HOME=str(home),
+        ANTHROPIC_BASE_URL=fake_url,
+        ANTHROPIC_API_KEY="sk-ant-test-fake-messages-api",  # the fake accepts anything
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_TELEMETRY="1",
+        DISABLE_AUTOUPDATER="1",
+        DISABLE_ERROR_REPORTING="1",
+        IS_SANDBOX="1",  # --dangerously-skip-permissions as root
+        MCP_TIMEOUT="30000",
+    )
+    return env
+
+
+def run_claude(claude: Path, world: World, home: Path, fake: FakeMessages, *extra: str) -> list[dict[str, Any]]:
+    argv = [str(claude), "-p", "Work on this project.", "--output-format", "stream-json", "--verbose"]
+    argv += ["--dangerously-skip-permissions", *extra]
+    ran = subprocess.run(
+        argv,
+        cwd=world.acme,
+        env=claude_env(world, home, fake.url),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    world.assert_clean(ran.stdout + ran.stderr)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return [json.loads(line) for line in ran.stdout.splitlines() if line.strip()]
+
+
+def every_encoding_clean(world: World, value: Any) -> None:
+    """No key in `value`: as JSON (ASCII and UTF-8), and in every string nested in it."""
+    __tracebackhide__ = True
+    world.assert_clean(json.dumps(value))
+    world.assert_clean(json.dumps(value, ensure_ascii=False))
+    world.assert_clean_deep(value)
+    for text in _strings(value):
+        world.assert_clean(text.encode().hex())
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def alerts(world: World) -> list[dict[str, Any]]:
+    f = world.paths.alerts_file
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_a_session_never_shows_the_model_a_key(
+    claude_bin: Path, world: World, broker: BrokerThread, tmp_path: Path
+) -> None:
+    """Read .env, `cat .en?`, a file printing the managed secret, base64 of it, a >30 KB
+    output, and the Outloop MCP tools, in one `claude -p` run."""
+    secret = world.keys[("acme", "openai")]
+    (world.acme / ".env").write_text(f"OPENAI_API_KEY={secret}\n")
+    (world.acme / "notes.txt").write_text(f"the token is {secret}\n")
+    (world.acme / "big.log").write_text("line of build output\n" * 2000 + f"token={secret}\n")
+    home = claude_home(tmp_path)
+    installed = world.run([OUTLOOP, "claude", "install"], world.acme, env={**world.env(), "HOME": str(home)})
+    assert installed.returncode == 0, installed.stderr
+
+    script: list[list[Call]] = [
+        [("Read", {"file_path": str(world.acme / ".env")})],
+        [("Bash", {"command": "cat .en?", "description": "show config"})],
+        [("Bash", {"command": "cat notes.txt", "description": "notes"})],
+        [("Bash", {"command": "base64 notes.txt", "description": "notes, encoded"})],
+        [("Bash", {"command": "cat big.log", "description": "build log"})],
+        [("ToolSearch", {"query": f"select:{REQUEST},{CREDENTIALS}", "max_results": 5})],
+        [(CREDENTIALS, {})],
+        [(REQUEST, {"credential": "api", "method": "GET", "path": "/echo/claude", "reason": "real claude test"})],
+    ]
+    with FakeMessages(script) as fake:
+        out = run_claude(claude_bin, world, home, fake)
+
+    assert out[-1]["type"] == "result" and not out[-1].get("is_error"), out[-1]
+    init = out[0]
+    assert init["type"] == "system" and init["subtype"] == "init"
+    assert any(s["name"] == "outloop" and s["status"] == "connected" for s in init["mcp_servers"]), init["mcp_servers"]
+
+    # Nothing the model was sent holds a key, whatever the encoding.
+    assert fake.requests
+    every_encoding_clean(world, fake.requests)
+    results = fake.tool_results()
+    ids = {name: f"toolu_{turn:02d}_00_outloop" for turn, ((name, _),) in enumerate(script) if name}
+    by_turn = [results.get(f"toolu_{turn:02d}_00_outloop") for turn in range(len(script))]
+    assert all(r is not None for r in by_turn), [i for i, r in enumerate(by_turn) if r is None]
+    text = [json.dumps(r) for r in by_turn]
+
+    assert "Outloop blocked" in text[0]  # Read .env: the pre hook
+    assert "[REDACTED:" in text[2]  # cat notes.txt: the post hook, updatedToolOutput
+    assert "[REDACTED:" in text[3]  # base64 of it
+    # The large output: the model gets a preview; the hook scanned the whole saved file.
+    assert "persisted-output" in text[4] or "[REDACTED:" in text[4]
+    assert "tenant" in text[6] and "acme" in text[6]  # outloop_credentials
+    assert '\\"status\\": 200' in text[7] or '"status": 200' in text[7], text[7][:300]
+    assert "REDACTED" in text[7]  # the upstream echoed the key; the broker redacted it
+    assert ids
+
+    # Each leak is reported to the model once (one warning per tool call, not two).
+    conversation = json.dumps(fake.conversation())
+    for turn in (2, 3, 4):
+        tool_id = f"toolu_{turn:02d}_00_outloop"
+        assert tool_id in conversation
+    assert conversation.count("Outloop redacted") == conversation.count("PostToolUse:Bash hook additional context")
+    assert conversation.count("Outloop redacted") >= 3
+    assert "holds them too: do not read it" in conversation  # the >30 KB output's saved file
+
+    # Claude Code's transcript keeps the redacted output too.
+    transcripts = list((home / ".claude" / "projects").rglob("*.jsonl"))
+    assert transcripts
+    for t in transcripts:
+        world.assert_clean(t.read_bytes())
+
+    # The broker audited the MCP call, with the tenant of the folder Claude Code runs in.
+    calls = [r for r in world.audit() if r.get("path") == "/echo/claude" and r.get("status") == 200]
+    assert calls and calls[-1]["tenant"] == "acme" and calls[-1]["credential"] == "api"
+    world.assert_clean(world.audit_bytes())
+
+    # The post hook's alerts are in the broker's store (OUTLOOP_HOME came from install).
+    found = alerts(world)
+    world.assert_clean(world.paths.alerts_file.read_bytes())
+    assert found and all(a["tenant"] == "acme" for a in found)
+    assert any(a["rule"] == "managed-secret:acme/openai" for a in found)
+
+
+def test_the_large_output_is_redacted_past_30000_characters(
+    claude_bin: Path, world: World, broker: BrokerThread, tmp_path: Path
+) -> None:
+    """Claude Code gives the hook the first 30,000 characters and `persistedOutputPath`."""
+    secret = world.keys[("acme", "openai")]
+    (world.acme / "big.log").write_text("line of build output\n" * 2500 + f"token={secret}\n")
+    home = claude_home(tmp_path)
+    installed = world.run([OUTLOOP, "claude", "install"], world.acme, env={**world.env(), "HOME": str(home)})
+    assert installed.returncode == 0, installed.stderr
+    with FakeMessages([[("Bash", {"command": "cat big.log", "description": "log"})]]) as fake:
+        run_claude(claude_bin, world, home, fake)
+    every_encoding_clean(world, fake.requests)
+    assert "Outloop redacted" in json.dumps(fake.conversation())
+    assert any(a["rule"] == "managed-secret:acme/openai" for a in alerts(world))
+
+
+@pytest.mark.parametrize("scope", ["user", "project"])
+def test_install_and_uninstall_leave_home_and_project_byte_identical(
+    claude_bin: Path, world: World, tmp_path: Path, scope: str
+) -> None:
+    """And between them the real binary sees the server and the hooks."""
+    home = claude_home(tmp_path)
+    (home / ".claude").mkdir()
+    (home / ".claude" / "settings.json").write_text('{"theme":"dark",  "permissions":{"allow":["Bash(ls)"]}}')
+    (world.acme / ".mcp.json").write_text('{\n    "mcpServers": {}\n}')
+
+    def snapshot() -> dict[str, bytes | None]:
+        return {
+            str(p): None if p.is_dir() else p.read_bytes()
+            for root in (home, world.acme)
+            for p in sorted(root.rglob("*"))
+        }
+
+    before = snapshot()
+    env = {**world.env(), "HOME": str(home)}
+    ran = world.run([OUTLOOP, "claude", "install", "--scope", scope], world.acme, env=env)
+    assert ran.returncode == 0, ran.stderr
+    if scope == "project":
+        assert "trust" in ran.stdout
+    ran = world.run([OUTLOOP, "claude", "uninstall", "--scope", scope], world.acme, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert snapshot() == before
+
+    # Installed again, the real binary sees the server (in project scope: pending approval).
+    ran = world.run([OUTLOOP, "claude", "install", "--scope", scope], world.acme, env=env)
+    assert ran.returncode == 0, ran.stderr
+    listed = subprocess.run(
+        [str(claude_bin), "mcp", "list"],
+        cwd=world.acme,
+        env=claude_env(world, home, "http://127.0.0.1:9"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "outloop" in listed.stdout, listed.stdout + listed.stderr
+    if scope == "user":
+        assert "Connected" in listed.stdout or "connected" in listed.stdout, listed.stdout
