@@ -32,6 +32,12 @@ class PendingApproval:
     path: str
     rule: str | None  # the ask rule that matched; None when the credential has no rules
     reason: str
+    # What the operator reads before answering (never a credential header; the body redacted).
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    body_preview: str = ""
+    cmdline: str = ""  # the calling program's command line, as the OS reports it
+    session: str | None = None  # the agent session's id, when the call came from one
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from textual.widgets import DataTable
 from textual.worker import Worker, WorkerState
 
 from broker.engine import Engine, Snapshot
+from broker.events import PendingApproval
 from broker.paths import Paths
 from outloop_tui.commands import OutloopCommands
 from outloop_tui.messages import (
@@ -42,7 +43,7 @@ from outloop_tui.messages import (
     EventBridge,
 )
 from outloop_tui.widgets.alerts import AlertAction, AlertScreen, AlertsPane
-from outloop_tui.widgets.approvals import ApprovalsPane, duration
+from outloop_tui.widgets.approvals import SAFE_METHODS, ApprovalScreen, ApprovalsPane, duration
 from outloop_tui.widgets.audit import LINE_CAP, AuditPane
 from outloop_tui.widgets.confirm import ConfirmScreen
 from outloop_tui.widgets.first_run import FirstRunScreen
@@ -63,7 +64,15 @@ DECISION_WORDS = {"approved": "Approved", "always": "Always allowed", "denied": 
 
 
 class DashboardScreen(Screen[None]):
-    """The four panes, the status line and the keys that act on them."""
+    """The four panes, the status line and the keys that act on them.
+
+    Below 120 columns the tenants pane gives its width to the others; below 40
+    rows the approvals and alerts panes shrink so the audit stream keeps a few
+    lines (app.tcss: `-narrow`, `-short`).
+    """
+
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
 
     BINDINGS = [
         Binding(
@@ -107,6 +116,8 @@ class DashboardScreen(Screen[None]):
         Binding("q", "app.quit", "Quit", id="quit", tooltip="quit; pending calls are refused (asks first)"),
     ]
 
+    _always_armed: str | None = None  # the approval whose "always" waits for its second press
+
     def compose(self) -> ComposeResult:
         app = self.dashboard_app
         yield StatusHeader(id="status")
@@ -147,7 +158,26 @@ class DashboardScreen(Screen[None]):
         if approval is None:
             self.notify("Nothing is waiting for approval.", timeout=3)
             return
-        if self.engine.answer(approval.id, decision):
+        if decision == "always" and approval.method not in SAFE_METHODS and self._always_armed != approval.id:
+            # "Always" on a call that changes things lets every later one of its rule through
+            # unasked: one more press, so a slip of the finger does not.
+            self._always_armed = approval.id
+            self.notify(
+                f"Press a again to let every {approval.method} of {approval.rule or approval.path} "
+                "through unasked until the grant expires.",
+                title="Always allow?",
+                severity="warning",
+                timeout=5,
+            )
+            return
+        self._always_armed = None
+        self.answer(approval, decision)
+
+    def answer(self, approval: PendingApproval, decision: str) -> None:
+        """Answer one waiting call and say so; a call that went meanwhile is said to be gone."""
+        if not self.engine.answer(approval.id, decision):
+            self.notify("That call is no longer waiting.", timeout=3)
+        else:
             what = f"{approval.method} {approval.path} ({approval.tenant}/{approval.credential})"
             if decision == "always":
                 ttl = duration(self.engine.config.broker.always_ttl)
@@ -172,6 +202,18 @@ class DashboardScreen(Screen[None]):
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(b for b in self.BINDINGS if isinstance(b, Binding)))
+
+    @on(DataTable.RowSelected, "#approvals-table")
+    def _approval_selected(self, event: DataTable.RowSelected) -> None:
+        approval = next((a for a in self.engine.pending() if a.id == event.row_key.value), None)
+        if approval is None:
+            return
+
+        def done(decision: str | None) -> None:
+            if decision is not None:
+                self.answer(approval, decision)
+
+        self.app.push_screen(ApprovalScreen(approval), done)
 
     @on(DataTable.RowSelected, "#alerts")
     def _alert_selected(self, event: DataTable.RowSelected) -> None:

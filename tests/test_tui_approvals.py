@@ -95,6 +95,9 @@ async def test_always_lets_the_next_identical_call_through(world: World) -> None
         app.engine.subscribe(lambda e: asked.append(e) if isinstance(e, ApprovalRequested) else None)
         proc = world.agent_popen(world.acme, [ASK])
         await until(pilot, app.engine.pending, what="the ask call to wait")
+        await pilot.press("a")  # a POST: the first press only asks to confirm
+        await pilot.pause(0.2)
+        assert len(app.engine.pending()) == 1
         await pilot.press("a")
         [first] = await finish(proc, world)
         assert first["status"] == 200
@@ -261,3 +264,26 @@ def _text(app: OutloopApp) -> str:
 
 def _log(app: OutloopApp) -> str:
     return "\n".join(app.screen.query_one("#audit-log").lines)  # type: ignore[attr-defined]
+
+
+async def test_enter_shows_the_call_and_answers_from_the_details(world: World) -> None:
+    """Enter on a waiting call opens its details (reason, rule, program); y there approves it."""
+    app = make_app(world)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await started(app, pilot)
+        proc = world.agent_popen(world.acme, [ASK])
+        await until(pilot, app.engine.pending, what="the ask call to wait")
+        await pilot.pause(0.2)
+        app.screen.query_one("#approvals-table").focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert type(app.screen).__name__ == "ApprovalScreen"
+        shown = str(app.screen.query_one("#approval-fields").render())
+        [approval] = app.engine.pending()
+        assert approval.path in str(app.screen.query_one("#dialog-title").render())
+        assert approval.credential in shown and approval.tenant in shown
+        assert (approval.rule or "no rules") in shown
+        await pilot.press("y")
+        [result] = await finish(proc, world)
+        assert result["status"] == 200
+        assert not app.engine.pending()

@@ -65,6 +65,38 @@ def test_approval_pending(snap_compare: Any) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)], ids=["80x24", "120x40", "200x60"])
+def test_approvals_at_every_size(snap_compare: Any, size: tuple[int, int]) -> None:
+    """Pending calls show countdown, method and path at any size; no pane collapses to nothing."""
+    app = tui_sample.make_app(tui_sample.build())
+
+    async def run_before(pilot: Any) -> None:
+        await tui_sample.ready(app)
+        tui_sample.ask(app)
+        tui_sample.ask(app, age=3, path="/repos/acme/web/issues", reason="report the broken build")
+        await pilot.pause(0.3)
+        app.clear_notifications()
+        await pilot.pause(0.1)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_approval_details(snap_compare: Any) -> None:
+    """Enter on a waiting call shows all of it: reason, rule, program, session, folder."""
+    app = tui_sample.make_app(tui_sample.build())
+
+    async def run_before(pilot: Any) -> None:
+        await tui_sample.ready(app)
+        tui_sample.ask(app)
+        await pilot.pause(0.2)
+        app.clear_notifications()
+        app.screen.query_one("#approvals-table").focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
 def test_alert_details(snap_compare: Any) -> None:
     app = tui_sample.make_app(tui_sample.build())
 

@@ -1,7 +1,9 @@
-"""The pending-approvals pane: calls waiting for the operator, with age and countdown.
+"""The pending-approvals pane (calls waiting for the operator) and the approval details screen.
 
 The table is updated by diff (rows added and removed by approval id, the two
 clock columns rewritten) inside one `batch_update`, so a tick never rebuilds it.
+Its columns come in the order an operator reads them, so a narrow terminal
+still shows the countdown, method and path; Enter opens everything else.
 """
 
 from __future__ import annotations
@@ -10,26 +12,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
-from textual.containers import Vertical
-from textual.widgets import DataTable, Static
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Label, Static
 
 from broker.events import PendingApproval
 
 # Fixed widths: the table never re-measures (and never jumps) as asks come and go, and
-# what the operator reads before pressing `y` is where it was a moment ago. Wider
-# content scrolls horizontally.
+# what the operator reads before pressing `y` is where it was a moment ago. What does
+# not fit is cut at the pane's edge (no horizontal scrollbar) and shown by Enter.
 COLUMNS = (
-    ("age", "Age", 5),
     ("left", "Left", 6),
-    ("tenant", "Tenant", 10),
-    ("workspace", "Workspace", 14),
-    ("process", "Process", 18),
-    ("credential", "Credential", 12),
     ("method", "Method", 7),
     ("path", "Path", 32),
-    ("rule", "Rule", 26),
+    ("tenant", "Tenant", 10),
+    ("credential", "Credential", 12),
     ("reason", "Reason", 40),
+    ("rule", "Rule", 26),
+    ("process", "Process", 18),
+    ("workspace", "Workspace", 14),
+    ("age", "Age", 5),
 )
 
 
@@ -106,16 +111,16 @@ class ApprovalsPane(Vertical):
 
     def _cells(self, a: PendingApproval, now: float) -> tuple[str | Text, ...]:
         return (
-            duration(now - a.created),
             self._left(a, now),
-            a.tenant,
-            short_workspace(a.workspace),
-            process_label(a),
-            a.credential,
             Text(a.method, style="bold"),
             a.path,
-            a.rule or "(no rules: ask)",
+            a.tenant,
+            a.credential,
             a.reason,
+            a.rule or "(no rules: ask)",
+            process_label(a),
+            short_workspace(a.workspace),
+            duration(now - a.created),
         )
 
     @staticmethod
@@ -128,7 +133,7 @@ class ApprovalsPane(Vertical):
         count = len(self._shown)
         self.border_title = f"Pending approvals ({count})" if count else "Pending approvals"
         self.set_class(count > 0, "-waiting")
-        self.border_subtitle = "y approve · n deny · a always" if count else "nothing waiting"
+        self.border_subtitle = "y approve · n deny · a always · enter details" if count else "nothing waiting"
 
     @staticmethod
     def _grants_text(grants: Sequence[tuple[str, float]]) -> Text:
@@ -140,3 +145,88 @@ class ApprovalsPane(Vertical):
             text.append(label)
             text.append(f"  expires in {duration(left)}", style="dim")
         return text
+
+
+class ApprovalScreen(ModalScreen[str | None]):
+    """Everything about one waiting call, and the keys to answer it.
+
+    Dismissed with "approved", "always" or "denied", or None to close. `a` on a call
+    that can change something (anything but GET, HEAD, OPTIONS) asks for a second
+    press: "always" lets every later call of that rule through unasked.
+    """
+
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Close", id="approval-close"),
+        Binding("y", "answer('approved')", "Approve", id="approval-approve"),
+        Binding("n", "answer('denied')", "Deny", id="approval-deny"),
+        Binding("a", "answer('always')", "Always", id="approval-always"),
+    ]
+
+    def __init__(self, approval: PendingApproval) -> None:
+        super().__init__()
+        self.approval = approval
+        self._always_armed = False
+
+    def compose(self) -> ComposeResult:
+        a = self.approval
+        with Vertical(id="dialog", classes="approval-dialog"):
+            yield Label(Text.assemble((a.method, "bold"), " ", a.path), id="dialog-title")
+            with VerticalScroll(id="approval-details"):
+                yield Static(approval_details(a), id="approval-fields")
+            yield Static("", id="approval-confirm")
+            with Horizontal(classes="buttons"):
+                yield Button("Approve (y)", id="approve", variant="success")
+                yield Button("Deny (n)", id="deny", variant="error")
+                yield Button("Always (a)", id="always")
+                yield Button("Close (esc)", id="close")
+
+    def action_answer(self, decision: str) -> None:
+        if decision == "always" and self.approval.method not in SAFE_METHODS and not self._always_armed:
+            self._always_armed = True
+            self.query_one("#approval-confirm", Static).update(
+                Text(
+                    f"Always lets every {self.approval.method} matching "
+                    f"{self.approval.rule or 'this path'} through unasked until it expires: press a again.",
+                    style="bold",
+                )
+            )
+            return
+        self.dismiss(decision)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        actions = {"approve": "approved", "deny": "denied", "always": "always"}
+        if event.button.id in actions:
+            self.action_answer(actions[event.button.id])
+        else:
+            self.dismiss(None)
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def approval_details(a: PendingApproval) -> Text:
+    """The details screen's text: who asks, for what, under which rule, and what it sends."""
+    text = Text()
+
+    def row(label: str, value: str, style: str = "") -> None:
+        text.append(f"{label:<12}", style="dim")
+        text.append(value + "\n", style=style)
+
+    row("tenant", a.tenant, "bold")
+    row("credential", f"{a.credential}  ({a.host})")
+    row("rule", a.rule or "(the credential has no rules: everything asks)")
+    row("reason", a.reason or "(none given)", "italic" if a.reason else "dim")
+    row("program", f"{Path(a.exe).name if a.exe else '?'} [pid {a.pid}]")
+    if a.cmdline:
+        row("command", a.cmdline)
+    row("workspace", a.workspace)
+    row("session", a.session or "(none: identified by its folder)")
+    if a.query:
+        row("query", "&".join(f"{k}={v}" for k, v in a.query))
+    for name, value in a.headers:
+        row("header", f"{name}: {value}")
+    if a.body_preview:
+        text.append("body\n", style="dim")
+        text.append(a.body_preview)
+    return text

@@ -3,12 +3,19 @@
 Textual's Footer rebuilds all its key widgets on every focus change; moving
 between panes here never changes the keys shown, and the rebuild (a style pass
 over a dozen new widgets) was most of the time a Tab took to reach the screen.
+
+Keys for the less urgent actions carry the class `-secondary`, so a narrow
+screen can leave them to `?` and the palette and keep y / n / a, help and quit.
 """
 
 from __future__ import annotations
 
+from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer
+from textual.widgets._footer import FooterKey
+
+SECONDARY_ACTIONS = frozenset({"filter", "add_tenant", "add_workspace", "add_credential", "rescan", "toggle_lock"})
 
 
 class KeyFooter(Footer):
@@ -26,3 +33,9 @@ class KeyFooter(Footer):
             return
         self._shown = shown
         super().bindings_changed(screen)
+
+    def compose(self) -> ComposeResult:
+        for widget in super().compose():
+            if isinstance(widget, FooterKey) and widget.action in SECONDARY_ACTIONS:
+                widget.add_class("-secondary")
+            yield widget
