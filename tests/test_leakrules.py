@@ -122,11 +122,17 @@ def test_generic_rule_in_env_files():
 
 
 def test_generic_rule_applies_to_other_files_only_with_all_rules():
-    strong = L.fake(L.A62, 20, "code") + "!x"
-    code = f'db_password = "{strong}"\npassword = self.password\nkey = compute_key(a, b)\n'
+    typed = "Tr0ub4dor&3xQ!"  # a strong password, not a generated token
+    code = f'db_password = "{typed}"\npassword = self.password\nkey = compute_key(a, b)\n'
     assert find_secrets(code) == []
     found = find_secrets(code, all_rules=True)
-    assert [(m.rule_id, m.value(code)) for m in found] == [("generic-secret", strong)]
+    assert [(m.rule_id, m.value(code)) for m in found] == [("generic-secret", typed)]
+
+
+def test_token_shaped_assignment_is_found_by_default_in_any_file():
+    token = L.fake(L.A62, 28, "code") + "9x"
+    code = f'db_password = "{token}"\n'
+    assert [(m.rule_id, m.value(code)) for m in find_secrets(code)] == [("secret-assignment", token)]
 
 
 def test_provider_rule_wins_over_generic_for_the_same_value():
@@ -136,9 +142,15 @@ def test_provider_rule_wins_over_generic_for_the_same_value():
 
 
 def test_non_env_text_gets_only_confident_rules():
+    value = L.fake(L.A62, 14, "weak") + "#1"  # generic-only: no provider format, not token-long
+    assert find_secrets(f"SESSION_SECRET={value}") == []
+    assert [m.rule_id for m in find_secrets(f"SESSION_SECRET={value}", env_like=True)] == ["generic-secret"]
+
+
+def test_jwts_are_found_in_any_file_but_not_redacted():
     jwt = L.RULES_BY_ID["jwt"].true_positives[0].split("=", 1)[1]
-    assert find_secrets(f"token: {jwt}") == []
-    assert [m.rule_id for m in find_secrets(f"TOKEN={jwt}", env_like=True)] == ["jwt"]
+    assert [m.rule_id for m in find_secrets(f"token: {jwt}")] == ["jwt"]
+    assert list(iter_provider_key_spans(f"token: {jwt}")) == []
 
 
 def test_hard_negatives_are_quiet():
@@ -168,3 +180,54 @@ def test_entropy():
     assert L.shannon_entropy("") == 0
     assert L.shannon_entropy("aaaa") == 0
     assert L.shannon_entropy("ab") == 1
+
+
+@pytest.mark.parametrize(
+    "name,secret",
+    [
+        ("PRIVATE_KEY_B64", True),
+        ("GOOGLE_CREDENTIALS_JSON", True),
+        ("TLS_KEY_PEM", True),
+        ("SIGNING_SECRET_BASE64", True),
+        ("CONFIG_JSON", False),
+        ("B64", False),
+    ],
+)
+def test_encoding_suffixes_are_stripped_before_judging_a_name(name: str, secret: bool):
+    assert L.is_secret_name(name) is secret
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36",
+        "development key",
+        "os.getenv(KEY_NAME)",
+        "a1b2 c3d4 e5f6 g7h8",
+    ],
+)
+def test_values_with_spaces_or_parentheses_are_not_generic_secrets(value: str):
+    assert not L.is_strong_value(value)
+    assert find_secrets(f'API_KEY="{value}"\n', env_like=True) == []
+
+
+def test_generic_rule_reads_every_line_shape_of_env_files():
+    v = [L.fake(L.A62, 18, f"shape{i}") + "%9" for i in range(5)]
+    pem_body = L.fake(L.B64, 64, "shape-pem")
+    text = (
+        f"API_KEY={v[0]}\n"
+        f"export SESSION_SECRET='{v[1]}'\n"
+        f"auth_token: {v[2]}\n"
+        f'  "client_secret": "{v[3]}",\n'
+        f'SIGNING_KEY="first line\n{v[4]}\nlast line"\n'
+        f'TLS_KEY_PEM="-----BEGIN PRIVATE KEY-----\n{pem_body}\n{pem_body}\n-----END PRIVATE KEY-----"\n'
+    )
+    found = {m.line: m.rule_id for m in find_secrets(text, env_like=True)}
+    assert {1, 2, 3, 4} <= found.keys()  # generic, or the token-shaped assignment rule
+    assert found[3] == "generic-secret" and found[8] == "private-key"
+
+
+def test_context_rules_are_not_used_for_redaction():
+    text = f"Authorization: Bearer {L.fake(L.A62, 40, 'red-ctx')}"
+    assert [m.rule_id for m in find_secrets(text)] == ["auth-bearer-token"]
+    assert list(iter_provider_key_spans(text)) == []

@@ -18,6 +18,8 @@ file costs that one pass and nothing else.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -43,8 +45,14 @@ class Rule:
     """One leak rule. The regex group named `secret`, else group 1, else the whole
     match is the secret value.
 
-    `confident` rules are distinctive enough to apply to every text file and
-    to redaction; the others apply to `.env`-like files (or with --all-files).
+    `confident` rules are distinctive enough to apply to every text file; the
+    others apply to `.env`-like files (or with --all-files). `redact` rules (a
+    subset of the confident ones: provider formats, not keys found by their
+    context) are also hidden from what the agent gets back.
+
+    A rule either has a `regex`, or a `finder` that yields (start, end) spans of
+    candidate values: for shapes a single regex would find too slowly (an
+    assignment is found from its quoted value backwards to the name).
     """
 
     id: str
@@ -60,6 +68,12 @@ class Rule:
     # Characters that must not come right before the match. Kept out of the regex:
     # a leading lookbehind stops the regex engine's fast literal-prefix search.
     not_after: re.Pattern[str] | None = field(default=None, repr=False)
+    redact: bool = True
+    finder: Callable[[str], Iterable[tuple[int, int]]] | None = field(default=None, repr=False)
+    # Lowercase words a match starts with: the regex is tried only where one of them
+    # begins a word, instead of at every position (a case-insensitive regex has no
+    # literal prefix for the regex engine to search for).
+    starts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +263,8 @@ def _r(
     confident: bool = True,
     flags: int = 0,
     validate: Callable[[re.Match[str]], bool] | None = None,
+    redact: bool = True,
+    starts: Sequence[str] = (),
 ) -> None:
     not_after = None
     lead = _LEADING_LOOKBEHIND.match(pattern)
@@ -268,6 +284,8 @@ def _r(
             true_positives=tuple(tp),
             false_positives=tuple(fp),
             validate=validate,
+            redact=redact,
+            starts=tuple(starts),
         )
     )
 
@@ -441,6 +459,16 @@ _r(
     entropy=4.0,
 )
 _r(
+    "azure-app-configuration",
+    "Azure App Configuration connection string",
+    "critical",
+    ["azconfig.io"],
+    r"Endpoint=https://[A-Za-z0-9\-]+\.azconfig\.io;Id=[^;\s\"']{4,};Secret=([A-Za-z0-9+/]{40,}={0,2})",
+    tp=[f"Endpoint=https://acme-cfg.azconfig.io;Id=1-l0-s0:{fake(A62, 20)};Secret={fake(B64, 43)}="],
+    fp=["Endpoint=https://acme.azconfig.io;Id=<id>;Secret=<secret>"],
+    entropy=4.0,
+)
+_r(
     "azure-sas-token",
     "Azure shared access signature (SAS) in a URL",
     "high",
@@ -598,8 +626,11 @@ _r(
     tp=[fake(A62, 14) + ".atlasv1." + fake(B64URL, 67)],
     fp=["abc.atlasv1.def"],
 )
-_prefix("vault-service-token", "HashiCorp Vault service token", "critical", "hvs.", r"[A-Za-z0-9_\-]{90,}", B64URL, 95)
-_prefix("vault-batch-token", "HashiCorp Vault batch token", "high", "hvb.", r"[A-Za-z0-9_\-]{90,}", B64URL, 140)
+# Service and batch tokens are 90+ characters when namespaced, 24+ otherwise
+# (the docs' own example is `hvs.` + 24); `hvr.` is a recovery-mode token.
+_prefix("vault-service-token", "HashiCorp Vault service token", "critical", "hvs.", r"[A-Za-z0-9_\-]{24,}", B64URL, 95)
+_prefix("vault-batch-token", "HashiCorp Vault batch token", "high", "hvb.", r"[A-Za-z0-9_\-]{24,}", B64URL, 140)
+_prefix("vault-recovery-token", "HashiCorp Vault recovery token", "high", "hvr.", r"[A-Za-z0-9_\-]{24,}", B64URL, 24)
 _r(
     "vault-legacy-token",
     "HashiCorp Vault token (legacy s. form)",
@@ -662,6 +693,9 @@ _r(
 _prefix("newrelic-user-key", "New Relic user API key", "high", "NRAK-", r"[A-Z0-9]{27}", UPPER36, 27)
 _prefix("newrelic-insert-key", "New Relic insert key", "high", "NRII-", r"[A-Za-z0-9_\-]{32}", B64URL, 32)
 _prefix("newrelic-browser-key", "New Relic browser API key", "medium", "NRJS-", r"[a-f0-9]{19}", HEX, 19)
+_prefix("newrelic-admin-key", "New Relic admin API key", "high", "NRAA-", r"[A-Za-z0-9]{27}", A62, 27)
+_prefix("newrelic-query-key", "New Relic Insights query key", "medium", "NRIQ-", r"[A-Za-z0-9_\-]{32}", B64URL, 32)
+_prefix("newrelic-rest-key", "New Relic REST API key", "high", "NRRA-", r"[A-Za-z0-9]{42}", A62, 42)
 _r(
     "newrelic-license-key",
     "New Relic ingest license key",
@@ -766,6 +800,16 @@ _prefix(
     95,
     keywords=["sk-ant-"],
     sample="sk-ant-admin01-" + fake(B64URL, 93) + "AA",
+)
+_r(
+    "openai-legacy-key-48",
+    "OpenAI API key (legacy: sk- and 48 characters, no marker)",
+    "critical",
+    ["sk-"],
+    r"(?<![A-Za-z0-9_\-])sk-[A-Za-z0-9]{48}(?![A-Za-z0-9_\-])",
+    tp=["sk-" + fake(A62, 48), f'openai.api_key = "sk-{fake(A62, 48)}"'],
+    fp=["sk-" + "a" * 48, "sk-" + fake(A62, 20), "sk-" + fake(A62, 49)],
+    entropy=4.0,
 )
 _r(
     "anthropic-oauth-token",
@@ -1052,8 +1096,13 @@ _r(
     "Slack bot token",
     "critical",
     ["xoxb-"],
-    r"xoxb-\d{8,14}-\d{8,14}-[A-Za-z0-9]{20,32}(?![A-Za-z0-9])",
-    tp=["xoxb-" + fake(DIGITS, 12) + "-" + fake(DIGITS, 13) + "-" + fake(A62, 24)],
+    # Team and bot user ids, then the secret; older tokens carry one number only.
+    r"xoxb-\d{8,14}(?:-\d{8,14}){0,2}-[A-Za-z0-9]{20,34}(?![A-Za-z0-9])",
+    tp=[
+        "xoxb-" + fake(DIGITS, 12) + "-" + fake(DIGITS, 13) + "-" + fake(A62, 24),
+        "xoxb-" + fake(DIGITS, 11) + "-" + fake(DIGITS, 11) + "-" + fake(A62, 24),
+        "xoxb-" + fake(DIGITS, 12) + "-" + fake(A62, 24),
+    ],
     fp=["xoxb-123-456-abc", "xoxb-your-token"],
 )
 _r(
@@ -1147,6 +1196,18 @@ _r(
     r"(?<![0-9])\d{8,10}:AA[A-Za-z0-9_\-]{33}(?![A-Za-z0-9_\-])",
     tp=[fake(DIGITS, 10) + ":AA" + fake(B64URL, 33)],
     fp=["123456789:AAxxxx"],
+)
+_r(
+    "telegram-bot-token-named",
+    "Telegram bot token (any body, named as one)",
+    "high",
+    ["telegram", "bot_token", "bottoken", "bot-token", "tg_"],
+    r"(?i)(?:telegram|bot[_\-]?token|tg_)[^\n]{0,40}?(?-i:(\d{8,10}:[A-Za-z0-9_\-]{35}))(?![A-Za-z0-9_\-])",
+    tp=[
+        f"TELEGRAM_BOT_TOKEN={fake(DIGITS, 10)}:{fake(B64URL, 35)}",
+        f'bot_token = "{fake(DIGITS, 9)}:{fake(B64URL, 35)}"',
+    ],
+    fp=[f"TELEGRAM_CHAT_ID={fake(DIGITS, 10)}", "TELEGRAM_BOT_TOKEN=123456789:" + "x" * 35],
 )
 _r(
     "teams-webhook",
@@ -1443,6 +1504,16 @@ _r(
     fp=[f"OKTA_ORG_URL=00{fake(B64URL, 40)}"],
 )
 _r(
+    "okta-ssws-token",
+    "Okta API token in an SSWS Authorization header",
+    "high",
+    ["ssws"],
+    r"\bSSWS[ \t]+([A-Za-z0-9_\-]{30,64})(?![A-Za-z0-9_\-])",
+    tp=[f"Authorization: SSWS 00{fake(B64URL, 40)}", f'-H "Authorization: SSWS 00{fake(B64URL, 40)}"'],
+    fp=["Authorization: SSWS ${OKTA_API_TOKEN}", "Authorization: SSWS {apiToken}"],
+    entropy=3.5,
+)
+_r(
     "algolia-admin-key",
     "Algolia admin / write API key",
     "high",
@@ -1561,6 +1632,29 @@ for _rid, _desc, _kind, _kw, _sample_kind in (
         fp=[f"-----BEGIN {_sample_kind}-----\n...\n-----END {_sample_kind}-----"],
         entropy=4.0,
     )
+
+
+def _b64_pem_is_private_key(m: re.Match[str]) -> bool:
+    head = m.group(1)[:96]
+    try:
+        text = base64.b64decode(head[: len(head) // 4 * 4]).decode("ascii", "replace")
+    except ValueError:
+        return False
+    return "PRIVATE KEY" in text
+
+
+_pem_b64 = base64.b64encode(f"-----BEGIN RSA PRIVATE KEY-----\n{_pem_lines}\n-----END RSA PRIVATE KEY-----\n".encode())
+_r(
+    "private-key-base64",
+    "PEM private key, base64-encoded (LS0tLS1CRUdJTi...)",
+    "critical",
+    ["ls0tls1crudjt"],
+    r"(?<![A-Za-z0-9+/])(LS0tLS1CRUdJTi[A-Za-z0-9+/]{80,}={0,2})",
+    tp=[_pem_b64.decode(), "PRIVATE_KEY_B64=" + _pem_b64.decode()],
+    fp=[base64.b64encode(b"-----BEGIN CERTIFICATE-----\n" + _pem_lines.encode()).decode(), "LS0tLS1CRUdJTi"],
+    entropy=4.0,
+    validate=_b64_pem_is_private_key,
+)
 _r(
     "putty-private-key",
     "PuTTY private key file",
@@ -1633,10 +1727,392 @@ _r(
     "medium",
     ["eyj"],
     r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{20,}",
-    tp=["SESSION_JWT=" + _jwt_sr],
+    tp=["SESSION_JWT=" + _jwt_sr, f"Authorization: Bearer {_jwt_sr}"],
     fp=["eyJhbGciOiJIUzI1NiJ9.e30.abc"],
-    confident=False,
     entropy=4.0,
+    redact=False,  # a JWT in an answer is often the agent's own session, not a leak
+)
+
+# --- Keys in context ---------------------------------------------------------------------
+# Values with no provider format, found by what surrounds them: an Authorization
+# header, a curl flag, a URL parameter, a connection string, an assignment to a
+# secret-named variable. Each wants a keyword on the line and a value of the right
+# shape (a token: long, letters and digits, high entropy; a password: not a word,
+# not a placeholder), which makes them confident enough for every text file. They
+# are not used for redaction: they say where a key sits, not which provider's it is.
+
+_HAS_LETTER = re.compile(r"[A-Za-z]")
+_HAS_DIGIT = re.compile(r"\d")
+
+
+def is_token_like(value: str, min_len: int = 20, min_entropy: float = 3.5) -> bool:
+    """True for a value shaped like a generated credential: long enough, letters and
+    digits, high entropy, not a placeholder and not an identifier or dotted name."""
+    if not (min_len <= len(value) <= 4096) or is_placeholder(value):
+        return False
+    if not (_HAS_LETTER.search(value) and _HAS_DIGIT.search(value)):
+        return False
+    if _names_a_value(value.rstrip("=")) or _is_wordy(value):
+        return False
+    return shannon_entropy(value) >= min_entropy
+
+
+_SEPARATORS = re.compile(r"[\-_./:]")
+
+
+def _is_wordy(value: str) -> bool:
+    """True for words joined by separators (`utf8-coding-cookie-and-bom.txt`): generated
+    tokens have few separators, and their pieces are rarely lowercase words."""
+    pieces = [p for p in _SEPARATORS.split(value) if p]
+    if len(pieces) < 4:
+        return False
+    words = sum(1 for p in pieces if len(p) >= 2 and p.isalpha() and (p.islower() or p.istitle()))
+    return words * 2 >= len(pieces)
+
+
+def is_password_like(value: str) -> bool:
+    """True for a value that may be a typed password: not a word, a number, a port,
+    a variable or a placeholder."""
+    v = value.strip("\"'`")
+    if len(v) < 6 or len(v) > 256 or v.startswith("-") or is_placeholder(v):
+        return False
+    if re.fullmatch(r"[\d:.,/]+|[A-Za-z]+|[A-Za-z_][A-Za-z0-9_]*\(\)?", v):
+        return False
+    if not (_HAS_DIGIT.search(v) or re.search(r"[^A-Za-z0-9]", v)):
+        return False
+    return shannon_entropy(v) >= 2.0
+
+
+def _secret_of(m: re.Match[str]) -> str:
+    start, end = _value_span(m)
+    return m.string[start:end]
+
+
+def _token(m: re.Match[str]) -> bool:
+    return is_token_like(_secret_of(m))
+
+
+def _line_of(m: re.Match[str]) -> str:
+    start = m.string.rfind("\n", 0, m.start()) + 1
+    end = m.string.find("\n", m.end())
+    return m.string[start : len(m.string) if end < 0 else end]
+
+
+_tok = fake(A62, 40)
+_tok2 = fake(B64URL, 32)
+_pw = fake(A62, 14) + "!7"
+
+
+def _basic_is_credentials(m: re.Match[str]) -> bool:
+    raw = m.group(1)
+    try:
+        decoded = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True).decode("utf-8")
+    except ValueError:
+        return False
+    user, sep, password = decoded.partition(":")
+    if not sep or not decoded.isprintable():
+        return False
+    return is_password_like(password) and password.lower() != user.lower()
+
+
+_r(
+    "auth-bearer-token",
+    "Token in an Authorization: Bearer header",
+    "high",
+    ["bearer"],
+    r"(?i:bearer)[ \t]+([A-Za-z0-9_\-.~+/]{20,}={0,2})(?![A-Za-z0-9_\-.~+/=])",
+    tp=[
+        f'curl -H "Authorization: Bearer {_tok}" https://api.acme.dev/v1/me',
+        f'headers = {{"Authorization": "Bearer {_tok2}"}}',
+    ],
+    fp=[
+        "Authorization: Bearer $TOKEN",
+        "Authorization: Bearer ${API_TOKEN}",
+        "Authorization: Bearer <token>",
+        '"Bearer " + token',
+        "Authorization: Bearer YOUR_ACCESS_TOKEN_GOES_HERE",
+        "Authorization: Bearer abcdefghijklmnopqrstuvwxyz",
+        "auth = BearerTokenAuthenticationPolicy(credential)",
+    ],
+    entropy=None,
+    validate=_token,
+    redact=False,
+    starts=("bearer",),
+)
+_basic = base64.b64encode(f"deploy:{_pw}".encode()).decode()
+_r(
+    "auth-basic-credentials",
+    "User and password in an Authorization: Basic header",
+    "high",
+    ["basic"],
+    r"(?i:basic)[ \t]+([A-Za-z0-9+/]{12,}={0,2})(?![A-Za-z0-9+/=])",
+    tp=[f"Authorization: Basic {_basic}", f'-H "Authorization: Basic {_basic}"'],
+    fp=[
+        "Authorization: Basic " + base64.b64encode(b"user:password").decode(),
+        "Authorization: Basic " + base64.b64encode(b"admin:admin").decode(),
+        "Authorization: Basic $CREDENTIALS",
+        "The basic idea is straightforward",
+        "Basic configuration instructions",
+    ],
+    entropy=None,
+    validate=_basic_is_credentials,
+    redact=False,
+    starts=("basic",),
+)
+_CURL = r"\bcurl\b(?:\\\r?\n|[^\n])*?[ \t](?:-u|--user)(?:[ \t]+|=)[\"']?"
+
+
+def _curl_password(m: re.Match[str]) -> bool:
+    return is_password_like(m.group("secret")) and m.group("secret").lower() != m.group("user").lower()
+
+
+_r(
+    "curl-user-password",
+    "Password in a curl -u user:password",
+    "high",
+    ["curl"],
+    _CURL + r"(?P<user>[^\s:\"']+):(?P<secret>[^\s\"']{6,})",
+    tp=[
+        f"curl -u deploy:{_pw} https://ci.acme.dev/api/json",
+        f"curl https://api.mailgun.net/v3/acme/messages \\\n  -u 'api:{_pw}' -F to=a@b.c",
+    ],
+    fp=[
+        "curl -u user:password https://example.com",
+        "curl -u $USER:$PASS https://ci.acme.dev",
+        "curl -u admin:admin http://localhost:8080",
+        'curl -u "api:${MAILGUN_KEY}" https://api.mailgun.net',
+        "curl -u alice https://ci.acme.dev  # prompts for the password",
+    ],
+    entropy=None,
+    validate=_curl_password,
+    redact=False,
+)
+_r(
+    "curl-user-token",
+    "API key passed as the user of curl -u KEY:",
+    "high",
+    ["curl"],
+    _CURL + r"(?P<secret>[A-Za-z0-9_\-.]{20,}):(?=[\s\"']|$)",
+    tp=[f"curl https://api.acme.dev/v1/charges -u {_tok}:", f"curl -u '{_tok2}:' https://api.acme.dev"],
+    fp=["curl -u YOUR_API_KEY_GOES_HERE_1234: https://api.acme.dev", "curl -u $STRIPE_KEY: https://x"],
+    entropy=None,
+    validate=_token,
+    redact=False,
+)
+_HEADER_NAMES = (
+    "x-api-key",
+    "api-key",
+    "x-apikey",
+    "x-auth-token",
+    "x-access-token",
+    "private-token",
+    "x-token",
+    "x-secret-key",
+    "x-goog-api-key",
+    "x-functions-key",
+    "ocp-apim-subscription-key",
+)
+_r(
+    "api-key-header",
+    "Key in an HTTP header (X-Api-Key, Private-Token, Ocp-Apim-Subscription-Key, ...)",
+    "high",
+    _HEADER_NAMES,
+    r"(?i)(?:" + "|".join(re.escape(h) for h in _HEADER_NAMES) + r")[\"']?[ \t]*(?::|=>|=)[ \t]*[\"']?"
+    r"(?-i:([A-Za-z0-9_\-.~+/]{16,}={0,2}))(?![A-Za-z0-9_\-.~+/=])",
+    tp=[f"curl -H 'X-Api-Key: {_tok}' https://api.acme.dev", f'{{"headers": {{"Private-Token": "{_tok2}"}}}}'],
+    fp=["-H 'X-Api-Key: $API_KEY'", "X-Api-Key: <your-key>", "api-key: " + "a" * 30, "X-Api-Key: application/json"],
+    entropy=None,
+    validate=_token,
+    redact=False,
+    starts=("x-", "api-key", "private-token", "ocp-apim-"),
+)
+_URL_PARAMS = (
+    "access_token|api_key|apikey|api-key|key|token|auth|auth_token|authtoken|secret|client_secret|"
+    "password|passwd|private_token|app_key|appkey|access_key|accesskey|signature|sig"
+)
+_r(
+    "url-credential-param",
+    "Key in a URL parameter (?token=, ?key=, &api_key=, ...)",
+    "high",
+    ["token=", "key=", "secret=", "password=", "passwd=", "auth=", "signature=", "sig="],
+    r"[?&](?i:" + _URL_PARAMS + r")=([A-Za-z0-9_\-.~%+/]{16,}={0,2})(?![A-Za-z0-9_\-.~%+/=])",
+    tp=[
+        f"https://api.acme.dev/v2/events?api_key={_tok}&limit=10",
+        f'fetch("https://maps.acme.dev/tiles?token={_tok2}")',
+        f"wss://stream.acme.dev/ws?foo=1&access_token={_tok}",
+    ],
+    fp=[
+        "https://api.acme.dev/v2/events?api_key=${API_KEY}",
+        "https://api.acme.dev/?token=YOUR_TOKEN_HERE",
+        "https://api.acme.dev/?key=value&token=abc",
+        "https://docs.acme.dev/search?key=getting-started-with-the-api",
+    ],
+    entropy=None,
+    validate=_token,
+    redact=False,
+)
+_PASSWORD_COMMANDS = re.compile(
+    r"\b(?P<cmd>mysql|mysqldump|mysqladmin|mariadb|mariadb-dump|sshpass|redis-cli|mongosh|mongo|mongodump|"
+    r"mongorestore|mongoexport|mongoimport|sqlcmd|bcp|ldapsearch|ldapmodify|ldapadd|smbclient|rabbitmqctl|"
+    r"influx|keytool|htpasswd|(?:docker|podman|buildah|skopeo|helm|oras|nerdctl)(?:[ \t]+registry)?[ \t]+login)\b"
+)
+
+
+def _cli_password(m: re.Match[str]) -> bool:
+    line = _line_of(m)
+    head = line[: line.find(m.group(0).lstrip())] if m.group(0).lstrip() in line else line
+    found = _PASSWORD_COMMANDS.search(head)
+    if found is None:
+        return False
+    cmd, flag = found.group("cmd"), m.group("flag")
+    if flag.startswith("-a") and cmd != "redis-cli":
+        return False
+    if cmd.startswith(("mysql", "mariadb")) and flag != "-p":
+        return flag.startswith("--pass")  # mysql's `-p NAME` takes no value: NAME is the database
+    return is_password_like(m.group("secret"))
+
+
+_r(
+    "cli-password-flag",
+    "Password on a command line (mysql -pPASS, docker login -p, sshpass -p, redis-cli -a)",
+    "high",
+    [" -p", "--password", "--pass", " -a "],
+    r"[ \t](?P<flag>-p[ \t]?|--password[ \t=]|--pass[ \t=]|-a[ \t])[\"']?(?P<secret>[^\s\"'`;|&<>$]{6,})",
+    tp=[
+        f"mysql -h db.internal -u app -p{_pw} app_prod",
+        f"docker login -u ci -p {_pw} registry.acme.dev",
+        f"sshpass -p '{_pw}' ssh deploy@10.0.0.5",
+        f"redis-cli -h cache -a {_pw} ping",
+    ],
+    fp=[
+        "mkdir -p build/output-2024",
+        "docker run -p 8080:80 nginx",
+        "mysql -u root -p app_database",
+        "docker login -u ci -p $REGISTRY_PASSWORD registry.acme.dev",
+        "sshpass -p password ssh host",
+        "ls -a somefolder123",
+    ],
+    entropy=None,
+    validate=_cli_password,
+    redact=False,
+)
+_CONN_KEYS = re.compile(
+    r"(?i)(?:server|data source|host|hostname|address|addr|user id|userid|uid|user|username|database|"
+    r"initial catalog|endpoint|port|provider|dsn)[ \t]*="
+)
+
+
+def _conn_password(m: re.Match[str]) -> bool:
+    line = _line_of(m)
+    return ";" in line and bool(_CONN_KEYS.search(line)) and is_password_like(m.group("secret"))
+
+
+_r(
+    "connection-string-password",
+    "Password in a connection string (Server=...;User Id=...;Password=...;)",
+    "high",
+    ["password", "pwd="],
+    r"(?im)(?:password|pwd)[ \t]*=[ \t]*(?-i:(?P<secret>[^;\"'`\s]{6,}))(?=[ \t]*(?:;|[\"'`]|$))",
+    tp=[
+        f"Server=tcp:sql.acme.dev,1433;Database=app;User Id=app;Password={_pw};Encrypt=true;",
+        f'"Host=db;Port=5432;Username=app;Pwd={_pw};"',
+    ],
+    fp=[
+        "Server=db;Database=app;User Id=app;Password=${DB_PASSWORD};",
+        "Server=db;Database=app;User Id=sa;Password=password;",
+        "Server=db;Database=app;Trusted_Connection=True;",
+    ],
+    entropy=None,
+    validate=_conn_password,
+    redact=False,
+    starts=("password", "pwd"),
+)
+_r(
+    "endpoint-secret",
+    "Secret in an Endpoint=...;Secret=... connection string",
+    "high",
+    ["endpoint="],
+    r"(?i)\bEndpoint=[^;\s\"']+;[^\n\"']*?\b(?:Secret|Key|AccessKey|SharedSecret|ApiKey)="
+    r"(?-i:(?P<secret>[A-Za-z0-9+/=_\-]{20,}))",
+    tp=[f"Endpoint=https://acme.search.windows.net;Id=admin;Secret={fake(B64, 44)}"],
+    fp=["Endpoint=https://acme.example;Secret=<secret>", "Endpoint=sb://x/;Key=short"],
+    entropy=None,
+    validate=_token,
+    redact=False,
+)
+
+
+# An assignment of a quoted literal to a secret-named variable, in most languages:
+# `api_key = "..."`, `$apiKey = '...';`, `apiKey: "..."`, `'api_key' => '...'`,
+# `define('API_KEY', '...')`, `"token": "..."`. Found from the quoted value back to the
+# name: quoted token-shaped strings are far rarer than identifiers.
+_QUOTED_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{8,512})\1""")
+_QUOTED_LONG_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{20,512})\1""")
+_NAME_BEFORE = re.compile(
+    r"""(?:(?P<key>[A-Za-z_][\w.\-]*)["'`\]]?[ \t]*(?::=|=>|=|:|\?\?=|\|\|=)|"""
+    r"""\([ \t]*["'`](?P<arg>[A-Za-z_][\w.\-]*)["'`][ \t]*,)[ \t]*(?:\[[ \t]*)?\Z"""
+)
+
+
+def _assigned_tokens(text: str, strict: bool) -> Iterator[tuple[int, int]]:
+    for m in (_QUOTED_LONG_TOKEN if strict else _QUOTED_TOKEN).finditer(text):
+        start, end = m.span(2)
+        value = m.group(2)
+        if strict and not is_token_like(value, 20, 3.7):
+            continue
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        before = _NAME_BEFORE.search(text, max(line_start, m.start() - 160), m.start())
+        if before is None:
+            continue
+        name = before.group("key") or before.group("arg")
+        if name and is_secret_name(name):
+            yield start, end
+
+
+_r(
+    "secret-assignment",
+    "Token-shaped literal assigned to a secret-named variable (any language)",
+    "medium",
+    ["key", "token", "secret", "passw", "pwd", "auth", "credential", "pat", "bearer", "dsn", "salt"],
+    r"(?!)",
+    tp=[
+        f"$api_key = '{_tok}';",
+        f"define('STRIPE_SECRET', '{_tok2}');",
+        f'const client = new Client({{ apiKey: "{_tok}" }});',
+        f"'auth_token' => '{_tok}',",
+        f'{{"access_token": "{_tok2}"}}',
+    ],
+    fp=[
+        "$api_key = getenv('API_KEY');",
+        "token = 'abcdefghijklmnopqrstuvwxyz'",
+        f'request_id = "{_tok}"',
+        "password = 'correct horse battery staple'",
+        'api_key = "your-api-key-here-123456"',
+        'secret_key = "django-insecure-change-me-later"',
+    ],
+    entropy=None,
+    redact=False,
+)
+RULES_LIST[-1] = dataclasses.replace(RULES_LIST[-1], finder=lambda text: _assigned_tokens(text, strict=True))
+_r(
+    "keyword-near-token",
+    "Token-shaped value right after a word that names a key (prose, logs, comments)",
+    "medium",
+    ["key", "token", "secret", "password", "passwd", "credential"],
+    r"(?i)(?:api[ _\-]?key|access[ _\-]?key|secret(?:[ _\-]?key)?|(?:auth|access|api|bearer)[ _\-]?token|token|"
+    r"password|passwd|credentials?)\b(?:[ \t]+(?:is|was|of))?[ \t]*[:=]?[ \t]*[\"'`]?"
+    r"(?-i:(?P<secret>[A-Za-z0-9_\-+/.~]{24,256}={0,2}))(?![A-Za-z0-9_\-+/.~=])",
+    tp=[f"Your new API key is {_tok} (shown once).", f"2025-01-01 INFO auth ok, token: {_tok2}"],
+    fp=[
+        "the token is tokenize.generate_tokens_from_source_file",
+        "api key: see https://console.acme.dev/settings",
+        f"request id {_tok}",
+        "password: correct-horse-battery-staple",
+    ],
+    entropy=None,
+    validate=lambda m: is_token_like(m.group("secret"), 24, 3.8),
+    redact=False,
+    starts=("api", "access", "secret", "auth", "bearer", "token", "password", "passwd", "credential"),
 )
 
 RULES: tuple[Rule, ...] = tuple(RULES_LIST)
@@ -1649,37 +2125,71 @@ if len(RULES_BY_ID) != len(RULES):  # pragma: no cover - a programming error, ca
 # The keyword prefilter
 
 
-def _index(rules: Sequence[Rule]) -> ahocorasick.Automaton:
-    """An Aho-Corasick automaton of every rule keyword, each naming the rules it stands for.
+def _is_common(keyword: str, rules: Sequence[Rule]) -> bool:
+    # Words found in most files ("key", "token", "sk"): a substring test each is
+    # cheaper than walking thousands of their occurrences out of the automaton.
+    return len(keyword) <= 3 or any(not r.redact for r in rules)
 
-    It reports every occurrence, overlapping ones too ("sk" inside "sk-ant-"), in one
-    pass in C: about a quarter of the time a trie-shaped regex took.
+
+def _index(rules: Sequence[Rule]) -> tuple[ahocorasick.Automaton, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """An Aho-Corasick automaton of the rarer rule keywords, each naming the rules it
+    stands for, and the common keywords with theirs, for a plain substring test.
+
+    The automaton reports every occurrence, overlapping ones too, in one pass in C:
+    about a quarter of the time a trie-shaped regex took.
     """
     by_kw: dict[str, list[int]] = {}
     for i, rule in enumerate(rules):
+        if not _gated(rule):
+            continue
         for kw in rule.keywords:
             by_kw.setdefault(kw, []).append(i)
     automaton = ahocorasick.Automaton(ahocorasick.STORE_ANY, ahocorasick.KEY_STRING)
+    common: dict[str, list[int]] = {}
     for kw, indexes in by_kw.items():
-        automaton.add_word(kw, tuple(indexes))
+        if _is_common(kw, [rules[i] for i in indexes]):
+            common[kw] = indexes
+        else:
+            automaton.add_word(kw, tuple(indexes))
     automaton.make_automaton()
-    return automaton
+    # A common keyword that holds a shorter one ("--password", "--pass") is tested
+    # through the shorter: the prefilter may only widen, never narrow.
+    roots: dict[str, set[int]] = {}
+    for kw, indexes in common.items():
+        root = min((k for k in common if k in kw), key=len)
+        roots.setdefault(root, set()).update(indexes)
+    return automaton, tuple((kw, tuple(sorted(ix))) for kw, ix in roots.items())
 
 
-_KEYWORDS = _index(RULES)
+def _gated(rule: Rule) -> bool:
+    # Rules that find their own starting points (words, quoted literals) are cheaper
+    # run than gated: the gate would search for the same words again.
+    return not (rule.starts or rule.finder)
+
+
+_KEYWORDS, _COMMON_KEYWORDS = _index(RULES)
+_UNGATED = tuple(i for i, r in enumerate(RULES) if not _gated(r))
 _ORDER = {r.id: i for i, r in enumerate(RULES)}
+_REDACTING = frozenset(i for i, r in enumerate(RULES) if r.confident and r.redact)
 
 
 def may_hold_provider_key(text: str) -> bool:
-    """False when no rule's keyword is in `text`: then iter_provider_key_spans finds
-    nothing in it, nor in any part of it (a cheap check before many small texts)."""
-    return next(_KEYWORDS.iter(text.lower()), None) is not None
+    """False when no redaction rule's keyword is in `text`: then iter_provider_key_spans
+    finds nothing in it, nor in any part of it (a cheap check before many small texts)."""
+    lowered = text.lower()
+    if next(_KEYWORDS.iter(lowered), None) is not None:
+        return True
+    return any(kw in lowered for kw, indexes in _COMMON_KEYWORDS if _REDACTING.intersection(indexes))
 
 
 def _candidate_rules(lowered: str) -> list[Rule]:
     hit: set[int] = set()
     for indexes in {found for _end, found in _KEYWORDS.iter(lowered)}:
         hit.update(indexes)
+    for kw, indexes in _COMMON_KEYWORDS:
+        if kw in lowered:
+            hit.update(indexes)
+    hit.update(_UNGATED)
     return [RULES[i] for i in sorted(hit)]
 
 
@@ -1704,9 +2214,32 @@ def _accept(rule: Rule, value: str, m: re.Match[str]) -> bool:
     return rule.validate is None or rule.validate(m)
 
 
-def _rule_matches(text: str, rules: Iterable[Rule]) -> Iterator[tuple[Rule, int, int]]:
+def _at_starts(rule: Rule, text: str, lowered: str) -> Iterator[re.Match[str]]:
+    if len(lowered) != len(text):  # a few characters lowercase to two: offsets differ
+        yield from rule.regex.finditer(text)
+        return
+    for word in rule.starts:
+        at = lowered.find(word)
+        while at >= 0:
+            if at == 0 or not (lowered[at - 1].isalnum() or lowered[at - 1] == "_"):
+                m = rule.regex.match(text, at)
+                if m is not None:
+                    yield m
+            at = lowered.find(word, at + 1)
+
+
+def _rule_matches(text: str, rules: Iterable[Rule], lowered: str | None = None) -> Iterator[tuple[Rule, int, int]]:
     for rule in rules:
-        for m in rule.regex.finditer(text):
+        if rule.finder is not None:
+            for start, end in rule.finder(text):
+                if not is_placeholder(text[start:end]):
+                    yield rule, start, end
+            continue
+        if rule.starts:
+            matches: Iterable[re.Match[str]] = _at_starts(rule, text, text.lower() if lowered is None else lowered)
+        else:
+            matches = rule.regex.finditer(text)
+        for m in matches:
             at = m.start()
             if rule.not_after is not None and at > 0 and rule.not_after.match(text, at - 1):
                 continue
@@ -1744,7 +2277,7 @@ def iter_provider_key_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
     Meant for redaction: the spans do not overlap and come in text order.
     """
-    rules = [r for r in _candidate_rules(text.lower()) if r.confident]
+    rules = [r for r in _candidate_rules(text.lower()) if r.confident and r.redact]
     for rule, start, end in _select(list(_rule_matches(text, rules))):
         yield start, end, rule.id
 
@@ -1801,6 +2334,8 @@ _SECRET_NAME_WORDS = frozenset(
 # Names that say the value is public or not a secret at all.
 _NOT_SECRET_NAME = re.compile(r"(?i)public|publishable|\bpk\b|_pk$|^pk_|anon")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# How a value is encoded says nothing about whether it is a secret: PRIVATE_KEY_B64.
+_ENCODING_SUFFIXES = frozenset({"b64", "base64", "json", "pem"})
 
 
 def is_secret_name(name: str) -> bool:
@@ -1809,6 +2344,8 @@ def is_secret_name(name: str) -> bool:
     if _NOT_SECRET_NAME.search(name):
         return False
     words = [w for w in re.split(r"[^A-Za-z0-9]+", _CAMEL.sub("_", name).lower()) if w]
+    while len(words) > 1 and words[-1] in _ENCODING_SUFFIXES:
+        words.pop()
     if not words:
         return False
     last = words[-1]
@@ -1830,8 +2367,16 @@ def is_strong_value(value: str) -> bool:
         return False  # a path
     if re.fullmatch(r"\d{4}-\d\d-\d\d(?:[T ][\d:.]+Z?)?", v):
         return False  # a date
-    if " " in v.strip() and len(v.split()) > 2:
-        return False  # prose
+    if any(c.isspace() or c in "()" for c in v):
+        return False  # prose, a User-Agent, a call: generated secrets have neither
+    if _names_a_value(v.strip(".:/")) or _is_wordy(v):
+        return False  # an identifier, a dotted path, words joined by dashes
+    if re.search(r"%[sdrif(]|\{\d*\}", v):
+        return False  # a format string
+    if re.fullmatch(r"[a-z][a-z0-9]{1,7}:[^:]+", v):
+        return False  # a typed spec: `rsa:3072`, `ns0:value`
+    if not any(c.isdigit() for c in v) and not (len(v) >= 16 and v.lower() != v and v.upper() != v):
+        return False  # `Europe/London`, `geheim$parole`: no digit, and not long mixed case
     if re.fullmatch(r"[A-Za-z]{1,19}", v):
         return False  # a word, not a password
     if re.fullmatch(r"[a-z_][a-z0-9_]*(?:[.\-][a-z_][a-z0-9_]*)+", v):
@@ -1842,14 +2387,11 @@ def is_strong_value(value: str) -> bool:
     return shannon_entropy(v) >= 3.0
 
 
-# Assignments in any text file (only with all_rules): a quoted value anywhere
-# (`KEY = "value"`, `"key": "value"`, `key: 'value'`), or a bare value when the
-# assignment starts the line (`KEY=value`, YAML `key: value`). A bare value in code
-# is an expression, not a literal, so it is left alone.
-_QUOTED_ASSIGNMENT = re.compile(
-    r"""(?P<key>[A-Za-z_][\w.\-]*)["'`]?[ \t]*(?::=|=>|=|:)[ \t]*"""
-    r"""(?P<q>["'`])(?P<val>[^"'`\n]{8,512})(?P=q)"""
-)
+# Assignments for the generic rule (`.env`-like files, and any file with all_rules): a
+# quoted literal anywhere (`_assigned_tokens`: `KEY = "value"`, `"key": "value"`,
+# `define('KEY', 'value')`), or a bare value when the assignment starts the line
+# (`KEY=value`, YAML `key: value`). A bare value in code is an expression, not a
+# literal, so it is left alone.
 _BARE_ASSIGNMENT = re.compile(
     r"""^[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]*)[ \t]*(?:=|:)[ \t]*"""
     r"""(?P<val>[^\s"'`]{8,512})[ \t]*(?:\#.*)?\r?$""",
@@ -1865,20 +2407,25 @@ def _names_a_value(value: str) -> bool:
 
 
 def _generic_env(text: str) -> Iterator[tuple[Rule, int, int]]:
+    # `KEY=value` lines (export, quotes, multi-line values) through the parser, then
+    # every other line shape such files hold: `key: value`, JSON, quoted literals.
     for e in parse_env(text):
         if is_secret_name(e.key) and is_strong_value(e.value):
             yield GENERIC_RULE, e.value_start, e.value_end
+    yield from _generic_code(text)
 
 
 def _generic_code(text: str) -> Iterator[tuple[Rule, int, int]]:
-    for pattern in (_QUOTED_ASSIGNMENT, _BARE_ASSIGNMENT):
-        for m in pattern.finditer(text):
-            value = m.group("val")
-            if pattern is _BARE_ASSIGNMENT and (_names_a_value(value) or any(c in value for c in "()[]{}<>,")):
-                continue
-            if is_secret_name(m.group("key")) and is_strong_value(value):
-                start, end = m.span("val")
-                yield GENERIC_RULE, start, end
+    for start, end in _assigned_tokens(text, strict=False):
+        if is_strong_value(text[start:end]):
+            yield GENERIC_RULE, start, end
+    for m in _BARE_ASSIGNMENT.finditer(text):
+        value = m.group("val")
+        if _names_a_value(value) or any(c in value for c in "()[]{}<>,"):
+            continue
+        if is_secret_name(m.group("key")) and is_strong_value(value):
+            start, end = m.span("val")
+            yield GENERIC_RULE, start, end
 
 
 def find_secrets(text: str, *, env_like: bool = False, all_rules: bool = False) -> list[SecretMatch]:
@@ -1892,7 +2439,7 @@ def find_secrets(text: str, *, env_like: bool = False, all_rules: bool = False) 
     lowered = text.lower()
     everything = env_like or all_rules
     rules = [r for r in _candidate_rules(lowered) if everything or r.confident]
-    found: list[tuple[Rule, int, int]] = list(_rule_matches(text, rules))
+    found: list[tuple[Rule, int, int]] = list(_rule_matches(text, rules, lowered))
     if env_like:
         found.extend(_generic_env(text))
     elif all_rules:
