@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
-from broker.audit import AuditError, AuditLog
+from broker.audit import AuditError, AuditLog, last_records
 from broker.calls.approvals import Approvals, Grant
 from broker.calls.forward import Forwarder, UpstreamError
 from broker.calls.identity import Caller, IdentityError, Peer, identify
@@ -323,6 +323,10 @@ class Engine:
             return False
         await self.watcher.rescan()
         return True
+
+    def recent_audit(self, count: int) -> list[dict[str, Any]]:
+        """The last `count` audit records on disk, oldest first: what the audit pane opens with."""
+        return last_records(self.paths.audit_dir, count)
 
     def health(self) -> dict[str, Any]:
         info: dict[str, Any] = {

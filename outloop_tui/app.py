@@ -59,6 +59,7 @@ from outloop_tui.widgets.help import HelpScreen
 from outloop_tui.widgets.tenants import TenantsTree
 
 AUDIT_DRAIN_SECONDS = 0.1
+RECENT_AUDIT = 200  # records the audit pane opens with
 TICK_SECONDS = 1.0
 DECISION_WORDS = {"approved": "Approved", "always": "Always allowed", "denied": "Denied"}
 
@@ -143,6 +144,9 @@ class DashboardScreen(Screen[None]):
     def on_mount(self) -> None:
         self.dashboard_app.show_banners()
         self.query_one("#approvals-table", DataTable).focus()
+        # What the log already holds, read before the engine starts: from then on every
+        # record arrives as an event, so none is shown twice.
+        self.query_one(AuditPane).add_records(self.engine.recent_audit(RECENT_AUDIT))
         # The engine starts once the panes exist, so its first events always have a home.
         self.dashboard_app.start_broker()
 
@@ -387,9 +391,12 @@ class DashboardScreen(Screen[None]):
 
     def drain_audit(self) -> None:
         records = self.dashboard_app.bridge.drain_audit()
+        pane = self.query_one(AuditPane)
         if records:
-            self.query_one(AuditPane).add_records(records)
+            pane.add_records(records)
             self.update_status()
+        else:
+            pane.mark_unseen()
 
 
 class OutloopApp(App[int]):

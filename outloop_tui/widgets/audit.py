@@ -4,6 +4,9 @@ Records reach the pane in batches (the app drains the engine's buffer about ten
 times a second) and are written with one `Log.write_lines` call per batch. The
 pane keeps at most `LINE_CAP` lines, on screen and in the history used to
 re-filter, so memory stays flat however long the dashboard runs.
+
+The pane follows the stream while it is scrolled to the end (a filter keeps it
+following); scrolled up, it stays put and counts what arrived below ("12 new").
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ class AuditPane(Vertical):
         self.line_cap = line_cap
         self.history: deque[AuditLine] = deque(maxlen=line_cap)
         self.filter = AuditFilter()
+        self.unseen = 0  # lines that arrived below while the operator was scrolled up
+        self.filter_text = ""
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter: tenant:acme outcome:refused|allowed|error words…", id="audit-filter")
@@ -185,7 +190,27 @@ class AuditPane(Vertical):
         self.history.extend(lines)
         shown = [line.text for line in lines if self.filter.matches(line)]
         if shown:
-            self.log_widget.write_lines(shown[-self.line_cap :])
+            log = self.log_widget
+            if not log.is_vertical_scroll_end:
+                self.unseen += len(shown)
+            log.write_lines(shown[-self.line_cap :])
+        self.mark_unseen()
+
+    def mark_unseen(self) -> None:
+        """Keep the "N new" marker true: gone once the operator is back at the end."""
+        if self.unseen and self.log_widget.is_vertical_scroll_end:
+            self.unseen = 0
+        self._update_subtitle()
+
+    def _update_subtitle(self) -> None:
+        parts = []
+        if self.filter.active:
+            parts.append(f"filter: {self.filter_text.strip()}")
+        if self.unseen:
+            parts.append(f"{self.unseen} new below (end)")
+        subtitle = " · ".join(parts)
+        if subtitle != self.border_subtitle:
+            self.border_subtitle = subtitle
 
     def open_filter(self, prefill: str | None = None) -> None:
         box = self.query_one("#audit-filter", Input)
@@ -212,7 +237,12 @@ class AuditPane(Vertical):
 
     def apply_filter(self, text: str) -> None:
         self.filter = AuditFilter.parse(text)
-        self.border_subtitle = f"filter: {text.strip()}" if self.filter.active else ""
+        self.filter_text = text
         log = self.log_widget
         log.clear()
-        log.write_lines([line.text for line in self.history if self.filter.matches(line)])
+        # clear() leaves the scroll offset where it was; without going back to the end the
+        # pane would stop following the stream after a filter.
+        log.write_lines([line.text for line in self.history if self.filter.matches(line)], scroll_end=False)
+        log.scroll_end(animate=False, immediate=True, x_axis=False)
+        self.unseen = 0
+        self._update_subtitle()
