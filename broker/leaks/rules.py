@@ -1754,7 +1754,12 @@ def is_token_like(value: str, min_len: int = 20, min_entropy: float = 3.5) -> bo
         return False
     if _names_a_value(value.rstrip("=")) or _is_wordy(value):
         return False
+    if len(value) >= 32 and _HEX_ONLY.fullmatch(value):
+        min_entropy = min(min_entropy, 3.0)  # 16 symbols: a random hex key sits near 3.3-3.8
     return shannon_entropy(value) >= min_entropy
+
+
+_HEX_ONLY = re.compile(r"[0-9a-f]+|[0-9A-F]+")
 
 
 _SEPARATORS = re.compile(r"[\-_./:]")
@@ -2401,9 +2406,17 @@ _BARE_ASSIGNMENT = re.compile(
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\(\))?")
 
 
+_NAME_PIECE = re.compile(r"[a-z]+\d*|[A-Z]+\d*|[A-Z][a-z]+\d*|[a-z]+(?:[A-Z][a-z]+)+\d*|\d+")
+
+
 def _names_a_value(value: str) -> bool:
-    # snake_case, dotted or digit-free names; a random token nearly always has a digit.
-    return bool(_IDENTIFIER.fullmatch(value)) and ("." in value or "_" in value or not any(c.isdigit() for c in value))
+    # Dotted, digit-free, or snake_case names made of words (`DEFAULT_TOKEN_V2`); a
+    # random token has digits, and pieces no naming style would write (`QeU54pFz`).
+    if not _IDENTIFIER.fullmatch(value):
+        return False
+    if "." in value or not any(c.isdigit() for c in value):
+        return True
+    return "_" in value and all(_NAME_PIECE.fullmatch(p) for p in value.split("_") if p)
 
 
 def _generic_env(text: str) -> Iterator[tuple[Rule, int, int]]:
