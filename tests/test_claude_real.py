@@ -162,6 +162,7 @@ def test_a_session_never_shows_the_model_a_key(
     text = [json.dumps(r) for r in by_turn]
 
     assert "Outloop blocked" in text[0]  # Read .env: the pre hook
+    assert "Outloop blocked" in text[1]  # cat .en?: the pre hook sees through the glob
     assert "[REDACTED:" in text[2]  # cat notes.txt: the post hook, updatedToolOutput
     assert "[REDACTED:" in text[3]  # base64 of it
     # The large output: the model gets a preview; the hook scanned the whole saved file.

@@ -206,6 +206,88 @@ def test_bash_allowed(command: str) -> None:
     assert bash_refusal(command, CWD, OUTLOOP_DIRS) is None, command
 
 
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project folder holding a .env, a source folder without one, and Outloop's config."""
+    root = tmp_path / "proj"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "app.py").write_text("print('hi')\n")
+    (root / ".env").write_text("OPENAI_API_KEY=x\n")
+    (root / "README.md").write_text("hello\n")
+    return root
+
+
+GAPS = [
+    "cat .en?",
+    "cat .[e]nv",
+    "head .e*v",
+    "x=.env; cat $x",
+    'f=".env" && cat "$f"',
+    "find . -name '.env*' -exec cat {} +",
+    "find . -type f -exec cat {} +",
+    "grep -r KEY .",
+    "grep -rn token",
+    "tar czf - .",
+    "zip -r out.zip .",
+    "cd {outloop} && cat config.toml",
+    "cd {outloop}; sed -n 1,5p config.toml",
+    "secret-tool lookup service outloop",
+    "keyring get outloop acme/api",
+    "python3 -m keyring get outloop acme/api",
+    'python3 -c \'import keyring; print(keyring.get_password("outloop", "acme/api"))\'',
+    "outloop credential add acme x --base-url https://x.test",
+    "outloop tenant rm acme",
+    "outloop workspace add acme /",
+    "outloop config accept",
+    "outloop import --yes",
+]
+
+
+@pytest.mark.parametrize("command", GAPS)
+def test_bash_refusals_of_the_issue_16_gaps(project: Path, command: str) -> None:
+    outloop = project.parent / "outloop-config"
+    outloop.mkdir()
+    (outloop / "config.toml").write_text("[broker]\n")
+    cmd = command.replace("{outloop}", str(outloop))
+    assert bash_refusal(cmd, project, Protected((outloop,))) is not None, cmd
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "cat *.md",
+        "cat *",
+        "grep -rn TODO src",
+        "grep -rl KEY .",
+        "grep -r --exclude='.env*' KEY .",
+        "tar czf src.tgz src",
+        "find . -name '*.py' -exec wc -l {} +",
+        "x=src; ls $x",
+        "cd src && cat app.py",
+        "outloop call api GET /repos",
+        "outloop whoami",
+        "git diff",
+    ],
+)
+def test_bash_allowed_next_to_an_env_file(project: Path, command: str) -> None:
+    assert bash_refusal(command, project, Protected(())) is None, command
+
+
+def test_git_diff_is_refused_when_a_secret_file_is_tracked(project: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run(["git", "-C", str(project), "add", "-f", ".env"], check=True)
+    assert bash_refusal("git diff --cached", project, Protected(())) is not None
+
+
+def test_read_of_the_process_environment_is_refused(tmp_path: Path) -> None:
+    for path in ("/proc/self/environ", "/proc/1/environ", "/proc/self/task/1/environ"):
+        assert tool_refusal("Read", {"file_path": path}, tmp_path, Protected(())) is not None, path
+
+
+def test_monitor_is_guarded_like_bash(project: Path) -> None:
+    assert tool_refusal("Monitor", {"command": "tail -f .env"}, project, Protected(())) is not None
+
+
 @pytest.mark.parametrize(
     ("name", "kind"),
     [

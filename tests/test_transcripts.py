@@ -264,3 +264,25 @@ async def test_rearm_follows_a_new_workspace(
         f.write(line(f"again {ACME_KEY}"))
     (alert,) = await wait_alerts(store, 1)
     assert alert.tenant == "initech" and alert.rule == "cross-tenant:acme/api"
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex"])
+def test_encoded_keys_in_transcripts_and_tool_results(
+    claude_home: Path, folders: dict[str, Path], encoding: str
+) -> None:
+    """`cat .env | base64` printed into a session: the decoded key is found."""
+    import base64
+
+    raw = f"API_KEY={ACME_KEY}\n".encode()
+    printed = base64.b64encode(raw).decode() if encoding == "base64" else raw.hex()
+    scanner = TranscriptScanner(workspaces(folders), lambda: SECRETS)
+    folder = transcript_dir(folders["acme"].resolve())
+    (folder / "tool-results").mkdir(parents=True)
+    session = folder / "s-enc.jsonl"
+    session.write_text(line("hello") + line(f"output: {printed}"))
+    (found,) = scanner.scan_changes(session)
+    assert (found.line, found.rule) == (2, "managed-secret:acme/api")
+    result = folder / "tool-results" / "r.txt"
+    result.write_text(f"first\n{printed}\n")
+    (found,) = scanner.scan_changes(result)
+    assert (found.line, found.rule) == (2, "managed-secret:acme/api")

@@ -72,6 +72,8 @@ TOOL_PATTERN_KEYS = {"Glob": ("pattern",), "Grep": ("glob",)}
 # Listing a folder that holds secrets shows names, not values.
 LISTING_TOOLS = frozenset({"Glob", "Grep", "LS"})
 OUTLOOP_KIND = "Outloop's own config or state"
+# Tools whose `command` is a shell command line (Monitor runs one and streams its output).
+SHELL_TOOLS = frozenset({"Bash", "Monitor"})
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,16 @@ def classify_name(name: str) -> str | None:
     return None
 
 
+PROC_ENVIRON = re.compile(r"^/proc/[^/]+(?:/task/[^/]+)?/environ$")
+ENVIRON_KIND = "the process environment"
+
+
 def classify_path(path: Path, protected: Protected) -> str | None:
     """What secret-holding file or folder `path` (absolute) is, or None."""
     if protected.holds(path):
         return OUTLOOP_KIND
+    if PROC_ENVIRON.match(path.as_posix()):
+        return ENVIRON_KIND
     kind = classify_name(path.name)
     if kind is not None:
         return kind
@@ -183,7 +191,7 @@ def path_kind(path: Path, protected: Protected) -> str | None:
 
 def tool_refusal(tool: str, tool_input: dict[str, object], cwd: Path, protected: Protected) -> str | None:
     """Why a built-in tool call must not run, or None when it may."""
-    if tool == "Bash":
+    if tool in SHELL_TOOLS:
         command = tool_input.get("command")
         return bash_refusal(command, cwd, protected) if isinstance(command, str) else None
     for key in TOOL_PATH_KEYS.get(tool, ()):
@@ -297,15 +305,48 @@ def secret_named(var: str) -> bool:
     return bool(parts & SECRET_WORDS) or var.upper().endswith(("APIKEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
+KEYRING_CODE = (
+    re.compile(r"\b(?:import|from)\s+keyring\b"),
+    re.compile(r"\bkeyring\.(?:get_password|get_credential|get_keyring)\b"),
+    re.compile(r"\bsecretstorage\b"),
+    re.compile(r"org\.freedesktop\.secrets|org\.freedesktop\.Secret\b"),
+    re.compile(r"\bsecurity\s+find-(?:generic|internet)-password\b"),
+)
+ASSIGNMENT = re.compile(r"(?:^|[;&|\s(])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s;&|)]*)")
+# Outloop's management commands change tenants, keys and policy: the operator's job.
+OUTLOOP_MANAGEMENT = frozenset({"tenant", "workspace", "credential", "config", "import", "service", "session"})
+
+
+def _substitute(command: str) -> str:
+    """`x=.env; cat $x` read as `cat .env`: plain assignments in the command, expanded."""
+    values: dict[str, str] = {}
+    for m in ASSIGNMENT.finditer(command):
+        value = m.group(2)
+        if value[:1] in ("'", '"'):
+            value = value[1:-1]
+        values[m.group(1)] = value
+    if not values:
+        return command
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: values.get(m.group(1), m.group(0)), command)
+
+
 def bash_refusal(command: str, cwd: Path, protected: Protected, depth: int = 0) -> str | None:
     """Why a shell command must not run (it prints a secret file or the environment), or None."""
     for pattern in ENV_DUMP_CODE:
         if pattern.search(command):
             return "it prints the process environment"
+    for pattern in KEYRING_CODE:
+        if pattern.search(command):
+            return "it reads the OS keyring, where Outloop keeps the keys"
     for m in VAR_REF.finditer(command):
         if secret_named(m.group(1)):
             return f"it expands ${m.group(1)}, a variable named like a secret"
-    for words in _simple_commands(command):
+    expanded = _substitute(command)
+    for words in _simple_commands(expanded):
+        # `cd DIR && cat config.toml`: later relative paths are relative to DIR.
+        if words and words[0] in ("cd", "pushd") and len(words) > 1 and not words[1].startswith("-"):
+            cwd = resolve(words[1], cwd)
+            continue
         why = _simple_refusal(words, cwd, protected, depth)
         if why is not None:
             return why
@@ -372,6 +413,17 @@ def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected, depth
 
     if prog == "printenv":
         return "it prints the environment"
+    if prog == "secret-tool" and args[:1] and args[0] in ("lookup", "search", "get"):
+        return "it reads the OS keyring, where Outloop keeps the keys"
+    if prog == "keyring" and any(a in ("get", "--get") for a in args):
+        return "it reads the OS keyring, where Outloop keeps the keys"
+    if prog.startswith("python") and "-m" in args and "keyring" in args:
+        return "it reads the OS keyring, where Outloop keeps the keys"
+    if prog == "outloop" and args[:1] and args[0] in OUTLOOP_MANAGEMENT:
+        return f"`outloop {args[0]}` changes Outloop's tenants, keys or policy, which is the operator's job"
+    why = _recursive_refusal(prog, args, cwd, protected)
+    if why is not None:
+        return why
     if prog == "env":
         j = 0
         while j < len(args) and (args[j].startswith("-") or "=" in args[j]):
@@ -397,6 +449,8 @@ def _simple_refusal(words: Sequence[str], cwd: Path, protected: Protected, depth
             return bash_refusal(inner, cwd, protected, depth + 1)
 
     for pos, arg in enumerate(args):
+        if prog in RECURSIVE_GREP and arg.startswith(("--exclude", "--exclude-dir")):
+            continue  # grep --exclude='.env*' names what it will not read
         for candidate in _path_candidates(arg):
             kind = _path_kind(candidate, cwd, protected)
             if kind is None:
@@ -426,13 +480,138 @@ def _path_candidates(arg: str) -> list[str]:
     return [c for c in out if c and not c.startswith("-")]
 
 
+# Names a shell glob is checked against: `cat .en?` or `cat .[e]nv` reads `.env`.
+GLOB_PROBES = (".env", ".envrc", ".env.local", ".env.production", ".env.development", "id_rsa", "id_ed25519")
+
+
 def _path_kind(arg: str, cwd: Path, protected: Protected) -> str | None:
     if any(ch in arg for ch in "*?[{"):
         kind = classify_pattern(arg)
         if kind is not None:
             return kind
+        last = PurePath(arg).name
+        # A shell glob matches a leading dot only with a literal one (`*` never matches .env).
+        for probe in GLOB_PROBES:
+            if probe.startswith(".") and any(
+                alt.startswith(".") and fnmatch(probe, alt) for alt in _brace_alternatives(last)
+            ):
+                return classify_name(probe)
+        for match in _glob(arg, cwd):
+            kind = path_kind(match, protected)
+            if kind is not None:
+                return kind
         base = arg.split("*")[0].split("?")[0].split("[")[0].split("{")[0]
         if base and protected.holds(resolve(base, cwd)):
             return OUTLOOP_KIND
         return None
     return path_kind(resolve(arg, cwd), protected)
+
+
+def _glob(pattern: str, cwd: Path, limit: int = 200) -> list[Path]:
+    """What the shell would expand `pattern` to, in `cwd` (at most `limit` paths)."""
+    import glob
+    import itertools
+
+    base = resolve(pattern, cwd)
+    try:
+        found = itertools.islice(glob.iglob(str(base)), limit)
+        return [Path(p) for p in found]
+    except (OSError, ValueError):
+        return []
+
+
+# Commands that read whole folders: a secret file inside one is read with the rest.
+RECURSIVE_GREP = frozenset({"grep", "egrep", "fgrep"})
+SKIP_DIRS = frozenset({".git", "node_modules", ".venv", "venv", "__pycache__", ".tox", ".mypy_cache"})
+
+
+def _secret_inside(folder: Path, protected: Protected, depth: int = 4, budget: int = 5000) -> Path | None:
+    """A secret-holding file under `folder` (a bounded walk), or None."""
+    stack = [(folder, 0)]
+    seen = 0
+    while stack:
+        here, level = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if seen > budget:
+                return None
+            if e.is_dir(follow_symlinks=False):
+                if level + 1 < depth and e.name not in SKIP_DIRS:
+                    stack.append((Path(e.path), level + 1))
+            elif classify_name(e.name) is not None:
+                return Path(e.path)
+    return None
+
+
+def _folders(args: Sequence[str], cwd: Path, default_cwd: bool) -> list[Path]:
+    paths = [resolve(a, cwd) for a in args if not a.startswith("-")]
+    folders = [p for p in paths if p.is_dir()]
+    if not folders and default_cwd:
+        folders = [cwd]
+    return folders
+
+
+def _recursive_refusal(prog: str, args: Sequence[str], cwd: Path, protected: Protected) -> str | None:
+    """grep -r, tar, zip, find -exec and git diff over a folder that holds a secret file."""
+    flags = [a for a in args if a.startswith("-")]
+    joined = " ".join(args)
+    if prog in RECURSIVE_GREP:
+        recursive = any(f in ("-r", "-R", "--recursive", "--dereference-recursive") for f in flags) or any(
+            not f.startswith("--") and ("r" in f or "R" in f) for f in flags
+        )
+        names_only = any(f in ("--files-with-matches", "--files-without-match", "--count") for f in flags) or any(
+            not f.startswith("--") and set(f[1:]) & set("lLc") for f in flags
+        )
+        if not recursive or names_only or re.search(r"--exclude(?:-dir)?=['\"]?\.env", joined):
+            return None
+        rest = [a for a in args if not a.startswith("-")][1:]  # the first is the pattern
+        folders = _folders(rest, cwd, default_cwd=True)
+    elif prog in ("tar", "zip", "7z", "rsync", "scp"):
+        folders = _folders(args, cwd, default_cwd=False)
+    elif prog == "find" and any(a in ("-exec", "-execdir", "-ok", "-okdir") for a in args):
+        named = False
+        for i, a in enumerate(args[:-1]):
+            if a in ("-name", "-iname", "-path", "-ipath", "-wholename"):
+                named = True
+                pattern = PurePath(args[i + 1]).name
+                if any(fnmatch(probe, pattern) for probe in GLOB_PROBES if probe.startswith(".")):
+                    return f"it runs a command on files named {args[i + 1]}, which match .env files"
+        if named:
+            return None  # only files of the names asked for, none of them secret
+        start = [a for a in args if not a.startswith("-")][:1]
+        folders = _folders(start, cwd, default_cwd=True)
+    elif prog == "git" and args[:1] and args[0] in ("diff", "show", "log", "archive", "grep", "stash"):
+        tracked = _tracked_secret(cwd)
+        return f"it shows {tracked}, a tracked secret file" if tracked else None
+    else:
+        return None
+    for folder in folders:
+        if protected.holds(folder):
+            return f"it reads {folder}, {OUTLOOP_KIND}"
+        inside = _secret_inside(folder, protected)
+        if inside is not None:
+            return (
+                f"it reads the folder {folder}, which holds {inside.name} "
+                "(exclude it, e.g. grep --exclude='.env*', or list names with -l)"
+            )
+    return None
+
+
+def _tracked_secret(cwd: Path) -> str | None:
+    """A secret-named file git tracks in the repository of `cwd` (git diff would show it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(cwd), "ls-files", "-z"], capture_output=True, timeout=3, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name in out.decode("utf-8", "replace").split("\0"):
+        if name and classify_name(PurePath(name).name) is not None:
+            return name
+    return None

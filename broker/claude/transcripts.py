@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.claude.encoded import runs
 from broker.leaks.alerts import AlertStore
 from broker.leaks.scan import Finding, ManagedSecrets, managed_from, owner_of, scan_text
 
@@ -248,6 +249,22 @@ class TranscriptScanner:
                 found.append(
                     Finding(f.tenant, f.workspace, f.path, line_no, f.rule, f.severity, f.preview, f.fingerprint)
                 )
+        # Keys printed hex- or base64-encoded (`cat .env | base64`): the line's strings, decoded.
+        if len(text) <= MAX_LINE_CHARS:
+            try:
+                strings = _json_strings(json.loads(text))
+            except ValueError:
+                strings = [text]
+            for value in strings:
+                for run in runs(value):
+                    for f in scan_text(run.decoded, path, tenant=tenant, workspace=workspace, managed=self.managed()):
+                        if (f.rule, f.fingerprint) not in seen:
+                            seen.add((f.rule, f.fingerprint))
+                            found.append(
+                                Finding(
+                                    f.tenant, f.workspace, f.path, line_no, f.rule, f.severity, f.preview, f.fingerprint
+                                )
+                            )
         return found
 
     def _line_owner(self, text: str, owner: tuple[str, Path]) -> tuple[str, Path]:
@@ -280,9 +297,28 @@ class TranscriptScanner:
         if b"\0" in data[:8192]:
             return []
         tenant, workspace = owner
-        return scan_text(
-            data.decode("utf-8", "surrogateescape"), path, tenant=tenant, workspace=workspace, managed=self.managed()
-        )
+        text = data.decode("utf-8", "surrogateescape")
+        found = scan_text(text, path, tenant=tenant, workspace=workspace, managed=self.managed())
+        known = {(f.rule, f.fingerprint) for f in found}
+        for run in runs(text):
+            line = text.count("\n", 0, run.start) + 1
+            for g in scan_text(run.decoded, path, tenant=tenant, workspace=workspace, managed=self.managed()):
+                if (g.rule, g.fingerprint) not in known:
+                    known.add((g.rule, g.fingerprint))
+                    found.append(
+                        Finding(g.tenant, g.workspace, g.path, line, g.rule, g.severity, g.preview, g.fingerprint)
+                    )
+        return found
+
+
+def _json_strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _json_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _json_strings(v)]
+    return []
 
 
 def _files_under(folder: Path) -> list[Path]:
