@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.config import ConfigEditor, ConfigError, check_base_url, validate
+from broker.config import Auth, ConfigEditor, ConfigError, check_base_url, validate
 from broker.paths import Paths
+from broker.policy import RuleError, parse_rule
 from broker.secrets import Secret, SecretStore
 
 
@@ -51,12 +52,41 @@ def remove_workspace(paths: Paths, folder: str) -> str:
     return tenant
 
 
-class BadBaseURL(ConfigError):
-    """A credential's base URL is not one the broker can call; `problem` says why."""
+class BadField(ConfigError):
+    """One field of a credential given by the user is wrong: `field` names it, `problem` says why.
+
+    The command line words it as the flag (`--allow 'GET x': ...`), the dashboard as
+    its form field, so an error never points at a config.toml line the user never wrote.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class BadBaseURL(BadField):
+    """A credential's base URL is not one the broker can call."""
 
     def __init__(self, problem: str) -> None:
-        super().__init__(f"base URL {problem}")
-        self.problem = problem
+        super().__init__("base_url", problem)
+
+
+def _check_fields(base_url: str | None, auth: str | None, rules: dict[str, list[str] | None]) -> None:
+    """Check what the user typed, field by field, before config.toml sees it."""
+    if base_url is not None and (problem := check_base_url(base_url)):
+        raise BadBaseURL(problem)
+    if auth is not None:
+        try:
+            Auth.parse(auth)
+        except ValueError as e:
+            raise BadField("auth", str(e)) from None
+    for kind, given in rules.items():
+        for rule in given or ():
+            try:
+                parse_rule(rule)
+            except RuleError as e:
+                raise BadField(kind, str(e)) from None
 
 
 @dataclass
@@ -81,11 +111,9 @@ def check_credential(
 ) -> NewCredential:
     """Validate a new credential before its secret is asked for (bad rules never move a secret).
 
-    Raises BadBaseURL or ConfigError saying what is wrong.
+    Raises BadField (a field given is wrong) or ConfigError saying what is wrong.
     """
-    problem = check_base_url(base_url)
-    if problem:
-        raise BadBaseURL(problem)
+    _check_fields(base_url, auth, {"allow": allow, "ask": ask, "deny": deny})
     table: dict[str, Any] = {"base_url": base_url, "auth": auth}
     for kind, rules in (("allow", allow), ("ask", ask), ("deny", deny)):
         if rules:
@@ -104,6 +132,48 @@ def add_credential(new: NewCredential, secret: Secret, secrets: SecretStore) -> 
     except BaseException:
         secrets.delete(new.tenant, new.name)
         raise
+
+
+def set_secret(paths: Paths, tenant: str, name: str, secret: Secret, secrets: SecretStore) -> None:
+    """Rotate a credential's secret; its base URL, auth and rules stay as they are."""
+    editor = ConfigEditor(paths)
+    if name not in editor.tenant(tenant).get("credentials", {}):
+        raise ConfigError(f"tenant {tenant!r} has no credential {name!r}; add it with `outloop credential add`")
+    secrets.set(tenant, name, secret)
+
+
+def edit_credential(
+    paths: Paths,
+    tenant: str,
+    name: str,
+    *,
+    base_url: str | None = None,
+    auth: str | None = None,
+    allow: list[str] | None = None,
+    ask: list[str] | None = None,
+    deny: list[str] | None = None,
+    clear_rules: bool = False,
+) -> None:
+    """Change what is given (None leaves a field as it is); the secret stays in the keyring.
+
+    A rule list given replaces that list; `clear_rules` empties all three (every call asks).
+    """
+    _check_fields(base_url, auth, {"allow": allow, "ask": ask, "deny": deny})
+    editor = ConfigEditor(paths)
+    creds = editor.tenant(tenant).get("credentials", {})
+    if name not in creds:
+        raise ConfigError(f"tenant {tenant!r} has no credential {name!r}")
+    table = creds[name]
+    if base_url is not None:
+        table["base_url"] = base_url
+    if auth is not None:
+        table["auth"] = auth
+    for kind, given in (("allow", allow), ("ask", ask), ("deny", deny)):
+        if clear_rules:
+            table.pop(kind, None)
+        if given:
+            table[kind] = list(given)
+    editor.save()
 
 
 def remove_credential(paths: Paths, tenant: str, name: str, secrets: SecretStore) -> None:

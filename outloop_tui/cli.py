@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from broker import __version__
 
@@ -21,6 +22,20 @@ class UserError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+USAGE_EXIT = 64  # EX_USAGE: a mistyped command is not a refusal (2) or an upstream error (1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors exiting 64, so scripts can tell them from a broker refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            # Never echo them: a secret typed on the command line would land in a log.
+            message = "unrecognized arguments (not shown); a secret is read from a prompt or stdin, never argv"
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
 
 
 def _cmd(module: str, func: str) -> Callable[[argparse.Namespace], int]:
@@ -47,7 +62,7 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="outloop",
         description="Keep API keys out of coding agents' workspaces: agents call through a "
         "broker that checks tenant and policy, asks you when needed, and audits everything. "
@@ -70,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prints the redacted response body. Exit 0 for 2xx, 1 for an "
         "upstream non-2xx, 2 for a broker refusal, 3 when the broker is unreachable.",
     )
-    p.add_argument("credential")
-    p.add_argument("method")
-    p.add_argument("path")
+    p.add_argument("credential", help="the credential's name (see `outloop whoami`)")
+    p.add_argument("method", help="HTTP method: GET, POST, PUT, PATCH, DELETE, ...")
+    p.add_argument("path", help="path below the credential's base URL, e.g. /repos/acme/web")
     body = p.add_mutually_exclusive_group()
     body.add_argument("-d", "--data", metavar="BODY", help="request body as text ('@file' reads a file, '@-' stdin)")
     body.add_argument("--json", metavar="BODY", dest="json_body", help="request body as JSON")
@@ -86,14 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd("cmd_call", "run_whoami"))
 
+    p = sub.add_parser("socket", help="the broker socket's path (for curl --unix-socket and SDKs)")
+    p.set_defaults(run=_cmd("cmd_call", "run_socket"))
+
     p = sub.add_parser("tenant", help="add, remove or list tenants")
     tsub = p.add_subparsers(title="tenant commands", metavar="ACTION", required=True)
     q = tsub.add_parser("add", help="add a tenant")
     q.add_argument("tenant", metavar="NAME")
     q.add_argument("--name", dest="display", metavar="DISPLAY", help="display name")
     q.set_defaults(run=_cmd("cmd_manage", "tenant_add"))
-    q = tsub.add_parser("rm", help="remove a tenant and its credentials' secrets")
+    q = tsub.add_parser("rm", help="remove a tenant and its credentials' secrets (asks first)")
     q.add_argument("tenant", metavar="NAME")
+    q.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     q.set_defaults(run=_cmd("cmd_manage", "tenant_rm"))
     q = tsub.add_parser("list", help="list tenants")
     q.add_argument("--json", action="store_true")
@@ -102,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("workspace", help="map folders to tenants")
     wsub = p.add_subparsers(title="workspace commands", metavar="ACTION", required=True)
     q = wsub.add_parser("add", help="map a folder to a tenant")
-    q.add_argument("tenant")
-    q.add_argument("path")
+    q.add_argument("tenant", help="the tenant the folder belongs to")
+    q.add_argument("path", help="the folder (it and everything below it)")
     q.set_defaults(run=_cmd("cmd_manage", "workspace_add"))
     q = wsub.add_parser("rm", help="unmap a folder")
-    q.add_argument("path")
+    q.add_argument("path", help="a mapped folder, as `outloop workspace list` shows it")
     q.set_defaults(run=_cmd("cmd_manage", "workspace_rm"))
+    q = wsub.add_parser("list", help="every mapped folder and its tenant")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd("cmd_manage", "workspace_list"))
 
     p = sub.add_parser("credential", help="add, remove or list credentials")
     csub = p.add_subparsers(title="credential commands", metavar="ACTION", required=True)
@@ -117,15 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="The secret is read from a hidden prompt, or from standard "
         "input when it is not a terminal; never from the command line.",
     )
-    q.add_argument("tenant")
-    q.add_argument("name")
+    q.add_argument("tenant", help="the tenant that owns the credential")
+    q.add_argument("name", help="the credential's name, as agents call it (github, openai, ...)")
     q.add_argument("--base-url", required=True, metavar="URL")
     q.add_argument("--auth", default="bearer", help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
     _rule_args(q)
     q.set_defaults(run=_cmd("cmd_manage", "credential_add"))
-    q = csub.add_parser("rm", help="remove a credential and its secret")
-    q.add_argument("tenant")
-    q.add_argument("name")
+    q = csub.add_parser(
+        "set-secret",
+        help="rotate a credential's secret (base URL, auth and rules stay)",
+        description="The new secret is read from a hidden prompt, or from standard input when it is "
+        "not a terminal; never from the command line.",
+    )
+    q.add_argument("tenant", help="the tenant that owns the credential")
+    q.add_argument("name", help="the credential's name")
+    q.set_defaults(run=_cmd("cmd_manage", "credential_set_secret"))
+    q = csub.add_parser(
+        "edit",
+        help="change a credential's base URL, auth or rules (the secret stays)",
+        description="Each of --allow, --ask and --deny given replaces that list; --clear-rules empties all three.",
+    )
+    q.add_argument("tenant", help="the tenant that owns the credential")
+    q.add_argument("name", help="the credential's name")
+    q.add_argument("--base-url", metavar="URL")
+    q.add_argument("--auth", help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
+    _rule_args(q)
+    q.add_argument("--clear-rules", action="store_true", help="no rules: every call asks the operator")
+    q.set_defaults(run=_cmd("cmd_manage", "credential_edit"))
+    q = csub.add_parser("rm", help="remove a credential and its secret (asks first)")
+    q.add_argument("tenant", help="the tenant that owns the credential")
+    q.add_argument("name", help="the credential's name")
+    q.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     q.set_defaults(run=_cmd("cmd_manage", "credential_rm"))
     q = csub.add_parser("list", help="list credentials (never their secrets)")
     q.add_argument("--json", action="store_true")
@@ -146,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="verify or follow the audit log")
     asub = p.add_subparsers(title="audit commands", metavar="ACTION", required=True)
     q = asub.add_parser("verify", help="check the whole hash chain; exit 1 if broken")
+    q.add_argument("--json", action="store_true", help="the result as one JSON object")
     q.set_defaults(run=_cmd("cmd_audit", "run_verify"))
     q = asub.add_parser("tail", help="print recent audit records")
     q.add_argument("-f", "--follow", action="store_true")
@@ -154,17 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_cmd("cmd_audit", "run_tail"))
 
     p = sub.add_parser("doctor", help="keyring backend, socket, config, watcher health")
+    p.add_argument("--json", action="store_true", help="the checks as JSON")
     p.set_defaults(run=_cmd("cmd_manage", "doctor"))
+
+    p = sub.add_parser("completion", help="print the shell completion script (bash, zsh or fish)")
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], help="eval its output in that shell's rc file")
+    p.set_defaults(run=_cmd("cmd_completion", "run_completion"))
 
     p = sub.add_parser("mcp", help="stdio MCP server for Claude Code (extra outloop[mcp])")
     p.set_defaults(run=_cmd("cmd_mcp", "run_mcp"))
 
     p = sub.add_parser("hook", help="Claude Code hook commands (JSON on stdin)")
-    p.add_argument("phase", choices=["pre", "post"])
+    p.add_argument("phase", choices=["pre", "post"], help="PreToolUse (pre) or PostToolUse (post)")
     p.set_defaults(run=_cmd("cmd_hook", "run_hook"))
 
     p = sub.add_parser("claude", help="register Outloop's MCP server and hooks in Claude Code")
-    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("action", choices=["install", "uninstall"], help="register or remove Outloop's entries")
     p.add_argument("--scope", choices=["user", "project"], default="user")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(run=_cmd("cmd_claude", "run_claude"))
@@ -172,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell is asking for completions, nothing runs
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     debug = os.environ.get("OUTLOOP_DEBUG") == "1"
     try:
         return int(args.run(args))

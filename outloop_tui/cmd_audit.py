@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from broker.audit import follow, last_records, verify
+from broker.audit import BadRecord, VerifyResult, follow, last_records, verify
 
 DEFAULT_LINES = 20
 
@@ -44,6 +44,9 @@ def run_verify(args: argparse.Namespace) -> int:
         result = verify(audit_dir)
     except OSError as exc:
         return _fail(exc)
+    if getattr(args, "json", False):
+        print(json.dumps(_verify_json(result), indent=2))
+        return 0 if result.ok else 1
     out = sys.stdout
     for note in result.notes:
         print(f"note: {note}", file=out)
@@ -73,6 +76,21 @@ def run_verify(args: argparse.Namespace) -> int:
     records = "record" if result.count == 1 else "records"
     print(f"audit chain OK: {result.count} {records} in {result.files} {files}", file=out)
     return 0
+
+
+def _verify_json(result: VerifyResult) -> dict[str, Any]:
+    def bad(b: BadRecord | None) -> dict[str, Any] | None:
+        return None if b is None else {"path": str(b.path), "line": b.line, "id": b.id, "reason": b.reason}
+
+    return {
+        "ok": result.ok,
+        "records": result.count,
+        "files": result.files,
+        "bad": bad(result.bad),
+        "unfinished": bad(result.unfinished),
+        "torn": [{"path": str(t.path), "source": str(t.source), "bytes": t.size} for t in result.torn],
+        "notes": list(result.notes),
+    }
 
 
 def run_tail(args: argparse.Namespace) -> int:

@@ -72,6 +72,12 @@ def _refusal(resp: Response) -> int:
     return EXIT_REFUSED
 
 
+def run_socket(args: argparse.Namespace) -> int:
+    """Print the broker socket's path: where curl --unix-socket and an SDK's uds transport connect."""
+    print(_socket())
+    return EXIT_OK
+
+
 def run_call(args: argparse.Namespace) -> int:
     payload = _payload(args)
     try:
@@ -119,6 +125,7 @@ def run_whoami(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"tenant      {info['tenant']} ({info.get('name', info['tenant'])})")
     print(f"workspace   {info['workspace']}")
+    print(f"socket      {_socket()}")
     creds = info.get("credentials") or []
     print(f"credentials {', '.join(creds) if creds else '(none)'}")
     for name, rules in (info.get("rules") or {}).items():

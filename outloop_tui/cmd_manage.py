@@ -27,7 +27,33 @@ def tenant_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_error(e: manage.BadField) -> UserError:
+    """A field's problem worded as the flag that gave it."""
+    flag = "--" + e.field.replace("_", "-")
+    if e.field == "base_url":
+        return UserError(f"{flag} {e.problem}")
+    return UserError(f"{flag}: {e.problem}")
+
+
+def confirm(args: argparse.Namespace, question: str) -> None:
+    """Ask before a destructive step; `--yes` answers for scripts, and no terminal without it refuses."""
+    if getattr(args, "yes", False):
+        return
+    if not sys.stdin.isatty():
+        raise UserError(f"{question} Nothing was changed: add --yes to confirm when not at a terminal.")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise UserError("nothing was changed")
+
+
 def tenant_rm(args: argparse.Namespace) -> int:
+    config = load_config(_paths())
+    tenant = config.tenants.get(args.tenant)
+    if tenant is not None and tenant.credentials:
+        names = ", ".join(sorted(tenant.credentials))
+        confirm(args, f"Remove tenant {args.tenant} and delete the keyring secrets of {names}?")
+    elif tenant is not None:
+        confirm(args, f"Remove tenant {args.tenant}?")
     credentials = manage.remove_tenant(_paths(), args.tenant, SecretStore())
     print(f"removed tenant {args.tenant} and {len(credentials)} credential secret(s)")
     return 0
@@ -75,6 +101,21 @@ def workspace_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def workspace_list(args: argparse.Namespace) -> int:
+    config = load_config(_paths())
+    rows = [
+        {"tenant": t.id, "path": str(ws), "exists": ws.is_dir()} for t in config.tenants.values() for ws in t.workspaces
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no workspaces yet; map one with `outloop workspace add TENANT PATH`")
+    for r in rows:
+        print(f"{r['tenant']:<16} {r['path']}{'' if r['exists'] else '  (missing)'}")
+    return 0
+
+
 def read_secret(prompt: str) -> Secret:
     """The secret from a hidden prompt, or from stdin when stdin is not a terminal."""
     if sys.stdin.isatty():
@@ -102,8 +143,8 @@ def credential_add(args: argparse.Namespace) -> int:
             ask=args.ask,
             deny=args.deny,
         )
-    except manage.BadBaseURL as e:
-        raise UserError(f"--base-url {e.problem}") from None
+    except manage.BadField as e:
+        raise _flag_error(e) from None
     secret = read_secret(f"Secret for {args.tenant}/{args.name} (input hidden): ")
     manage.add_credential(new, secret, SecretStore())
     print(f"added credential {args.name} to tenant {args.tenant}; its secret is in the keyring")
@@ -111,8 +152,44 @@ def credential_add(args: argparse.Namespace) -> int:
 
 
 def credential_rm(args: argparse.Namespace) -> int:
+    tenant = load_config(_paths()).tenants.get(args.tenant)
+    if tenant is not None and args.name in tenant.credentials:  # else the removal says what is missing
+        confirm(args, f"Remove credential {args.tenant}/{args.name} and delete its secret from the keyring?")
     manage.remove_credential(_paths(), args.tenant, args.name, SecretStore())
     print(f"removed credential {args.name} of tenant {args.tenant} and its secret")
+    return 0
+
+
+def credential_set_secret(args: argparse.Namespace) -> int:
+    paths = _paths()
+    config = load_config(paths)
+    tenant = config.tenants.get(args.tenant)
+    if tenant is None or args.name not in tenant.credentials:
+        raise UserError(f"tenant {args.tenant!r} has no credential {args.name!r}; add it with `outloop credential add`")
+    secret = read_secret(f"New secret for {args.tenant}/{args.name} (input hidden): ")
+    manage.set_secret(paths, args.tenant, args.name, secret, SecretStore())
+    print(f"rotated the secret of {args.tenant}/{args.name}; its base URL, auth and rules are unchanged")
+    return 0
+
+
+def credential_edit(args: argparse.Namespace) -> int:
+    if not (args.base_url or args.auth or args.allow or args.ask or args.deny or args.clear_rules):
+        raise UserError("nothing to change: give --base-url, --auth, --allow, --ask, --deny or --clear-rules")
+    try:
+        manage.edit_credential(
+            _paths(),
+            args.tenant,
+            args.name,
+            base_url=args.base_url,
+            auth=args.auth,
+            allow=args.allow or None,
+            ask=args.ask or None,
+            deny=args.deny or None,
+            clear_rules=args.clear_rules,
+        )
+    except manage.BadField as e:
+        raise _flag_error(e) from None
+    print(f"updated credential {args.tenant}/{args.name}; its secret is unchanged")
     return 0
 
 
@@ -155,13 +232,10 @@ def credential_list(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """Check keyring, config, paths, socket and broker, and say what to fix in plain words."""
-    problems = 0
+    checks: list[tuple[bool | None, str]] = []
 
     def line(ok: bool | None, what: str) -> None:
-        nonlocal problems
-        mark = {True: "ok  ", False: "FAIL", None: "note"}[ok]
-        problems += ok is False
-        print(f"[{mark}] {what}")
+        checks.append((ok, what))
 
     paths = _paths()
     info = backend_info()
@@ -237,5 +311,14 @@ def doctor(args: argparse.Namespace) -> int:
                 line(ok, f"watcher: {'running' if watcher.get('running') else 'stopped'} — {detail}")
     if os.environ.get("OUTLOOP_HOME"):
         line(None, f"OUTLOOP_HOME={paths.home}")
+    problems = sum(result is False for result, _ in checks)
+    marks = {True: "ok", False: "fail", None: "note"}
+    if getattr(args, "json", False):
+        rows = [{"status": marks[result], "what": what} for result, what in checks]
+        print(json.dumps({"ok": not problems, "checks": rows}, indent=2))
+        return 1 if problems else 0
+    shown = {True: "ok  ", False: "FAIL", None: "note"}
+    for result, what in checks:
+        print(f"[{shown[result]}] {what}")
     print("all good" if not problems else f"{problems} problem(s) found")
     return 1 if problems else 0

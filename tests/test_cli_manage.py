@@ -189,14 +189,14 @@ def test_new_user_journey_keeps_the_secret_out_of_every_output(tmp_path: Path, o
     assert "1 tenant(s), 1 workspace(s), 2 credential(s)" in doctor.stdout
     assert "all good" in doctor.stdout
 
-    runs.append(ok("credential", "rm", "acme", "github"))
+    runs.append(ok("credential", "rm", "acme", "github", "--yes"))
     assert stored("acme", "github") is None
     assert stored("acme", "jira") == other
     assert "github" not in config_raw()["tenants"]["acme"]["credentials"]  # type: ignore[index]
 
     runs.append(ok("credential", "add", "acme", "github", "--base-url", "https://api.github.com", stdin=secret))
     assert stored("acme", "github") == secret
-    removed = ok("tenant", "rm", "acme")
+    removed = ok("tenant", "rm", "acme", "--yes")
     runs.append(removed)
     assert "2 credential" in removed.stdout
     assert stored("acme", "github") is None
@@ -234,8 +234,9 @@ def test_secret_is_not_accepted_from_argv(acme: Path) -> None:
         r = outloop(
             "credential", "add", "acme", "github", "--base-url", "https://x.example", *extra, stdin=new_secret()
         )
-        assert r.returncode == 2  # argparse: no such argument
+        assert r.returncode == 64  # a usage error: no such argument
         assert "Traceback" not in r.stderr
+        assert secret not in r.stderr + r.stdout  # not even echoed back as "unrecognized"
     assert stored("acme", "github") is None
     assert config_bytes() == before
 
@@ -482,6 +483,11 @@ def test_every_documented_command_exists() -> None:
         ("credential", "add"),
         ("credential", "rm"),
         ("credential", "list"),
+        ("credential", "set-secret"),
+        ("credential", "edit"),
+        ("workspace", "list"),
+        ("socket",),
+        ("completion",),
         ("doctor",),
         ("call",),
         ("whoami",),
@@ -512,3 +518,115 @@ def test_help_through_the_console_script() -> None:
     r = ok("credential", "add", "--help")
     assert "--base-url" in r.stdout
     assert "never from the command line" in r.stdout
+
+
+# -- rotate, edit, list, confirm, usage errors, completion ---------------------------------
+
+
+def _with_github(secret: str) -> None:
+    args = ("--allow", "GET /repos/**", "--ask", "POST /repos/*/*/issues", "--deny", "DELETE /**")
+    ok("credential", "add", "acme", "github", "--base-url", "https://api.github.com", *args, stdin=secret)
+
+
+def test_rotating_a_secret_keeps_the_rules(acme: Path) -> None:
+    old, new = new_secret(), new_secret()
+    _with_github(old)
+    before = config_bytes()
+    r = ok("credential", "set-secret", "acme", "github", stdin=new)
+    assert stored("acme", "github") == new
+    assert config_bytes() == before  # base URL, auth and every rule as they were
+    assert old not in r.stdout + r.stderr and new not in r.stdout + r.stderr
+    user_error(outloop("credential", "set-secret", "acme", "nope", stdin=new_secret()), "no credential 'nope'")
+    assert stored("acme", "nope") is None
+
+
+def test_edit_replaces_only_what_is_given(acme: Path) -> None:
+    secret = new_secret()
+    _with_github(secret)
+    ok("credential", "edit", "acme", "github", "--allow", "GET /user", "--allow", "GET /repos/**")
+    table = config_raw()["tenants"]["acme"]["credentials"]["github"]  # type: ignore[index]
+    assert table["allow"] == ["GET /user", "GET /repos/**"]
+    assert table["ask"] == ["POST /repos/*/*/issues"] and table["deny"] == ["DELETE /**"]
+    assert stored("acme", "github") == secret
+    ok("credential", "edit", "acme", "github", "--clear-rules")
+    table = config_raw()["tenants"]["acme"]["credentials"]["github"]  # type: ignore[index]
+    assert not any(k in table for k in ("allow", "ask", "deny"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (("--allow", "GET repos"), "--allow: rule 'GET repos'"),
+        (("--deny", "DELETE /a/**b"), "--deny: rule 'DELETE /a/**b'"),
+        (("--auth", "token"), "--auth: auth must be one of"),
+        (("--base-url", "ftp://x"), "--base-url must be an http"),
+    ],
+)
+def test_a_bad_flag_is_named_as_the_flag(acme: Path, extra: tuple[str, str], flag: str) -> None:
+    before = config_bytes()
+    add = ["credential", "add", "acme", "gh", "--base-url", "https://api.github.com"]
+    if extra[0] == "--base-url":
+        add = add[:4]
+    line = user_error(outloop(*add, *extra, stdin=new_secret()), flag)
+    assert "config.toml" not in line and "line " not in line
+    assert config_bytes() == before and stored("acme", "gh") is None
+
+
+def test_destructive_commands_ask_and_keep_everything_when_not_confirmed(acme: Path) -> None:
+    secret = new_secret()
+    _with_github(secret)
+    before = config_bytes()
+    for args in (("credential", "rm", "acme", "github"), ("tenant", "rm", "acme")):
+        user_error(outloop(*args), "--yes")  # stdin is not a terminal: no silent yes
+        assert config_bytes() == before and stored("acme", "github") == secret
+    ok("credential", "rm", "acme", "github", "--yes")
+    assert stored("acme", "github") is None
+
+
+def test_workspace_list(acme: Path) -> None:
+    r = ok("workspace", "list", "--json")
+    assert json.loads(r.stdout) == [{"tenant": "acme", "path": str(acme), "exists": True}]
+    assert str(acme) in ok("workspace", "list").stdout
+
+
+def test_usage_errors_exit_64_not_like_a_refusal(acme: Path) -> None:
+    for args in (("call",), ("credential", "add", "acme"), ("no-such-command",)):
+        r = outloop(*args)
+        assert r.returncode == 64, (args, r.stderr)
+        assert "usage:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_socket_prints_where_the_broker_listens(acme: Path) -> None:
+    assert ok("socket").stdout.strip() == str(Paths.from_env().socket)
+
+
+def test_doctor_json(acme: Path) -> None:
+    r = outloop("doctor", "--json")
+    report = json.loads(r.stdout)
+    assert report["ok"] is (r.returncode == 0)
+    assert {c["status"] for c in report["checks"]} <= {"ok", "fail", "note"}
+    assert any("config:" in c["what"] for c in report["checks"])
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_and_completions(shell: str, tmp_path: Path) -> None:
+    script = ok("completion", shell).stdout
+    assert "outloop" in script and "_ARGCOMPLETE" in script
+    out = tmp_path / "completions"
+    line = "outloop credential "
+    r = subprocess.run(
+        COMMAND,
+        env={
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_IFS": " ",
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert {"add", "set-secret", "edit", "rm", "list"} <= set(out.read_text().split())

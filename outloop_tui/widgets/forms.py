@@ -217,8 +217,9 @@ class AddCredentialScreen(_TenantForm):
                 ask=split_rules(self.value("ask")),
                 deny=split_rules(self.value("deny")),
             )
-        except manage.BadBaseURL as e:
-            self.fail(f"Base URL {e.problem}.")
+        except manage.BadField as e:
+            label = {"base_url": "Base URL", "auth": "Auth", "allow": "Allow", "ask": "Ask", "deny": "Deny"}
+            self.fail(f"{label.get(e.field, e.field)}: {e.problem}.")
             return None
         secret_input = self.query_one("#secret", Input)
         if not secret_input.value.strip():
