@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ def request(
                 "start `outloop` or `outloop broker`"
             ) from None
         hdrs = {"Content-Type": "application/json"} if body is not None else {}
+        token = os.environ.get("OUTLOOP_SESSION")
+        if token:  # inside `outloop run`: the broker checks the token against the process tree
+            hdrs["X-Outloop-Session"] = token
         hdrs.update(headers or {})
         conn.request(method, target, body=body, headers=hdrs)
         resp = conn.getresponse()

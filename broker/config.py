@@ -34,6 +34,9 @@ DEFAULTS: dict[str, float | int] = {
     "max_request_bytes": 10 * 1024 * 1024,
     "max_response_bytes": 10 * 1024 * 1024,
     "scan_max_file_bytes": 2 * 1024 * 1024,
+    "max_sessions": 1024,
+    "session_ttl": 12 * 3600.0,
+    "idle_timeout": 60.0,
 }
 
 
@@ -115,6 +118,19 @@ class BrokerSettings:
     scan_max_file_bytes: int = 2 * 1024 * 1024
     # Processes that forward and redact calls while several are in flight (broker/workers.py).
     forward_workers: int = 0
+    max_sessions: int = 1024  # live sessions at once (broker/calls/sessions.py)
+    session_ttl: float = 12 * 3600.0  # seconds a session lasts unless `outloop run --ttl` says less
+    idle_timeout: float = 60.0  # seconds a loopback TCP connection may sit idle
+    require_session: bool = False  # refuse every call made outside a session (no_session)
+    listen: tuple[str, int] | None = None  # loopback TCP address (read at start)
+
+    @property
+    def listen_url(self) -> str | None:
+        """`http://host:port` of the loopback listener as configured (port 0: chosen at start)."""
+        if self.listen is None:
+            return None
+        host, port = self.listen
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,18 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
     if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 16:
         raise where.error("broker.forward_workers", "must be a whole number from 0 to 16")
     settings["forward_workers"] = workers
+    require = broker_raw.get("require_session", False)
+    if not isinstance(require, bool):
+        raise where.error("broker.require_session", "must be true or false")
+    settings["require_session"] = require
+    listen = broker_raw.get("listen")
+    if listen is not None:
+        if not isinstance(listen, str):
+            raise where.error("broker.listen", 'must be a string like "127.0.0.1:7878"')
+        try:
+            settings["listen"] = parse_listen(listen)
+        except ValueError as e:
+            raise where.error("broker.listen", str(e)) from None
     broker = BrokerSettings(**settings)
 
     tenants_raw = raw.get("tenants", {})
@@ -255,6 +283,29 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
         }
         tenants[tid] = Tenant(tid, name, workspaces, creds)
     return Config(tenants, broker, raw)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of a loopback address "127.0.0.1:7878", "[::1]:7878" or "localhost:7878".
+
+    Anything that is not loopback is refused: the broker's API must not be reachable
+    from another machine. Port 0 lets the OS choose one at start.
+    """
+    import ipaddress
+
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f'must be a loopback address and port, like "127.0.0.1:7878", not {text!r}')
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must name a loopback IP address (127.0.0.1 or ::1), not {host!r}") from None
+    if not address.is_loopback:
+        raise ValueError(f"{host} is not a loopback address; the broker listens on 127.0.0.1 or ::1 only")
+    return str(address), int(port_text)
 
 
 def _credential(tid: str, name: str, raw: Any, key: str, where: _Locator) -> Credential:

@@ -28,8 +28,9 @@ from broker import __version__
 from broker.audit import AuditError, AuditLog, last_records
 from broker.calls.approvals import Approvals, Grant
 from broker.calls.forward import Forwarder, UpstreamError
-from broker.calls.identity import Caller, IdentityError, Peer, identify
+from broker.calls.identity import Caller, IdentityError, Peer, identify, identify_folder
 from broker.calls.protocol import Answer, CallRequest, Refusal
+from broker.calls.sessions import Session, SessionError, Sessions
 from broker.calls.workers import ForwardPool
 from broker.config import Config, ConfigError, Credential, load_config
 from broker.events import (
@@ -44,6 +45,7 @@ from broker.events import (
 from broker.leaks.redact import Redactor, with_leak_rules
 from broker.paths import Paths, ensure_private_dir
 from broker.policy import Decision, NormalPath, PathRejected, decide, normalize_path
+from broker.providers import KEY_VARIABLES, session_env
 from broker.secrets import BackendInfo, Secret, SecretStore, SecretStoreError, backend_info
 
 if TYPE_CHECKING:  # imported when the watchers start: `outloop call` need not load watchfiles
@@ -98,6 +100,9 @@ class Engine:
         self._tasks: set[asyncio.Future[Any]] = set()
         self.transcripts: TranscriptWatcher | None = None  # Claude Code's (broker/claude/transcripts.py)
         self.started = time.time()
+        self.sessions = Sessions(paths.state_dir / "sessions.json")
+        self.sessions.on_end = self._session_ended
+        self.listen_url: str | None = None  # the loopback TCP listener, once it listens
 
     # -- events ---------------------------------------------------------------
 
@@ -142,9 +147,14 @@ class Engine:
         if self.config.broker.forward_workers:
             # Started on the first busy moment; changing the number needs a restart.
             self._pool = ForwardPool(self.config.broker.forward_workers, self.paths.state_dir)
+        self.sessions.max_sessions = self.config.broker.max_sessions
+        for session in self.sessions.load():
+            await self._audit_session("session_restore", session)
+        self.sessions.attach(asyncio.get_running_loop())
         if serve:
-            self._server = Server(self, self.paths.socket)
+            self._server = Server(self, self.paths.socket, listen=self.config.broker.listen)
             await self._server.start()
+            self.listen_url = self._server.listen_url
         if watch:
             await self._start_watcher()
             await self._start_transcripts()
@@ -157,6 +167,7 @@ class Engine:
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
             self.refresh_config()
+            self.sessions.sweep()  # expiries, and roots without a pidfd watching them
 
     async def stop(self) -> None:
         """Refuse pending approvals, stop serving, close the audit log."""
@@ -176,6 +187,9 @@ class Engine:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        self.sessions.detach()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
         await self.audit.close()
         self._set_state("stopped")
 
@@ -256,6 +270,7 @@ class Engine:
             return self.config
         self._config = new
         self._redactor = None
+        self.sessions.max_sessions = new.broker.max_sessions
         self.secrets.forget()
         if self._forwarder is not None:  # [broker] limits apply from the next call
             self._forwarder.timeout = new.broker.upstream_timeout
@@ -346,13 +361,15 @@ class Engine:
             info["forward_workers"] = self._pool.health()
         return info
 
-    def whoami(self, peer: Peer) -> dict[str, Any] | Refusal:
+    def whoami(self, peer: Peer, token: str | None = None) -> dict[str, Any] | Refusal:
         config = self.refresh_config()
         try:
-            caller = identify(peer, config)
+            caller = identify(peer, config, self.sessions, token)
         except IdentityError as e:
             return Refusal(e.code, str(e), None)
         return {
+            "session": caller.session.id if caller.session else None,
+            "identity": caller.identity,
             "tenant": caller.tenant.id,
             "name": caller.tenant.name,
             "workspace": str(caller.workspace),
@@ -362,6 +379,143 @@ class Engine:
                 for c in caller.tenant.credentials.values()
             },
         }
+
+    # -- sessions (DESIGN §10) -----------------------------------------------------
+
+    def _who(self, peer: Peer, token: str | None = None) -> dict[str, Any]:
+        """`session` and `identity` of a peer, for a record written before the call was identified."""
+        try:
+            caller = identify(peer, self.config, self.sessions, token)
+        except IdentityError as e:
+            return {"session": e.session, "identity": e.identity}
+        except Exception:  # a record must still be written
+            return {"session": None, "identity": None}
+        return {"session": caller.session.id if caller.session else None, "identity": caller.identity}
+
+    async def open_session(
+        self, peer: Peer, *, tenant: str | None, label: str, ttl: float | None, token: str | None = None
+    ) -> dict[str, Any] | Refusal:
+        """Open a session rooted at the calling process (`outloop run`), for its folder's tenant.
+
+        The folder must map to the tenant (and to `tenant`, when named); a caller
+        already inside a session may open one only for that session's tenant, and
+        never one that outlives it.
+        """
+        config = self.refresh_config()
+        base: dict[str, Any] = {"pid": peer.pid, "label": label[:200]}
+        if peer.transport != "unix":
+            return await self.refuse(peer, "bad_request", "sessions are opened on the broker's Unix socket", base=base)
+        try:
+            outer: Caller | None = None
+            if token is not None or self.sessions.in_tree(peer.lineage()) is not None:
+                outer = identify(peer, config, self.sessions, token)
+                if outer.session is not None:
+                    base.update(session=outer.session.id, identity=outer.identity)
+            here = identify_folder(peer, config)  # the folder must map, whatever the session
+        except IdentityError as e:
+            base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None, exe=e.exe)
+            base.setdefault("session", e.session)
+            base.setdefault("identity", e.identity)
+            return await self.refuse(peer, e.code, f"no session was opened: {e}", base=base)
+        parent = outer.session if outer is not None else None
+        base.update(tenant=here.tenant.id, workspace=str(here.workspace), exe=here.exe)
+        base.setdefault("session", None)
+        base.setdefault("identity", "folder")
+        if tenant is not None and tenant != here.tenant.id:
+            return await self.refuse(
+                peer, "wrong_tenant", f"this folder belongs to tenant {here.tenant.id!r}, not {tenant!r}", base=base
+            )
+        if parent is not None and parent.tenant != here.tenant.id:
+            return await self.refuse(
+                peer,
+                "wrong_tenant",
+                f"a process inside tenant {parent.tenant!r}'s session cannot open one for {here.tenant.id!r}",
+                base=base,
+            )
+        seconds = config.broker.session_ttl if ttl is None else ttl
+        if not 0 < seconds <= 366 * 86400:
+            return await self.refuse(peer, "bad_request", "the session's ttl must be from 1 s to a year", base=base)
+        try:
+            session, secret_token = self.sessions.open(
+                tenant=here.tenant.id,
+                workspace=str(here.workspace),
+                label=label[:200],
+                ttl=seconds,
+                root_pid=peer.pid,
+                parent=parent,
+            )
+        except SessionError as e:
+            return await self.refuse(peer, e.code, str(e), base=base)
+        except OSError as e:  # the state file could not be written
+            return await self.refuse(peer, "audit_unavailable", f"the session could not be recorded: {e.strerror}")
+        try:
+            await self._audit_session("session_open", session, identity=base["identity"])
+        except AuditError:
+            self.sessions.end(session.id, "not audited")
+            return Refusal("audit_unavailable", "the audit log cannot be written; no session was opened", None)
+        credentials = sorted((c.name, c.base_url) for c in here.tenant.credentials.values())
+        return {
+            **session.public(),
+            "token": secret_token,
+            "listen": self.listen_url,
+            "socket": str(self.paths.socket),
+            "env": session_env(credentials, self.listen_url, secret_token),
+            "clear_env": sorted(KEY_VARIABLES),
+        }
+
+    def _outside_sessions(self, peer: Peer, token: str | None) -> str | None:
+        """Why `peer` may not manage sessions (only the operator, outside every session, may)."""
+        if peer.transport != "unix":
+            return "sessions are managed on the broker's Unix socket"
+        if token is not None or self.sessions.in_tree(peer.lineage()) is not None:
+            return "sessions are listed and revoked by the operator, from outside every session"
+        return None
+
+    async def list_sessions(self, peer: Peer, token: str | None = None) -> list[dict[str, Any]] | Refusal:
+        """Every live session (for `outloop session list`)."""
+        why = self._outside_sessions(peer, token)
+        if why is not None:
+            return await self.refuse(peer, "denied_by_policy", why)
+        self.sessions.sweep()
+        return [s.public() for s in self.sessions.live()]
+
+    async def revoke_session(self, peer: Peer | None, session_id: str, token: str | None = None) -> bool | Refusal:
+        """End a session now (the operator's call); False if no such live session."""
+        if peer is not None:
+            why = self._outside_sessions(peer, token)
+            if why is not None:
+                return await self.refuse(peer, "denied_by_policy", why)
+        return self.sessions.end(session_id, "revoked") is not None
+
+    def _session_ended(self, session: Session) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._background(self._audit_session_quietly("session_end", session))
+
+    async def _audit_session_quietly(self, event: str, session: Session) -> None:
+        try:
+            await self._audit_session(event, session)
+        except AuditError:
+            pass
+
+    async def _audit_session(self, event: str, session: Session, identity: str | None = None) -> None:
+        fields: dict[str, Any] = {
+            "event": event,
+            "session": session.id,
+            "identity": identity,
+            "tenant": session.tenant,
+            "workspace": session.workspace,
+            "pid": session.root_pid,
+            "label": session.label,
+            "expires": round(session.expires, 3),
+        }
+        if session.parent:
+            fields["parent"] = session.parent
+        if session.ended:
+            fields["reason"] = session.ended
+        await self.audit.record(fields)
 
     # -- calls ------------------------------------------------------------------
 
@@ -387,6 +541,10 @@ class Engine:
         fields.update(event="attempt", decision=code, message=message)
         if peer is not None:
             fields.setdefault("pid", peer.pid)
+            if "identity" not in fields:
+                fields.update(self._who(peer))
+        fields.setdefault("session", None)
+        fields.setdefault("identity", None)
         try:
             record = await self.audit.record(fields)
         except AuditError:
@@ -412,11 +570,23 @@ class Engine:
             "reason": req.reason,
         }
         try:
-            caller = identify(peer, config)
+            caller = identify(peer, config, self.sessions, req.token)
         except IdentityError as e:
-            base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None, exe=e.exe)
+            base.update(
+                tenant=e.tenant,
+                workspace=str(e.workspace) if e.workspace else None,
+                exe=e.exe,
+                session=e.session,
+                identity=e.identity,
+            )
             return await self.refuse(peer, e.code, str(e), base=base)
-        base.update(tenant=caller.tenant.id, workspace=str(caller.workspace), exe=caller.exe)
+        base.update(
+            tenant=caller.tenant.id,
+            workspace=str(caller.workspace),
+            exe=caller.exe,
+            session=caller.session.id if caller.session else None,
+            identity=caller.identity,
+        )
 
         if self.locked:
             return await self.refuse(peer, "denied_by_operator", "the operator has locked the broker", base=base)

@@ -104,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("socket", help="the broker socket's path (for curl --unix-socket and SDKs)")
     p.set_defaults(run=_cmd("cmd_call", "run_socket"))
 
+    p = sub.add_parser(
+        "run",
+        help="run a command (an agent) in a session of this folder's tenant",
+        description="Opens a session of this folder's tenant and runs CMD in it, with OUTLOOP_SESSION and, "
+        "per credential of a known provider, its SDK's base-URL and key variables (the key is the session "
+        "token, never the real key). Exits with CMD's status.",
+    )
+    p.add_argument("--tenant", help="the tenant this folder must belong to")
+    p.add_argument("--label", help="a name for the session in `outloop session list` (default: the command)")
+    p.add_argument("--ttl", type=float, metavar="S", help="seconds the session lasts (default: broker.session_ttl)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(run=_cmd("cmd_run", "run_session"))
+
+    p = sub.add_parser("session", help="list or revoke agent sessions")
+    ssub = p.add_subparsers(title="session commands", metavar="ACTION", required=True)
+    q = ssub.add_parser("list", help="the live sessions")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(run=_cmd("cmd_run", "run_session_list"))
+    q = ssub.add_parser("revoke", help="end a session now")
+    q.add_argument("id", metavar="ID")
+    q.set_defaults(run=_cmd("cmd_run", "run_session_revoke"))
+
     p = sub.add_parser("tenant", help="add, remove or list tenants")
     tsub = p.add_subparsers(title="tenant commands", metavar="ACTION", required=True)
     q = tsub.add_parser("add", help="add a tenant")

@@ -45,6 +45,7 @@ CREDENTIAL_HEADERS = frozenset(
         "x-goog-api-key",
         "private-token",
         "x-access-token",
+        "x-outloop-session",
     }
 )
 # The broker must read every response to redact it, so the agent may not pick an

@@ -1,9 +1,16 @@
-"""Who is calling: peer credentials from the socket, then folder → workspace → tenant.
+"""Who is calling: peer credentials from the socket, then session → token → folder.
 
-The tenant is never taken from the request. The caller's working folder decides
-it, and the caller's ancestors are walked (up to the first one outside every
-workspace) so that a process started in one client's folder cannot borrow another
-client's tenant by `cd`-ing there.
+The tenant is never taken from the request alone. In this order (DESIGN §4, §10):
+
+1. the caller's process tree holds the root of a live session: that session;
+2. the request carries a live session token (`Authorization: Bearer`, `x-api-key`
+   or `X-Outloop-Session`): that session, unless the caller's own tree or folder
+   belongs to another tenant (`wrong_tenant`);
+3. the folder rule: the caller's working folder maps to a workspace and so a
+   tenant, and the caller's whole ancestor chain is read: any ancestor sitting in
+   another tenant's workspace makes the call `wrong_tenant` (a subshell parked in
+   `/` no longer hides the shell that started it). With `require_session` this
+   step refuses instead (`no_session`).
 """
 
 from __future__ import annotations
@@ -14,10 +21,14 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from broker.config import Config, Tenant
+
+if TYPE_CHECKING:
+    from broker.calls.sessions import Session, Sessions
 
 # Ancestors further up than this are not examined (a loop guard; real trees are shallow).
 MAX_ANCESTORS = 64
@@ -26,23 +37,29 @@ _UID = os.getuid()  # the broker's own user; callers must run as it
 
 @dataclass(frozen=True)
 class Peer:
-    """The process at the other end of one socket connection."""
+    """The process at the other end of one connection (pid 0: a TCP peer not found)."""
 
     pid: int
     uid: int
-    _lineage: list[tuple[int, ...]] = field(default_factory=list, compare=False, repr=False)
+    transport: str = "unix"  # "unix" | "tcp"
+    _lineage: list[tuple[tuple[int, int], ...]] = field(default_factory=list, compare=False, repr=False)
 
-    def ancestors(self, fresh: bool = False) -> tuple[int, ...]:
-        """The caller's ancestors, parent first, read on the first call of a connection.
+    def lineage(self, fresh: bool = False) -> tuple[tuple[int, int], ...]:
+        """(pid, start time) of the caller and its ancestors, caller first, read once per connection.
 
         A process's ancestors can only exit, never be replaced by others, so the
         chain holds for the connection's life; what changes, the folders they are
         in, is read on every call. When one has exited, the chain is read again
-        (`fresh`): its orphans now belong to a process further up.
+        (`fresh`): its orphans now belong to a process further up (a session root,
+        which is a subreaper, or init).
         """
         if fresh or not self._lineage:
-            self._lineage[:] = [_ancestors(self.pid)]
+            self._lineage[:] = [_lineage(self.pid)]
         return self._lineage[0]
+
+    def ancestors(self, fresh: bool = False) -> tuple[int, ...]:
+        """The caller's ancestors' pids, parent first."""
+        return tuple(pid for pid, _ in self.lineage(fresh)[1:])
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class Caller:
     cwd: str  # resolved, as the kernel reports it
     tenant: Tenant
     workspace: Path
+    session: Session | None = None
+    identity: str = "folder"  # "session" | "token" | "folder"
 
 
 class IdentityError(Exception):
@@ -69,6 +88,8 @@ class IdentityError(Exception):
         cwd: Path | None = None,
         tenant: str | None = None,
         workspace: Path | None = None,
+        session: str | None = None,
+        identity: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -77,6 +98,8 @@ class IdentityError(Exception):
         self.cwd = cwd
         self.tenant = tenant
         self.workspace = workspace
+        self.session = session
+        self.identity = identity
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -95,8 +118,212 @@ def peer_of(sock: socket.socket) -> Peer:
     raise OSError(f"peer credentials are not supported on {sys.platform}")
 
 
-def identify(peer: Peer, config: Config) -> Caller:
-    """Map a peer to its tenant and workspace, or raise IdentityError with the DESIGN code."""
+UNKNOWN_UID = -1  # a TCP peer whose socket was not found (it hung up already)
+
+
+def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
+    """The process owning the other end of a loopback TCP connection the broker accepted.
+
+    `local` is the broker's address of the connection, `remote` the peer's. On Linux
+    the peer's socket is the row of /proc/net/tcp (or tcp6) whose local address is
+    `remote` and whose remote address is `local`; the row gives its owner's uid and
+    inode, and the process is the one with an fd linked to `socket:[inode]`. Only
+    processes of the broker's own user are looked at (another user's fds cannot be
+    read anyway); a peer of another user is given with its uid, pid 0. A peer that
+    cannot be found is pid 0, and then only a session token identifies it.
+    """
+    if not _USE_PROC:  # pragma: no cover - macOS would use libproc
+        return Peer(0, UNKNOWN_UID, "tcp")
+    row = _tcp_row(local, remote)
+    if row is None:
+        return Peer(0, UNKNOWN_UID, "tcp")
+    uid, inode = row
+    if uid != _UID or inode == 0:
+        return Peer(0, uid, "tcp")
+    return Peer(_socket_owner(inode), uid, "tcp")
+
+
+def _hex_address(host: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} writes it: the bytes of each 32-bit word in host order."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    words = [packed[i : i + 4] for i in range(0, len(packed), 4)]
+    text = "".join(struct.pack("=I", struct.unpack(">I", w)[0]).hex().upper() for w in words)
+    return f"{text}:{port:04X}"
+
+
+def _tcp_row(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(uid, inode) of the peer's socket in /proc/net/tcp or tcp6, or None."""
+    host = remote[0]
+    candidates = []
+    if ":" in host:
+        candidates.append(("tcp6", _hex_address(remote[0], remote[1]), _hex_address(local[0], local[1])))
+        if host.startswith("::ffff:"):  # an IPv4 peer on a dual-stack listener
+            v4 = host[len("::ffff:") :]
+            candidates.append(("tcp", _hex_address(v4, remote[1]), _hex_address(local[0][7:], local[1])))
+    else:
+        candidates.append(("tcp", _hex_address(remote[0], remote[1]), _hex_address(local[0], local[1])))
+    for table, mine, theirs in candidates:
+        try:
+            with open(f"{_PROC}/net/{table}", "rb") as f:
+                lines = f.read().decode("ascii", "replace").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 10 and fields[1] == mine and fields[2] == theirs:
+                return int(fields[7]), int(fields[9])
+    return None
+
+
+def _socket_owner(inode: int) -> int:
+    """The pid of a process holding `socket:[inode]` open, 0 if none can be seen.
+
+    Reads every fd link of every process of this user: a few milliseconds, once per
+    TCP connection. Several holders (a fork after connect) must all be of one
+    process tree; the one that is not an ancestor of another is returned.
+    """
+    target = f"socket:[{inode}]"
+    holders: list[int] = []
+    me = os.getpid()
+    for name in os.listdir(_PROC):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == me:
+            continue
+        folder = f"{_PROC}/{name}/fd"
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{folder}/{fd}") == target:
+                    holders.append(pid)
+                    break
+            except OSError:
+                continue
+    if not holders:
+        return 0
+    if len(holders) == 1:
+        return holders[0]
+    # The deepest holder: one whose ancestors hold it too is judged with them by the tree rule.
+    deepest = max(holders, key=lambda pid: len(_lineage(pid)))
+    return deepest
+
+
+NO_SESSION = (
+    "this broker serves only calls made inside an Outloop session (broker.require_session); "
+    "the operator starts the agent with `outloop run -- <command>`"
+)
+
+
+def identify(peer: Peer, config: Config, sessions: Sessions | None = None, token: str | None = None) -> Caller:
+    """Map a peer to its session or tenant and workspace, or raise IdentityError with the code."""
+    if peer.uid != _UID and peer.uid != UNKNOWN_UID:
+        raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker", pid=peer.pid)
+    session: Session | None = None
+    how = "folder"
+    if sessions is not None and len(sessions) and peer.pid > 0:
+        session = sessions.in_tree(peer.lineage())
+        if session is not None:
+            how = "session"
+    if token is not None:
+        found = sessions.by_token(token) if sessions is not None else None
+        if found is None:
+            raise IdentityError(
+                "no_session",
+                "the session token is not known to this broker; the operator starts a new session with `outloop run`",
+                pid=peer.pid,
+                identity="token",
+            )
+        if found.ended:
+            raise IdentityError(
+                "no_session",
+                f"session {found.id} has ended ({found.ended}); the operator starts a new one with `outloop run`",
+                pid=peer.pid,
+                tenant=found.tenant,
+                session=found.id,
+                identity="token",
+            )
+        if session is not None and session.tenant != found.tenant:
+            raise IdentityError(
+                "wrong_tenant",
+                f"a session token of tenant {found.tenant!r} was used from a process of tenant "
+                f"{session.tenant!r}'s session {session.id}",
+                pid=peer.pid,
+                tenant=session.tenant,
+                session=session.id,
+                identity="session",
+            )
+        if session is None:
+            if peer.pid > 0:
+                other = _tree_tenant(peer, found.tenant, config)
+                if other is not None:
+                    raise IdentityError(
+                        "wrong_tenant",
+                        f"a session token of tenant {found.tenant!r} was used from a process of tenant {other!r}",
+                        pid=peer.pid,
+                        tenant=found.tenant,
+                        session=found.id,
+                        identity="token",
+                    )
+            session, how = found, "token"
+    if session is not None:
+        return _session_caller(peer, config, session, how)
+    if config.broker.require_session or peer.pid <= 0:
+        message = (
+            NO_SESSION
+            if peer.pid > 0
+            else (
+                "the calling process could not be found from its connection, and it gave no session token; "
+                "the operator starts agents with `outloop run`, which gives them one"
+            )
+        )
+        raise IdentityError(
+            "no_session", message, pid=peer.pid or None, exe=_exe(peer.pid) if peer.pid else "", identity="folder"
+        )
+    return identify_folder(peer, config)
+
+
+def _session_caller(peer: Peer, config: Config, session: Session, how: str) -> Caller:
+    tenant = config.tenants.get(session.tenant)
+    exe = _exe(peer.pid) if peer.pid > 0 else ""
+    if tenant is None:
+        raise IdentityError(
+            "unmapped_workspace",
+            f"session {session.id}'s tenant {session.tenant!r} is no longer in the config",
+            pid=peer.pid,
+            exe=exe,
+            tenant=session.tenant,
+            session=session.id,
+            identity=how,
+        )
+    cwd = ""
+    if peer.pid > 0:
+        try:
+            cwd = _cwd(peer.pid)
+        except (psutil.Error, OSError):
+            cwd = ""
+    return Caller(peer.pid, exe, cwd, tenant, Path(session.workspace), session, how)
+
+
+def _tree_tenant(peer: Peer, tenant: str, config: Config) -> str | None:
+    """A tenant other than `tenant` that the caller's folder, or an ancestor's, maps to, if any."""
+    try:
+        found = config.workspace_for(_cwd(peer.pid))
+    except (psutil.Error, OSError):
+        found = None
+    if found is not None and found[0].id != tenant:
+        return found[0].id
+    other = _ancestor_tenant(peer.ancestors(), tenant, config)
+    if other is _GONE:
+        other = _ancestor_tenant(peer.ancestors(fresh=True), tenant, config, skip_gone=True)
+    return other
+
+
+def identify_folder(peer: Peer, config: Config) -> Caller:
+    """The folder rule alone: the caller's folder decides, and no ancestor may be another tenant's."""
     if peer.uid != _UID:
         raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker", pid=peer.pid)
     try:
@@ -112,13 +339,12 @@ def identify(peer: Peer, config: Config) -> Caller:
             pid=peer.pid,
             exe=exe,
             cwd=Path(cwd),
+            identity="folder",
         )
     tenant, workspace = found
     other = _ancestor_tenant(peer.ancestors(), tenant.id, config)
     if other is _GONE:
-        other = _ancestor_tenant(peer.ancestors(fresh=True), tenant.id, config)
-        if other is _GONE:  # another exited just now: the walk stops there, as it always did
-            other = None
+        other = _ancestor_tenant(peer.ancestors(fresh=True), tenant.id, config, skip_gone=True)
     if other is not None:
         raise IdentityError(
             "wrong_tenant",
@@ -128,6 +354,7 @@ def identify(peer: Peer, config: Config) -> Caller:
             cwd=Path(cwd),
             tenant=tenant.id,
             workspace=workspace,
+            identity="folder",
         )
     return Caller(peer.pid, exe, cwd, tenant, workspace)
 
@@ -135,36 +362,59 @@ def identify(peer: Peer, config: Config) -> Caller:
 _GONE = "\0gone"  # an ancestor in the chain has exited
 
 
-def _ancestor_tenant(ancestors: tuple[int, ...], tenant: str, config: Config) -> str | None:
-    """The first other tenant found among the ancestors inside workspaces, if any
-    (_GONE if an ancestor has exited, so the chain must be read again)."""
+def _ancestor_tenant(
+    ancestors: tuple[int, ...], tenant: str | None, config: Config, skip_gone: bool = False
+) -> str | None:
+    """The first other tenant found among all the ancestors' folders, if any (_GONE if an
+    ancestor has exited, so the chain must be read again; with `skip_gone`, it is passed over).
+
+    The whole chain is read: an ancestor outside every workspace (a subshell that
+    did `cd /`) does not end the walk.
+    """
     for parent in ancestors:
         try:
             cwd = _cwd(parent)
         except (psutil.Error, OSError):
+            if skip_gone:
+                continue
             return _GONE
         found = config.workspace_for(cwd)
-        if found is None:
-            return None
-        if found[0].id != tenant:
+        if found is not None and found[0].id != tenant:
             return found[0].id
     return None
 
 
-def _ancestors(pid: int) -> tuple[int, ...]:
-    """Parent, grandparent, ... up to (not including) init, at most MAX_ANCESTORS."""
-    chain: list[int] = []
+def _lineage(pid: int) -> tuple[tuple[int, int], ...]:
+    """(pid, start) of `pid`, its parent, grandparent, ... up to (not including) init."""
+    chain: list[tuple[int, int]] = []
     try:
         current, started = pid, _started(pid)
+        chain.append((current, int(started)))
         for _ in range(MAX_ANCESTORS):
             parent = _parent(current, started)
             if parent is None or parent[0] <= 1:
                 break
-            chain.append(parent[0])
+            chain.append((parent[0], int(parent[1])))
             current, started = parent
     except (psutil.Error, OSError):
         pass
     return tuple(chain)
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot on Linux), or None if it is gone.
+
+    Two processes that had the same pid never have the same start time, so
+    (pid, start) names one process for good.
+    """
+    if pid <= 0:
+        return None
+    try:
+        if not _USE_PROC:  # pragma: no cover - non-Linux: microseconds since the epoch
+            return int(psutil.Process(pid).create_time() * 1_000_000)
+        return _stat(pid)[1]
+    except (psutil.Error, OSError, ValueError, IndexError):
+        return None
 
 
 # Reading a process. psutil does this everywhere; on Linux the broker reads

@@ -13,6 +13,7 @@ from typing import Any
 REFUSAL_STATUS = {
     "unmapped_workspace": 403,
     "wrong_tenant": 403,
+    "no_session": 403,  # require_session and the call came from outside a session; or a dead token
     "unknown_credential": 404,
     "denied_by_policy": 403,
     "denied_by_operator": 403,
@@ -21,6 +22,7 @@ REFUSAL_STATUS = {
     "bad_request": 400,
     "upstream_error": 502,
     "audit_unavailable": 503,
+    "session_limit": 429,  # broker.max_sessions sessions are open already
 }
 
 
@@ -36,6 +38,7 @@ class CallRequest:
     body: bytes = b""
     tenant_claim: str | None = None
     reason: str = ""
+    token: str | None = None  # a session token from the request's headers (never forwarded)
 
 
 @dataclass(frozen=True)

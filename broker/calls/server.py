@@ -1,10 +1,17 @@
 """The broker's HTTP/1.1 server on a Unix socket (httptools, i.e. llhttp, parses requests).
 
-Routes (DESIGN §4):
-    GET  /v1/health
-    GET  /v1/whoami
-    POST /v1/request                       JSON in, JSON out
-    ANY  /v1/proxy/<credential>/<path...>  the upstream response itself, redacted
+Routes (DESIGN §4, §10):
+    GET    /v1/health
+    GET    /v1/whoami
+    POST   /v1/request                       JSON in, JSON out
+    ANY    /v1/proxy/<credential>/<path...>  the upstream response itself, redacted
+    POST   /v1/sessions                      open a session rooted at the caller (`outloop run`)
+    GET    /v1/sessions                      the live sessions (the operator, outside any session)
+    DELETE /v1/sessions/<id>                 revoke one
+
+The same API is served on loopback TCP when `[broker] listen` is set. A TCP
+caller is found from its socket (identity.tcp_peer), once per connection, and a
+TCP connection that sits idle past `idle_timeout` is closed.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.calls.identity import Peer, peer_of
+from broker.calls.identity import Peer, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
+from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
 from broker.paths import ensure_private_dir
 
 if TYPE_CHECKING:
@@ -48,6 +56,10 @@ HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _LINE_BREAK_OR_NUL = re.compile(rb"[\r\n\0]")
 # A JSON escape of a UTF-16 surrogate: paired, it is one character; alone, it is not text.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Headers a session token may come in (an SDK puts its API key in the first two).
+TOKEN_HEADERS = (b"authorization", b"x-api-key", b"x-outloop-session")
+# Loopback TCP connections open at once; more are answered 503 and closed.
+MAX_TCP_CONNECTIONS = 256
 
 
 class SocketInUse(Exception):
@@ -61,11 +73,15 @@ class BadRequest(Exception):
 
 
 class Server:
-    def __init__(self, engine: Engine, path: Path) -> None:
+    def __init__(self, engine: Engine, path: Path, listen: tuple[str, int] | None = None) -> None:
         self.engine = engine
         self.path = path
+        self.listen = listen
         self._server: asyncio.AbstractServer | None = None
+        self._tcp: asyncio.AbstractServer | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._tcp_count = 0
+        self.listen_url: str | None = None  # once listening on TCP: http://127.0.0.1:PORT
 
     def check_free(self) -> None:
         """Raise SocketInUse if a live broker already answers on the socket path."""
@@ -90,9 +106,20 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
+        if self.listen is not None:
+            host, port = self.listen
+            try:
+                self._tcp = await asyncio.start_server(self._tcp_connection, host, port, limit=READ_CHUNK)
+            except OSError as e:
+                await self.stop()
+                raise SocketInUse(f"cannot listen on {host}:{port} (broker.listen): {e.strerror}") from None
+            bound = self._tcp.sockets[0].getsockname()
+            self.listen_url = f"http://[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"http://{bound[0]}:{bound[1]}"
 
     async def stop(self) -> None:
         """Stop listening; calls being answered get a moment to finish, idle connections close."""
+        if self._tcp is not None:
+            self._tcp.close()
         if self._server is not None:
             self._server.close()
             busy = [task for task, conn in self._connections.items() if conn.busy]
@@ -108,13 +135,17 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
+        if self._tcp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2)
+            self._tcp = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tcp: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
-        conn = _Connection(self.engine, reader, writer)
+        conn = _Connection(self.engine, reader, writer, tcp=tcp)
         self._connections[task] = conn
         try:
             await conn.run()
@@ -124,6 +155,27 @@ class Server:
             self._connections.pop(task, None)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_count >= MAX_TCP_CONNECTIONS:
+            # No peer lookup for these: answering must stay cheap under a flood.
+            refusal = await self.engine.refuse(
+                Peer(0, -1, "tcp"),
+                "bad_request",
+                f"the broker already holds {MAX_TCP_CONNECTIONS} TCP connections",
+                base={"identity": None},
+                status=503,
+            )
+            with contextlib.suppress(Exception):
+                writer.write(response_bytes(503, _refusal_headers(refusal), _json(refusal.json()), 0, True))
+                await writer.drain()
+                writer.close()
+            return
+        self._tcp_count += 1
+        try:
+            await self._connection(reader, writer, tcp=True)
+        finally:
+            self._tcp_count -= 1
 
 
 def _is_live(path: Path) -> bool:
@@ -236,13 +288,23 @@ class _Parser:
 
 
 class _Connection:
-    def __init__(self, engine: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, engine: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tcp: bool = False
+    ) -> None:
         self.engine = engine
         self.reader = reader
         self.writer = writer
         self.parser = _Parser(engine.config.broker.max_request_bytes)
-        sock = writer.get_extra_info("socket")
-        self.peer: Peer = peer_of(sock)
+        self.tcp = tcp
+        self.served = 0  # requests answered on this connection
+        if tcp:
+            self._ends = (writer.get_extra_info("sockname")[:2], writer.get_extra_info("peername")[:2])
+            # Found on the first request (it reads /proc), not at accept.
+            self.peer = Peer(0, -1, "tcp")
+            self._peer_known = False
+        else:
+            self.peer = peer_of(writer.get_extra_info("socket"))
+            self._peer_known = True
         self.busy = False  # a request has arrived and its answer is not sent yet
         self.stopping = False  # the broker is stopping: close once this answer is sent
         # A malformed request read with whole ones before it: refused once they are answered.
@@ -258,6 +320,10 @@ class _Connection:
                 return
             if request is None:
                 return
+            if not self._peer_known:
+                local, remote = self._ends
+                self.peer = await asyncio.to_thread(tcp_peer, (local[0], local[1]), (remote[0], remote[1]))
+                self._peer_known = True
             try:
                 status, headers, payload = await self._dispatch(request, request.body)
             except Exception as e:  # a bug must still answer the agent, and never leak detail
@@ -277,6 +343,7 @@ class _Connection:
                     }
                 )
             close = self.stopping or not request.keep_alive
+            self.served += 1
             await self._send(status, headers, payload, close=close, head_only=request.method == b"HEAD")
             if close:
                 return
@@ -296,7 +363,10 @@ class _Connection:
                 parser.wants_continue = False
                 if parser.in_message:
                     self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            data = await self.reader.read(READ_CHUNK)
+            if self.tcp:
+                data = await self._read_or_idle(parser.in_message)
+            else:
+                data = await self.reader.read(READ_CHUNK)
             if not data:
                 if parser.in_message:
                     self.busy = True
@@ -313,6 +383,26 @@ class _Connection:
         # A request with a body that the limit check lets through is read whole.
         self.busy = True
         return parser.ready.popleft()
+
+    async def _read_or_idle(self, in_message: bool) -> bytes:
+        """A read on TCP, bounded by idle_timeout: an idle connection is closed (b"")."""
+        idle = self.engine.config.broker.idle_timeout
+        try:
+            async with asyncio.timeout(idle):
+                return await self.reader.read(READ_CHUNK)
+        except TimeoutError:
+            if in_message:
+                self.busy = True
+                raise BadRequest(f"the request did not arrive whole within {idle:g} s", 408) from None
+            if not self.served:  # a connection that never asked anything: a flood, or a port scan
+                await self.engine.refuse(
+                    self.peer,
+                    "bad_request",
+                    f"a TCP connection sent nothing for {idle:g} s and was closed",
+                    base={"identity": None, "transport": "tcp"},
+                    status=408,
+                )
+            return b""
 
     async def _refuse_protocol(self, message: str, status: int) -> None:
         refusal = await self.engine.refuse(self.peer, "bad_request", message, status=status)
@@ -334,8 +424,14 @@ class _Connection:
         json_type = [("Content-Type", "application/json")]
         if path == "/v1/health" and method in ("GET", "HEAD"):
             return 200, json_type, _json(self.engine.health())
+        if TOKEN_PREFIX in target and TOKEN_RE.search(unquote(parts.query)):
+            return await self._refusal(
+                "bad_request",
+                "session tokens go in a header (Authorization, x-api-key or X-Outloop-Session), never in the URL",
+            )
+        token = request_token(request.headers)
         if path == "/v1/whoami" and method in ("GET", "HEAD"):
-            result = self.engine.whoami(self.peer)
+            result = self.engine.whoami(self.peer, token)
             if isinstance(result, dict):
                 return 200, json_type, _json(result)
             return result.http_status, json_type, _json(result.json())
@@ -346,6 +442,9 @@ class _Connection:
                 call = parse_request_json(body)
             except BadRequest as e:
                 return await self._refusal("bad_request", str(e))
+            if any(TOKEN_PREFIX in v and TOKEN_RE.search(v) for _, v in call.query):
+                return await self._refusal("bad_request", "session tokens go in a header, never in the query of a call")
+            call.token = token
             outcome = await self.engine.call(self.peer, call)
             return _envelope(outcome)
         if path.startswith("/v1/proxy/"):
@@ -353,11 +452,42 @@ class _Connection:
                 call = parse_proxy(method, target, request.headers, body)
             except BadRequest as e:
                 return await self._refusal("bad_request", str(e))
+            call.token = token
             outcome = await self.engine.call(self.peer, call)
             return _raw(outcome)
+        if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
+            return await self._sessions(method, path, body, token)
         return await self._refusal(
             "bad_request", f"no such endpoint: {method} {path} (broker {__version__})", status=404
         )
+
+    async def _sessions(
+        self, method: str, path: str, body: bytes, token: str | None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        json_type = [("Content-Type", "application/json")]
+        result: Any
+        if path == "/v1/sessions" and method == "POST":
+            try:
+                tenant, label, ttl = parse_session_json(body)
+            except BadRequest as e:
+                return await self._refusal("bad_request", str(e))
+            result = await self.engine.open_session(self.peer, tenant=tenant, label=label, ttl=ttl, token=token)
+            if isinstance(result, Refusal):
+                return result.http_status, _refusal_headers(result), _json(result.json())
+            return 201, json_type, _json(result)
+        if path == "/v1/sessions" and method == "GET":
+            result = await self.engine.list_sessions(self.peer, token)
+            if isinstance(result, Refusal):
+                return result.http_status, _refusal_headers(result), _json(result.json())
+            return 200, json_type, _json({"sessions": result})
+        if path.startswith("/v1/sessions/") and method == "DELETE":
+            result = await self.engine.revoke_session(self.peer, unquote(path[len("/v1/sessions/") :]), token)
+            if isinstance(result, Refusal):
+                return result.http_status, _refusal_headers(result), _json(result.json())
+            if not result:
+                return await self._refusal("bad_request", "no such live session", status=404)
+            return 200, json_type, _json({"revoked": True})
+        return await self._refusal("bad_request", f"no such endpoint: {method} {path}", status=404)
 
     async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)
@@ -461,6 +591,34 @@ def _check_header(name: str, value: str) -> None:
         raise BadRequest(f"header {name[:40]!r} holds characters outside ASCII")
 
 
+def request_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The session token in a request's Authorization, x-api-key or X-Outloop-Session header."""
+    for name, value in headers:
+        if name in TOKEN_HEADERS and TOKEN_PREFIX.encode() in value:
+            token = find_token(value.decode("latin-1"))
+            if token is not None:
+                return token
+    return None
+
+
+def parse_session_json(body: bytes) -> tuple[str | None, str, float | None]:
+    """(tenant, label, ttl) from a POST /v1/sessions body."""
+    try:
+        doc = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    tenant, label, ttl = doc.get("tenant"), doc.get("label") or "", doc.get("ttl")
+    if tenant is not None and not isinstance(tenant, str):
+        raise BadRequest("'tenant' must be a string")
+    if not isinstance(label, str):
+        raise BadRequest("'label' must be a string")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
+        raise BadRequest("'ttl' must be a number of seconds")
+    return tenant, label, None if ttl is None else float(ttl)
+
+
 def parse_request_json(body: bytes) -> CallRequest:
     """Validate a /v1/request body into a CallRequest; raise BadRequest saying what is wrong."""
 
@@ -543,6 +701,8 @@ def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, byt
         v = value.decode("latin-1")
         if k.lower() == "x-outloop-reason":
             reason = v[:500]
+        elif TOKEN_PREFIX in v or k.lower() == "x-outloop-session":
+            continue  # a session token is the broker's, never the upstream's
         elif k.lower() not in ("host", "content-length", "connection", "transfer-encoding"):
             _check_header(k, v)
             headers[k] = v

@@ -24,6 +24,7 @@ credential's base_url may carry a path of its own):
     .../status/NNN          answers NNN with the JSON echo
     .../models              an OpenAI models.list shaped answer
     .../chat/completions    an OpenAI chat-completions shaped answer
+    .../v1/messages         an Anthropic Messages shaped answer
 
 The credential is read from Authorization (Bearer or Basic), X-Api-Key, or the
 `key` query parameter. This module never imports the broker.
@@ -132,6 +133,20 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith("/models"):
             return self._json(
                 200, {"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 1, "owned_by": key}]}
+            )
+        if path.endswith("/v1/messages"):  # Anthropic's Messages API
+            return self._json(
+                200,
+                {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-test",
+                    "content": [{"type": "text", "text": f"echo {key}"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 1, "output_tokens": 1},
+                },
             )
         if path.endswith("/chat/completions"):
             return self._json(
