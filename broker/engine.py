@@ -350,6 +350,8 @@ class Engine:
             "state": self.state,
             "locked": self.locked,
             "approver": bool(self.approvals.attached),
+            "listen": self.listen_url,  # the loopback TCP listener, or None
+            "sessions": len(self.sessions),
             # Group commit counters: how many fsyncs the records cost.
             "audit": dataclasses.asdict(self.audit.stats),
         }
