@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.audit import AuditError, AuditLog, last_records
-from broker.calls.approvals import Approvals, Grant
+from broker.calls.approvals import Approvals, Grant, GrantKey
 from broker.calls.forward import Forwarder, UpstreamError
 from broker.calls.identity import Caller, IdentityError, Peer, identify, identify_folder
 from broker.calls.protocol import Answer, CallRequest, Refusal
@@ -221,8 +221,8 @@ class Engine:
         self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets, self._alert_store())
         await self.transcripts.start()
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a watcher's rearm without blocking a call."""
+    def _background(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run a watcher's rearm (or an operator action's audit record) without blocking."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -326,6 +326,15 @@ class Engine:
     def keyring(self) -> BackendInfo:
         """Which keyring backend holds the secrets, and whether it can (it may ask D-Bus: not per tick)."""
         return backend_info(self.secrets.backend)
+
+    def revoke_grant(self, key: GrantKey, approver: str = "operator") -> bool:
+        """End one \"always\" grant before it expires; audited. False when it had already gone."""
+        if not self.approvals.revoke_grant(key):
+            return False
+        tenant, credential, method, rule = key
+        fields = {"event": "grant_revoked", "tenant": tenant, "credential": credential, "method": method}
+        self._background(self.audit.record(dict(fields, rule=rule, approver=approver)))
+        return True
 
     def ignore_alert(self, fingerprint: str, reason: str) -> None:
         """Ignore a leaked value from now on, everywhere (the operator's call, audited by the store)."""

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -28,9 +28,12 @@ from textual.screen import Screen
 from textual.widgets import DataTable
 from textual.worker import Worker, WorkerState
 
+from broker import manage
+from broker.config import ConfigError
 from broker.engine import Engine, Snapshot
 from broker.events import PendingApproval
 from broker.paths import Paths
+from broker.secrets import SecretStoreError
 from outloop_tui.commands import OutloopCommands
 from outloop_tui.messages import (
     AlertsChanged,
@@ -43,7 +46,7 @@ from outloop_tui.messages import (
     EventBridge,
 )
 from outloop_tui.widgets.alerts import AlertAction, AlertScreen, AlertsPane
-from outloop_tui.widgets.approvals import SAFE_METHODS, ApprovalScreen, ApprovalsPane, duration
+from outloop_tui.widgets.approvals import SAFE_METHODS, ApprovalScreen, ApprovalsPane, GrantsScreen, duration
 from outloop_tui.widgets.audit import LINE_CAP, AuditPane
 from outloop_tui.widgets.confirm import ConfirmScreen
 from outloop_tui.widgets.first_run import FirstRunScreen
@@ -53,10 +56,14 @@ from outloop_tui.widgets.forms import (
     Added,
     AddTenantScreen,
     AddWorkspaceScreen,
+    EditCredentialScreen,
 )
 from outloop_tui.widgets.header import Banner, Status, StatusHeader
 from outloop_tui.widgets.help import HelpScreen
-from outloop_tui.widgets.tenants import TenantsTree
+from outloop_tui.widgets.tenants import NodeRef, TenantsTree
+
+if TYPE_CHECKING:
+    from broker.calls.approvals import GrantKey
 
 AUDIT_DRAIN_SECONDS = 0.1
 RECENT_AUDIT = 200  # records the audit pane opens with
@@ -105,6 +112,21 @@ class DashboardScreen(Screen[None]):
             id="add-credential",
             tooltip="add a credential; the secret goes straight to the keyring",
         ),
+        Binding(
+            "e",
+            "edit",
+            "Edit",
+            id="edit",
+            tooltip="edit the highlighted credential's URL, auth and rules, or rotate its secret",
+        ),
+        Binding(
+            "x",
+            "remove",
+            "Remove",
+            id="remove",
+            tooltip="remove the highlighted tenant, workspace or credential (asks first)",
+        ),
+        Binding("g", "grants", "Grants", id="grants", tooltip="list the live 'always' grants and revoke one"),
         Binding("r", "rescan", "Rescan", id="rescan", tooltip="rescan every workspace for leaked keys"),
         Binding(
             "l",
@@ -257,6 +279,84 @@ class DashboardScreen(Screen[None]):
         self.app.push_screen(
             AddCredentialScreen(self.engine.paths, self._tenants(), tenant, self.engine.secrets), self._added
         )
+
+    def _selected_node(self) -> NodeRef | None:
+        node = self.query_one(TenantsTree).cursor_node
+        return node.data if node is not None else None
+
+    def action_edit(self) -> None:
+        ref = self._selected_node()
+        config = self.engine.snapshot().config
+        tenant = config.tenants.get(ref.tenant) if config and ref else None
+        credential = tenant.credentials.get(ref.name) if tenant and ref and ref.kind == "credential" else None
+        if credential is None:
+            self.notify("Highlight a credential (key …) in the tenants pane, then press e.", timeout=4)
+            return
+        self.app.push_screen(EditCredentialScreen(self.engine.paths, credential, self.engine.secrets), self._edited)
+
+    def _edited(self, added: Added | None) -> None:
+        if added is not None:
+            self.engine.refresh_config()
+            self.notify(f"{added.tenant}/{added.name} saved.", title="Credential updated")
+            self.refresh_view()
+
+    def action_remove(self) -> None:
+        ref = self._selected_node()
+        config = self.engine.snapshot().config
+        tenant = config.tenants.get(ref.tenant) if config and ref else None
+        if ref is None or tenant is None:
+            self.notify("Highlight a tenant, workspace or credential in the tenants pane, then press x.", timeout=4)
+            return
+        paths, secrets = self.engine.paths, self.engine.secrets
+        if ref.kind == "credential":
+            question = f"Remove credential {ref.tenant}/{ref.name} and delete its secret from the keyring?"
+
+            def remove() -> str:
+                manage.remove_credential(paths, ref.tenant, ref.name, secrets)
+                return f"Credential {ref.tenant}/{ref.name} removed; its secret is gone from the keyring."
+
+        elif ref.kind == "workspace":
+            question = f"Unmap {ref.name} from {ref.tenant}? Agents there will be refused."
+
+            def remove() -> str:
+                manage.remove_workspace(paths, ref.name)
+                return f"{ref.name} is no longer mapped."
+
+        else:
+            names = ", ".join(sorted(tenant.credentials)) or "no credentials"
+            question = f"Remove tenant {ref.tenant} and delete the keyring secrets of {names}?"
+
+            def remove() -> str:
+                manage.remove_tenant(paths, ref.tenant, secrets)
+                return f"Tenant {ref.tenant} removed."
+
+        def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                done = remove()
+            except (ConfigError, SecretStoreError) as e:
+                self.notify(str(e), title="Not removed", severity="error")
+                return
+            self.engine.refresh_config()
+            self.notify(done, title="Removed")
+            self.refresh_view()
+
+        self.app.push_screen(ConfirmScreen("Remove?", question, yes="Remove", no="Keep"), confirmed)
+
+    def action_grants(self) -> None:
+        snap = self.engine.snapshot()
+        now = self.dashboard_app.clock()
+        if not snap.grants:
+            self.notify("No 'always' grant is live.", timeout=3)
+            return
+
+        def revoke(key: GrantKey | None) -> None:
+            if key is not None and self.engine.revoke_grant(key):
+                self.notify(" · ".join((key[0], key[1], key[3])), title="Grant revoked")
+                self.refresh_view()
+
+        self.app.push_screen(GrantsScreen([(g.key, g.expires - now) for g in snap.grants]), revoke)
 
     def _added(self, added: Added | None) -> None:
         if added is None:

@@ -287,3 +287,32 @@ async def test_enter_shows_the_call_and_answers_from_the_details(world: World) -
         [result] = await finish(proc, world)
         assert result["status"] == 200
         assert not app.engine.pending()
+
+
+async def test_one_always_grant_is_revoked_alone_and_audited(world: World) -> None:
+    """g lists the live grants; Enter revokes one; the next such call waits for the operator again."""
+    from outloop_tui.widgets.approvals import GrantsScreen
+
+    app = make_app(world)
+    asked: list[object] = []
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(app, pilot)
+        app.engine.subscribe(lambda e: asked.append(e) if isinstance(e, ApprovalRequested) else None)
+        proc = world.agent_popen(world.acme, [ASK])
+        await until(pilot, app.engine.pending, what="the ask call to wait")
+        await pilot.press("a", "a")
+        [first] = await finish(proc, world)
+        assert first["status"] == 200 and app.engine.snapshot().grants
+        await pilot.press("g")
+        await until(pilot, lambda: isinstance(app.screen, GrantsScreen), what="the grants list")
+        await pilot.press("enter")
+        await until(pilot, lambda: not app.engine.snapshot().grants, what="the revocation")
+        proc = world.agent_popen(world.acme, [ASK])
+        await until(pilot, app.engine.pending, what="the next call to wait again")
+        await pilot.press("n")
+        [second] = await finish(proc, world)
+        assert error_code(second) == "denied_by_operator"
+        assert len(asked) == 2
+        await pilot.pause(0.2)
+    revoked = [r for r in world.audit() if r.get("event") == "grant_revoked"]
+    assert len(revoked) == 1 and revoked[0]["approver"] == "operator" and revoked[0]["credential"] == "api"

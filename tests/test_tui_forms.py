@@ -198,3 +198,85 @@ async def test_no_secret_on_any_screen() -> None:
             await pilot.press(*keys)
             await pilot.pause(0.1)
             assert_no_secret(app)
+
+
+def _highlight(app: Any, kind: str, tenant: str, name: str = "") -> None:
+    from outloop_tui.widgets.tenants import NodeRef, TenantsTree
+
+    tree = app.screen.query_one(TenantsTree)
+    tree.focus()
+    for tenant_node in tree.root.children:
+        for node in (tenant_node, *tenant_node.children):
+            if node.data == NodeRef(kind, tenant, name):
+                tree.move_cursor(node)
+                return
+    raise AssertionError(f"no node {kind} {tenant} {name}")
+
+
+async def test_edit_changes_the_rules_and_rotates_the_secret_from_the_dashboard() -> None:
+    from outloop_tui.widgets.forms import EditCredentialScreen
+
+    paths = tui_sample.build()
+    app = tui_sample.make_app(paths)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await tui_sample.ready(app)
+        _highlight(app, "credential", "acme", "github")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, EditCredentialScreen))
+        form = app.screen
+        assert form.query_one("#allow", Input).value == "GET /repos/**"
+        form.query_one("#allow", Input).value = "GET /repos/**, GET /user"
+        form.query_one("#deny", Input).value = ""
+        form.query_one("#secret", Input).value = TYPED_SECRET
+        form.query_one("#secret", Input).focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: not isinstance(app.screen, EditCredentialScreen))
+        github = load_config(paths).tenants["acme"].credentials["github"]
+        assert [r for r in github.allow] == ["GET /repos/**", "GET /user"]
+        assert list(github.ask) == ["POST /repos/*/*/issues"] and not github.deny
+        stored = SecretStore().get("acme", "github")
+        assert stored is not None and stored.reveal() == TYPED_SECRET
+        assert_no_secret(app)
+
+
+async def test_a_bad_rule_in_the_edit_form_is_named_and_nothing_changes() -> None:
+    from outloop_tui.widgets.forms import EditCredentialScreen
+
+    paths = tui_sample.build()
+    before = paths.config_file.read_bytes()
+    app = tui_sample.make_app(paths)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await tui_sample.ready(app)
+        _highlight(app, "credential", "acme", "github")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, EditCredentialScreen))
+        app.screen.query_one("#ask", Input).value = "POST repos"
+        app.screen.query_one("#ask", Input).focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, EditCredentialScreen)
+        assert "Ask: rule 'POST repos'" in screen_text(app)
+    assert paths.config_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("answer", ["n", "y"])
+async def test_remove_asks_first_and_takes_the_secret_only_when_confirmed(answer: str) -> None:
+    from outloop_tui.widgets.confirm import ConfirmScreen
+
+    paths = tui_sample.build()
+    app = tui_sample.make_app(paths)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await tui_sample.ready(app)
+        _highlight(app, "credential", "globex", "stripe")
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "globex/stripe" in screen_text(app)
+        await pilot.press(answer)
+        await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(0.1)
+        present = "stripe" in load_config(paths).tenants["globex"].credentials
+        secret = SecretStore().get("globex", "stripe")
+        if answer == "n":
+            assert present and secret is not None
+        else:
+            assert not present and secret is None

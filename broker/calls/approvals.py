@@ -120,3 +120,7 @@ class Approvals:
 
     def revoke_grants(self) -> None:
         self._grants.clear()
+
+    def revoke_grant(self, key: GrantKey) -> bool:
+        """End one "always" grant now; False when it had already gone."""
+        return self._grants.pop(key, None) is not None

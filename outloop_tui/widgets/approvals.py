@@ -1,4 +1,5 @@
-"""The pending-approvals pane (calls waiting for the operator) and the approval details screen.
+"""The pending-approvals pane (calls waiting for the operator), the approval details screen,
+and the list of live "always" grants, each of which can be revoked alone.
 
 The table is updated by diff (rows added and removed by approval id, the two
 clock columns rewritten) inside one `batch_update`, so a tick never rebuilds it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on
@@ -17,9 +19,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Label, Static
+from textual.widgets import Button, DataTable, Label, OptionList, Static
+from textual.widgets.option_list import Option
 
 from broker.events import PendingApproval
+
+if TYPE_CHECKING:
+    from broker.calls.approvals import GrantKey
 
 # Fixed widths: the table never re-measures (and never jumps) as asks come and go, and
 # what the operator reads before pressing `y` is where it was a moment ago. What does
@@ -230,3 +236,29 @@ def approval_details(a: PendingApproval) -> Text:
         text.append("body\n", style="dim")
         text.append(a.body_preview)
     return text
+
+
+class GrantsScreen(ModalScreen["GrantKey | None"]):
+    """The live "always" grants; Enter revokes the highlighted one, Esc closes."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close", id="grants-close")]
+
+    def __init__(self, grants: Sequence[tuple[GrantKey, float]]) -> None:
+        super().__init__()
+        self.grants = list(grants)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Always grants: Enter revokes one", id="dialog-title")
+            yield OptionList(
+                *(
+                    Option(f"{t} · {c} · {rule}   (expires in {duration(left)})", id=str(i))
+                    for i, ((t, c, _m, rule), left) in enumerate(self.grants)
+                ),
+                id="grant-list",
+            )
+            yield Static("Revoking takes effect at once: the next such call asks again.", classes="form-hint")
+
+    @on(OptionList.OptionSelected)
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.grants[int(event.option.id or 0)][0])

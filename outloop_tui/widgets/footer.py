@@ -15,7 +15,9 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.widgets._footer import FooterKey
 
-SECONDARY_ACTIONS = frozenset({"filter", "add_tenant", "add_workspace", "add_credential", "rescan", "toggle_lock"})
+SECONDARY_ACTIONS = frozenset(
+    {"filter", "add_tenant", "add_workspace", "add_credential", "edit", "remove", "grants", "rescan", "toggle_lock"}
+)
 
 
 class KeyFooter(Footer):

@@ -1,4 +1,4 @@
-"""Modal forms: add a tenant, a workspace, a credential.
+"""Modal forms: add a tenant, a workspace, a credential; edit a credential.
 
 Each form checks its input with the same validation as config.toml itself
 (broker.config), shows the problem in place, and writes only when everything is
@@ -21,7 +21,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from broker import manage
-from broker.config import ConfigError
+from broker.config import ConfigError, Credential
 from broker.paths import Paths
 from broker.secrets import Secret, SecretStore, SecretStoreError
 
@@ -218,8 +218,7 @@ class AddCredentialScreen(_TenantForm):
                 deny=split_rules(self.value("deny")),
             )
         except manage.BadField as e:
-            label = {"base_url": "Base URL", "auth": "Auth", "allow": "Allow", "ask": "Ask", "deny": "Deny"}
-            self.fail(f"{label.get(e.field, e.field)}: {e.problem}.")
+            self.fail(f"{FIELD_LABELS.get(e.field, e.field)}: {e.problem}.")
             return None
         secret_input = self.query_one("#secret", Input)
         if not secret_input.value.strip():
@@ -230,3 +229,56 @@ class AddCredentialScreen(_TenantForm):
         secret_input.value = ""
         manage.add_credential(new, secret, self.secrets)
         return Added("credential", tid, name)
+
+
+class EditCredentialScreen(FormScreen):
+    """Change a credential's base URL, auth and rules; a secret typed here rotates the key."""
+
+    TITLE_TEXT = "Edit a credential"
+    SAVE_LABEL = "Save changes"
+
+    def __init__(self, paths: Paths, credential: Credential, secrets: SecretStore | None = None) -> None:
+        super().__init__(paths)
+        self.credential = credential
+        self.secrets = secrets or SecretStore()
+
+    def fields(self) -> ComposeResult:
+        c = self.credential
+        yield Static(f"{c.tenant}/{c.name}", classes="form-hint")
+        yield from _labelled("Base URL", Input(c.base_url, id="base-url"))
+        yield from _labelled("Auth", Input(str(c.auth), id="auth"))
+        yield from _labelled("Allow", Input(", ".join(c.allow), id="allow"), "runs without asking")
+        yield from _labelled("Ask", Input(", ".join(c.ask), id="ask"), "waits for you")
+        yield from _labelled("Deny", Input(", ".join(c.deny), id="deny"), "refused; checked first")
+        yield from _labelled("New secret", Input(password=True, placeholder="leave empty to keep the key", id="secret"))
+        yield Static(
+            "Empty rule fields mean no rules of that kind; no rules at all: every call asks you.", classes="form-hint"
+        )
+
+    def save(self) -> Added | None:
+        c = self.credential
+        allow, ask, deny = (split_rules(self.value(k)) for k in ("allow", "ask", "deny"))
+        try:
+            manage.edit_credential(
+                self.paths,
+                c.tenant,
+                c.name,
+                base_url=self.value("base-url"),
+                auth=self.value("auth") or "bearer",
+                allow=allow,
+                ask=ask,
+                deny=deny,
+                clear_rules=True,  # the form shows every list: what is left in it is the list
+            )
+        except manage.BadField as e:
+            self.fail(f"{FIELD_LABELS.get(e.field, e.field)}: {e.problem}.")
+            return None
+        secret_input = self.query_one("#secret", Input)
+        if secret_input.value.strip():
+            secret = Secret(secret_input.value.strip())
+            secret_input.value = ""
+            manage.set_secret(self.paths, c.tenant, c.name, secret, self.secrets)
+        return Added("credential", c.tenant, c.name)
+
+
+FIELD_LABELS = {"base_url": "Base URL", "auth": "Auth", "allow": "Allow", "ask": "Ask", "deny": "Deny"}
