@@ -99,8 +99,7 @@ def betterleaks(root: Path, tmp: Path) -> tuple[Hits, float]:
     doc = json.loads(report.read_text()) if report.exists() else {"findings": []}
     for f in doc.get("findings") or []:
         loc = f["location"]
-        for line in range(int(loc["start_line"]), int(loc.get("end_line", loc["start_line"])) + 1):
-            hits[Path(os.path.abspath(loc["path"]))].add(line)
+        hits[Path(os.path.abspath(loc["path"]))].add(int(loc["start_line"]))
     return hits, elapsed
 
 

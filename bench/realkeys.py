@@ -7,7 +7,7 @@ assignments, prose and logs. Every key is generated here from the provider's
 documented format (prefix, alphabet, length) with a seeded random source: none
 is real, and none is a provider's published example.
 
-    python bench/realkeys.py OUT_DIR      # writes env/NN/.env and src/NN/example.EXT
+    python bench/realkeys.py OUT_DIR      # writes env/NN/.env and src/NN/deploy.EXT
 
 `write(root)` writes each snippet twice, once as a `.env` file and once as a
 source file of its own kind, after two filler lines, and returns where each key
@@ -318,6 +318,7 @@ def examples(k: Keys) -> list[Example]:
 
 
 FILLER = ("# settings for the deploy scripts", "")
+_DOTFILES = {".npmrc": ".npmrc", ".netrc": ".netrc", ".tfrc": ".terraformrc"}
 
 
 def write(root: Path, seed: int = 19) -> list[Planted]:
@@ -330,7 +331,8 @@ def write(root: Path, seed: int = 19) -> list[Planted]:
         for env in (True, False):
             folder = root / ("env" if env else "src") / f"{i:02d}-{ex.name}"
             folder.mkdir(parents=True, exist_ok=True)
-            name = ".env" if env else f"example{ex.ext}"
+            # Not "example.*": some scanners skip files named like documentation samples.
+            name = ".env" if env else _DOTFILES.get(ex.ext, f"deploy{ex.ext}")
             (folder / name).write_text(body)
             planted.append(Planted(ex.name, folder / name, first, last, env))
     return planted

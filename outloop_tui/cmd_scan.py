@@ -18,10 +18,11 @@ from broker.config import Config, ConfigError, load_config
 from broker.leaks.alerts import Alert, AlertStore
 from broker.leaks.scan import (
     DEFAULT_MAX_BYTES,
+    FolderIgnore,
     ManagedSecrets,
     ScanReport,
+    WorkspaceIndex,
     iter_files,
-    owner_of,
     scan_file,
 )
 from broker.paths import Paths
@@ -89,6 +90,7 @@ def run_scan(args: argparse.Namespace) -> int:
     if note:
         print(f"outloop: note: {note}", file=sys.stderr)
     workspaces = [(t.id, ws) for t in config.tenants.values() for ws in t.workspaces] if config else []
+    index = WorkspaceIndex(workspaces)
     max_bytes = config.broker.scan_max_file_bytes if config else DEFAULT_MAX_BYTES
     report = ScanReport()
     seen: set[Path] = set()
@@ -97,11 +99,13 @@ def run_scan(args: argparse.Namespace) -> int:
         report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
 
     for target in targets:
-        for path in iter_files(target, unreadable):
+        owner_of_target = index.owner_of(target)
+        ignore = FolderIgnore.for_workspace(owner_of_target[1] if owner_of_target else target)
+        for path in iter_files(target, unreadable, ignore):
             if path in seen:  # overlapping PATH arguments
                 continue
             seen.add(path)
-            owner = owner_of(path, workspaces)
+            owner = index.owner_of(path)
             tenant, ws = owner if owner else (None, None)
             report.add(
                 scan_file(

@@ -212,3 +212,29 @@ def test_cli_all_files_widens_the_rules(tmp_path: Path):
     (tmp_path / "w" / "settings.py").write_text('DB_PASSWORD = "Tr0ub4dor&3xQ!"\n')
     assert _outloop("scan", str(tmp_path / "w"), home=tmp_path / "h").returncode == 0
     assert _outloop("scan", str(tmp_path / "w"), "--all-files", home=tmp_path / "h").returncode == 1
+
+
+def test_workspace_index_finds_the_longest_prefix(tmp_path: Path):
+    from broker.leaks.scan import WorkspaceIndex
+
+    spaces = [(f"t{i}", tmp_path / f"w{i}") for i in range(500)] + [("inner", tmp_path / "w7" / "sub")]
+    index = WorkspaceIndex(spaces)
+    assert index.owner_of(tmp_path / "w7" / "a.py") == ("t7", tmp_path / "w7")
+    assert index.owner_of(tmp_path / "w7" / "sub" / "b" / "c.py") == ("inner", tmp_path / "w7" / "sub")
+    assert index.owner_of(tmp_path / "w70x" / "a.py") is None
+    assert index.owner_of(tmp_path / "w7") == ("t7", tmp_path / "w7")
+
+
+def test_folder_ignore_reads_gitignore_and_extra_patterns(tmp_path: Path):
+    from broker.leaks.scan import FolderIgnore, walk
+
+    (tmp_path / ".gitignore").write_text("# build\n/out2/\nlogs\n*.egg-info\ndocs/_site\n!logs\n.env\n")
+    for folder in ("out2", "src/out2", "logs", "a.egg-info", "docs/_site", "docs/api", "node_modules/x", "big/data"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / ".env").write_text("T=1\n")
+    ignore = FolderIgnore.for_workspace(tmp_path, ["big"])
+    files, folders = walk(tmp_path, ignore)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in folders)
+    # logs is re-included by `!logs`; src/out2 is not the anchored /out2; .env files are always read.
+    assert rel == [".", "docs", "docs/api", "logs", "src", "src/out2"]
+    assert sum(1 for f in files if f.name == ".env") == 3  # docs/api, logs, src/out2

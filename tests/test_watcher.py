@@ -143,3 +143,63 @@ async def test_event_output_never_holds_the_secret(h: Harness):
     dump = repr(event) + repr(h.watcher) + repr(h.watcher.health())
     dump += (h.store.path).read_text()
     assert value not in dump and value[4:-2] not in dump
+
+
+def _inotify_watches_of_this_process() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return count
+
+
+async def test_no_watch_inside_skipped_or_gitignored_folders(h: Harness):
+    for folder in ("src/app", "node_modules/a/b", ".venv/lib/x", ".git/objects/ab", "generated/deep", "src/tmp/cache"):
+        (h.acme / folder).mkdir(parents=True)
+    (h.acme / ".gitignore").write_text("/generated/\ntmp/\n!keep.txt\n")
+    h.watcher = LeakWatcher([("acme", h.acme)], lambda: {}, h.store, scan_ignore={"acme": ["src/app"]})
+    before = _inotify_watches_of_this_process()
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    health = h.watcher.health()
+    # The root and src/ only: src/app by scan_ignore, src/tmp and generated/ by .gitignore.
+    assert (health.watched_folders, health.polled_folders, health.warning) == (2, 0, None)
+    assert _inotify_watches_of_this_process() - before == 2
+    (h.acme / "generated" / "deep" / ".env").write_text(f"T={token('gen')}\n")
+    marker = h.acme / "src" / "marker.env"
+    marker.write_text(f"T={token('marker2')}\n")
+    await h.next(AlertOpened, marker)
+    assert [a.path for a in h.store.alerts()] == [str(marker)]
+
+
+async def test_folders_past_the_inotify_budget_are_polled_and_said_so(h: Harness):
+    for i in range(4):
+        (h.acme / f"pkg{i}").mkdir()
+    h.watcher = LeakWatcher([("acme", h.acme)], lambda: {}, h.store, watch_budget=lambda: 2)
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    health = h.watcher.health()
+    assert (health.watched_folders, health.polled_folders, health.watch_budget) == (2, 3, 2)
+    assert health.warning and "max_user_watches" in health.warning
+    leaked = h.acme / "pkg3" / ".env"  # the deepest-last folder: one of the polled ones
+    leaked.write_text(f"T={token('polled')}\n")
+    await h.next(AlertOpened, leaked)
+
+
+async def test_rearm_scans_only_the_added_workspace(h: Harness):
+    for i in range(3):
+        (h.acme / f"f{i}.txt").write_text("x\n")
+    (h.globex / ".env").write_text(f"T={token('added')}\n")
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    assert h.watcher.health().files_scanned == 3
+    await h.watcher.rearm([("acme", h.acme), ("globex", h.globex)])
+    assert h.watcher.health().files_scanned == 4  # globex's one file, not acme's three again
+    assert (await h.next(AlertOpened, h.globex / ".env")).alert.tenant == "globex"
+    new = h.acme / "later.env"  # acme stayed watched through the re-arm
+    new.write_text(f"T={token('later')}\n")
+    await h.next(AlertOpened, new)

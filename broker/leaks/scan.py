@@ -15,6 +15,7 @@ counted, never raised.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import stat
@@ -282,23 +283,94 @@ def scan_file(
     return FileScan(path, found, None, size)
 
 
-def iter_files(root: Path, on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
-    """Every file under `root` (or `root` itself), skipping SKIP_DIRS.
+@dataclass(frozen=True, slots=True)
+class FolderIgnore:
+    """Which folders of one workspace are never entered (so never scanned nor watched).
 
-    Symlinked folders are not followed, so a link loop cannot trap the walk;
-    symlinked files are yielded (a `.env` linked from a shared folder is still
-    a leak into this workspace).
+    SKIP_DIRS by name anywhere, plus folder patterns from the workspace's root
+    `.gitignore` and its `scan_ignore` list, read the way git reads them: `name`
+    or `name/` skips that folder name at any depth, `a/b` or `/name` is anchored
+    at the workspace root, `*` and `?` glob. Negations (`!`) are not followed:
+    a pattern that a later `!` line re-includes is not used at all. Only folders
+    are skipped; a git-ignored file (`.env`, almost always) is still read.
     """
+
+    root: str
+    names: frozenset[str] = SKIP_DIRS
+    globs: tuple[str, ...] = ()
+    anchored: tuple[str, ...] = ()
+
+    @classmethod
+    def for_workspace(cls, root: Path, extra: Iterable[str] = ()) -> FolderIgnore:
+        """The skip rules for the workspace at `root`: SKIP_DIRS, `.gitignore`, then `extra`."""
+        lines: list[str] = []
+        try:
+            with open(root / ".gitignore", encoding="utf-8", errors="replace") as f:
+                lines = f.read(256 * 1024).splitlines()
+        except OSError:
+            pass
+        return cls.from_patterns(root, [*lines, *extra])
+
+    @classmethod
+    def from_patterns(cls, root: Path, patterns: Iterable[str]) -> FolderIgnore:
+        kept: list[str] = []
+        negated: set[str] = set()
+        for raw in patterns:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("!"):
+                negated.add(line[1:].strip().strip("/"))
+                continue
+            kept.append(line)
+        names, globs, anchored = set(SKIP_DIRS), [], []
+        for line in kept:
+            pat = line.rstrip("/")
+            if pat.startswith("**/"):
+                pat = pat[3:]
+            if not pat or pat in ("*", "**") or pat.strip("/") in negated or "**" in pat:
+                continue
+            if "/" in pat:
+                anchored.append(pat.lstrip("/"))
+            elif any(c in pat for c in "*?["):
+                globs.append(pat)
+            else:
+                names.add(pat)
+        return cls(str(root), frozenset(names), tuple(globs), tuple(anchored))
+
+    def skips(self, path: str, name: str) -> bool:
+        """True when the folder at `path` (named `name`) is never entered."""
+        if name in self.names or any(fnmatch.fnmatchcase(name, g) for g in self.globs):
+            return True
+        if self.anchored and path.startswith(self.root.rstrip("/") + "/"):
+            rel = path[len(self.root) :].lstrip("/")
+            return any(fnmatch.fnmatchcase(rel, a) for a in self.anchored)
+        return False
+
+
+DEFAULT_IGNORE = FolderIgnore("/")
+
+
+def walk(
+    root: Path,
+    ignore: FolderIgnore | None = None,
+    on_error: Callable[[OSError], None] | None = None,
+) -> tuple[list[Path], list[Path]]:
+    """(files, folders) under `root`, `root` itself among the folders, skipping what
+    `ignore` skips (SKIP_DIRS by default). Symlinked folders are not followed."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    skip = ignore or DEFAULT_IGNORE
     try:
         if not root.is_dir():
             if root.exists() or root.is_symlink():
-                yield root
-            return
+                files.append(root)
+            return files, folders
     except OSError as exc:
         if on_error:
             on_error(exc)
-        return
-    stack = [root]
+        return files, folders
+    stack = [str(root)]
     while stack:
         folder = stack.pop()
         try:
@@ -308,16 +380,31 @@ def iter_files(root: Path, on_error: Callable[[OSError], None] | None = None) ->
             if on_error:
                 on_error(exc)
             continue
+        folders.append(Path(folder))
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if entry.name not in SKIP_DIRS:
-                        stack.append(Path(entry.path))
+                    if not skip.skips(entry.path, entry.name):
+                        stack.append(entry.path)
                 elif entry.is_file() or entry.is_symlink():
-                    yield Path(entry.path)
+                    files.append(Path(entry.path))
             except OSError as exc:
                 if on_error:
                     on_error(exc)
+    return files, folders
+
+
+def iter_files(
+    root: Path, on_error: Callable[[OSError], None] | None = None, ignore: FolderIgnore | None = None
+) -> Iterator[Path]:
+    """Every file under `root` (or `root` itself), skipping SKIP_DIRS (or what
+    `ignore` skips).
+
+    Symlinked folders are not followed, so a link loop cannot trap the walk;
+    symlinked files are yielded (a `.env` linked from a shared folder is still
+    a leak into this workspace).
+    """
+    yield from walk(root, ignore, on_error)[0]
 
 
 def scan_tree(
@@ -350,13 +437,38 @@ def scan_tree(
 
 
 def owner_of(path: Path, workspaces: Iterable[tuple[str, Path]]) -> tuple[str, Path] | None:
-    """The (tenant, workspace) whose folder holds `path`: the longest matching prefix."""
-    best: tuple[str, Path] | None = None
-    for tenant, ws in workspaces:
-        if path == ws or ws in path.parents:
-            if best is None or len(ws.parts) > len(best[1].parts):
-                best = (tenant, ws)
-    return best
+    """The (tenant, workspace) whose folder holds `path`: the longest matching prefix.
+
+    For many lookups build a WorkspaceIndex once: this compares with every workspace.
+    """
+    return WorkspaceIndex(workspaces).owner_of(path)
+
+
+class WorkspaceIndex:
+    """Finds the (tenant, workspace) holding a path with one dict lookup per level
+    of the path, however many workspaces there are."""
+
+    __slots__ = ("_by_path",)
+
+    def __init__(self, workspaces: Iterable[tuple[str, Path]]) -> None:
+        self._by_path: dict[str, tuple[str, Path]] = {}
+        for tenant, ws in workspaces:
+            self._by_path.setdefault(str(ws), (tenant, ws))
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def owner_of(self, path: Path | str) -> tuple[str, Path] | None:
+        """The longest workspace prefix of `path` (absolute, normalised), or None."""
+        text = str(path)
+        while True:
+            found = self._by_path.get(text)
+            if found is not None:
+                return found
+            head, sep, _ = text.rpartition("/")
+            if not sep or text == "/":
+                return None
+            text = head or "/"
 
 
 def managed_from(secrets: Mapping[tuple[str, str], str] | ManagedSecrets) -> ManagedSecrets:
@@ -369,6 +481,8 @@ __all__: Sequence[str] = (
     "SKIP_DIRS",
     "FileScan",
     "Finding",
+    "FolderIgnore",
+    "WorkspaceIndex",
     "ManagedSecrets",
     "ScanReport",
     "fingerprint",
@@ -381,4 +495,5 @@ __all__: Sequence[str] = (
     "scan_file",
     "scan_text",
     "scan_tree",
+    "walk",
 )

@@ -1,11 +1,28 @@
-"""The leak watcher: one watchfiles watcher over every workspace.
+"""The leak watcher: native watches on every folder the scanner reads, and no other.
 
-Order of work: arm the native watcher, then scan every workspace in full (so a
-write during the initial scan is seen by one or the other), then rescan each
-file that changes. Scanning runs in worker threads; the alert store is updated
-on the event loop, so subscribers (the dashboard) are called there.
+Order of work: walk the workspaces (off the event loop) for their files and the
+folders the scanner enters, arm a native watcher on those folders, then scan
+every file (so a write during the initial scan is seen by one or the other),
+then rescan each file that changes.
 
-Two gaps of native watchers are covered here:
+Why not one recursive watch per workspace: a recursive watch places an inotify
+watch on every folder below it, node_modules, `.venv` and `.git` included
+(99.8% of the watches of a JS app), and can run past the per-user limit, after
+which writes in the folders left over are missed without a word. Here each
+folder that is scanned is watched on its own, non-recursively (watchfiles'
+`recursive=False` over a list of folders, as watchman's `ignore_dirs` and VS
+Code's `files.watcherExclude` do), so skipped trees cost nothing. A new folder
+is reported by its parent's watch; it is walked, scanned, and added to the
+watch set by arming a new native watcher with it before the old one is closed.
+
+When the folders outnumber what `/proc/sys/fs/inotify/max_user_watches` leaves
+free, the ones past the budget are polled instead (a second watcher with
+`force_polling`), and health says so with the command that raises the limit.
+
+Scanning runs in worker threads; the alert store is updated on the event loop,
+so subscribers (the dashboard) are called there.
+
+Two gaps of native watchers are covered:
 * a folder created a moment ago (`mkdir -p a/b && echo KEY=... > a/b/.env`) may
   have files the watcher never reported: a new folder is walked when it appears,
   and once more shortly after;
@@ -25,17 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watchfiles import Change, DefaultFilter, awatch
+from watchfiles import Change
+from watchfiles._rust_notify import RustNotify
 
 from broker.leaks.alerts import AlertStore
 from broker.leaks.scan import (
     DEFAULT_MAX_BYTES,
-    SKIP_DIRS,
     FileScan,
+    FolderIgnore,
     ManagedSecrets,
-    iter_files,
-    owner_of,
+    WorkspaceIndex,
     scan_file,
+    walk,
 )
 
 log = logging.getLogger(__name__)
@@ -48,13 +66,49 @@ _BATCH = 256
 # A new folder is walked again after this long, in case files landed in it
 # before the native watcher had it.
 _SETTLE_SECONDS = 0.3
+MAX_USER_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+# Watches left for every other program of the user (editors, dev servers).
+_WATCH_HEADROOM = 0.1
+RAISE_LIMIT_HINT = "sudo sysctl fs.inotify.max_user_watches=524288"
+_POLL_MS = 500
 
 
-def _list_files(root: Path) -> list[Path]:
-    return list(iter_files(root))
+def inotify_budget() -> int | None:
+    """Watches this process may still add: the per-user limit, less the watches the
+    user's other readable processes hold, less some headroom. None off Linux."""
+    try:
+        limit = int(MAX_USER_WATCHES.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, int(limit * (1 - _WATCH_HEADROOM)) - inotify_watches_in_use())
 
 
-def _classify(changes: set[tuple[Change, str]]) -> tuple[set[Path], set[Path], set[Path]]:
+def inotify_watches_in_use() -> int:
+    """inotify watches held by processes whose /proc entries this user can read."""
+    used = 0
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            fd_dir = f"/proc/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:inotify":
+                        continue
+                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                        used += sum(1 for line in f if line.startswith("inotify wd:"))
+                except OSError:
+                    continue
+    return used
+
+
+def _classify(
+    changes: Iterable[tuple[int, str]], skipped: Callable[[str], bool]
+) -> tuple[set[Path], set[Path], set[Path]]:
     """Split a batch into files to scan, new folders to walk and paths that are gone.
 
     A few lstat calls on local paths: cheaper inline than a hop to a thread.
@@ -67,7 +121,7 @@ def _classify(changes: set[tuple[Change, str]]) -> tuple[set[Path], set[Path], s
         if change == Change.deleted and not os.path.lexists(path):
             gone.add(path)  # deleted, or renamed away
         elif path.is_dir() and not path.is_symlink():
-            if change != Change.modified:  # a folder's mtime changes with its files
+            if change != Change.modified and not skipped(raw):  # a folder's mtime changes with its files
                 folders.add(path)
         else:
             files.add(path)  # written, appended, or renamed into place
@@ -84,10 +138,55 @@ class WatcherHealth:
     missing: tuple[str, ...]
     files_scanned: int
     last_error: str | None
+    files_to_scan: int = 0  # files found by the initial walk (progress: files_scanned of these)
+    watched_folders: int = 0  # folders with a native (inotify) watch
+    polled_folders: int = 0  # folders past the inotify budget, polled instead
+    watch_budget: int | None = None  # inotify watches free for this process at arming
+    warning: str | None = None  # a degraded state worth telling the user, with the fix
+
+
+class _Native:
+    """One watchfiles RustNotify over a fixed list of folders, not recursive."""
+
+    def __init__(self, folders: Sequence[Path], polling: bool) -> None:
+        self.folders = list(folders)
+        self.polling = polling
+        self.closed = False  # stopping: a running `watch` returns at once
+        self.retired = False  # replaced: drained one last time, then released
+        self.notify = RustNotify([str(p) for p in self.folders], False, polling, _POLL_MS, False, True)
+
+    def is_set(self) -> bool:  # RustNotify's stop event
+        return self.closed
+
+    def close(self) -> None:
+        """Ask a running `watch` to return; `release` once it has."""
+        self.closed = True
+
+    def release(self) -> None:
+        """Give the native watches back (only when no `watch` call is running)."""
+        self.closed = True
+        with contextlib.suppress(RuntimeError):  # still borrowed by a `watch` cut short at shutdown
+            self.notify.close()
+
+
+def _arm(folders: Sequence[Path], polling: bool) -> _Native:
+    """Arm a watcher on the folders that still exist (a folder may vanish meanwhile)."""
+    present = list(folders)
+    for _ in range(5):
+        try:
+            return _Native(present, polling)
+        except FileNotFoundError:
+            present = [p for p in present if p.is_dir()]
+    return _Native([p for p in present if p.is_dir()], polling)
 
 
 class LeakWatcher:
-    """Watches `workspaces` ((tenant, folder) pairs) and keeps `store` up to date."""
+    """Watches `workspaces` ((tenant, folder) pairs) and keeps `store` up to date.
+
+    `scan_ignore` maps a tenant to extra folder patterns (gitignore-style) that
+    its workspaces never scan nor watch, on top of SKIP_DIRS and each workspace's
+    `.gitignore`.
+    """
 
     def __init__(
         self,
@@ -98,13 +197,19 @@ class LeakWatcher:
         max_bytes: int = DEFAULT_MAX_BYTES,
         debounce_ms: int = 200,
         step_ms: int = 20,
+        scan_ignore: Mapping[str, Sequence[str]] | None = None,
+        watch_budget: Callable[[], int | None] = inotify_budget,
     ) -> None:
         self._workspaces = [(t, Path(p)) for t, p in workspaces]
+        self._index = WorkspaceIndex(self._workspaces)
+        self._scan_ignore = {t: tuple(p) for t, p in (scan_ignore or {}).items()}
+        self._ignores: dict[Path, FolderIgnore] = {}
         self._secrets = secrets
         self._store = store
         self._max_bytes = max_bytes
         self._debounce = debounce_ms
         self._step = step_ms
+        self._budget_source = watch_budget
         self._task: asyncio.Task[None] | None = None
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -116,8 +221,18 @@ class LeakWatcher:
         # scan of a path must not overwrite what a newer one found.
         self._scanned_at: dict[Path, float] = {}
         self._files_scanned = 0
+        self._files_to_scan = 0
         self._last_error: str | None = None
         self._missing: tuple[str, ...] = ()
+        # The watch set: every folder the scanner enters, per workspace.
+        self._folders: dict[Path, set[Path]] = {}
+        self._native: _Native | None = None
+        self._polled: _Native | None = None
+        self._budget: int | None = None
+        self._warning: str | None = None
+        self._rebuild_needed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._watching: set[_Native] = set()  # instances with a `watch` call in a thread
 
     def __repr__(self) -> str:
         return f"LeakWatcher({len(self._workspaces)} workspaces)"
@@ -152,25 +267,54 @@ class LeakWatcher:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for w in (self._native, self._polled):
+            if w is not None and w not in self._watching:
+                w.release()
+        self._native = self._polled = None
 
-    async def rearm(self, workspaces: Sequence[tuple[str, Path]]) -> None:
+    async def rearm(
+        self, workspaces: Sequence[tuple[str, Path]], scan_ignore: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         """Watch a new set of workspaces (one was added or removed).
 
-        Every workspace is scanned again once the new watcher is armed, since
-        changes made while re-arming would otherwise go unseen.
+        Only what changed is walked and scanned: an added workspace (or one whose
+        ignore patterns changed) in full; a removed one stops being watched. The
+        others keep their watches, so no change of theirs goes unseen meanwhile.
         """
+        old = {ws: (t, self._ignores.get(ws)) for t, ws in self._workspaces}
         self._workspaces = [(t, Path(p)) for t, p in workspaces]
+        self._index = WorkspaceIndex(self._workspaces)
+        if scan_ignore is not None:
+            self._scan_ignore = {t: tuple(p) for t, p in scan_ignore.items()}
         if self._task is None:
             return
-        await self.stop()
-        await self.start()
+
+        def what_changed() -> list[tuple[str, Path]]:
+            changed: list[tuple[str, Path]] = []
+            for tenant, ws in self._workspaces:
+                before = old.get(ws)
+                if before is None or before[0] != tenant or before[1] != self._ignore_for(tenant, ws, fresh=True):
+                    changed.append((tenant, ws))
+            return changed
+
+        changed = await asyncio.to_thread(what_changed)
+        current = {ws for _, ws in self._workspaces}
+        async with self._lock:
+            for ws in list(self._folders):
+                if ws not in current:
+                    del self._folders[ws]
+                    self._ignores.pop(ws, None)
+        self._missing = tuple(str(p) for _, p in self._workspaces if not p.is_dir())
+        await self._full_scan(changed, arm=True)
 
     async def rescan(self) -> None:
         """Scan every workspace again (the dashboard's "rescan")."""
-        await self._full_scan(list(self._workspaces))
+        await self._full_scan(list(self._workspaces), arm=False)
 
     def health(self) -> WatcherHealth:
-        """Running state, counters and the last error, in plain data."""
+        """Running state, counters, the watch set and the last error, in plain data."""
+        native = self._native
+        polled = self._polled
         return WatcherHealth(
             running=self._task is not None and not self._task.done(),
             initial_scan_done=self._ready.is_set(),
@@ -178,66 +322,150 @@ class LeakWatcher:
             missing=self._missing,
             files_scanned=self._files_scanned,
             last_error=self._last_error,
+            files_to_scan=self._files_to_scan,
+            watched_folders=len(native.folders) if native else 0,
+            polled_folders=len(polled.folders) if polled else 0,
+            watch_budget=self._budget,
+            warning=self._warning,
         )
+
+    # --- the watch set -----------------------------------------------------------------
+
+    def _ignore_for(self, tenant: str, ws: Path, fresh: bool = False) -> FolderIgnore:
+        if fresh or ws not in self._ignores:
+            ignore = FolderIgnore.for_workspace(ws, self._scan_ignore.get(tenant, ()))
+            if fresh:
+                return ignore
+            self._ignores[ws] = ignore
+        return self._ignores[ws]
+
+    def _skipped(self, raw: str) -> bool:
+        owner = self._index.owner_of(raw)
+        if owner is None:
+            return True
+        ignore = self._ignores.get(owner[1])
+        return ignore is not None and ignore.skips(raw, os.path.basename(raw))
+
+    async def _rearm_native(self) -> None:
+        """Arm watchers on the current watch set, then close the ones they replace."""
+        async with self._lock:
+            folders = sorted({f for fs in self._folders.values() for f in fs}, key=lambda p: (len(p.parts), p))
+            # The watcher being replaced holds its watches until the new one is armed:
+            # the budget counts them, so the two never need more than the limit.
+            budget = await asyncio.to_thread(self._budget_source)
+            self._budget = budget
+            native_part, polled_part = folders, []
+            if budget is not None and len(folders) > budget:
+                native_part, polled_part = folders[:budget], folders[budget:]
+                self._warning = (
+                    f"inotify watch limit too low: {len(polled_part)} of {len(folders)} folders are polled "
+                    f"(changes there are seen within about {_POLL_MS} ms, at some CPU cost); raise it with "
+                    f"`{RAISE_LIMIT_HINT}`"
+                )
+                log.warning("leak watcher: %s", self._warning)
+            else:
+                self._warning = None
+            try:
+                native = await asyncio.to_thread(_arm, native_part, False)
+            except OSError as exc:  # the limit was reached after all: poll everything
+                self._warning = (
+                    f"inotify watches could not be placed ({exc}); every folder is polled; "
+                    f"raise the limit with `{RAISE_LIMIT_HINT}`"
+                )
+                log.warning("leak watcher: %s", self._warning)
+                native = await asyncio.to_thread(_arm, [], False)
+                polled_part = folders
+            polled = await asyncio.to_thread(_arm, polled_part, True) if polled_part else None
+            old = (self._native, self._polled)
+            self._native, self._polled = native, polled
+            # The replaced watchers may hold changes made before the new ones were
+            # armed: they are drained once more, then released.
+            for w in old:
+                if w is not None:
+                    w.retired = True
+                    if w not in self._watching:
+                        self._spawn(self._drain(w))
 
     # --- the loop ----------------------------------------------------------------------
 
     async def _run(self, armed: asyncio.Event) -> None:
-        roots = [p for _, p in self._workspaces if p.is_dir()]
-        self._missing = tuple(str(p) for _, p in self._workspaces if not p.is_dir())
-        if self._missing:
-            self._last_error = "workspace folder not found: " + ", ".join(self._missing)
-        if not roots:
-            armed.set()
-            self._ready.set()
-            await self._stop_event.wait()
-            return
-        changes_iter = awatch(
-            *roots,
-            watch_filter=DefaultFilter(ignore_dirs=sorted(SKIP_DIRS)),
-            debounce=self._debounce,
-            step=self._step,
-            stop_event=self._stop_event,
-            rust_timeout=1000,
-            ignore_permission_denied=True,
-        )
-        pending: asyncio.Future[set[tuple[Change, str]]] = asyncio.ensure_future(anext(changes_iter))
         try:
-            # awatch creates the native watcher before its first await: once the
-            # pending call has run that far, writes are being recorded.
-            for _ in range(3):
-                await asyncio.sleep(0)
+            self._missing = tuple(str(p) for _, p in self._workspaces if not p.is_dir())
+            if self._missing:
+                self._last_error = "workspace folder not found: " + ", ".join(self._missing)
+            listing = await self._walk_all(list(self._workspaces))
+            await self._rearm_native()
             armed.set()
-            self._spawn(self._initial_scan())
-            while True:
-                try:
-                    changes = await pending
-                except StopAsyncIteration:
-                    break
-                try:
-                    await self._handle(changes)
-                except Exception as exc:  # keep watching whatever one batch did
-                    self._last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("leak watcher: handling changes failed")
-                pending = asyncio.ensure_future(anext(changes_iter))
+            self._spawn(self._initial_scan(listing))
+            await self._watch_loop()
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.exception("leak watcher stopped")
         finally:
             armed.set()
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-            with contextlib.suppress(Exception):
-                await changes_iter.aclose()
+
+    async def _watch_loop(self) -> None:
+        pending: dict[asyncio.Future[Any], _Native] = {}
+        while not self._stop_event.is_set():
+            for w in (self._native, self._polled):
+                if w is not None and not (w.closed or w.retired) and w not in self._watching:
+                    call: asyncio.Future[Any] = asyncio.ensure_future(
+                        asyncio.to_thread(w.notify.watch, self._debounce, self._step, 1000, w)
+                    )
+                    pending[call] = w
+                    self._watching.add(w)
+            stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_event.wait())
+            done, _ = await asyncio.wait([*pending, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            for fut in done:
+                if fut is stop:
+                    continue
+                w = pending.pop(fut)
+                self._watching.discard(w)
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("leak watcher: watching failed")
+                    result = None
+                if w.closed:
+                    w.release()
+                    continue
+                if isinstance(result, set) and result:
+                    await self._handle_safely(result)
+                if w.retired:
+                    self._spawn(self._drain(w))
+        for w in pending.values():
+            w.close()
+        if pending:
+            await asyncio.wait(list(pending), timeout=5)
+        for fut, w in pending.items():
+            self._watching.discard(w)
+            if fut.done():
+                w.release()
+
+    async def _handle_safely(self, changes: set[tuple[int, str]]) -> None:
+        try:
+            await self._handle(changes)
+        except Exception as exc:  # keep watching whatever one batch did
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("leak watcher: handling changes failed")
+
+    async def _drain(self, w: _Native) -> None:
+        try:
+            result = await asyncio.to_thread(w.notify.watch, self._debounce, self._step, 50, w)
+            if isinstance(result, set) and result and not self._stopping:
+                await self._handle_safely(result)
+        finally:
+            w.release()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._scan_tasks.add(task)
         task.add_done_callback(self._scan_tasks.discard)
 
-    async def _initial_scan(self) -> None:
-        await self._full_scan(list(self._workspaces))
+    async def _initial_scan(self, listing: dict[Path, list[Path]]) -> None:
+        await self._scan_listing(listing)
         self._ready.set()
 
     # --- scanning ------------------------------------------------------------------------
@@ -253,12 +481,10 @@ class LeakWatcher:
             self._managed, self._managed_key = ManagedSecrets(mapping), key
         return self._managed
 
-    def _scan_paths(
-        self, paths: Iterable[Path], managed: ManagedSecrets, workspaces: Sequence[tuple[str, Path]]
-    ) -> list[FileScan]:
+    def _scan_paths(self, paths: Iterable[Path], managed: ManagedSecrets, index: WorkspaceIndex) -> list[FileScan]:
         results: list[FileScan] = []
         for path in paths:
-            owner = owner_of(path, workspaces)
+            owner = index.owner_of(path)
             if owner is None:
                 continue
             tenant, ws = owner
@@ -280,38 +506,76 @@ class LeakWatcher:
 
     async def _scan_and_apply(self, paths: Sequence[Path]) -> None:
         started = time.monotonic()
-        workspaces = list(self._workspaces)
+        index = self._index
         managed = self._current_managed()
         for i in range(0, len(paths), _BATCH):
             chunk = paths[i : i + _BATCH]
-            results = await asyncio.to_thread(self._scan_paths, chunk, managed, workspaces)
+            results = await asyncio.to_thread(self._scan_paths, chunk, managed, index)
             self._apply(results, started)
 
-    async def _walk_and_scan(self, folder: Path) -> int:
-        paths = await asyncio.to_thread(_list_files, folder)
-        await self._scan_and_apply(paths)
-        return len(paths)
+    def _walk_workspaces(self, workspaces: Sequence[tuple[str, Path]]) -> dict[Path, tuple[list[Path], list[Path]]]:
+        out: dict[Path, tuple[list[Path], list[Path]]] = {}
+        for tenant, root in workspaces:
+            if root.is_dir():
+                out[root] = walk(root, self._ignore_for(tenant, root, fresh=True))
+        return out
 
-    async def _full_scan(self, workspaces: Sequence[tuple[str, Path]]) -> None:
-        for _, root in workspaces:
-            if not root.is_dir():
-                continue
-            paths = await asyncio.to_thread(_list_files, root)
+    async def _walk_all(self, workspaces: Sequence[tuple[str, Path]]) -> dict[Path, list[Path]]:
+        """Walk `workspaces` in a thread; record their folders in the watch set."""
+        walked = await asyncio.to_thread(self._walk_workspaces, workspaces)
+        async with self._lock:
+            for tenant, root in workspaces:
+                if root in walked:
+                    self._ignores[root] = self._ignore_for(tenant, root, fresh=True)
+                    self._folders[root] = set(walked[root][1])
+        listing = {root: files for root, (files, _) in walked.items()}
+        self._files_to_scan += sum(len(f) for f in listing.values())
+        return listing
+
+    async def _scan_listing(self, listing: dict[Path, list[Path]]) -> None:
+        for root, paths in listing.items():
             await self._scan_and_apply(paths)
             self._store.resolve_absent(root, paths)
+
+    async def _full_scan(self, workspaces: Sequence[tuple[str, Path]], *, arm: bool) -> None:
+        listing = await self._walk_all(workspaces)
+        if arm:
+            await self._rearm_native()
+        await self._scan_listing(listing)
+
+    async def _walk_and_scan(self, folder: Path) -> int:
+        owner = self._index.owner_of(folder)
+        if owner is None:
+            return 0
+        files, folders = await asyncio.to_thread(walk, folder, self._ignores.get(owner[1]))
+        known = self._folders.setdefault(owner[1], set())
+        if not known.issuperset(folders):
+            known.update(folders)
+            self._rebuild_needed.set()
+        await self._scan_and_apply(files)
+        return len(files)
 
     async def _settle_folder(self, folder: Path) -> None:
         await asyncio.sleep(_SETTLE_SECONDS)
         await self._walk_and_scan(folder)  # a folder gone by now walks as empty
+        await self._rebuild_if_needed()
 
-    async def _handle(self, changes: set[tuple[Change, str]]) -> None:
-        files, folders, gone = _classify(changes)
+    async def _rebuild_if_needed(self) -> None:
+        if self._rebuild_needed.is_set() and not self._stopping:
+            self._rebuild_needed.clear()
+            await self._rearm_native()
+
+    async def _handle(self, changes: set[tuple[int, str]]) -> None:
+        files, folders, gone = _classify(changes, self._skipped)
         for path in gone:
             self._scanned_at[path] = time.monotonic()
             self._store.resolve_path(path)
+            for known in self._folders.values():
+                known.discard(path)
         if files:
             await self._scan_and_apply(sorted(files))
         for folder in folders:
             count = await self._walk_and_scan(folder)
             if count < 1000:  # a big new tree (a clone) is not walked twice
                 self._spawn(self._settle_folder(folder))
+        await self._rebuild_if_needed()
