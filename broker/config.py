@@ -106,6 +106,9 @@ class Tenant:
     name: str
     workspaces: tuple[Path, ...]
     credentials: dict[str, Credential] = field(default_factory=dict)
+    # Folder patterns (gitignore-style) the leak scanner and watcher never enter in
+    # this tenant's workspaces, on top of dependency folders and each .gitignore.
+    scan_ignore: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,10 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
             cname: _credential(tid, cname, craw, f"{key}.credentials.{cname}", where)
             for cname, craw in creds_raw.items()
         }
-        tenants[tid] = Tenant(tid, name, workspaces, creds)
+        ignore_raw = traw.get("scan_ignore", [])
+        if not isinstance(ignore_raw, list) or not all(isinstance(p, str) and p.strip() for p in ignore_raw):
+            raise where.error(f"{key}.scan_ignore", 'must be a list of folder patterns, like ["data/", "*.cache"]')
+        tenants[tid] = Tenant(tid, name, workspaces, creds, tuple(p.strip() for p in ignore_raw))
     return Config(tenants, broker, raw)
 
 

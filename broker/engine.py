@@ -209,6 +209,7 @@ class Engine:
             self.managed_secrets,
             self._alert_store(),
             max_bytes=self.config.broker.scan_max_file_bytes,
+            scan_ignore=lambda: {t.id: t.scan_ignore for t in self.config.tenants.values()},
         )
         await self.watcher.start()
 

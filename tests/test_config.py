@@ -662,3 +662,18 @@ def tomli_string(text: str) -> str:
     import tomli_w
 
     return tomli_w.dumps({"v": text}).split("=", 1)[1].strip()
+
+
+def test_tenant_scan_ignore_is_a_list_of_folder_patterns(tmp_path):
+    from broker.config import ConfigError, validate
+
+    raw = {"tenants": {"acme": {"workspaces": [str(tmp_path)], "scan_ignore": ["data/", " *.cache "]}}}
+    assert validate(raw, tmp_path / "config.toml").tenants["acme"].scan_ignore == ("data/", "*.cache")
+    assert validate({"tenants": {"b": {}}}, tmp_path / "config.toml").tenants["b"].scan_ignore == ()
+    for bad in ("data/", [""], [3]):
+        try:
+            validate({"tenants": {"acme": {"scan_ignore": bad}}}, tmp_path / "config.toml")
+        except ConfigError as e:
+            assert "scan_ignore" in str(e)
+        else:
+            raise AssertionError(f"accepted scan_ignore={bad!r}")

@@ -59,6 +59,7 @@ from broker.leaks.scan import (
 log = logging.getLogger(__name__)
 
 SecretsSource = Callable[[], Mapping[tuple[str, str], str]]
+IgnoreSource = Mapping[str, Sequence[str]] | Callable[[], Mapping[str, Sequence[str]]]
 
 # Files per worker-thread batch during a full scan: big enough to amortise the
 # thread hop, small enough that alerts appear while a large workspace is read.
@@ -185,7 +186,8 @@ class LeakWatcher:
 
     `scan_ignore` maps a tenant to extra folder patterns (gitignore-style) that
     its workspaces never scan nor watch, on top of SKIP_DIRS and each workspace's
-    `.gitignore`.
+    `.gitignore`; it may be a function returning that mapping, read again at
+    each (re)arm (the engine passes one over its current config).
     """
 
     def __init__(
@@ -197,12 +199,12 @@ class LeakWatcher:
         max_bytes: int = DEFAULT_MAX_BYTES,
         debounce_ms: int = 200,
         step_ms: int = 20,
-        scan_ignore: Mapping[str, Sequence[str]] | None = None,
+        scan_ignore: IgnoreSource | None = None,
         watch_budget: Callable[[], int | None] = inotify_budget,
     ) -> None:
         self._workspaces = [(t, Path(p)) for t, p in workspaces]
         self._index = WorkspaceIndex(self._workspaces)
-        self._scan_ignore = {t: tuple(p) for t, p in (scan_ignore or {}).items()}
+        self._ignore_source = scan_ignore
         self._ignores: dict[Path, FolderIgnore] = {}
         self._secrets = secrets
         self._store = store
@@ -224,6 +226,8 @@ class LeakWatcher:
         self._files_to_scan = 0
         self._last_error: str | None = None
         self._missing: tuple[str, ...] = ()
+        self._scan_ignore: dict[str, tuple[str, ...]] = {}
+        self._scan_ignore = self._read_ignore_source()
         # The watch set: every folder the scanner enters, per workspace.
         self._folders: dict[Path, set[Path]] = {}
         self._native: _Native | None = None
@@ -272,9 +276,16 @@ class LeakWatcher:
                 w.release()
         self._native = self._polled = None
 
-    async def rearm(
-        self, workspaces: Sequence[tuple[str, Path]], scan_ignore: Mapping[str, Sequence[str]] | None = None
-    ) -> None:
+    def _read_ignore_source(self) -> dict[str, tuple[str, ...]]:
+        source = self._ignore_source
+        try:
+            mapping = source() if callable(source) else (source or {})
+        except Exception as exc:  # a config in flux must not stop the watcher
+            self._last_error = f"scan_ignore unavailable: {type(exc).__name__}"
+            return getattr(self, "_scan_ignore", {})
+        return {t: tuple(p) for t, p in mapping.items()}
+
+    async def rearm(self, workspaces: Sequence[tuple[str, Path]], scan_ignore: IgnoreSource | None = None) -> None:
         """Watch a new set of workspaces (one was added or removed).
 
         Only what changed is walked and scanned: an added workspace (or one whose
@@ -285,7 +296,7 @@ class LeakWatcher:
         self._workspaces = [(t, Path(p)) for t, p in workspaces]
         self._index = WorkspaceIndex(self._workspaces)
         if scan_ignore is not None:
-            self._scan_ignore = {t: tuple(p) for t, p in scan_ignore.items()}
+            self._ignore_source = scan_ignore
         if self._task is None:
             return
 
