@@ -306,9 +306,17 @@ def doctor(args: argparse.Namespace) -> int:
             if isinstance(watcher, dict):
                 ok = bool(watcher.get("running")) and not watcher.get("last_error")
                 detail = watcher.get("last_error") or f"{watcher.get('files_scanned', 0)} files scanned"
+                if not watcher.get("initial_scan_done") and watcher.get("files_to_scan"):
+                    detail += f" of {watcher['files_to_scan']} (first scan still running)"
+                if watcher.get("watched_folders") is not None:
+                    detail += f"; {watcher['watched_folders']} folders watched"
+                    if watcher.get("polled_folders"):
+                        detail += f", {watcher['polled_folders']} polled"
                 if watcher.get("missing"):
                     detail += f"; missing folders: {', '.join(watcher['missing'])}"
                 line(ok, f"watcher: {'running' if watcher.get('running') else 'stopped'} — {detail}")
+                if watcher.get("warning"):
+                    line(False, f"watcher: {watcher['warning']}")
     if os.environ.get("OUTLOOP_HOME"):
         line(None, f"OUTLOOP_HOME={paths.home}")
     problems = sum(result is False for result, _ in checks)

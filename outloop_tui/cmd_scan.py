@@ -100,7 +100,9 @@ def run_scan(args: argparse.Namespace) -> int:
 
     for target in targets:
         owner_of_target = index.owner_of(target)
-        ignore = FolderIgnore.for_workspace(owner_of_target[1] if owner_of_target else target)
+        tenant_of_target, root = owner_of_target if owner_of_target else (None, target)
+        extra = config.tenants[tenant_of_target].scan_ignore if config and tenant_of_target else ()
+        ignore = FolderIgnore.for_workspace(root, extra)
         for path in iter_files(target, unreadable, ignore):
             if path in seen:  # overlapping PATH arguments
                 continue
