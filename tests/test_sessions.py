@@ -424,3 +424,24 @@ def test_a_session_survives_a_broker_restart_only_if_its_root_is_the_same_proces
         assert thread.engine.sessions.live() == []
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:7878", "192.168.1.4:7878", "[::]:7878", "example.com:7878", "7878"])
+def test_a_listen_address_off_loopback_is_refused_at_config_load(world: World, address: str) -> None:
+    from broker.config import ConfigError, load_config
+
+    world.configure()
+    raw = world.paths.config_file.read_text()
+    world.paths.config_file.write_text(
+        f'[broker]\nlisten = "{address}"\n' + raw.replace("[broker]\n", "[broker-old]\n")
+    )
+    with pytest.raises(ConfigError, match="broker.listen"):
+        load_config(world.paths)
+
+
+def test_loopback_listen_addresses_are_accepted() -> None:
+    from broker.config import parse_listen
+
+    assert parse_listen("127.0.0.1:7878") == ("127.0.0.1", 7878)
+    assert parse_listen("localhost:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:7878") == ("::1", 7878)
