@@ -71,7 +71,7 @@ def outloop(root: Path, all_files: bool) -> tuple[Hits, float]:
 def kingfisher(root: Path) -> tuple[Hits, float]:
     t0 = time.perf_counter()
     out = subprocess.run(
-        [str(BIN / "kingfisher"), "scan", str(root), "--format", "json", "--no-validate", "--rule", "all"],
+        [str(BIN / "kingfisher"), "scan", str(root), "--format", "json", "--no-validate", "--rule", "all", "--no-dedup"],
         capture_output=True,
         text=True,
         check=False,

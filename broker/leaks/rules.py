@@ -51,7 +51,7 @@ class Rule:
     context) are also hidden from what the agent gets back.
 
     A rule either has a `regex`, or a `finder` that yields (start, end) spans of
-    candidate values: for shapes a single regex would find too slowly (an
+    candidate values from the text and its lowercase form: for shapes a single regex would find too slowly (an
     assignment is found from its quoted value backwards to the name).
     """
 
@@ -69,7 +69,7 @@ class Rule:
     # a leading lookbehind stops the regex engine's fast literal-prefix search.
     not_after: re.Pattern[str] | None = field(default=None, repr=False)
     redact: bool = True
-    finder: Callable[[str], Iterable[tuple[int, int]]] | None = field(default=None, repr=False)
+    finder: Callable[[str, str], Iterable[tuple[int, int]]] | None = field(default=None, repr=False)
     # Lowercase words a match starts with: the regex is tried only where one of them
     # begins a word, instead of at every position (a case-insensitive regex has no
     # literal prefix for the regex engine to search for).
@@ -2059,19 +2059,45 @@ _NAME_BEFORE = re.compile(
 )
 
 
-def _assigned_tokens(text: str, strict: bool) -> Iterator[tuple[int, int]]:
-    for m in (_QUOTED_LONG_TOKEN if strict else _QUOTED_TOKEN).finditer(text):
-        start, end = m.span(2)
-        value = m.group(2)
-        if strict and not is_token_like(value, 20, 3.7):
+# Every secret name (see is_secret_name) holds one of these: a line without any cannot
+# assign a secret, so only lines with one are read.
+_NAME_WORDS = re.compile(r"key|token|secret|pass|pwd|credential|auth|api|dsn|salt|pat|bearer")
+
+
+def _secret_word_lines(text: str, lowered: str) -> list[tuple[int, int]]:
+    """[start, end) of each line that holds a secret-name word."""
+    if len(lowered) != len(text):
+        return [(0, len(text))]
+    lines: list[tuple[int, int]] = []
+    end = -1
+    for m in _NAME_WORDS.finditer(lowered):
+        at = m.start()
+        if at < end:
             continue
-        line_start = text.rfind("\n", 0, m.start()) + 1
-        before = _NAME_BEFORE.search(text, max(line_start, m.start() - 160), m.start())
-        if before is None:
-            continue
-        name = before.group("key") or before.group("arg")
-        if name and is_secret_name(name):
-            yield start, end
+        start = lowered.rfind("\n", 0, at) + 1
+        end = lowered.find("\n", at)
+        if end < 0:
+            end = len(lowered)
+        lines.append((start, end))
+    return lines
+
+
+def _assigned_tokens(
+    text: str, lowered: str, strict: bool, lines: list[tuple[int, int]] | None = None
+) -> Iterator[tuple[int, int]]:
+    quoted = _QUOTED_LONG_TOKEN if strict else _QUOTED_TOKEN
+    for line_start, line_end in _secret_word_lines(text, lowered) if lines is None else lines:
+        for m in quoted.finditer(text, line_start, line_end):
+            start, end = m.span(2)
+            value = m.group(2)
+            if strict and not is_token_like(value, 20, 3.7):
+                continue
+            before = _NAME_BEFORE.search(text, max(line_start, m.start() - 160), m.start())
+            if before is None:
+                continue
+            name = before.group("key") or before.group("arg")
+            if name and is_secret_name(name):
+                yield start, end
 
 
 _r(
@@ -2098,7 +2124,10 @@ _r(
     entropy=None,
     redact=False,
 )
-RULES_LIST[-1] = dataclasses.replace(RULES_LIST[-1], finder=lambda text: _assigned_tokens(text, strict=True))
+RULES_LIST[-1] = dataclasses.replace(
+    RULES_LIST[-1], finder=lambda text, lowered: _assigned_tokens(text, lowered, strict=True)
+)
+_SECRET_ASSIGNMENT = RULES_LIST[-1]
 _r(
     "keyword-near-token",
     "Token-shaped value right after a word that names a key (prose, logs, comments)",
@@ -2130,10 +2159,10 @@ if len(RULES_BY_ID) != len(RULES):  # pragma: no cover - a programming error, ca
 # The keyword prefilter
 
 
-def _is_common(keyword: str, rules: Sequence[Rule]) -> bool:
-    # Words found in most files ("key", "token", "sk"): a substring test each is
-    # cheaper than walking thousands of their occurrences out of the automaton.
-    return len(keyword) <= 3 or any(not r.redact for r in rules)
+# Keywords found thousands of times in ordinary code (counted on the Python standard
+# library: "pat" 25,000 times, "sk" 8,000): a substring test each is cheaper than
+# walking all their occurrences out of the automaton.
+_FREQUENT_KEYWORDS = frozenset({"pat", "sk", "re_", "sl.", "sg.", "key="})
 
 
 def _index(rules: Sequence[Rule]) -> tuple[ahocorasick.Automaton, tuple[tuple[str, tuple[int, ...]], ...]]:
@@ -2152,7 +2181,7 @@ def _index(rules: Sequence[Rule]) -> tuple[ahocorasick.Automaton, tuple[tuple[st
     automaton = ahocorasick.Automaton(ahocorasick.STORE_ANY, ahocorasick.KEY_STRING)
     common: dict[str, list[int]] = {}
     for kw, indexes in by_kw.items():
-        if _is_common(kw, [rules[i] for i in indexes]):
+        if kw in _FREQUENT_KEYWORDS:
             common[kw] = indexes
         else:
             automaton.add_word(kw, tuple(indexes))
@@ -2236,7 +2265,7 @@ def _at_starts(rule: Rule, text: str, lowered: str) -> Iterator[re.Match[str]]:
 def _rule_matches(text: str, rules: Iterable[Rule], lowered: str | None = None) -> Iterator[tuple[Rule, int, int]]:
     for rule in rules:
         if rule.finder is not None:
-            for start, end in rule.finder(text):
+            for start, end in rule.finder(text, text.lower() if lowered is None else lowered):
                 if not is_placeholder(text[start:end]):
                     yield rule, start, end
             continue
@@ -2397,10 +2426,9 @@ def is_strong_value(value: str) -> bool:
 # `define('KEY', 'value')`), or a bare value when the assignment starts the line
 # (`KEY=value`, YAML `key: value`). A bare value in code is an expression, not a
 # literal, so it is left alone.
-_BARE_ASSIGNMENT = re.compile(
-    r"""^[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]*)[ \t]*(?:=|:)[ \t]*"""
-    r"""(?P<val>[^\s"'`]{8,512})[ \t]*(?:\#.*)?\r?$""",
-    re.M,
+_BARE_ASSIGNMENT = re.compile(  # matched at a line's start, with the line's end as endpos
+    r"""[ \t]*(?:export[ \t]+|-[ \t]+)?(?P<key>[A-Za-z_][\w.\-]*)[ \t]*(?:=|:)[ \t]*"""
+    r"""(?P<val>[^\s"'`]{8,512})[ \t]*(?:\#.*)?\r?$"""
 )
 # Identifiers and attribute paths (`self.password`, `DEFAULT_TOKEN`) name a value.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\(\))?")
@@ -2419,20 +2447,27 @@ def _names_a_value(value: str) -> bool:
     return "_" in value and all(_NAME_PIECE.fullmatch(p) for p in value.split("_") if p)
 
 
-def _generic_env(text: str) -> Iterator[tuple[Rule, int, int]]:
+def _generic_env(text: str, lowered: str) -> Iterator[tuple[Rule, int, int]]:
     # `KEY=value` lines (export, quotes, multi-line values) through the parser, then
     # every other line shape such files hold: `key: value`, JSON, quoted literals.
     for e in parse_env(text):
         if is_secret_name(e.key) and is_strong_value(e.value):
             yield GENERIC_RULE, e.value_start, e.value_end
-    yield from _generic_code(text)
+    yield from _generic_code(text, lowered)
 
 
-def _generic_code(text: str) -> Iterator[tuple[Rule, int, int]]:
-    for start, end in _assigned_tokens(text, strict=False):
-        if is_strong_value(text[start:end]):
+def _generic_code(text: str, lowered: str) -> Iterator[tuple[Rule, int, int]]:
+    # One pass over quoted assignments serves both rules: a token-shaped value is the
+    # secret-assignment rule's (which is then not run on its own), a strong one generic.
+    lines = _secret_word_lines(text, lowered)
+    for start, end in _assigned_tokens(text, lowered, False, lines):
+        value = text[start:end]
+        if is_token_like(value, 20, 3.7):
+            yield _SECRET_ASSIGNMENT, start, end
+        elif is_strong_value(value):
             yield GENERIC_RULE, start, end
-    for m in _BARE_ASSIGNMENT.finditer(text):
+    bare = (m for start, end in lines if (m := _BARE_ASSIGNMENT.match(text, start, end)) is not None)
+    for m in bare:
         value = m.group("val")
         if _names_a_value(value) or any(c in value for c in "()[]{}<>,"):
             continue
@@ -2451,10 +2486,14 @@ def find_secrets(text: str, *, env_like: bool = False, all_rules: bool = False) 
     """
     lowered = text.lower()
     everything = env_like or all_rules
-    rules = [r for r in _candidate_rules(lowered) if everything or r.confident]
+    rules = [
+        r
+        for r in _candidate_rules(lowered)
+        if (everything or r.confident) and not (everything and r is _SECRET_ASSIGNMENT)  # see _generic_code
+    ]
     found: list[tuple[Rule, int, int]] = list(_rule_matches(text, rules, lowered))
     if env_like:
-        found.extend(_generic_env(text))
+        found.extend(_generic_env(text, lowered))
     elif all_rules:
-        found.extend(_generic_code(text))
+        found.extend(_generic_code(text, lowered))
     return _to_matches(text, _select(found))
