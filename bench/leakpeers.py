@@ -13,7 +13,8 @@ Two trees, written to a temporary folder:
 Prints, for each scanner: recall in `.env` files and in source files (a key is
 found when any line of its snippet is reported), false positives per MB of clean
 code, and MB/s over the clean tree (wall time, peers' process start included;
-Outloop runs in this process on one core, the peers use every core).
+Outloop runs in this process on one core, then in one process per core as
+`outloop scan` does; the peers use every core).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def copy_clean(sources: list[Path], dest: Path) -> int:
     return total
 
 
-def outloop(root: Path, all_files: bool) -> tuple[Hits, float]:
+def outloop(root: Path, all_files: bool, processes: int = 1) -> tuple[Hits, float]:
     t0 = time.perf_counter()
-    report = scan_tree(root, all_files=all_files)
+    report = scan_tree(root, all_files=all_files, processes=processes)
     elapsed = time.perf_counter() - t0
     hits: Hits = defaultdict(set)
     for f in report.findings:
@@ -71,7 +72,17 @@ def outloop(root: Path, all_files: bool) -> tuple[Hits, float]:
 def kingfisher(root: Path) -> tuple[Hits, float]:
     t0 = time.perf_counter()
     out = subprocess.run(
-        [str(BIN / "kingfisher"), "scan", str(root), "--format", "json", "--no-validate", "--rule", "all", "--no-dedup"],
+        [
+            str(BIN / "kingfisher"),
+            "scan",
+            str(root),
+            "--format",
+            "json",
+            "--no-validate",
+            "--rule",
+            "all",
+            "--no-dedup",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -131,6 +142,8 @@ def main() -> None:
         runs: list[tuple[str, object]] = [
             ("outloop (default)", lambda root: outloop(root, False)),
             ("outloop --all-files", lambda root: outloop(root, True)),
+            (f"outloop, {os.cpu_count()} processes", lambda root: outloop(root, False, os.cpu_count() or 1)),
+            (f"outloop --all-files, {os.cpu_count()} pr.", lambda root: outloop(root, True, os.cpu_count() or 1)),
         ]
         if not args.skip_peers:
             runs += [("kingfisher 2.14 (all rules)", kingfisher), ("betterleaks 2.0", lambda r: betterleaks(r, tmp))]

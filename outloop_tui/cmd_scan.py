@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from broker.leaks.scan import (
     ScanReport,
     WorkspaceIndex,
     iter_files,
-    scan_file,
+    scan_files,
 )
 from broker.paths import Paths
 from outloop_tui.cli import UserError
@@ -94,6 +95,7 @@ def run_scan(args: argparse.Namespace) -> int:
     max_bytes = config.broker.scan_max_file_bytes if config else DEFAULT_MAX_BYTES
     report = ScanReport()
     seen: set[Path] = set()
+    items: list[tuple[Path, str | None, Path | None]] = []
 
     def unreadable(_exc: OSError) -> None:
         report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
@@ -109,11 +111,12 @@ def run_scan(args: argparse.Namespace) -> int:
             seen.add(path)
             owner = index.owner_of(path)
             tenant, ws = owner if owner else (None, None)
-            report.add(
-                scan_file(
-                    path, tenant=tenant, workspace=ws, managed=managed, all_files=args.all_files, max_bytes=max_bytes
-                )
-            )
+            items.append((path, tenant, ws))
+    # One process per core: the scan is pure CPU once the files are in the page cache.
+    for result in scan_files(
+        items, managed=managed, all_files=args.all_files, max_bytes=max_bytes, processes=os.cpu_count() or 1
+    ):
+        report.add(result)
     alerts = [Alert.from_finding(f) for f in report.findings]
     if args.json:
         print(json.dumps([a.to_json() for a in alerts], indent=2))

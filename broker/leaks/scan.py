@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import multiprocessing
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -407,6 +408,45 @@ def iter_files(
     yield from walk(root, ignore, on_error)[0]
 
 
+# What forked scan workers read: set before the pool forks, so the managed secrets
+# reach them by inheritance, never through a pipe.
+_WORKER_STATE: tuple[ManagedSecrets, bool, int] = (NO_SECRETS, False, DEFAULT_MAX_BYTES)
+_MIN_FILES_PER_PROCESS = 200
+
+
+def _scan_item(item: tuple[Path, str | None, Path | None]) -> FileScan:
+    managed, all_files, max_bytes = _WORKER_STATE
+    path, tenant, workspace = item
+    return scan_file(
+        path, tenant=tenant, workspace=workspace, managed=managed, all_files=all_files, max_bytes=max_bytes
+    )
+
+
+def scan_files(
+    items: Sequence[tuple[Path, str | None, Path | None]],
+    *,
+    managed: ManagedSecrets = NO_SECRETS,
+    all_files: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    processes: int = 1,
+) -> Iterator[FileScan]:
+    """Scan (path, tenant, workspace) items in order, in up to `processes` forked
+    worker processes when there are enough files to pay for them.
+
+    For one-shot commands (`outloop scan`): forking a process that runs threads
+    (the broker) is not safe, so the watcher scans in threads instead.
+    """
+    global _WORKER_STATE
+    n = min(processes, len(items) // _MIN_FILES_PER_PROCESS)
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        _WORKER_STATE = (managed, all_files, max_bytes)
+        yield from map(_scan_item, items)
+        return
+    _WORKER_STATE = (managed, all_files, max_bytes)
+    with multiprocessing.get_context("fork").Pool(n) as pool:
+        yield from pool.imap(_scan_item, items, chunksize=32)
+
+
 def scan_tree(
     root: Path,
     *,
@@ -415,6 +455,7 @@ def scan_tree(
     managed: ManagedSecrets = NO_SECRETS,
     all_files: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    processes: int = 1,
 ) -> ScanReport:
     """Scan every file under `root` (a folder or a single file)."""
     report = ScanReport()
@@ -422,17 +463,9 @@ def scan_tree(
     def unreadable(_exc: OSError) -> None:
         report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
 
-    for path in iter_files(root, unreadable):
-        report.add(
-            scan_file(
-                path,
-                tenant=tenant,
-                workspace=workspace or root,
-                managed=managed,
-                all_files=all_files,
-                max_bytes=max_bytes,
-            )
-        )
+    items = [(path, tenant, workspace or root) for path in iter_files(root, unreadable)]
+    for result in scan_files(items, managed=managed, all_files=all_files, max_bytes=max_bytes, processes=processes):
+        report.add(result)
     return report
 
 
@@ -493,6 +526,7 @@ __all__: Sequence[str] = (
     "mask",
     "owner_of",
     "scan_file",
+    "scan_files",
     "scan_text",
     "scan_tree",
     "walk",
