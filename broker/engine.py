@@ -41,8 +41,11 @@ from broker.events import (
     Event,
     PendingApproval,
     Refused,
+    Snapshot,
 )
 from broker.leaks.redact import Redactor, with_leak_rules
+from broker.operator.notify import notify_desktop
+from broker.operator.server import OperatorServer
 from broker.paths import Paths, ensure_private_dir
 from broker.policy import Decision, NormalPath, PathRejected, decide, normalize_path
 from broker.providers import KEY_VARIABLES, session_env
@@ -58,20 +61,6 @@ Subscriber = Callable[[Event], None]
 CONFIG_POLL_SECONDS = 1.0
 # More calls than this on the wire at once, and the next goes to a forwarding worker.
 BUSY_CALLS = 1
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the dashboard shows, read in one go (the dashboard never reaches into stores)."""
-
-    state: str  # "starting" | "listening" | "locked" | "stopped" | "error"
-    locked: bool
-    socket: str
-    config: Config | None  # None until the engine has started
-    pending: list[PendingApproval]
-    grants: list[Grant]  # live "always" grants; `expires` is on the engine's monotonic clock
-    alerts: list[Alert]  # open leak alerts, most severe first
-    watcher: WatcherHealth | None  # None when the leak watcher is off
 
 
 class Engine:
@@ -95,6 +84,7 @@ class Engine:
         self._upstream_calls = 0  # calls on the wire right now
         self._calls = 0  # calls being handled right now (deciding, waiting or on the wire)
         self._server: Any = None
+        self._operator: OperatorServer | None = None
         self.watcher: LeakWatcher | None = None
         self.alerts: AlertStore | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -155,6 +145,8 @@ class Engine:
             self._server = Server(self, self.paths.socket, listen=self.config.broker.listen)
             await self._server.start()
             self.listen_url = self._server.listen_url
+            self._operator = OperatorServer(self, self.paths.operator_socket)
+            await self._operator.start()
         if watch:
             await self._start_watcher()
             await self._start_transcripts()
@@ -179,6 +171,9 @@ class Engine:
             await self.watcher.stop()
         if self.transcripts is not None:
             await self.transcripts.stop()
+        if self._operator is not None:
+            await self._operator.stop()
+            self._operator = None
         if self._server is not None:
             await self._server.stop()
             self._server = None
@@ -288,9 +283,8 @@ class Engine:
         self.approvals.attached += 1
 
     def detach_approver(self) -> None:
+        # What waits goes on waiting (until approval_timeout) for another operator to attach.
         self.approvals.attached = max(0, self.approvals.attached - 1)
-        if not self.approvals.attached:
-            self.approvals.deny_all("cancelled", "approver left")
 
     def pending(self) -> list[PendingApproval]:
         return self.approvals.pending()
@@ -300,16 +294,18 @@ class Engine:
         ttl = self._config.broker.always_ttl if self._config else 3600.0
         return self.approvals.answer(approval_id, decision, approver, always_ttl=ttl)
 
-    def lock(self) -> None:
-        """Refuse every call, and everything pending, until unlocked."""
+    def lock(self, approver: str = "operator") -> None:
+        """Refuse every call, and everything pending, until unlocked (audited)."""
         self.locked = True
         self.approvals.deny_all("denied", "lock")
         self.approvals.revoke_grants()
         self._set_state("locked")
+        self._background(self.audit.record({"event": "locked", "approver": approver}))
 
-    def unlock(self) -> None:
+    def unlock(self, approver: str = "operator") -> None:
         self.locked = False
         self._set_state("listening")
+        self._background(self.audit.record({"event": "unlocked", "approver": approver}))
 
     def snapshot(self) -> Snapshot:
         """Everything the dashboard shows, as of now."""
@@ -672,15 +668,21 @@ class Engine:
         )
         if self.approvals.granted(approval):
             return ("allow", "always")
-        if not self.approvals.attached:
+        unattended = not self.approvals.attached
+        if unattended:  # it waits for an operator to attach; tell the desktop so one does
+            notify_desktop(
+                "Outloop: a call waits for your approval",
+                f"{caller.tenant.id}/{credential.name}: {req.method} {path}. Open `outloop` to answer.",
+            )
+        answer, approver = await self.approvals.wait(approval)
+        if answer == "timeout" and unattended and not self.approvals.attached:
             return await self.refuse(
                 peer,
                 "approval_unavailable",
-                "this call needs the operator's approval and no dashboard is attached; "
-                "ask the operator to open `outloop`",
+                f"this call needs the operator's approval and no operator attached within "
+                f"{self.config.broker.approval_timeout:g} s",
                 base=base,
             )
-        answer, approver = await self.approvals.wait(approval)
         base["approver"] = approver
         if answer in ("approved", "always"):
             return (answer, approver)

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # a type only: the alert store imports these events, not the reverse
+if TYPE_CHECKING:  # types only: the modules that define them import these events, not the reverse
+    from broker.calls.approvals import Grant
+    from broker.config import Config
     from broker.leaks.alerts import Alert
+    from broker.leaks.watcher import WatcherHealth
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,23 @@ class ConfigRejected:
     """config.toml changed but does not validate; the last good config stays in force."""
 
     message: str
+
+
+# What the dashboard shows (Engine.snapshot, and the same over the operator channel).
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the dashboard shows, read in one go (the dashboard never reaches into stores)."""
+
+    state: str  # "starting" | "listening" | "locked" | "stopped" | "error"
+    locked: bool
+    socket: str
+    config: Config | None  # None until the engine has started
+    pending: list[PendingApproval]
+    grants: list[Grant]  # live "always" grants; `expires` is on the engine's monotonic clock
+    alerts: list[Alert]  # open leak alerts, most severe first
+    watcher: WatcherHealth | None  # None when the leak watcher is off
 
 
 # Leak alerts: published by the alert store (broker/leaks/alerts.py), through the engine.

@@ -73,6 +73,11 @@ class Paths:
     def alerts_file(self) -> Path:
         return self.state_dir / "alerts.jsonl"
 
+    @property
+    def operator_socket(self) -> Path:
+        """Where an attached dashboard talks to the broker: in the private state folder, never the workspace."""
+        return self.state_dir / "operator.sock"
+
     def check_socket_path(self) -> None:
         """Raise PathError if the socket path is longer than the OS accepts."""
         if len(os.fsencode(self.socket)) >= SOCKET_PATH_LIMIT:

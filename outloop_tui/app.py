@@ -30,8 +30,9 @@ from textual.worker import Worker, WorkerState
 
 from broker import manage
 from broker.config import ConfigError
-from broker.engine import Engine, Snapshot
-from broker.events import PendingApproval
+from broker.engine import Engine
+from broker.events import PendingApproval, Snapshot
+from broker.operator.client import RemoteEngine, operator_socket_live
 from broker.paths import Paths
 from broker.secrets import SecretStoreError
 from outloop_tui.commands import OutloopCommands
@@ -160,7 +161,7 @@ class DashboardScreen(Screen[None]):
         return app
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Engine | RemoteEngine:
         return self.dashboard_app.engine
 
     def on_mount(self) -> None:
@@ -519,7 +520,7 @@ class OutloopApp(App[int]):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | RemoteEngine,
         *,
         watch: bool = True,
         serve: bool = True,
@@ -566,6 +567,12 @@ class OutloopApp(App[int]):
         if not info.usable:
             self.set_banner(
                 "keyring", f"No usable keyring ({info.name}): credentials cannot be stored or used. {info.advice}"
+            )
+        if self.attached:
+            self.set_banner(
+                "attached",
+                "Attached to the broker running in another process: quitting leaves it serving, "
+                "and calls you leave waiting wait for the next operator.",
             )
         self.set_interval(AUDIT_DRAIN_SECONDS, self._drain_audit, name="audit-drain")
         self.set_interval(self.tick, self._tick, name="tick")
@@ -614,8 +621,13 @@ class OutloopApp(App[int]):
     async def on_unmount(self) -> None:
         await self.stop_engine()
 
+    @property
+    def attached(self) -> bool:
+        """Attached to a broker in another process: quitting leaves it (and what waits) running."""
+        return isinstance(self.engine, RemoteEngine)
+
     async def action_quit(self) -> None:
-        pending = len(self.engine.pending()) if self.started else 0
+        pending = len(self.engine.pending()) if self.started and not self.attached else 0
         if not pending:
             await self.stop_engine()
             self.exit(0)
@@ -712,6 +724,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     paths.check_socket_path()
     load_config(paths)  # a malformed config.toml is one clear sentence, before the screen opens
-    app = OutloopApp(Engine(paths))
+    # A broker already running (`outloop broker`, a service, another dashboard): attach to it.
+    engine = RemoteEngine(paths) if operator_socket_live(paths.operator_socket) else Engine(paths)
+    app = OutloopApp(engine)
     app.run()
     return app.return_code or 0

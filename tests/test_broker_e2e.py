@@ -795,11 +795,26 @@ def test_stopping_the_broker_takes_no_new_call_on_a_kept_alive_connection(world:
     assert [r.path for r in world.upstream.records] == ["/acme/slow"]
 
 
-def test_without_an_approver_ask_is_unavailable(world: World, broker: BrokerThread) -> None:
+def test_without_an_approver_ask_waits_then_is_unavailable(world: World, broker: BrokerThread) -> None:
+    """Nobody attached: the call waits approval_timeout for an operator, then approval_unavailable."""
+    world.configure(approval_timeout=0.5)
     (result,) = world.agent(world.acme, [req("api", "POST", "/ask/x")])
-    assert error_of(result)["code"] == "approval_unavailable"
+    error = error_of(result)
+    assert error["code"] == "approval_unavailable"
+    assert "no operator attached within 0.5 s" in error["message"]
     assert broker.call(broker.engine.pending) == []
     assert world.upstream.records == []
+
+
+def test_an_ask_waits_for_an_operator_who_attaches_later(world: World, broker: BrokerThread) -> None:
+    agent = world.agent_popen(world.acme, [req("api", "POST", "/ask/late")])
+    wait_for(lambda: broker.call(broker.engine.pending), 30, "the call to wait with nobody attached")
+    broker.call(broker.engine.attach_approver)
+    (waiting,) = broker.call(broker.engine.pending)
+    broker.call(broker.engine.answer, waiting.id, "approved")
+    out, _err = agent.communicate(timeout=60)
+    assert json.loads(out)[0]["status"] == 200
+    assert [r.path.endswith("/ask/late") for r in world.upstream.records] == [True]
 
 
 def test_lock_refuses_everything_until_unlocked(world: World, broker: BrokerThread) -> None:

@@ -134,6 +134,8 @@ async def test_json_body_and_upstream_status(in_acme: World, broker: BrokerThrea
 async def test_refusals_are_tool_errors_naming_the_code(
     in_acme: World, broker: BrokerThread, arguments: dict[str, Any], code: str
 ) -> None:
+    if code == "approval_unavailable":
+        in_acme.configure(approval_timeout=0.3)  # nobody attaches: it waits this long first
     async with Client(build_server(in_acme.socket)) as client:
         is_error, text = await call(client, in_acme, **arguments)
     assert is_error

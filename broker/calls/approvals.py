@@ -61,6 +61,10 @@ class Approvals:
             return None
         return grant
 
+    def now(self) -> float:
+        """The clock grants and deadlines are on (time.monotonic unless a test gives another)."""
+        return self._clock()
+
     def grants(self) -> list[Grant]:
         now = self._clock()
         return [g for g in self._grants.values() if g.expires > now]
