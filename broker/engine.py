@@ -16,19 +16,20 @@ A call goes: who is calling → which credential → is the path sane → policy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.audit import AuditError, AuditLog, last_records
-from broker.calls.approvals import Approvals, Grant, GrantKey
+from broker.calls.approvals import Approvals, GrantKey
 from broker.calls.forward import Forwarder, UpstreamError
-from broker.calls.identity import Caller, IdentityError, Peer, identify, identify_folder
+from broker.calls.identity import Caller, IdentityError, Peer, command_line, identify, identify_folder
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import Session, SessionError, Sessions
 from broker.calls.workers import ForwardPool
@@ -53,12 +54,17 @@ from broker.secrets import BackendInfo, Secret, SecretStore, SecretStoreError, b
 
 if TYPE_CHECKING:  # imported when the watchers start: `outloop call` need not load watchfiles
     from broker.claude.transcripts import TranscriptWatcher
-    from broker.leaks.alerts import Alert, AlertStore
-    from broker.leaks.watcher import LeakWatcher, WatcherHealth
+    from broker.leaks.alerts import AlertStore
+    from broker.leaks.watcher import LeakWatcher
 
 Subscriber = Callable[[Event], None]
 
 CONFIG_POLL_SECONDS = 1.0
+# What an ask shows the operator of the request body, and the headers never shown.
+ASK_BODY_PREVIEW = 4096
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "x-outloop-session"}
+)
 # More calls than this on the wire at once, and the next goes to a forwarding worker.
 BUSY_CALLS = 1
 
@@ -665,6 +671,7 @@ class Engine:
             path=path,
             rule=decision.rule,
             reason=req.reason,
+            **self._ask_details(peer, caller, credential, req),
         )
         if self.approvals.granted(approval):
             return ("allow", "always")
@@ -691,6 +698,34 @@ class Engine:
                 peer, "approval_timeout", f"nobody answered within {self.config.broker.approval_timeout:g} s", base=base
             )
         return await self.refuse(peer, "denied_by_operator", "the operator refused this call", base=base)
+
+    def _ask_details(self, peer: Peer, caller: Caller, credential: Credential, req: CallRequest) -> dict[str, Any]:
+        """What the operator reads before answering an ask: query, headers, body, program.
+
+        Headers that can carry a credential are left out, and everything shown is
+        redacted like an answer (an agent may paste a key into its own request).
+        """
+        try:
+            redactor: Redactor | None = self.redactor()
+        except SecretStoreError:
+            redactor = None
+
+        def clean(text: str) -> str:
+            return redactor.text(text) if redactor is not None else "[not shown: the keyring cannot be read]"
+
+        hidden = SECRET_HEADERS | {credential.auth.arg.lower()} if credential.auth.kind == "header" else SECRET_HEADERS
+        body = req.body[:ASK_BODY_PREVIEW].decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):
+            body = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+        if len(req.body) > ASK_BODY_PREVIEW:
+            body += f"\n… ({len(req.body)} bytes in all)"
+        return {
+            "query": tuple((k, clean(v)) for k, v in req.query),
+            "headers": tuple((k, clean(v)) for k, v in req.headers.items() if k.lower() not in hidden),
+            "body_preview": clean(body) if req.body else "",
+            "cmdline": clean(command_line(peer.pid)) if peer.pid > 0 else "",
+            "session": caller.session.id if caller.session is not None else None,
+        }
 
     async def _forward(
         self,

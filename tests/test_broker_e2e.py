@@ -929,3 +929,32 @@ def test_the_socket_is_private_and_a_second_broker_is_refused(world: World, brok
     # The first broker still answers.
     (ok,) = world.agent(world.acme, [req("api", "GET", "/echo/x")])
     assert envelope(ok)["status"] == 200
+
+
+def test_an_ask_shows_the_operator_what_it_sends_and_never_a_key(world: World, broker: BrokerThread) -> None:
+    """Query, headers (no credential header), a redacted body preview and the command line reach the ask."""
+    from outloop_tui.widgets.approvals import program_name
+
+    broker.call(broker.engine.attach_approver)
+    other_key = world.keys[("acme", "api")]
+    item = req(
+        "api",
+        "POST",
+        "/ask/refund",
+        query={"order": "1042"},
+        headers={"X-Trace": "t-1", "Authorization": f"Bearer {other_key}"},
+        body={"amount": 25, "note": f"pasted {other_key}"},
+    )
+    agent = world.agent_popen(world.acme, [item])
+    (waiting,) = _pending(broker)
+    try:
+        assert dict(waiting.query) == {"order": "1042"}
+        assert dict(waiting.headers).get("X-Trace") == "t-1"
+        assert not any(k.lower() == "authorization" for k, _ in waiting.headers)
+        assert '"amount": 25' in waiting.body_preview
+        assert other_key not in waiting.body_preview and "[REDACTED:" in waiting.body_preview
+        assert "python" in waiting.cmdline and program_name(waiting).startswith("python")
+        world.assert_clean(repr(waiting))
+    finally:
+        broker.call(broker.engine.answer, waiting.id, "denied")
+        agent.communicate(timeout=60)

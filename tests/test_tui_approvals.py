@@ -316,3 +316,21 @@ async def test_one_always_grant_is_revoked_alone_and_audited(world: World) -> No
         await pilot.pause(0.2)
     revoked = [r for r in world.audit() if r.get("event") == "grant_revoked"]
     assert len(revoked) == 1 and revoked[0]["approver"] == "operator" and revoked[0]["credential"] == "api"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "exe", "name"),
+    [
+        ("/venv/bin/python3.11 /venv/bin/outloop call github POST /repos/a/b/issues", "/usr/bin/python3.11", "outloop"),
+        ("claude -p fix the tests", "/opt/claude/bin/claude", "claude"),
+        ("python3 -m outloop_tui.cli call api GET /x", "/usr/bin/python3.11", "outloop_tui.cli"),
+        ("python3 -c import sys; print(1)", "/usr/bin/python3.11", "python3"),
+        ("", "/usr/bin/curl", "curl"),
+    ],
+)
+def test_the_program_is_named_as_a_person_would(cmdline: str, exe: str, name: str) -> None:
+    from broker.events import PendingApproval
+    from outloop_tui.widgets.approvals import program_name
+
+    approval = PendingApproval("i", 0, 1, 0, "acme", "/w", 1, exe, "api", "GET", "h", "/x", None, "", cmdline=cmdline)
+    assert program_name(approval) == name

@@ -479,3 +479,17 @@ def _parent(pid: int, started: float) -> tuple[int, float] | None:
     except OSError:
         return None
     return (ppid, parent_started) if parent_started <= started else None
+
+
+def command_line(pid: int, limit: int = 400) -> str:
+    """The process's command line as one string, cut to `limit` (shown to the operator on an ask).
+
+    Read only when a call waits for approval: arguments can be long, and they are the
+    operator's to read, not the audit's.
+    """
+    try:
+        parts = psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return ""
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

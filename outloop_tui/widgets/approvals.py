@@ -60,9 +60,28 @@ def short_workspace(path: str) -> str:
     return "/".join(parts[-2:]) if len(parts) > 2 else path
 
 
+INTERPRETERS = ("python", "node", "bun", "deno", "ruby", "perl", "bash", "sh")
+
+
+def program_name(approval: PendingApproval) -> str:
+    """The program a person would name: `outloop` or `claude`, not `python3.11` or `node`."""
+    words = approval.cmdline.split()
+    if words:
+        first = Path(words[0]).name
+        if first.startswith(INTERPRETERS):
+            for i, word in enumerate(words[1:], 1):
+                if word == "-c":  # inline code: the interpreter is all there is to name
+                    break
+                if word == "-m" and i + 1 < len(words):
+                    return words[i + 1]
+                if not word.startswith("-"):
+                    return Path(word).name
+        return first
+    return Path(approval.exe).name if approval.exe else "?"
+
+
 def process_label(approval: PendingApproval) -> str:
-    exe = Path(approval.exe).name if approval.exe else "?"
-    return f"{exe}[{approval.pid}]"
+    return f"{program_name(approval)}[{approval.pid}]"
 
 
 class ApprovalsPane(Vertical):
@@ -223,7 +242,7 @@ def approval_details(a: PendingApproval) -> Text:
     row("credential", f"{a.credential}  ({a.host})")
     row("rule", a.rule or "(the credential has no rules: everything asks)")
     row("reason", a.reason or "(none given)", "italic" if a.reason else "dim")
-    row("program", f"{Path(a.exe).name if a.exe else '?'} [pid {a.pid}]")
+    row("program", f"{program_name(a)} [pid {a.pid}]")
     if a.cmdline:
         row("command", a.cmdline)
     row("workspace", a.workspace)
