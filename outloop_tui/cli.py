@@ -224,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the checks as JSON")
     p.set_defaults(run=_cmd("cmd_manage", "doctor"))
 
+    p = sub.add_parser("service", help="run the broker as a user service (systemd or launchd)")
+    p.add_argument("action", choices=["install", "uninstall"], help="write (or remove) the service definition")
+    p.add_argument("--now", action="store_true", help="also enable and start it")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written")
+    p.add_argument("--force", action="store_true", help="replace a service file that differs")
+    p.set_defaults(run=_cmd("cmd_service", "run_service"))
+
     p = sub.add_parser("completion", help="print the shell completion script (bash, zsh or fish)")
     p.add_argument("shell", choices=["bash", "zsh", "fish"], help="eval its output in that shell's rc file")
     p.set_defaults(run=_cmd("cmd_completion", "run_completion"))
