@@ -224,6 +224,8 @@ class LeakWatcher:
         self._scanned_at: dict[Path, float] = {}
         self._files_scanned = 0
         self._files_to_scan = 0
+        # The workspaces health names: a new set once its folders are watched.
+        self._shown_workspaces = tuple(str(p) for _, p in self._workspaces)
         self._last_error: str | None = None
         self._missing: tuple[str, ...] = ()
         self._scan_ignore: dict[str, tuple[str, ...]] = {}
@@ -298,6 +300,7 @@ class LeakWatcher:
         if scan_ignore is not None:
             self._ignore_source = scan_ignore
         if self._task is None:
+            self._shown_workspaces = tuple(str(p) for _, p in self._workspaces)
             return
 
         def what_changed() -> list[tuple[str, Path]]:
@@ -329,7 +332,7 @@ class LeakWatcher:
         return WatcherHealth(
             running=self._task is not None and not self._task.done(),
             initial_scan_done=self._ready.is_set(),
-            workspaces=tuple(str(p) for _, p in self._workspaces),
+            workspaces=self._shown_workspaces,
             missing=self._missing,
             files_scanned=self._files_scanned,
             last_error=self._last_error,
@@ -404,8 +407,7 @@ class LeakWatcher:
             self._missing = tuple(str(p) for _, p in self._workspaces if not p.is_dir())
             if self._missing:
                 self._last_error = "workspace folder not found: " + ", ".join(self._missing)
-            listing = await self._walk_all(list(self._workspaces))
-            await self._rearm_native()
+            listing = await self._arm_and_list(list(self._workspaces))
             armed.set()
             self._spawn(self._initial_scan(listing))
             await self._watch_loop()
@@ -524,23 +526,39 @@ class LeakWatcher:
             results = await asyncio.to_thread(self._scan_paths, chunk, managed, index)
             self._apply(results, started)
 
-    def _walk_workspaces(self, workspaces: Sequence[tuple[str, Path]]) -> dict[Path, tuple[list[Path], list[Path]]]:
-        out: dict[Path, tuple[list[Path], list[Path]]] = {}
+    def _walk_workspaces(
+        self, workspaces: Sequence[tuple[str, Path]]
+    ) -> dict[Path, tuple[FolderIgnore, list[Path], list[Path]]]:
+        out: dict[Path, tuple[FolderIgnore, list[Path], list[Path]]] = {}
         for tenant, root in workspaces:
             if root.is_dir():
-                out[root] = walk(root, self._ignore_for(tenant, root, fresh=True))
+                ignore = self._ignore_for(tenant, root, fresh=True)
+                out[root] = (ignore, *walk(root, ignore))
         return out
 
-    async def _walk_all(self, workspaces: Sequence[tuple[str, Path]]) -> dict[Path, list[Path]]:
-        """Walk `workspaces` in a thread; record their folders in the watch set."""
+    async def _walk_all(self, workspaces: Sequence[tuple[str, Path]]) -> tuple[dict[Path, list[Path]], bool]:
+        """Walk `workspaces` in a thread; record their folders in the watch set.
+        Returns their files, and whether the watch set gained a folder."""
         walked = await asyncio.to_thread(self._walk_workspaces, workspaces)
+        grew = False
         async with self._lock:
-            for tenant, root in workspaces:
-                if root in walked:
-                    self._ignores[root] = self._ignore_for(tenant, root, fresh=True)
-                    self._folders[root] = set(walked[root][1])
-        listing = {root: files for root, (files, _) in walked.items()}
+            for root, (ignore, _files, folders) in walked.items():
+                self._ignores[root] = ignore
+                found = set(folders)
+                grew = grew or not found.issubset(self._folders.get(root, ()))
+                self._folders[root] = found
+        return {root: files for root, (_i, files, _f) in walked.items()}, grew
+
+    async def _arm_and_list(self, workspaces: Sequence[tuple[str, Path]]) -> dict[Path, list[Path]]:
+        """Walk, arm, walk again: whatever was made before the watches were in place
+        is in the second walk, whatever comes after is reported by the watches."""
+        await self._walk_all(workspaces)
+        await self._rearm_native()
+        listing, grew = await self._walk_all(workspaces)
+        if grew:
+            await self._rearm_native()
         self._files_to_scan += sum(len(f) for f in listing.values())
+        self._shown_workspaces = tuple(str(p) for _, p in self._workspaces)
         return listing
 
     async def _scan_listing(self, listing: dict[Path, list[Path]]) -> None:
@@ -549,9 +567,7 @@ class LeakWatcher:
             self._store.resolve_absent(root, paths)
 
     async def _full_scan(self, workspaces: Sequence[tuple[str, Path]], *, arm: bool) -> None:
-        listing = await self._walk_all(workspaces)
-        if arm:
-            await self._rearm_native()
+        listing = await self._arm_and_list(workspaces) if arm else (await self._walk_all(workspaces))[0]
         await self._scan_listing(listing)
 
     async def _walk_and_scan(self, folder: Path) -> int:
