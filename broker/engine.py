@@ -324,6 +324,7 @@ class Engine:
             grants=self.approvals.grants(),
             alerts=self.alerts.open_alerts() if self.alerts is not None else [],
             watcher=self.watcher.health() if self.watcher is not None else None,
+            sessions=[s.public() for s in self.sessions.live()],
         )
 
     def keyring(self) -> BackendInfo:

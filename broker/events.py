@@ -7,7 +7,7 @@ None of them ever carries a secret; an alert carries a masked preview.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # types only: the modules that define them import these events, not the reverse
@@ -103,6 +103,7 @@ class Snapshot:
     grants: list[Grant]  # live "always" grants; `expires` is on the engine's monotonic clock
     alerts: list[Alert]  # open leak alerts, most severe first
     watcher: WatcherHealth | None  # None when the leak watcher is off
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # live agent sessions, as `session list` shows
 
 
 # Leak alerts: published by the alert store (broker/leaks/alerts.py), through the engine.

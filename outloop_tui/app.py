@@ -61,6 +61,7 @@ from outloop_tui.widgets.forms import (
 )
 from outloop_tui.widgets.header import Banner, Status, StatusHeader
 from outloop_tui.widgets.help import HelpScreen
+from outloop_tui.widgets.sessions import SessionsScreen
 from outloop_tui.widgets.tenants import NodeRef, TenantsTree
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class DashboardScreen(Screen[None]):
             tooltip="remove the highlighted tenant, workspace or credential (asks first)",
         ),
         Binding("g", "grants", "Grants", id="grants", tooltip="list the live 'always' grants and revoke one"),
+        Binding("s", "sessions", "Sessions", id="sessions", tooltip="list the agent sessions and end one"),
         Binding("r", "rescan", "Rescan", id="rescan", tooltip="rescan every workspace for leaked keys"),
         Binding(
             "l",
@@ -358,6 +360,27 @@ class DashboardScreen(Screen[None]):
                 self.refresh_view()
 
         self.app.push_screen(GrantsScreen([(g.key, g.expires - now) for g in snap.grants]), revoke)
+
+    def action_sessions(self) -> None:
+        sessions = self.engine.snapshot().sessions
+        if not sessions:
+            self.notify("No agent session is live (start agents with `outloop run -- CMD`).", timeout=4)
+            return
+
+        def end(session_id: str | None) -> None:
+            if session_id is not None:
+                self._end_session(session_id)
+
+        self.app.push_screen(SessionsScreen(sessions, self.dashboard_app.wall()), end)
+
+    @work(group="sessions", exit_on_error=False, name="end-session")
+    async def _end_session(self, session_id: str) -> None:
+        ended = await self.engine.revoke_session(None, session_id)
+        if ended is True:
+            self.notify(f"Session {session_id} ended: its next call is refused.", title="Session ended")
+        else:
+            self.notify("That session had already ended.", timeout=3)
+        self.refresh_view()
 
     def _added(self, added: Added | None) -> None:
         if added is None:

@@ -27,6 +27,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("tenant: Edit credential", "edit", "Change the highlighted credential's URL, auth or rules, or rotate its secret"),
     ("tenant: Remove", "remove", "Remove the highlighted tenant, workspace or credential (asks first)"),
     ("approval: Revoke an always grant", "grants", "List the live 'always' grants and revoke one"),
+    ("session: End an agent session", "sessions", "List the live agent sessions (outloop run) and end one"),
     ("alerts: Rescan workspaces", "rescan", "Scan every workspace for leaked keys again"),
     ("broker: Lock / unlock", "toggle_lock", "Refuse every call until unlocked"),
     ("view: Focus tenants", "focus('#tenants')", "Move to the tenants pane"),

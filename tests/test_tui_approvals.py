@@ -11,6 +11,7 @@ import asyncio
 import html
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -334,3 +335,37 @@ def test_the_program_is_named_as_a_person_would(cmdline: str, exe: str, name: st
 
     approval = PendingApproval("i", 0, 1, 0, "acme", "/w", 1, exe, "api", "GET", "h", "/x", None, "", cmdline=cmdline)
     assert program_name(approval) == name
+
+
+async def test_s_lists_the_agent_sessions_and_enter_ends_one(world: World) -> None:
+    """A live `outloop run` session shows in the dashboard; ending it there refuses its next call."""
+    from support.fixtures import OUTLOOP
+
+    from outloop_tui.widgets.sessions import SessionsScreen
+
+    hold = "import sys; print('ready', flush=True); sys.stdin.readline(); print('done', flush=True)"
+    app = make_app(world)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await started(app, pilot)
+        proc = subprocess.Popen(
+            [OUTLOOP, "run", "--label", "held", "--", sys.executable, "-c", hold],
+            cwd=world.acme,
+            env=world.env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+            await until(pilot, lambda: app.engine.snapshot().sessions, what="the session")
+            (session,) = app.engine.snapshot().sessions
+            assert session["label"] == "held" and session["tenant"] == "acme"
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, SessionsScreen), what="the sessions list")
+            await pilot.press("enter")
+            await until(pilot, lambda: not app.engine.snapshot().sessions, what="the session to end")
+        finally:
+            await asyncio.to_thread(proc.communicate, "\n", 60)
+    ended = [r for r in world.audit() if r.get("event") == "session_end" and r.get("session") == session["id"]]
+    assert ended and "revoked" in json.dumps(ended[0])

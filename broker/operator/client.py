@@ -51,6 +51,7 @@ class RemoteEngine:
         self._grants: list[Grant] = []
         self._alerts: list[Alert] = []
         self._watcher: Any = None
+        self._sessions: list[dict[str, Any]] = []
         self._config: Config | None = None
         self._config_stamp: tuple[int, int] | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -113,6 +114,7 @@ class RemoteEngine:
             grants=[g for g in self._grants if g.expires > time.monotonic()],
             alerts=list(self._alerts),
             watcher=self._watcher,
+            sessions=list(self._sessions),
         )
 
     def answer(self, approval_id: str, decision: str, approver: str = "operator") -> bool:
@@ -137,6 +139,10 @@ class RemoteEngine:
 
     def ignore_alert(self, fingerprint: str, reason: str) -> None:
         self._send("ignore_alert", fingerprint=fingerprint, reason=reason)
+
+    async def revoke_session(self, peer: None, session_id: str) -> bool:
+        self._sessions = [s for s in self._sessions if s.get("id") != session_id]
+        return bool(await self._request("revoke_session", id=session_id))
 
     async def rescan(self) -> bool:
         return bool(await self._request("rescan"))
@@ -208,6 +214,7 @@ class RemoteEngine:
         self._grants = decode_grants(snap["grants"], time.monotonic)
         self._alerts = [Alert.from_json(a) for a in snap["alerts"]]
         self._watcher = decode_watcher(snap["watcher"])
+        self._sessions = list(snap.get("sessions") or [])
 
     def _on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.ApprovalRequested):

@@ -126,6 +126,8 @@ class OperatorServer:
             return True
         if op == "rescan":
             return await engine.rescan()
+        if op == "revoke_session":
+            return await engine.revoke_session(None, str(request["id"])) is True
         if op == "recent_audit":
             return engine.recent_audit(int(request.get("count", 200)))
         return {"error": f"unknown operation {op!r}"}

@@ -87,6 +87,7 @@ def encode_snapshot(snap: Any, now: float) -> dict[str, Any]:
         "grants": [{"key": list(g.key), "left": g.expires - now} for g in snap.grants],
         "alerts": [a.to_json() for a in snap.alerts],
         "watcher": dataclasses.asdict(snap.watcher) if snap.watcher is not None else None,
+        "sessions": snap.sessions,
     }
 
 

@@ -16,7 +16,18 @@ from textual.widgets import Footer
 from textual.widgets._footer import FooterKey
 
 SECONDARY_ACTIONS = frozenset(
-    {"filter", "add_tenant", "add_workspace", "add_credential", "edit", "remove", "grants", "rescan", "toggle_lock"}
+    {
+        "filter",
+        "add_tenant",
+        "add_workspace",
+        "add_credential",
+        "edit",
+        "remove",
+        "grants",
+        "sessions",
+        "rescan",
+        "toggle_lock",
+    }
 )
 
 
