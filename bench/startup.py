@@ -28,13 +28,24 @@ BIN = Path(sys.executable).parent
 OUTLOOP = str(BIN / "outloop")
 
 
-def timed(argv: list[str], stdin: bytes, env: dict[str, str], cwd: str, n: int) -> list[float]:
-    out = []
+def once(argv: list[str], stdin: bytes, env: dict[str, str], cwd: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, input=stdin, env=env, cwd=cwd, capture_output=True, check=False)
+    return (time.perf_counter() - t) * 1000
+
+
+def timed(
+    commands: dict[str, tuple[list[str], bytes]], env: dict[str, str], cwd: str, n: int
+) -> dict[str, list[float]]:
+    """Each command n times, in alternating rounds (a load spike hits every figure alike),
+    after one warm-up run each (bytecode written, files in the page cache)."""
+    rows: dict[str, list[float]] = {name: [] for name in commands}
+    for argv, stdin in commands.values():
+        once(argv, stdin, env, cwd)
     for _ in range(n):
-        t = time.perf_counter()
-        subprocess.run(argv, input=stdin, env=env, cwd=cwd, capture_output=True, check=False)
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+        for name, (argv, stdin) in commands.items():
+            rows[name].append(once(argv, stdin, env, cwd))
+    return rows
 
 
 def main() -> None:
@@ -42,6 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ol-bench-") as tmp:
         env = dict(os.environ, OUTLOOP_HOME=str(Path(tmp) / "home"), OUTLOOP_SOCKET=str(Path(tmp) / "b.sock"))
         env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.null.Keyring"  # no keyring daemon in the figure
+        # An installed outloop runs from bytecode; without it every run would compile the sources.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         work = Path(tmp) / "work"
         work.mkdir()
         pre = json.dumps({"tool_name": "Bash", "tool_input": {"command": "ls -la"}, "cwd": str(work)}).encode()
@@ -58,12 +71,13 @@ def main() -> None:
             deadline = time.monotonic() + 20
             while not Path(env["OUTLOOP_SOCKET"]).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            rows = {
-                "python -c pass": timed([sys.executable, "-c", "pass"], b"", env, str(work), n),
-                "outloop hook pre": timed([OUTLOOP, "hook", "pre"], pre, env, str(work), n),
-                "outloop hook post": timed([OUTLOOP, "hook", "post"], post, env, str(work), n),
-                "outloop call": timed([OUTLOOP, "call", "api", "GET", "/x"], b"", env, str(work), n),
+            commands = {
+                "python -c pass": ([sys.executable, "-c", "pass"], b""),
+                "outloop hook pre": ([OUTLOOP, "hook", "pre"], pre),
+                "outloop hook post": ([OUTLOOP, "hook", "post"], post),
+                "outloop call": ([OUTLOOP, "call", "api", "GET", "/x"], b""),
             }
+            rows = timed(commands, env, str(work), n)
         finally:
             broker.terminate()
             broker.wait(10)

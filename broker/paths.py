@@ -6,15 +6,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-
-import platformdirs
 
 APP = "outloop"
 
@@ -26,13 +20,27 @@ class PathError(Exception):
     """A path Outloop needs is unusable; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
 class Paths:
-    """The files and folders of one Outloop installation."""
+    """The files and folders of one Outloop installation (a plain value; hooks start on it,
+    so no dataclass: dataclasses imports inspect, a tenth of a hook's start-up)."""
 
-    config_file: Path
-    state_dir: Path
-    socket: Path
+    __slots__ = ("config_file", "state_dir", "socket")
+
+    def __init__(self, config_file: Path, state_dir: Path, socket: Path) -> None:
+        self.config_file = config_file
+        self.state_dir = state_dir
+        self.socket = socket
+
+    def __repr__(self) -> str:
+        return f"Paths(config_file={self.config_file!r}, state_dir={self.state_dir!r}, socket={self.socket!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Paths):
+            return NotImplemented
+        return (self.config_file, self.state_dir, self.socket) == (other.config_file, other.state_dir, other.socket)
+
+    def __hash__(self) -> int:
+        return hash((self.config_file, self.state_dir, self.socket))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Paths:
@@ -43,6 +51,10 @@ class Paths:
             base = Path(home).expanduser().absolute()
             paths = cls(base / "config.toml", base / "state", base / "broker.sock")
         else:
+            import warnings
+
+            import platformdirs
+
             dirs = platformdirs.PlatformDirs(APP, appauthor=False)
             state = Path(dirs.user_state_dir)
             # Without XDG_RUNTIME_DIR platformdirs warns and guesses a shared /tmp path;
@@ -109,6 +121,8 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
 
     Leaves the folder's permissions alone (it may be the user's home or project).
     """
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -119,8 +133,10 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
     fsync_dir(path.parent)
 

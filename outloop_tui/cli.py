@@ -1,19 +1,21 @@
 """The `outloop` command line.
 
 Each command's work lives in a `cmd_*` module imported only when that command
-runs, so `outloop call` never pays for textual, httpx or the keyring.
+runs, so `outloop call` never pays for textual, httpx or the keyring. The commands
+an agent runs on every tool call (`outloop hook pre|post`, `outloop call`) are
+dispatched before argparse is even imported (`_lean`): argparse, and the typing
+and dataclasses machinery it drags in, cost more than a hook's whole work.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
 
-from broker import __version__
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: typing and collections.abc stay out of a hook's start
+    import argparse
+    from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
@@ -27,19 +29,27 @@ class UserError(Exception):
 USAGE_EXIT = 64  # EX_USAGE: a mistyped command is not a refusal (2) or an upstream error (1)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with usage errors exiting 64, so scripts can tell them from a broker refusal."""
+def _parser_class() -> type[argparse.ArgumentParser]:
+    import argparse
+    from typing import NoReturn
 
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments:"):
-            # Never echo them: a secret typed on the command line would land in a log.
-            message = "unrecognized arguments (not shown); a secret is read from a prompt or stdin, never argv"
-        self.print_usage(sys.stderr)
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+    class Parser(argparse.ArgumentParser):
+        """argparse with usage errors exiting 64, so scripts can tell them from a broker refusal."""
+
+        def error(self, message: str) -> NoReturn:
+            if message.startswith("unrecognized arguments:"):
+                # Never echo them: a secret typed on the command line would land in a log.
+                message = "unrecognized arguments (not shown); a secret is read from a prompt or stdin, never argv"
+            self.print_usage(sys.stderr)
+            self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+
+    return Parser
 
 
 def _cmd(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        import importlib
+
         result: int = getattr(importlib.import_module(f"outloop_tui.{module}"), func)(args)
         return result
 
@@ -62,6 +72,11 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from broker import __version__
+
+    Parser = _parser_class()
     parser = Parser(
         prog="outloop",
         description="Keep API keys out of coding agents' workspaces: agents call through a "
@@ -250,16 +265,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    if "_ARGCOMPLETE" in os.environ:  # the shell is asking for completions, nothing runs
-        import argcomplete
+# `outloop call` options the lean path reads itself; anything else (help, a typo, an
+# abbreviation, a value that looks like a flag) goes to argparse and its messages.
+_CALL_VALUE_FLAGS = {
+    "-d": "data",
+    "--data": "data",
+    "--json": "json_body",
+    "-H": "header",
+    "--header": "header",
+    "-q": "query",
+    "--query": "query",
+    "--reason": "reason",
+}
 
-        argcomplete.autocomplete(parser)
-    args = parser.parse_args(argv)
+
+def _lean_call_args(argv: Sequence[str]) -> object | None:
+    """`outloop call` arguments as argparse would parse them, or None to let argparse do it."""
+    from types import SimpleNamespace
+
+    ns = SimpleNamespace(data=None, json_body=None, header=[], query=[], reason=None, include=False)
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if arg in ("-i", "--include"):
+            ns.include = True
+        elif name in _CALL_VALUE_FLAGS:
+            if eq:
+                value = inline
+            else:
+                i += 1
+                if i >= len(argv):
+                    return None
+                value = argv[i]
+            if value.startswith("-") and value != "-":
+                return None
+            dest = _CALL_VALUE_FLAGS[name]
+            if dest in ("header", "query"):
+                getattr(ns, dest).append(value)
+            elif getattr(ns, dest) is not None:
+                return None
+            else:
+                setattr(ns, dest, value)
+        elif arg.startswith("-") and arg != "-":
+            return None
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != 3 or (ns.data is not None and ns.json_body is not None):
+        return None
+    ns.credential, ns.method, ns.path = positional
+    return ns
+
+
+def _lean(argv: Sequence[str]) -> Callable[[], int] | None:
+    """The agent-facing commands, run without argparse; None for everything else."""
+    if len(argv) == 2 and argv[0] == "hook" and argv[1] in ("pre", "post"):
+        phase = argv[1]
+
+        def hook() -> int:
+            from outloop_tui.cmd_hook import run_phase
+
+            return run_phase(phase)
+
+        return hook
+    if argv[:1] == ["call"]:
+        args = _lean_call_args(argv[1:])
+        if args is not None:
+
+            def call() -> int:
+                from outloop_tui.cmd_call import run_call
+
+                return run_call(args)  # type: ignore[arg-type]
+
+            return call
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run = None if "_ARGCOMPLETE" in os.environ else _lean(argv)
+    if run is None:
+        parser = build_parser()
+        if "_ARGCOMPLETE" in os.environ:  # the shell is asking for completions, nothing runs
+            import argcomplete
+
+            argcomplete.autocomplete(parser)
+        args = parser.parse_args(argv)
+
+        def run() -> int:
+            return int(args.run(args))
+
     debug = os.environ.get("OUTLOOP_DEBUG") == "1"
     try:
-        return int(args.run(args))
+        return int(run())
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import base64
 import json
 import sys
-from typing import Any
 
 from broker.client import BrokerUnreachable, Response, call, whoami
 from broker.paths import Paths
 from outloop_tui.cli import UserError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: argparse and typing stay out of the call's start
+    import argparse
+    from typing import Any
 
 EXIT_OK, EXIT_UPSTREAM, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -103,6 +105,8 @@ def _print_body(envelope: dict[str, Any]) -> None:
     if body is None:
         return
     if envelope.get("body_base64"):
+        import base64
+
         sys.stdout.buffer.write(base64.b64decode(body))
     elif isinstance(body, str):
         sys.stdout.write(body if body.endswith("\n") else body + "\n")

@@ -22,14 +22,17 @@ costs one short Python start.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from broker.claude.guard import Protected, tool_refusal
 from broker.paths import Paths
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: typing stays out of a hook's start
+    import argparse
+    from typing import Any, Literal
 
 EXIT_ALLOW, EXIT_BLOCK = 0, 2
 MCP_SERVER = "outloop"
@@ -110,16 +113,6 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _map_strings(value: Any, fn: Any) -> Any:
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_map_strings(v, fn) for v in value]
-    return value
-
-
 class PostContext:
     """What the post hook needs from Outloop: the caller's tenant and the managed secrets."""
 
@@ -181,38 +174,31 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
     built-in one. What a built-in tool printed came from this machine (a file, a
     command), so it also becomes a leak alert. Claude is told once, in
     `additionalContext`.
+
+    The broker is asked first (`POST /v1/scan`): it holds the managed secrets and
+    the compiled rules, so this process loads neither the config, the keyring nor
+    the rules. With no broker (or a `ctx` given), the hook scans by itself.
     """
-    from broker.claude.encoded import redact_runs, runs
-    from broker.leaks.scan import managed_from, scan_text
-
     response = event.get("tool_response")
-    texts = _strings(response)
     persisted = _persisted(response)
-    texts += [_read_persisted(p) for p in persisted]
-    if not any(texts):
+    extra = [_read_persisted(p) for p in persisted]
+    if not any(_strings(response)) and not any(extra):
         return None
-    ctx = ctx or PostContext(event)
-    tool = str(event.get("tool_name") or "")
     transcript = event.get("transcript_path")
-    where = Path(str(transcript)) if transcript else (ctx.workspace or Path.cwd())
-    managed = managed_from(ctx.secrets)
-
-    def scan(text: str) -> list[Any]:
-        return scan_text(text, where, tenant=ctx.tenant, workspace=ctx.workspace, managed=managed)
-
-    findings = [f for text in texts for f in scan(text)]
-    findings += [f for text in texts for run in runs(text) for f in scan(run.decoded)]
-    if not findings:
+    cwd = str(event.get("cwd") or Path.cwd())
+    asked = _ask_broker(response, extra, str(transcript) if transcript else None, cwd) if ctx is None else None
+    found: Found | None
+    if asked is False:
         return None
+    if asked is not None:
+        paths, found = Paths.from_env(), asked
+    else:
+        found, paths = _scan_here(event, response, extra, ctx)
+    if found is None:
+        return None
+    findings, redacted, where = found
+    tool = str(event.get("tool_name") or "")
     rules = sorted({f.rule for f in findings})
-    from broker.leaks.redact import with_leak_rules
-
-    redactor = with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()])
-
-    def redact(text: str) -> str:
-        return redact_runs(redactor.text(text), lambda decoded: bool(scan(decoded)))[0]
-
-    redacted = _map_strings(response, redact)
     count = f"{len(findings)} credential value(s) ({', '.join(rules)})"
     if tool.startswith("mcp__"):
         return {
@@ -222,7 +208,7 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
                 "additionalContext": f"Outloop redacted {count} from this tool's output.",
             }
         }
-    record_alerts(ctx.paths, findings, where)
+    record_alerts(paths, findings, where)
     also = (
         f" The full output, in {', '.join(map(str, persisted))}, holds them too: do not read it." if persisted else ""
     )
@@ -240,6 +226,57 @@ def post_output(event: dict[str, Any], ctx: PostContext | None = None) -> dict[s
             "additionalContext": warning,
         }
     }
+
+
+if TYPE_CHECKING:
+    Found = tuple[list[Any], Any, Path]  # findings, the redacted response, where they were seen
+SCAN_TIMEOUT = 30.0
+
+
+def _ask_broker(response: Any, extra: list[str], where: str | None, cwd: str) -> Found | None | Literal[False]:
+    """The broker's findings for this output: (findings, redacted, where), False when it
+    found nothing, None when it cannot answer (not running, too large, no keyring)."""
+    from broker.client import BrokerUnreachable, request
+
+    body = json.dumps({"response": response, "extra": extra, "where": where, "cwd": cwd}).encode("utf-8")
+    try:
+        resp = request(Paths.from_env().socket, "POST", "/v1/scan", body=body, timeout=SCAN_TIMEOUT)
+        if resp.status != 200:
+            return None
+        answer = resp.json()
+        if not answer.get("findings"):
+            return False
+        from broker.claude.output import finding_from_json
+
+        findings = [finding_from_json(f) for f in answer["findings"]]
+        return findings, answer["redacted"], Path(answer["where"])
+    except (BrokerUnreachable, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _scan_here(
+    event: dict[str, Any], response: Any, extra: list[str], ctx: PostContext | None
+) -> tuple[Found | None, Paths]:
+    """The same scan as the broker's, in this process: config, keyring and rules loaded here."""
+    from broker.claude.output import inspect_output
+    from broker.leaks.redact import with_leak_rules
+    from broker.leaks.scan import managed_from
+
+    ctx = ctx or PostContext(event)
+    transcript = event.get("transcript_path")
+    where = Path(str(transcript)) if transcript else (ctx.workspace or Path.cwd())
+    found = inspect_output(
+        response,
+        extra,
+        where,
+        tenant=ctx.tenant,
+        workspace=ctx.workspace,
+        managed=managed_from(ctx.secrets),
+        redactor=lambda: with_leak_rules([(c, v) for (_t, c), v in ctx.secrets.items()]),
+    )
+    if found is None:
+        return None, ctx.paths
+    return (found[0], found[1], where), ctx.paths
 
 
 def record_alerts(paths: Paths, findings: list[Any], where: Path) -> None:
@@ -271,12 +308,16 @@ def run_post(event: dict[str, Any]) -> int:
 
 
 def run_hook(args: argparse.Namespace) -> int:
+    return run_phase(args.phase)
+
+
+def run_phase(phase: str) -> int:
     try:
         event = read_event()
     except ValueError:
         # Fail closed before a tool runs; after it ran there is nothing left to stop.
         print("outloop hook: the hook input was not the JSON object Claude Code sends", file=sys.stderr)
-        return EXIT_BLOCK if args.phase == "pre" else 1
-    if args.phase == "pre":
+        return EXIT_BLOCK if phase == "pre" else 1
+    if phase == "pre":
         return run_pre(event)
     return run_post(event)

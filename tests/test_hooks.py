@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.fixtures import OUTLOOP, World
+from support.fixtures import OUTLOOP, BrokerThread, World
 
 from broker.claude.guard import Protected, bash_refusal, classify_name, tool_refusal
 from broker.leaks.rules import RULES
@@ -440,6 +440,80 @@ def test_post_clean_output_says_nothing(world: World, name: str) -> None:
     ran = hook(world, "post", fixture(name, **fill(world)))
     assert (ran.returncode, ran.stdout, ran.stderr) == (0, "", "")
     assert not alerts(world)
+
+
+# -- post, asking the broker -------------------------------------------------------------------
+# With a broker on the socket the hook asks it (POST /v1/scan) instead of loading the
+# config, the keyring and the rules. The hook is given a keyring it cannot read from,
+# so a managed secret found can only have been found by the broker.
+
+NO_KEYRING = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+
+
+def hook_via_broker(world: World, payload: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [OUTLOOP, "hook", "post"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        cwd=cwd or world.acme,
+        env=world.env(**NO_KEYRING),
+        timeout=120,
+    )
+
+
+def test_without_a_broker_the_hook_needs_the_keyring_for_managed_secrets(world: World) -> None:
+    """The control for the tests below: alone, a hook with no keyring cannot name the secret."""
+    secret = world.keys[("acme", "api")]
+    ran = hook_via_broker(world, fixture("post_bash_leak.json", **fill(world, secret=secret)))
+    assert "managed-secret:acme/api" not in ran.stdout
+
+
+def test_post_asks_the_broker_for_managed_secrets(world: World, broker: BrokerThread) -> None:
+    secret = world.keys[("acme", "api")]
+    ran = hook_via_broker(world, fixture("post_bash_leak.json", **fill(world, secret=secret)))
+    assert ran.returncode == 0, ran.stderr
+    world.assert_clean(ran.stdout + ran.stderr)
+    spec = json.loads(ran.stdout)["hookSpecificOutput"]
+    assert "managed-secret:acme/api" in spec["additionalContext"]
+    assert "[REDACTED:api]" in json.dumps(spec["updatedToolOutput"])
+    (alert,) = alerts(world)
+    assert (alert["tenant"], alert["workspace"]) == ("acme", str(world.acme))
+    assert alert["path"] == str(world.root / "session.jsonl")
+    assert alert["fingerprint"] == hashlib.sha256(secret.encode()).hexdigest()
+
+
+def test_post_via_the_broker_another_tenants_secret_is_critical(world: World, broker: BrokerThread) -> None:
+    secret = world.keys[("globex", "crm")]
+    ran = hook_via_broker(world, fixture("post_bash_leak.json", **fill(world, secret=secret)))
+    world.assert_clean(ran.stdout + ran.stderr)
+    (alert,) = alerts(world)
+    assert alert["tenant"] == "acme" and alert["severity"] == "critical"
+
+
+def test_post_via_the_broker_mcp_output_and_persisted_file(world: World, broker: BrokerThread, tmp_path: Path) -> None:
+    secret = world.keys[("acme", "api")]
+    ran = hook_via_broker(world, fixture("post_mcp_leak.json", **fill(world, secret=secret)))
+    world.assert_clean(ran.stdout)
+    assert "[REDACTED:api]" in json.dumps(json.loads(ran.stdout)["hookSpecificOutput"]["updatedMCPToolOutput"])
+    assert not alerts(world)
+    full = tmp_path / "out.txt"
+    full.write_text("x" * 40_000 + f"\ntoken={secret}\n")
+    event = json.loads(fixture("post_bash_leak.json", **fill(world, secret="y")))
+    event["tool_response"] = {"stdout": "x" * 30_000, "stderr": "", "persistedOutputPath": str(full)}
+    ran = hook_via_broker(world, json.dumps(event))
+    world.assert_clean(ran.stdout)
+    assert str(full) in json.loads(ran.stdout)["hookSpecificOutput"]["additionalContext"]
+    (alert,) = alerts(world)
+    assert alert["rule"] == "managed-secret:acme/api"
+
+
+@pytest.mark.parametrize("name", ["post_bash_clean.json", "post_mcp_clean.json"])
+def test_post_via_the_broker_clean_output_says_nothing(world: World, broker: BrokerThread, name: str) -> None:
+    ran = hook_via_broker(world, fixture(name, **fill(world)))
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "", "")
+    assert not alerts(world)
+    assert not [r for r in world.audit() if r.get("event") != "broker_start"]  # a scan is not a call
 
 
 def provider_key() -> str:

@@ -8,6 +8,7 @@ Routes (DESIGN §4, §10):
     POST   /v1/sessions                      open a session rooted at the caller (`outloop run`)
     GET    /v1/sessions                      the live sessions (the operator, outside any session)
     DELETE /v1/sessions/<id>                 revoke one
+    POST   /v1/scan                          the post hook's question: keys in a tool's output, redacted
 
 The same API is served on loopback TCP when `[broker] listen` is set. A TCP
 caller is found from its socket (identity.tcp_peer), once per connection, and a
@@ -27,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.calls.identity import Peer, peer_of, tcp_peer
+from broker.calls.identity import IdentityError, Peer, identify, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
+from broker.leaks.redact import Redactor
+from broker.leaks.scan import ManagedSecrets
 from broker.paths import ensure_private_dir
 
 if TYPE_CHECKING:
@@ -60,6 +64,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 TOKEN_HEADERS = (b"authorization", b"x-api-key", b"x-outloop-session")
 # Loopback TCP connections open at once; more are answered 503 and closed.
 MAX_TCP_CONNECTIONS = 256
+# A /v1/scan body larger than this is scanned in a thread, not on the event loop.
+SCAN_INLINE_BYTES = 64 * 1024
+# /v1/scan's matcher of the managed secrets, built once per redactor the engine makes.
+_SCAN_SECRETS: weakref.WeakKeyDictionary[Redactor, ManagedSecrets] = weakref.WeakKeyDictionary()
 
 
 class SocketInUse(Exception):
@@ -457,6 +465,8 @@ class _Connection:
             return _raw(outcome)
         if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
             return await self._sessions(method, path, body, token)
+        if path == "/v1/scan" and method == "POST":
+            return await self._scan(body, token)
         return await self._refusal(
             "bad_request", f"no such endpoint: {method} {path} (broker {__version__})", status=404
         )
@@ -488,6 +498,65 @@ class _Connection:
                 return await self._refusal("bad_request", "no such live session", status=404)
             return 200, json_type, _json({"revoked": True})
         return await self._refusal("bad_request", f"no such endpoint: {method} {path}", status=404)
+
+    async def _scan(self, body: bytes, token: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The post hook's question: the keys in a tool's output, and a redacted copy.
+
+        Not a call, so not audited. The tenant is the calling hook's (its session,
+        token or folder; None when it has none), as a call's would be; the broker
+        already holds the secrets and the compiled rules, so the hook loads neither.
+        A large output is scanned in a thread, so calls keep flowing meanwhile.
+        """
+        from broker.claude.output import finding_json, inspect_output
+        from broker.secrets import SecretStoreError
+
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError
+            extra, where, cwd = data.get("extra") or [], data.get("where"), data.get("cwd")
+            if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+                raise ValueError
+            if not all(v is None or isinstance(v, str) for v in (where, cwd)):
+                raise ValueError
+        except ValueError:
+            return await self._refusal("bad_request", '/v1/scan takes {"response": ..., "extra": [str], "where": str}')
+        engine = self.engine
+        config = engine.refresh_config()
+        try:
+            caller = identify(self.peer, config, engine.sessions, token)
+            tenant, workspace = caller.tenant.id, caller.workspace
+        except IdentityError:
+            tenant, workspace = None, None
+        try:
+            redactor = engine.redactor()
+            managed = _SCAN_SECRETS.get(redactor)
+            if managed is None:  # once per redactor, i.e. per config or keyring change
+                managed = _SCAN_SECRETS[redactor] = ManagedSecrets(engine.managed_secrets(strict=True))
+        except SecretStoreError:
+            message = {"error": {"code": "keyring_unavailable", "message": "the keyring cannot be read"}}
+            return 503, [("Content-Type", "application/json")], _json(message)
+        # Where the output was seen: the session transcript (the hook names it), else the folder.
+        path = Path(where) if where else (workspace or Path(cwd or "/"))
+
+        def scan() -> Any:
+            return inspect_output(
+                data.get("response"),
+                extra,
+                path,
+                tenant=tenant,
+                workspace=workspace,
+                managed=managed,
+                redactor=lambda: redactor,
+            )
+
+        found = await asyncio.to_thread(scan) if len(body) > SCAN_INLINE_BYTES else scan()
+        answer: dict[str, Any] = {"tenant": tenant, "workspace": str(workspace) if workspace else None}
+        if found is None:
+            answer["findings"] = []
+        else:
+            answer |= {"findings": [finding_json(f) for f in found[0]], "redacted": found[1], "where": str(path)}
+        return 200, [("Content-Type", "application/json")], _json(answer)
 
     async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)

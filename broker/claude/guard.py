@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePath
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the pre hook starts on this module
+    from collections.abc import Iterable, Sequence
 
 # `.env.example` and friends are templates with placeholders, and agents need them.
 ENV_TEMPLATE_SUFFIXES = ("example", "sample", "template", "dist", "defaults", "schema")
@@ -76,11 +78,26 @@ OUTLOOP_KIND = "Outloop's own config or state"
 SHELL_TOOLS = frozenset({"Bash", "Monitor"})
 
 
-@dataclass(frozen=True)
 class Protected:
-    """Folders no agent tool may touch at all: Outloop's config and state."""
+    """Folders no agent tool may touch at all: Outloop's config and state.
 
-    folders: tuple[Path, ...] = ()
+    A plain value class, not a dataclass: the pre hook starts on this module, and
+    dataclasses (through inspect) would be a fifth of its start-up.
+    """
+
+    __slots__ = ("folders",)
+
+    def __init__(self, folders: tuple[Path, ...] = ()) -> None:
+        self.folders = folders
+
+    def __repr__(self) -> str:
+        return f"Protected(folders={self.folders!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return self.folders == other.folders if isinstance(other, Protected) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.folders)
 
     def holds(self, path: Path) -> bool:
         return any(path == f or f in path.parents for f in self.folders)
@@ -103,7 +120,9 @@ def classify_name(name: str) -> str | None:
     return None
 
 
-PROC_ENVIRON = re.compile(r"^/proc/[^/]+(?:/task/[^/]+)?/environ$")
+# Patterns are kept as strings and compiled on first use (re caches them): a hook
+# process checks one command, and most commands never need most patterns.
+PROC_ENVIRON = r"^/proc/[^/]+(?:/task/[^/]+)?/environ$"
 ENVIRON_KIND = "the process environment"
 
 
@@ -111,7 +130,7 @@ def classify_path(path: Path, protected: Protected) -> str | None:
     """What secret-holding file or folder `path` (absolute) is, or None."""
     if protected.holds(path):
         return OUTLOOP_KIND
-    if PROC_ENVIRON.match(path.as_posix()):
+    if path.as_posix().startswith("/proc/") and re.match(PROC_ENVIRON, path.as_posix()):
         return ENVIRON_KIND
     kind = classify_name(path.name)
     if kind is not None:
@@ -280,21 +299,25 @@ SECRET_WORDS = frozenset(
         "PAT",
     }
 )
-ENV_DUMP_CODE = (
-    re.compile(r"\bos\.environ\s*[)\]},;]"),
-    re.compile(r"\bos\.environ\s*$", re.M),
-    re.compile(r"\bprint\w*\(\s*(?:dict\()?\s*os\.environ\b(?!\s*(?:\[|\.get\b))"),
-    re.compile(r"\bos\.environ\.(?:items|copy|keys|values)\(\)"),
-    re.compile(r"\bprocess\.env\s*[);,\]}]"),
-    re.compile(r"\bprocess\.env\s*$", re.M),
-    re.compile(r"\bObject\.(?:entries|keys|values)\(\s*process\.env\b"),
-    re.compile(r"\bENV\.(?:to_h|to_a|inspect|each|keys|values)\b"),
-    re.compile(r"%ENV\b"),
-    re.compile(r"\bos\.Environ\(\)"),
-    re.compile(r"\bSystem\.getenv\(\s*\)"),
-    re.compile(r"/proc/[^/\s]+/environ"),
+ENV_DUMP_CODE = "|".join(
+    (
+        r"\bos\.environ\s*[)\]},;]",
+        r"\bos\.environ\s*$",
+        r"\bprint\w*\(\s*(?:dict\()?\s*os\.environ\b(?!\s*(?:\[|\.get\b))",
+        r"\bos\.environ\.(?:items|copy|keys|values)\(\)",
+        r"\bprocess\.env\s*[);,\]}]",
+        r"\bprocess\.env\s*$",
+        r"\bObject\.(?:entries|keys|values)\(\s*process\.env\b",
+        r"\bENV\.(?:to_h|to_a|inspect|each|keys|values)\b",
+        r"%ENV\b",
+        r"\bos\.Environ\(\)",
+        r"\bSystem\.getenv\(\s*\)",
+        r"/proc/[^/\s]+/environ",
+    )
 )
-VAR_REF = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+# Words one of those patterns needs; a command holding none of them is not matched at all.
+ENV_DUMP_WORDS = ("environ", "Environ", "process.env", "ENV", "getenv")
+VAR_REF = r"\$\{?([A-Za-z_][A-Za-z0-9_]*)"
 
 
 def secret_named(var: str) -> bool:
@@ -305,14 +328,17 @@ def secret_named(var: str) -> bool:
     return bool(parts & SECRET_WORDS) or var.upper().endswith(("APIKEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
-KEYRING_CODE = (
-    re.compile(r"\b(?:import|from)\s+keyring\b"),
-    re.compile(r"\bkeyring\.(?:get_password|get_credential|get_keyring)\b"),
-    re.compile(r"\bsecretstorage\b"),
-    re.compile(r"org\.freedesktop\.secrets|org\.freedesktop\.Secret\b"),
-    re.compile(r"\bsecurity\s+find-(?:generic|internet)-password\b"),
+KEYRING_CODE = "|".join(
+    (
+        r"\b(?:import|from)\s+keyring\b",
+        r"\bkeyring\.(?:get_password|get_credential|get_keyring)\b",
+        r"\bsecretstorage\b",
+        r"org\.freedesktop\.secrets|org\.freedesktop\.Secret\b",
+        r"\bsecurity\s+find-(?:generic|internet)-password\b",
+    )
 )
-ASSIGNMENT = re.compile(r"(?:^|[;&|\s(])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s;&|)]*)")
+KEYRING_WORDS = ("keyring", "secretstorage", "freedesktop", "security")
+ASSIGNMENT = r"(?:^|[;&|\s(])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s;&|)]*)"
 # Outloop's management commands change tenants, keys and policy: the operator's job.
 OUTLOOP_MANAGEMENT = frozenset({"tenant", "workspace", "credential", "config", "import", "service", "session"})
 
@@ -320,7 +346,9 @@ OUTLOOP_MANAGEMENT = frozenset({"tenant", "workspace", "credential", "config", "
 def _substitute(command: str) -> str:
     """`x=.env; cat $x` read as `cat .env`: plain assignments in the command, expanded."""
     values: dict[str, str] = {}
-    for m in ASSIGNMENT.finditer(command):
+    if "=" not in command:
+        return command
+    for m in re.finditer(ASSIGNMENT, command):
         value = m.group(2)
         if value[:1] in ("'", '"'):
             value = value[1:-1]
@@ -332,15 +360,14 @@ def _substitute(command: str) -> str:
 
 def bash_refusal(command: str, cwd: Path, protected: Protected, depth: int = 0) -> str | None:
     """Why a shell command must not run (it prints a secret file or the environment), or None."""
-    for pattern in ENV_DUMP_CODE:
-        if pattern.search(command):
-            return "it prints the process environment"
-    for pattern in KEYRING_CODE:
-        if pattern.search(command):
-            return "it reads the OS keyring, where Outloop keeps the keys"
-    for m in VAR_REF.finditer(command):
-        if secret_named(m.group(1)):
-            return f"it expands ${m.group(1)}, a variable named like a secret"
+    if any(w in command for w in ENV_DUMP_WORDS) and re.search(ENV_DUMP_CODE, command, re.M):
+        return "it prints the process environment"
+    if any(w in command for w in KEYRING_WORDS) and re.search(KEYRING_CODE, command):
+        return "it reads the OS keyring, where Outloop keeps the keys"
+    if "$" in command:
+        for m in re.finditer(VAR_REF, command):
+            if secret_named(m.group(1)):
+                return f"it expands ${m.group(1)}, a variable named like a secret"
     expanded = _substitute(command)
     for words in _simple_commands(expanded):
         # `cd DIR && cat config.toml`: later relative paths are relative to DIR.
