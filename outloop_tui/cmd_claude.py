@@ -480,3 +480,53 @@ def run_claude(args: argparse.Namespace) -> int:
             "Restart Claude Code in a mapped workspace; `/mcp` lists the outloop server and `/hooks` the guard hooks."
         )
     return 0
+
+
+# -- `outloop claude [ARGS...]`: Claude Code in a session ---------------------------------
+
+
+def installed(project: Path) -> bool:
+    """Whether `outloop claude install` (either scope) has registered Outloop for this folder."""
+    for scope in ("user", "project"):
+        try:
+            if not any(p.changed for p in plan_install(scope, project)[:2]):
+                return True
+        except UserError:
+            continue
+    return False
+
+
+def session_flags(project: Path) -> list[str]:
+    """Claude Code flags that bring the MCP server and hooks when install has not: `--mcp-config`
+    and `--settings` as inline JSON, for this run only (nothing is written)."""
+    if installed(project):
+        return []
+    command = outloop_command("user")
+    settings: dict[str, Any] = {}
+    merge_settings(settings, command, project)
+    servers = {"mcpServers": {SERVER: server_entry(command, {})}}
+    return ["--mcp-config", json.dumps(servers), "--settings", json.dumps(settings)]
+
+
+def run_claude_code(claude_args: list[str]) -> int:
+    """`outloop claude [ARGS...]`: Claude Code in a session of this folder's tenant.
+
+    The same as `outloop run --label claude -- claude ARGS...`: the MCP server and the
+    hooks Claude Code starts are in the session's process tree (and carry
+    OUTLOOP_SESSION and OUTLOOP_SOCKET), so they are identified by the session. When
+    `outloop claude install` has not registered them, they come for this run only
+    through `--mcp-config` and `--settings`. `OUTLOOP_CLAUDE` names the binary (default:
+    `claude` on PATH).
+    """
+    from outloop_tui.cli import build_parser
+    from outloop_tui.cmd_run import run_session
+
+    exe = os.environ.get("OUTLOOP_CLAUDE") or shutil.which("claude")
+    if not exe:
+        raise UserError(
+            "Claude Code (`claude`) is not on PATH; install it (npm install -g @anthropic-ai/claude-code) "
+            "or set OUTLOOP_CLAUDE to its path",
+            127,
+        )
+    args = build_parser().parse_args(["run", "--label", "claude", "--", exe, *session_flags(Path.cwd()), *claude_args])
+    return run_session(args)

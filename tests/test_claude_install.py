@@ -314,3 +314,26 @@ def test_user_scope_hooks_carry_the_broker_location(home: Path, capsys: pytest.C
         (command,) = our_commands(settings, event)
         assert f"OUTLOOP_HOME={os.environ['OUTLOOP_HOME']}" in command
         assert f"OUTLOOP_SOCKET={os.environ['OUTLOOP_SOCKET']}" in command
+
+
+def test_outloop_claude_without_claude_on_path_says_so(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(home))  # no claude here
+    monkeypatch.delenv("OUTLOOP_CLAUDE", raising=False)
+    code, out, err = run(capsys, "-p", "hello")
+    assert code == 127 and "not on PATH" in err and "OUTLOOP_CLAUDE" in err
+
+
+def test_outloop_claude_passes_the_session_flags_only_when_not_installed(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from outloop_tui.cmd_claude import session_flags
+
+    flags = session_flags(Path.cwd())
+    assert flags[0::2] == ["--mcp-config", "--settings"]
+    settings = json.loads(flags[3])
+    assert [h["hooks"][0]["command"].split()[-2:] for h in settings["hooks"]["PreToolUse"]] == [["hook", "pre"]]
+    assert "outloop" in json.loads(flags[1])["mcpServers"]
+    assert run(capsys, "install")[0] == 0
+    assert session_flags(Path.cwd()) == []  # installed: Claude Code has them already, not twice

@@ -256,3 +256,46 @@ def test_install_and_uninstall_leave_home_and_project_byte_identical(
     assert "outloop" in listed.stdout, listed.stdout + listed.stderr
     if scope == "user":
         assert "Connected" in listed.stdout or "connected" in listed.stdout, listed.stdout
+
+
+def test_outloop_claude_runs_claude_code_in_a_session(
+    claude_bin: Path, world: World, broker: BrokerThread, tmp_path: Path
+) -> None:
+    """`outloop claude -p ...` with nothing installed: the session's MCP server and hooks
+    come with it, and the MCP call is identified by the session, not by the folder."""
+    secret = world.keys[("acme", "openai")]
+    (world.acme / "notes.txt").write_text(f"the token is {secret}\n")
+    home = claude_home(tmp_path)
+    script: list[list[Call]] = [
+        [("Bash", {"command": "cat notes.txt", "description": "notes"})],
+        [("ToolSearch", {"query": f"select:{REQUEST}", "max_results": 5})],
+        [(REQUEST, {"credential": "api", "method": "GET", "path": "/echo/session", "reason": "outloop claude"})],
+    ]
+    with FakeMessages(script) as fake:
+        env = claude_env(world, home, fake.url)
+        # A session keeps every provider key variable from the agent (ANTHROPIC_API_KEY too):
+        # the fake API takes Claude Code's other credential, a bearer token.
+        env.pop("ANTHROPIC_API_KEY", None)
+        env["ANTHROPIC_AUTH_TOKEN"] = "fake-messages-api-token"
+        env["PATH"] = f"{claude_bin.parent}{os.pathsep}{env['PATH']}"
+        argv = [OUTLOOP, "claude", "-p", "Work on this project.", "--output-format", "stream-json", "--verbose"]
+        ran = subprocess.run(
+            [*argv, "--dangerously-skip-permissions"],
+            cwd=world.acme,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    world.assert_clean(ran.stdout + ran.stderr)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    out = [json.loads(line) for line in ran.stdout.splitlines() if line.strip()]
+    assert any(s["name"] == "outloop" and s["status"] == "connected" for s in out[0]["mcp_servers"]), out[0]
+    every_encoding_clean(world, fake.requests)
+    assert "[REDACTED:" in json.dumps(fake.tool_results().get("toolu_00_00_outloop"))  # the post hook
+    calls = [r for r in world.audit() if r.get("path") == "/echo/session" and r.get("status") == 200]
+    assert calls, [r.get("event") for r in world.audit()]
+    assert calls[-1]["identity"] == "session" and calls[-1]["session"] and calls[-1]["tenant"] == "acme"
+    assert not (home / ".claude" / "settings.json").exists()  # nothing was installed
+    opened = [r for r in world.audit() if r.get("event") == "session_open"]
+    assert opened and opened[-1]["tenant"] == "acme"
