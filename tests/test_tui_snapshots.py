@@ -171,9 +171,11 @@ def test_locked_without_keyring(snap_compare: Any) -> None:
 
     async def run_before(pilot: Any) -> None:
         await tui_sample.ready(app)
+        seen = app.bridge.audit_seen
         await pilot.press("l")
-        await pilot.pause(0.1)
+        while app.bridge.audit_seen == seen:  # the lock's own audit record, then its line
+            await pilot.pause(0.05)
         app.clear_notifications()
-        await pilot.pause(0.2)
+        await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -31,12 +31,19 @@ from textual.widgets import Input, Log
 LINE_CAP = 5_000
 
 ALLOWED = frozenset({"allow", "approved", "always"})
-OUTCOME_CLASSES = ("allowed", "refused", "error")
+OUTCOME_CLASSES = ("allowed", "refused", "error", "event")
+CALL_EVENTS = frozenset({"attempt", "outcome"})
+# What else the chain records (the operator's actions, sessions, the broker's own life):
+# shown as what happened, by whom, in a colour of its own.
+DETAIL_KEYS = ("credential", "method", "rule", "label", "session", "reason", "approver")
 
 _GREEN = Style(color="#5fbf77")
 _RED = Style(color="#e5534b", bold=True)
 _YELLOW = Style(color="#d9a932")
 _DIM = Style(dim=True)
+_BLUE = Style(color="#6cb6ff")
+# Labels of records that are not calls start with one of these (session_end, grant_revoked, ...).
+EVENT_PREFIXES = frozenset({"session", "grant", "broker", "config", "audit", "alert"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,9 @@ class AuditLine:
 def outcome_of(record: Mapping[str, Any]) -> tuple[str, str]:
     """(label shown in the line, outcome class) for an audit record."""
     decision = str(record.get("decision") or "")
+    event = str(record.get("event") or "")
+    if event and event not in CALL_EVENTS:
+        return event, "event"
     if record.get("event") == "outcome":
         status = record.get("status")
         if isinstance(status, int):
@@ -78,6 +88,14 @@ def format_record(record: Mapping[str, Any]) -> AuditLine:
     """The pane's line for one record: time, outcome, tenant, credential, call, details."""
     label, outcome = outcome_of(record)
     tenant = str(record.get("tenant") or "-")
+    if outcome == "event":
+        details = [
+            f"{k} {record[k]}" if k not in ("approver", "reason") else str(record[k])
+            for k in DETAIL_KEYS
+            if record.get(k)
+        ]
+        text = f"{_clock_time(record.get('ts'))}  {label:<18} {tenant:<12} " + " · ".join(details)
+        return AuditLine(text.rstrip(), tenant, outcome)
     extra: list[str] = []
     if record.get("event") == "outcome":
         if record.get("ms") is not None:
@@ -146,6 +164,8 @@ class OutcomeHighlighter(Highlighter):
         label = m.group(2)
         if label in ("allowed", "approved", "always") or label.startswith("<- 2"):
             style = _GREEN
+        elif "_" in label and label.split("_")[0] in EVENT_PREFIXES or label in ("locked", "unlocked"):
+            style = _BLUE
         elif label.startswith("<- ") or label == "upstream_error":
             style = _YELLOW
         else:

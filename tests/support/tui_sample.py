@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from broker.audit import AuditLog
 from broker.calls.approvals import Approvals
 from broker.config import ConfigEditor
 from broker.engine import Engine
@@ -240,6 +241,8 @@ def build(*, tenants: bool = True) -> Paths:
 def make_app(paths: Paths, *, secrets: SecretStore | None = None, alerts: bool = True) -> OutloopApp:
     engine = Engine(paths, secrets=secrets)
     engine.approvals = Approvals(engine._publish, clock=lambda: NOW)
+    # Records the app itself causes (a lock, say) carry the sample's time, not today's.
+    engine.audit = AuditLog(paths.audit_dir, clock=lambda: datetime.fromtimestamp(WALL, UTC))
     app = OutloopApp(engine, watch=False, serve=False, clock=lambda: NOW, wall=lambda: WALL)
     if alerts:
         engine.alerts = SampleAlerts(sample_alerts())  # type: ignore[assignment]
