@@ -178,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("tenant", help="the tenant that owns the credential")
     q.add_argument("name", help="the credential's name, as agents call it (github, openai, ...)")
-    q.add_argument("--base-url", required=True, metavar="URL")
-    q.add_argument("--auth", default="bearer", help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
+    q.add_argument("--base-url", metavar="URL", help="the API's root URL (the --provider's by default)")
+    q.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="a known provider (openai, github, stripe, ...): fills base URL, auth and rules not given",
+    )
+    q.add_argument("--auth", help="bearer | basic:<user> | header:<Header-Name> | query:<param> (default: bearer)")
     _rule_args(q)
     q.set_defaults(run=_cmd("cmd_manage", "credential_add"))
     q = csub.add_parser(
@@ -220,6 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_cmd("cmd_scan", "run_scan"))
 
+    p = sub.add_parser(
+        "import",
+        help="move the keys of a workspace's .env files into the keyring, leaving placeholders",
+        description="Finds the keys in PATH's .env-like files (default: this folder), shows a plan (masked), "
+        "and per file stores them in the keyring as credentials of the tenant, then rewrites the file with "
+        "outloop:TENANT/CREDENTIAL in place of each key, every other byte unchanged.",
+    )
+    p.add_argument("path", nargs="?", metavar="PATH", help="a workspace folder or one .env file (default: .)")
+    p.add_argument("--tenant", help="the tenant PATH must belong to")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=[],
+        metavar="VAR=URL",
+        help="the API's base URL for the key in VAR, when its provider is not in the catalog (repeatable)",
+    )
+    p.add_argument(
+        "--auth", action="append", default=[], metavar="VAR=KIND", help="auth for VAR's key (default: bearer)"
+    )
+    p.set_defaults(run=_cmd("cmd_import", "run_import"))
+
     p = sub.add_parser("alerts", help="current leak alerts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd("cmd_scan", "run_alerts"))
@@ -257,14 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("phase", choices=["pre", "post"], help="PreToolUse (pre) or PostToolUse (post)")
     p.set_defaults(run=_cmd("cmd_hook", "run_hook"))
 
-    p = sub.add_parser(
-        "claude",
-        help="Claude Code in a session of this folder's tenant; or install|uninstall Outloop in it",
-        usage="outloop claude [ARGS...] | outloop claude install|uninstall [--scope user|project] [--dry-run]",
-        description="`outloop claude [ARGS...]` starts Claude Code (ARGS go to it) in a session of this "
-        "folder's tenant, with Outloop's MCP server and hooks bound to the session. `install` and "
-        "`uninstall` register or remove them in Claude Code's settings.",
-    )
+    p = sub.add_parser("claude", help="register Outloop's MCP server and hooks in Claude Code")
     p.add_argument("action", choices=["install", "uninstall"], help="register or remove Outloop's entries")
     p.add_argument("--scope", choices=["user", "project"], default="user")
     p.add_argument("--dry-run", action="store_true")
@@ -337,17 +358,6 @@ def _lean(argv: Sequence[str]) -> Callable[[], int] | None:
             return run_phase(phase)
 
         return hook
-    if argv[:1] == ["claude"] and argv[1:2] not in (["install"], ["uninstall"], ["-h"], ["--help"]):
-        claude_args = list(argv[1:])
-        if claude_args[:1] == ["--"]:
-            claude_args = claude_args[1:]
-
-        def claude() -> int:
-            from outloop_tui.cmd_claude import run_claude_code
-
-            return run_claude_code(claude_args)
-
-        return claude
     if argv[:1] == ["call"]:
         args = _lean_call_args(argv[1:])
         if args is not None:

@@ -14,7 +14,7 @@ from broker import manage
 from broker.config import ConfigError, load_config
 from broker.paths import PathError, Paths
 from broker.secrets import Secret, SecretStore, SecretStoreError, backend_info
-from outloop_tui.cli import UserError
+from outloop_tui.cli import USAGE_EXIT, UserError
 
 
 def _paths() -> Paths:
@@ -131,16 +131,44 @@ def read_secret(prompt: str) -> Secret:
     return Secret(value)
 
 
+def _provider_fields(args: argparse.Namespace) -> tuple[str, str, list[str], list[str]]:
+    """Base URL, auth, allow and ask: as given, else from `--provider`'s catalog entry."""
+    from broker.providers import PROVIDERS, provider_named, template_fields
+
+    base_url, auth, allow, ask = args.base_url, args.auth, list(args.allow), list(args.ask)
+    if args.provider is None:
+        if base_url is None:
+            raise UserError("give --base-url URL, or --provider NAME for a known provider", USAGE_EXIT)
+        return base_url, auth or "bearer", allow, ask
+    provider = provider_named(args.provider)
+    if provider is None:
+        known = ", ".join(p.name for p in PROVIDERS)
+        raise UserError(f"--provider {args.provider!r} is not in the catalog; known: {known}")
+    if base_url is None:
+        if template_fields(provider.base_url):
+            raise UserError(f"{provider.title}'s API lives at your project's own URL: give --base-url URL")
+        base_url = provider.base_url
+    if auth is None:
+        if template_fields(provider.auth):
+            kind = provider.auth.partition(":")[0]
+            raise UserError(f"{provider.title} authenticates as {kind}:<user>: give --auth {kind}:<user>")
+        auth = provider.auth
+    if not (allow or ask or args.deny):  # rules given replace the catalog's
+        allow, ask = list(provider.allow), list(provider.ask)
+    return base_url, auth, allow, ask
+
+
 def credential_add(args: argparse.Namespace) -> int:
+    base_url, auth, allow, ask = _provider_fields(args)
     try:
         new = manage.check_credential(
             _paths(),
             args.tenant,
             args.name,
-            base_url=args.base_url,
-            auth=args.auth,
-            allow=args.allow,
-            ask=args.ask,
+            base_url=base_url,
+            auth=auth,
+            allow=allow,
+            ask=ask,
             deny=args.deny,
         )
     except manage.BadField as e:
