@@ -8,6 +8,8 @@ before it is written, and a file that does not parse is never overwritten.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import functools
 import os
 import re
@@ -220,6 +222,7 @@ def load_config(paths: Paths) -> Config:
 def validate(raw: dict[str, Any], source: Path) -> Config:
     """Check a raw document and build the Config from it."""
     where = _Locator(source)
+    _check_keys(raw, where)
     broker_raw = raw.get("broker", {})
     if not isinstance(broker_raw, dict):
         raise where.error("broker", "must be a table")
@@ -289,6 +292,57 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
             raise where.error(f"{key}.scan_ignore", 'must be a list of folder patterns, like ["data/", "*.cache"]')
         tenants[tid] = Tenant(tid, name, workspaces, creds, tuple(p.strip() for p in ignore_raw))
     return Config(tenants, broker, raw)
+
+
+def _check_keys(raw: dict[str, Any], where: _Locator) -> None:
+    """Refuse keys Outloop does not know (a typo such as `alow` would silently drop rules).
+
+    What is known comes from the settings' own dataclasses, so a new setting is known
+    the moment it exists. Keys and tables starting `x-` are the user's own notes.
+    """
+    tables = {f.name: _table_fields(f) for f in dataclasses.fields(Config) if f.name not in ("raw", "tenants")}
+    _unknown(raw, {"tenants", *tables}, "", where)
+    for name, known in tables.items():
+        if isinstance(raw.get(name), dict) and known is not None:
+            _unknown(raw[name], known, name, where)
+    tenant_keys = {f.name for f in dataclasses.fields(Tenant)} - {"id"}
+    credential_keys = {f.name for f in dataclasses.fields(Credential)} - {"tenant", "name"}
+    tenants = raw.get("tenants")
+    if not isinstance(tenants, dict):
+        return
+    seen: dict[str, str] = {}
+    for tid, traw in tenants.items():
+        if (other := seen.setdefault(tid.lower(), tid)) != tid:
+            raise where.error(f"tenants.{tid}", f"differs from tenant {other!r} only in case; give them distinct ids")
+        if not isinstance(traw, dict):
+            continue
+        _unknown(traw, tenant_keys, f"tenants.{tid}", where)
+        credentials = traw.get("credentials")
+        for cname, craw in credentials.items() if isinstance(credentials, dict) else ():
+            if isinstance(craw, dict):
+                _unknown(craw, credential_keys, f"tenants.{tid}.credentials.{cname}", where)
+
+
+def _table_fields(f: dataclasses.Field[Any]) -> set[str] | None:
+    """The keys of a settings table: the fields of the dataclass its Config field holds."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default is None and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    if default is None and f.name == "broker":
+        default = BrokerSettings()
+    return {g.name for g in dataclasses.fields(default)} if dataclasses.is_dataclass(default) else None
+
+
+def _unknown(table: dict[str, Any], known: set[str], dotted: str, where: _Locator) -> None:
+    for key in table:
+        if key in known or key.startswith("x-"):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise where.error(
+            f"{dotted}.{key}" if dotted else key,
+            f"is not a setting Outloop knows{hint} (notes of your own go in keys or tables named x-…)",
+        )
 
 
 def parse_listen(text: str) -> tuple[str, int]:

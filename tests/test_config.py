@@ -456,26 +456,26 @@ def test_workspace_for_takes_the_longest_prefix(paths: Paths, tmp_path: Path) ->
 
 
 UNKNOWN_KEYS = """\
-    future_top = "kept"
+    x-future_top = "kept"
 
     [broker]
     approval_timeout = 60
-    broker_unknown = [1, 2]
+    x-broker_note = [1, 2]
 
-    [plugins.x]
+    [x-plugins.x]
     enabled = true
 
     [tenants.acme]
     name = "Acme"
     workspaces = []
-    colour = "blue"
+    x-colour = "blue"
 
     [tenants.acme.credentials.gh]
     base_url = "https://api.github.com"
-    note = "rotates monthly"
+    x-note = "rotates monthly"
     allow = ["GET /repos/**"]
 
-    [tenants.acme.credentials.gh.extra]
+    [tenants.acme.credentials.gh.x-extra]
     nested = 1
     """
 
@@ -489,10 +489,10 @@ def test_unknown_keys_survive_an_edit(paths: Paths, tmp_path: Path) -> None:
     editor.add_credential("acme", "jira", {"base_url": "https://jira.example"})
     editor.save()
     after = tomllib.loads(paths.config_file.read_text())
-    assert after["future_top"] == "kept"
-    assert after["plugins"] == {"x": {"enabled": True}}
+    assert after["x-future_top"] == "kept"
+    assert after["x-plugins"] == {"x": {"enabled": True}}
     assert after["broker"] == before["broker"]
-    assert after["tenants"]["acme"]["colour"] == "blue"
+    assert after["tenants"]["acme"]["x-colour"] == "blue"
     gh = after["tenants"]["acme"]["credentials"]["gh"]
     assert gh == before["tenants"]["acme"]["credentials"]["gh"]
     assert after["tenants"]["beta"]["workspaces"] == [str(tmp_path / "beta")]
@@ -608,7 +608,9 @@ def test_crash_between_write_and_rename_leaves_the_old_file_whole(paths: Paths) 
         from broker.config import ConfigEditor
         from broker.paths import Paths
 
-        broker.paths.os.replace = lambda *a: os._exit(9)
+        real = os.replace
+        # Only config.toml's own rename: the approved copy in the state folder goes first.
+        broker.paths.os.replace = lambda s, d, *a: os._exit(9) if str(d).endswith("config.toml") else real(s, d, *a)
         editor = ConfigEditor(Paths.from_env())
         editor.add_tenant("beta", None)
         editor.save()
@@ -677,3 +679,30 @@ def test_tenant_scan_ignore_is_a_list_of_folder_patterns(tmp_path):
             assert "scan_ignore" in str(e)
         else:
             raise AssertionError(f"accepted scan_ignore={bad!r}")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "hint"),
+    [
+        ("[broker]\napproval_timout = 5\n", "broker.approval_timout", "did you mean 'approval_timeout'?"),
+        (
+            '[tenants.acme]\nworkspaces = []\n[tenants.acme.credentials.gh]\nbase_url = "https://x.example"\n'
+            'alow = ["GET /**"]\n',
+            "tenants.acme.credentials.gh.alow",
+            "did you mean 'allow'?",
+        ),
+        ('[tenants.acme]\nworkspace = ["/tmp"]\n', "tenants.acme.workspace", "did you mean 'workspaces'?"),
+        ("[brokr]\napproval_timeout = 5\n", "brokr", "did you mean 'broker'?"),
+        ('notes = "mine"\n', "notes", "x-"),
+    ],
+)
+def test_a_key_outloop_does_not_know_is_an_error_that_names_it(paths: Paths, text: str, key: str, hint: str) -> None:
+    """A typo must not silently drop rules or settings: it names the key, its line, a likely fix."""
+    message = config_error(paths, text)
+    assert key in message and hint in message
+    assert f"{paths.config_file}, line " in message
+
+
+def test_tenant_ids_that_differ_only_in_case_are_refused(paths: Paths) -> None:
+    message = config_error(paths, "[tenants.acme]\nworkspaces = []\n[tenants.ACME]\nworkspaces = []\n")
+    assert "only in case" in message
