@@ -139,12 +139,21 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class SandboxSettings:
+    """`[sandbox]`: what `outloop run --sandbox` adds to its defaults (broker/sandbox.py)."""
+
+    read_write: tuple[Path, ...] = ()  # folders the agent may also write
+    hide: tuple[Path, ...] = ()  # paths the agent must not see (on top of keyring, config, state, other tenants)
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config. `raw` is the document as read, unknown keys included."""
 
     tenants: dict[str, Tenant]
     broker: BrokerSettings
     raw: dict[str, Any]
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     def workspace_for(self, path: Path | str) -> tuple[Tenant, Path] | None:
         """The tenant and workspace folder holding `path` (already resolved), longest prefix.
@@ -291,7 +300,19 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
         if not isinstance(ignore_raw, list) or not all(isinstance(p, str) and p.strip() for p in ignore_raw):
             raise where.error(f"{key}.scan_ignore", 'must be a list of folder patterns, like ["data/", "*.cache"]')
         tenants[tid] = Tenant(tid, name, workspaces, creds, tuple(p.strip() for p in ignore_raw))
-    return Config(tenants, broker, raw)
+    return Config(tenants, broker, raw, _sandbox(raw.get("sandbox", {}), where))
+
+
+def _sandbox(raw: Any, where: _Locator) -> SandboxSettings:
+    if not isinstance(raw, dict):
+        raise where.error("sandbox", "must be a table")
+    lists: dict[str, tuple[Path, ...]] = {}
+    for key in ("read_write", "hide"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(p, str) and p.startswith(("/", "~")) for p in value):
+            raise where.error(f"sandbox.{key}", 'must be a list of absolute paths, like ["~/.cache/pip"]')
+        lists[key] = tuple(dict.fromkeys(resolve_workspace(p) for p in value))
+    return SandboxSettings(**lists)
 
 
 def _check_keys(raw: dict[str, Any], where: _Locator) -> None:

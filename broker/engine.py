@@ -476,6 +476,16 @@ class Engine:
             "socket": str(self.paths.socket),
             "env": session_env(credentials, self.listen_url, secret_token),
             "clear_env": sorted(KEY_VARIABLES),
+            "sandbox": self._sandbox_view(config, here.tenant.id),
+        }
+
+    def _sandbox_view(self, config: Config, tenant: str) -> dict[str, list[str]]:
+        """What `outloop run --sandbox` must hide and may open, by the config in force (not the file)."""
+        others = [str(ws) for t in config.tenants.values() if t.id != tenant for ws in t.workspaces]
+        own = [str(self.paths.config_file.parent), str(self.paths.state_dir)]
+        return {
+            "hide": own + others + [str(p) for p in config.sandbox.hide],
+            "read_write": [str(p) for p in config.sandbox.read_write],
         }
 
     def _outside_sessions(self, peer: Peer, token: str | None) -> str | None:
@@ -754,7 +764,7 @@ class Engine:
                 peer,
                 "unknown_credential",
                 f"the keyring holds no secret for {credential.tenant}/{credential.name}; "
-                "add it with `outloop credential add`",
+                f"the operator can store it with `outloop credential set-secret {credential.tenant} {credential.name}`",
                 base=base,
             )
         try:

@@ -56,6 +56,18 @@ def _cmd(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _operator_only(command: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`run`, refused inside an agent session: the commands that change Outloop's policy are the operator's."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        from outloop_tui.cmd_run import refuse_inside_session
+
+        refuse_inside_session(command)
+        return run(args)
+
+    return guarded
+
+
 def _rule_args(p: argparse.ArgumentParser) -> None:
     for kind, what in (
         ("allow", "runs without asking"),
@@ -129,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="the tenant this folder must belong to")
     p.add_argument("--label", help="a name for the session in `outloop session list` (default: the command)")
     p.add_argument("--ttl", type=float, metavar="S", help="seconds the session lasts (default: broker.session_ttl)")
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run CMD in an OS sandbox (Linux: bubblewrap): the workspace writable, the keyring, Outloop's "
+        "config and state and other tenants' folders hidden; exit 4 when no sandbox can start",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(run=_cmd("cmd_run", "run_session"))
 
@@ -146,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = tsub.add_parser("add", help="add a tenant")
     q.add_argument("tenant", metavar="NAME")
     q.add_argument("--name", dest="display", metavar="DISPLAY", help="display name")
-    q.set_defaults(run=_cmd("cmd_manage", "tenant_add"))
+    q.set_defaults(run=_operator_only("outloop tenant add", _cmd("cmd_manage", "tenant_add")))
     q = tsub.add_parser("rm", help="remove a tenant and its credentials' secrets (asks first)")
     q.add_argument("tenant", metavar="NAME")
     q.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
-    q.set_defaults(run=_cmd("cmd_manage", "tenant_rm"))
+    q.set_defaults(run=_operator_only("outloop tenant rm", _cmd("cmd_manage", "tenant_rm")))
     q = tsub.add_parser("list", help="list tenants")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd("cmd_manage", "tenant_list"))
@@ -160,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = wsub.add_parser("add", help="map a folder to a tenant")
     q.add_argument("tenant", help="the tenant the folder belongs to")
     q.add_argument("path", help="the folder (it and everything below it)")
-    q.set_defaults(run=_cmd("cmd_manage", "workspace_add"))
+    q.set_defaults(run=_operator_only("outloop workspace add", _cmd("cmd_manage", "workspace_add")))
     q = wsub.add_parser("rm", help="unmap a folder")
     q.add_argument("path", help="a mapped folder, as `outloop workspace list` shows it")
-    q.set_defaults(run=_cmd("cmd_manage", "workspace_rm"))
+    q.set_defaults(run=_operator_only("outloop workspace rm", _cmd("cmd_manage", "workspace_rm")))
     q = wsub.add_parser("list", help="every mapped folder and its tenant")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd("cmd_manage", "workspace_list"))
@@ -186,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--auth", help="bearer | basic:<user> | header:<Header-Name> | query:<param> (default: bearer)")
     _rule_args(q)
-    q.set_defaults(run=_cmd("cmd_manage", "credential_add"))
+    q.set_defaults(run=_operator_only("outloop credential add", _cmd("cmd_manage", "credential_add")))
     q = csub.add_parser(
         "set-secret",
         help="rotate a credential's secret (base URL, auth and rules stay)",
@@ -195,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("tenant", help="the tenant that owns the credential")
     q.add_argument("name", help="the credential's name")
-    q.set_defaults(run=_cmd("cmd_manage", "credential_set_secret"))
+    q.set_defaults(run=_operator_only("outloop credential set-secret", _cmd("cmd_manage", "credential_set_secret")))
     q = csub.add_parser(
         "edit",
         help="change a credential's base URL, auth or rules (the secret stays)",
@@ -207,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--auth", help="bearer | basic:<user> | header:<Header-Name> | query:<param>")
     _rule_args(q)
     q.add_argument("--clear-rules", action="store_true", help="no rules: every call asks the operator")
-    q.set_defaults(run=_cmd("cmd_manage", "credential_edit"))
+    q.set_defaults(run=_operator_only("outloop credential edit", _cmd("cmd_manage", "credential_edit")))
     q = csub.add_parser("rm", help="remove a credential and its secret (asks first)")
     q.add_argument("tenant", help="the tenant that owns the credential")
     q.add_argument("name", help="the credential's name")
     q.add_argument("-y", "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
-    q.set_defaults(run=_cmd("cmd_manage", "credential_rm"))
+    q.set_defaults(run=_operator_only("outloop credential rm", _cmd("cmd_manage", "credential_rm")))
     q = csub.add_parser("list", help="list credentials (never their secrets)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(run=_cmd("cmd_manage", "credential_list"))
@@ -289,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["install", "uninstall"], help="register or remove Outloop's entries")
     p.add_argument("--scope", choices=["user", "project"], default="user")
     p.add_argument("--dry-run", action="store_true")
-    p.set_defaults(run=_cmd("cmd_claude", "run_claude"))
+    p.set_defaults(run=_operator_only("outloop claude install|uninstall", _cmd("cmd_claude", "run_claude")))
     return parser
 
 

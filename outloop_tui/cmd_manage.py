@@ -268,6 +268,10 @@ def doctor(args: argparse.Namespace) -> int:
     paths = _paths()
     info = backend_info()
     line(info.usable, f"keyring backend: {info.name}" + ("" if info.usable else f" — {info.advice}"))
+    from broker.sandbox import probe
+
+    sandboxed, why = probe()  # optional: a note, not a failure, when `outloop run --sandbox` cannot work here
+    line(True if sandboxed else None, f"sandbox (outloop run --sandbox): {why}")
 
     config = None
     if not paths.config_file.exists():

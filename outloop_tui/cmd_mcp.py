@@ -49,8 +49,8 @@ INSTRUCTIONS = (
 
 # What the agent should do next, for each DESIGN refusal code.
 NEXT_STEP = {
-    "unmapped_workspace": "this folder belongs to no Outloop tenant; ask the user to map it "
-    "with `outloop workspace add TENANT PATH` (do not look for keys instead)",
+    "unmapped_workspace": "this folder belongs to no Outloop tenant; tell the user, who decides whether to map it "
+    "(do not try to map it yourself, and do not look for keys instead)",
     "wrong_tenant": f"this workspace may not use that credential; call {CREDENTIALS_TOOL} "
     "for the ones it may use, and do not try another tenant's",
     "unknown_credential": f"call {CREDENTIALS_TOOL} for the credential names this workspace may use",

@@ -288,7 +288,10 @@ def _run_sandboxed(command: list[str], env: dict[str, str], info: dict[str, Any]
             os.close(status_w)
             if filter_r >= 0:
                 os.close(filter_r)
-        first = os.read(status_r, 4096).split(b"\n", 1)[0]  # bwrap says which pid its namespace's init has
+        first = b""  # bwrap's first line names its namespace's init (a host pid)
+        while b"\n" not in first and (chunk := os.read(status_r, 4096)):
+            first += chunk
+        first = first.split(b"\n", 1)[0]
         try:
             init.append(int(json.loads(first)["child-pid"]))
         except (ValueError, KeyError, TypeError):
@@ -333,6 +336,8 @@ def session_around_me() -> str | None:
         found = sessions.by_token(token)
         if found is None:
             return "a process holding a session token"
+    if found is None and os.environ.get("OUTLOOP_SANDBOX"):
+        return "a process inside an Outloop sandbox"
     if found is None:
         return None
     return f"a process inside tenant {found.tenant!r}'s session {found.id}"

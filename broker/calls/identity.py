@@ -335,7 +335,7 @@ def identify_folder(peer: Peer, config: Config) -> Caller:
     if found is None:
         raise IdentityError(
             "unmapped_workspace",
-            f"{cwd} belongs to no tenant; map it with `outloop workspace add TENANT {cwd}`",
+            f"{cwd} belongs to no tenant; the operator can map this folder with `outloop workspace add TENANT {cwd}`",
             pid=peer.pid,
             exe=exe,
             cwd=Path(cwd),

@@ -109,8 +109,11 @@ class Sessions:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def load(self) -> list[Session]:
-        """Take back the sessions of the state file whose root still runs (same start time)."""
+    def load(self, *, write: bool = True) -> list[Session]:
+        """Take back the sessions of the state file whose root still runs (same start time).
+
+        `write=False` only reads (a command asking whether it runs inside a session).
+        """
         try:
             doc = json.loads(self.state_file.read_text(encoding="utf-8"))
             rows = doc.get("sessions", []) if isinstance(doc, dict) else []
@@ -127,7 +130,8 @@ class Sessions:
                 continue
             self._add(session)
             restored.append(session)
-        self._save()
+        if write:
+            self._save()
         return restored
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
