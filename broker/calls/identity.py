@@ -42,6 +42,9 @@ class Peer:
     pid: int
     uid: int
     transport: str = "unix"  # "unix" | "tcp"
+    # Every process holding a TCP peer's socket (a fork after connect, an fd passed on),
+    # `pid` among them; they must all be of one tenant (see holders_split).
+    holders: tuple[int, ...] = field(default=(), compare=False)
     _lineage: list[tuple[tuple[int, int], ...]] = field(default_factory=list, compare=False, repr=False)
 
     def lineage(self, fresh: bool = False) -> tuple[tuple[int, int], ...]:
@@ -140,7 +143,8 @@ def tcp_peer(local: tuple[str, int], remote: tuple[str, int]) -> Peer:
     uid, inode = row
     if uid != _UID or inode == 0:
         return Peer(0, uid, "tcp")
-    return Peer(_socket_owner(inode), uid, "tcp")
+    holders = _socket_holders(inode)
+    return Peer(_deepest(holders), uid, "tcp", holders=tuple(holders))
 
 
 def _hex_address(host: str, port: int) -> str:
@@ -175,12 +179,20 @@ def _tcp_row(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int]
     return None
 
 
-def _socket_owner(inode: int) -> int:
-    """The pid of a process holding `socket:[inode]` open, 0 if none can be seen.
+def _deepest(holders: list[int]) -> int:
+    """Of several holders, the deepest: one whose ancestors hold it too is judged with them."""
+    if not holders:
+        return 0
+    if len(holders) == 1:
+        return holders[0]
+    return max(holders, key=lambda pid: len(_lineage(pid)))
+
+
+def _socket_holders(inode: int) -> list[int]:
+    """Every process of this user holding `socket:[inode]` open.
 
     Reads every fd link of every process of this user: a few milliseconds, once per
-    TCP connection. Several holders (a fork after connect) must all be of one
-    process tree; the one that is not an ancestor of another is returned.
+    TCP connection.
     """
     target = f"socket:[{inode}]"
     holders: list[int] = []
@@ -203,13 +215,25 @@ def _socket_owner(inode: int) -> int:
                     break
             except OSError:
                 continue
-    if not holders:
-        return 0
-    if len(holders) == 1:
-        return holders[0]
-    # The deepest holder: one whose ancestors hold it too is judged with them by the tree rule.
-    deepest = max(holders, key=lambda pid: len(_lineage(pid)))
-    return deepest
+    return holders
+
+
+def holders_split(peer: Peer, config: Config, sessions: Sessions | None = None, token: str | None = None) -> str | None:
+    """Why a TCP connection held by several processes must be refused (they are not all of
+    one tenant: a socket passed from one client's agent to another's), or None."""
+    if len(peer.holders) < 2:
+        return None
+    tenants: dict[str | None, list[int]] = {}
+    for pid in peer.holders:
+        try:
+            tenant: str | None = identify(Peer(pid, peer.uid, "tcp"), config, sessions, token).tenant.id
+        except IdentityError:
+            tenant = None
+        tenants.setdefault(tenant, []).append(pid)
+    if len(tenants) < 2:
+        return None
+    held = "; ".join(f"{t or 'no tenant'}: {', '.join(map(str, pids))}" for t, pids in sorted(tenants.items(), key=str))
+    return f"this TCP connection is held by processes of different tenants ({held})"
 
 
 NO_SESSION = (

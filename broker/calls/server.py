@@ -13,6 +13,13 @@ Routes (DESIGN §4, §10):
 The same API is served on loopback TCP when `[broker] listen` is set. A TCP
 caller is found from its socket (identity.tcp_peer), once per connection, and a
 TCP connection that sits idle past `idle_timeout` is closed.
+
+On Linux a Unix-socket caller is identified per request, not per connection: the
+socket has SO_PASSCRED, every read is a recvmsg whose SCM_CREDENTIALS name the
+process that wrote those bytes (the kernel never joins two writers' bytes in one
+read then), and a request is charged to the process whose bytes carried it. A
+connection handed to another process over SCM_RIGHTS is that process's from its
+first byte; a request whose bytes came from two processes is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import logging
 import os
 import re
 import socket
+import struct
+import sys
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +47,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.calls.identity import IdentityError, Peer, identify, peer_of, tcp_peer
+from broker.calls.identity import IdentityError, Peer, holders_split, identify, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
 from broker.leaks.redact import Redactor
@@ -62,6 +71,13 @@ _LINE_BREAK_OR_NUL = re.compile(rb"[\r\n\0]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # Headers a session token may come in (an SDK puts its API key in the first two).
 TOKEN_HEADERS = (b"authorization", b"x-api-key", b"x-outloop-session")
+# Per-request senders on the Unix socket (Linux): SCM_CREDENTIALS on every read.
+PASSCRED = sys.platform.startswith("linux") and hasattr(socket, "SO_PASSCRED")
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size) if PASSCRED else 0
+# After refusing a malformed request on the Unix socket: how long, and how much, of
+# what the client still sends is read and dropped before closing (see _linger).
+LINGER_SECONDS, LINGER_BYTES = 1.0, 16 * 1024 * 1024
 # Loopback TCP connections open at once; more are answered 503 and closed.
 MAX_TCP_CONNECTIONS = 256
 # A /v1/scan body larger than this is scanned in a thread, not on the event loop.
@@ -108,9 +124,19 @@ class Server:
         if self.path.exists() or self.path.is_symlink():
             self.check_free()
             self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if PASSCRED:
+            # Before listen: accepted sockets inherit it, so even the bytes a client sends
+            # before the broker accepts carry their writer's credentials.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where it is wider
         try:
-            self._server = await asyncio.start_unix_server(self._connection, path=str(self.path), limit=READ_CHUNK)
+            listener.bind(str(self.path))
+            listener.listen(100)
+            self._server = await asyncio.start_unix_server(self._connection, sock=listener, limit=READ_CHUNK)
+        except BaseException:
+            listener.close()
+            raise
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
@@ -160,6 +186,7 @@ class Server:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            conn.close()
             self._connections.pop(task, None)
             with contextlib.suppress(Exception):
                 writer.close()
@@ -207,6 +234,8 @@ class _Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     keep_alive: bool
+    # (pid, uid) of every process whose bytes made up this request (Unix socket, Linux).
+    senders: frozenset[tuple[int, int]] = frozenset()
 
 
 class _Parser:
@@ -228,11 +257,15 @@ class _Parser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self.sender: tuple[int, int] | None = None  # who wrote the bytes being fed
+        self._senders: set[tuple[int, int]] = set()
 
     def feed(self, data: bytes) -> None:
         # Since the last head, body data or request ended: about. In a body, what is
         # not data (chunk extensions, trailers) is capped like a head.
         self._head_bytes += len(data)
+        if self.in_message and self.sender is not None:
+            self._senders.add(self.sender)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -253,6 +286,7 @@ class _Parser:
     def on_message_begin(self) -> None:
         self.in_message = True
         self._target, self._headers, self._body, self._size = b"", [], [], 0
+        self._senders = {self.sender} if self.sender is not None else set()
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -291,6 +325,7 @@ class _Parser:
                 self._headers,
                 b"".join(self._body),
                 self.parser.should_keep_alive(),
+                frozenset(self._senders),
             )
         )
 
@@ -313,6 +348,17 @@ class _Connection:
         else:
             self.peer = peer_of(writer.get_extra_info("socket"))
             self._peer_known = True
+        self._conn_peer = self.peer  # who connected; a request is charged to who sent it
+        self._peers: dict[tuple[int, int], Peer] = {}
+        self._sock: socket.socket | None = None
+        if PASSCRED and not tcp:
+            # Read with recvmsg on a duplicate of the socket: the transport only writes.
+            transport = writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)
+            transport.pause_reading()
+            self._sock = socket.fromfd(writer.get_extra_info("socket").fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.setblocking(False)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.busy = False  # a request has arrived and its answer is not sent yet
         self.stopping = False  # the broker is stopping: close once this answer is sent
         # A malformed request read with whole ones before it: refused once they are answered.
@@ -328,12 +374,24 @@ class _Connection:
                 return
             if request is None:
                 return
+            if self._sock is not None and not await self._charge(request):
+                return
             if not self._peer_known:
                 local, remote = self._ends
                 self.peer = await asyncio.to_thread(tcp_peer, (local[0], local[1]), (remote[0], remote[1]))
                 self._peer_known = True
             try:
-                status, headers, payload = await self._dispatch(request, request.body)
+                split = (
+                    holders_split(
+                        self.peer, self.engine.refresh_config(), self.engine.sessions, request_token(request.headers)
+                    )
+                    if len(self.peer.holders) > 1
+                    else None
+                )
+                if split is not None:
+                    status, headers, payload = await self._refusal("wrong_tenant", split)
+                else:
+                    status, headers, payload = await self._dispatch(request, request.body)
             except Exception as e:  # a bug must still answer the agent, and never leak detail
                 log.error(
                     "internal error handling a call: %s",
@@ -356,6 +414,54 @@ class _Connection:
             if close:
                 return
 
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _charge(self, request: _Request) -> bool:
+        """Make `self.peer` the process whose bytes carried `request`; False when it was refused."""
+        senders = request.senders
+        if len(senders) > 1:
+            pids = ", ".join(str(pid) for pid, _ in sorted(senders))
+            await self._refuse_protocol(f"the request's bytes came from more than one process ({pids})", 400)
+            return False
+        sender = next(iter(senders), None)
+        if sender is None or sender[0] == 0:
+            # No credentials (a writer in a pid namespace the broker cannot see): who connected.
+            self.peer = self._conn_peer
+        elif sender != (self._conn_peer.pid, self._conn_peer.uid):
+            peer = self._peers.get(sender)
+            if peer is None:
+                peer = self._peers[sender] = Peer(sender[0], sender[1])
+            self.peer = peer
+        else:
+            self.peer = self._conn_peer
+        return True
+
+    async def _recv(self) -> bytes:
+        """One read of the Unix socket with its writer's credentials (into parser.sender)."""
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                data, ancillary, _flags, _addr = sock.recvmsg(READ_CHUNK, _CREDS_SPACE)
+                break
+            except (BlockingIOError, InterruptedError):
+                loop = asyncio.get_running_loop()
+                ready = loop.create_future()
+                loop.add_reader(sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(sock.fileno())
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _CREDS.size:
+                pid, uid, _gid = _CREDS.unpack_from(payload)
+                sender = (pid, uid)
+        self.parser.sender = sender
+        return data
+
     async def _read_request(self) -> _Request | None:
         """The next whole request, or None once the caller hangs up between requests."""
         parser = self.parser
@@ -373,6 +479,8 @@ class _Connection:
                     self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if self.tcp:
                 data = await self._read_or_idle(parser.in_message)
+            elif self._sock is not None:
+                data = await self._recv()
             else:
                 data = await self.reader.read(READ_CHUNK)
             if not data:
@@ -415,6 +523,19 @@ class _Connection:
     async def _refuse_protocol(self, message: str, status: int) -> None:
         refusal = await self.engine.refuse(self.peer, "bad_request", message, status=status)
         await self._send(refusal.http_status, _refusal_headers(refusal), _json(refusal.json()), close=True)
+        if self._sock is not None:
+            await self._linger()
+
+    async def _linger(self) -> None:
+        """After a refusal, read and drop what the client is still sending, briefly: closing
+        with unread bytes would reset the connection and lose the answer on its way."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        dropped = 0
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while dropped < LINGER_BYTES and (data := await self._recv()):
+                    dropped += len(data)
 
     async def _send(
         self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False, head_only: bool = False
