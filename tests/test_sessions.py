@@ -433,7 +433,7 @@ def test_a_listen_address_off_loopback_is_refused_at_config_load(world: World, a
     world.configure()
     raw = world.paths.config_file.read_text()
     world.paths.config_file.write_text(
-        f'[broker]\nlisten = "{address}"\n' + raw.replace("[broker]\n", "[broker-old]\n")
+        f'[broker]\nlisten = "{address}"\n' + raw.replace("[broker]\n", "[x-broker-old]\n")
     )
     with pytest.raises(ConfigError, match="broker.listen"):
         load_config(world.paths)
