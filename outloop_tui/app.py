@@ -251,10 +251,45 @@ class DashboardScreen(Screen[None]):
             return
 
         def done(action: AlertAction | None) -> None:
-            if action is not None:
+            if action is not None and action.kind == "import":
+                self.move_alert_key(view.path, view.fingerprint)
+            elif action is not None:
                 self.dashboard_app.act_on_alert(view.id, view.fingerprint, action)
 
         self.app.push_screen(AlertScreen(view), done)
+
+    def move_alert_key(self, path: str, fingerprint: str) -> None:
+        """An alert's key into the keyring: `outloop import`'s plan for that one value, confirmed first."""
+        from broker import importer
+        from outloop_tui.cmd_import import print_plan
+
+        paths, secrets = self.engine.paths, self.engine.secrets
+        try:
+            plan = importer.plan_import(paths, Path(path), secrets=secrets, only_fingerprints={fingerprint})
+        except (ConfigError, SecretStoreError) as e:
+            self.notify(str(e), title="Not moved", severity="error")
+            return
+        if not plan.ready():
+            why = "\n".join(print_plan(plan)[1:])
+            self.notify(why, title="Not moved", severity="warning", timeout=10)
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                result = importer.apply_import(plan, paths, secrets)
+            except (ConfigError, SecretStoreError, OSError) as e:
+                self.notify(str(e), title="Not moved", severity="error")
+                return
+            self.engine.refresh_config()
+            names = ", ".join(f"{plan.tenant}/{n}" for n in result.stored + result.reused)
+            self.notify(f"The key is in the keyring as {names}; the file holds its placeholder.", title="Moved")
+            self.dashboard_app.rescan()  # the alert resolves: the file no longer holds the value
+            self.refresh_view()
+
+        question = "\n".join(print_plan(plan))
+        self.app.push_screen(ConfirmScreen("Move into the keyring?", question, yes="Move", no="Keep"), confirmed)
 
     # -- tenants, workspaces, credentials -----------------------------------------
 

@@ -8,6 +8,7 @@ test runs a project with the openai SDK and python-dotenv, and one with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import keyring.backend
 import keyring.errors
 import pytest
 from support.fixtures import OUTLOOP, BrokerThread, wait_for
+from textual.widgets import Static
 
 from broker import importer, manage
 from broker.config import ConfigEditor, load_config
@@ -509,3 +511,43 @@ def test_a_dotenv_project_gets_the_same_answer_before_and_after_import_under_out
     calls = [r for r in broker.engine.recent_audit(100) if r.get("event") == "attempt" and r.get("credential")]
     assert len(calls) == (2 if node else 1) and {r["credential"] for r in calls} == {"openai"}
     assert {r["identity"] for r in calls} == {"session"} and {r["decision"] for r in calls} == {"allow"}
+
+
+async def test_the_alert_screen_moves_a_dotenv_key_into_the_keyring(ws: Path) -> None:
+    """The dashboard: enter on the alert, m, y; the same plan and guarantees as `outloop import`."""
+    from broker.engine import Engine
+    from outloop_tui.app import OutloopApp
+    from outloop_tui.widgets.alerts import AlertScreen
+    from outloop_tui.widgets.confirm import ConfirmScreen
+
+    paths = Paths.from_env()
+    env_file = ws / ".env"
+    env_file.write_text(f"OPENAI_API_KEY={OPENAI}\n")
+    engine = Engine(paths)
+    engine.alerts = AlertStore(paths.alerts_file)
+    engine.alerts.reconcile_file(env_file, scan_file(env_file, tenant="acme", workspace=ws).findings)
+    app = OutloopApp(engine, watch=False, serve=False)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await asyncio.wait_for(app.ready.wait(), 15)
+        app.dashboard.refresh_view()
+        app.screen.query_one("#alerts").focus()
+        await pilot.press("enter")
+        await _until(pilot, lambda: isinstance(app.screen, AlertScreen))
+        assert app.screen.query("#move")
+        await pilot.press("m")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        shown = " ".join(str(w.content) for w in app.screen.query(Static))
+        assert "acme/openai" in shown and "OpenAI" in shown
+        assert_no_key(shown, OPENAI)
+        await pilot.press("y")
+        await _until(pilot, lambda: env_file.read_text() == "OPENAI_API_KEY=outloop:acme/openai\n")
+    assert keyring_holds() == {"openai": OPENAI}
+    engine.alerts.reconcile_file(env_file, scan_file(env_file, tenant="acme", workspace=ws).findings)
+    assert engine.alerts.open_alerts() == []  # resolved: the file no longer holds the value
+
+
+async def _until(pilot: Any, predicate: Any, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await pilot.pause(0.05)

@@ -187,7 +187,7 @@ class AlertsPane(DataTable[str | Text]):
 
 @dataclass(frozen=True)
 class AlertAction:
-    kind: str  # "ack" | "ignore"
+    kind: str  # "ack" | "ignore" | "import" (move the key into the keyring)
     reason: str = ""
 
 
@@ -200,11 +200,16 @@ class AlertScreen(ModalScreen[AlertAction | None]):
         Binding("escape", "dismiss(None)", "Close", id="alert-close"),
         Binding("k", "ack", "Acknowledge", id="alert-ack"),
         Binding("i", "ignore", "Ignore by fingerprint", id="alert-ignore"),
+        Binding("m", "move", "Move into the keyring", id="alert-move"),
     ]
 
     def __init__(self, view: AlertView) -> None:
         super().__init__()
         self.view = view
+        from broker.importer import importable_alert
+
+        # A .env finding of a provider the catalog knows can go to the keyring (outloop import's plan).
+        self.importable = importable_alert(view.path, view.line, view.rule)
 
     def compose(self) -> ComposeResult:
         v = self.view
@@ -238,6 +243,8 @@ class AlertScreen(ModalScreen[AlertAction | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Acknowledge (k)", id="ack", variant="primary")
                 yield Button("Ignore (i)", id="ignore", variant="warning")
+                if self.importable:
+                    yield Button("Move into the keyring (m)", id="move", variant="success")
                 yield Button("Close (esc)", id="close")
 
     def action_ack(self) -> None:
@@ -251,6 +258,10 @@ class AlertScreen(ModalScreen[AlertAction | None]):
             return
         self.dismiss(AlertAction("ignore", reason.value.strip()))
 
+    def action_move(self) -> None:
+        if self.importable:
+            self.dismiss(AlertAction("import"))
+
     @on(Input.Submitted, "#ignore-reason")
     def _reason_given(self) -> None:
         self.action_ignore()
@@ -261,5 +272,7 @@ class AlertScreen(ModalScreen[AlertAction | None]):
             self.action_ack()
         elif event.button.id == "ignore":
             self.action_ignore()
+        elif event.button.id == "move":
+            self.action_move()
         else:
             self.dismiss(None)
