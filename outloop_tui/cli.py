@@ -303,7 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("phase", choices=["pre", "post"], help="PreToolUse (pre) or PostToolUse (post)")
     p.set_defaults(run=_cmd("cmd_hook", "run_hook"))
 
-    p = sub.add_parser("claude", help="register Outloop's MCP server and hooks in Claude Code")
+    p = sub.add_parser(
+        "claude",
+        help="Claude Code in a session of this folder's tenant; or install|uninstall Outloop in it",
+        usage="outloop claude [ARGS...] | outloop claude install|uninstall [--scope user|project] [--dry-run]",
+        description="`outloop claude [ARGS...]` starts Claude Code (ARGS go to it) in a session of this "
+        "folder's tenant, with Outloop's MCP server and hooks bound to the session. `install` and "
+        "`uninstall` register or remove them in Claude Code's settings.",
+    )
     p.add_argument("action", choices=["install", "uninstall"], help="register or remove Outloop's entries")
     p.add_argument("--scope", choices=["user", "project"], default="user")
     p.add_argument("--dry-run", action="store_true")
@@ -376,6 +383,17 @@ def _lean(argv: Sequence[str]) -> Callable[[], int] | None:
             return run_phase(phase)
 
         return hook
+    if argv[:1] == ["claude"] and argv[1:2] not in (["install"], ["uninstall"], ["-h"], ["--help"]):
+        claude_args = list(argv[1:])
+        if claude_args[:1] == ["--"]:
+            claude_args = claude_args[1:]
+
+        def claude() -> int:
+            from outloop_tui.cmd_claude import run_claude_code
+
+            return run_claude_code(claude_args)
+
+        return claude
     if argv[:1] == ["call"]:
         args = _lean_call_args(argv[1:])
         if args is not None:
