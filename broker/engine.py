@@ -90,6 +90,7 @@ class Engine:
         self._upstream_calls = 0  # calls on the wire right now
         self._calls = 0  # calls being handled right now (deciding, waiting or on the wire)
         self._server: Any = None
+        self._scan_secrets: tuple[Redactor, Any] | None = None  # /v1/scan's matcher, per redactor
         self._operator: OperatorServer | None = None
         self.watcher: LeakWatcher | None = None
         self.alerts: AlertStore | None = None
@@ -543,6 +544,56 @@ class Engine:
         await self.audit.record(fields)
 
     # -- calls ------------------------------------------------------------------
+
+    async def scan_output(
+        self,
+        peer: Peer,
+        token: str | None,
+        response: Any,
+        extra: list[str],
+        where: str | None,
+        cwd: str | None,
+        *,
+        in_thread: bool = False,
+    ) -> dict[str, Any] | None:
+        """The post hook's question (POST /v1/scan): the keys in a tool's output, and a redacted copy.
+
+        Not a call, so not audited. The tenant is the calling hook's (its session, token
+        or folder; None when it has none); the broker already holds the secrets and the
+        compiled rules, so the hook loads neither. None when the keyring cannot be read.
+        """
+        from broker.claude.output import finding_json, inspect_output
+        from broker.leaks.scan import ManagedSecrets
+
+        config = self.refresh_config()
+        try:
+            caller = identify(peer, config, self.sessions, token)
+            tenant, workspace = caller.tenant.id, caller.workspace
+        except IdentityError:
+            tenant, workspace = None, None
+        try:
+            redactor = self.redactor()
+            if self._scan_secrets is None or self._scan_secrets[0] is not redactor:
+                # Once per redactor, i.e. per config or keyring change.
+                self._scan_secrets = (redactor, ManagedSecrets(self.managed_secrets(strict=True)))
+            managed = self._scan_secrets[1]
+        except SecretStoreError:
+            return None
+        # Where the output was seen: the session transcript (the hook names it), else the folder.
+        path = Path(where) if where else (workspace or Path(cwd or "/"))
+
+        def scan() -> Any:
+            return inspect_output(
+                response, extra, path, tenant=tenant, workspace=workspace, managed=managed, redactor=lambda: redactor
+            )
+
+        found = await asyncio.to_thread(scan) if in_thread else scan()
+        answer: dict[str, Any] = {"tenant": tenant, "workspace": str(workspace) if workspace else None}
+        if found is None:
+            answer["findings"] = []
+        else:
+            answer |= {"findings": [finding_json(f) for f in found[0]], "redacted": found[1], "where": str(path)}
+        return answer
 
     def redactor(self) -> Redactor:
         """What answers are redacted with: every managed secret, and the leak rules.

@@ -37,7 +37,6 @@ import re
 import socket
 import struct
 import sys
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +46,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.calls.identity import IdentityError, Peer, holders_split, identify, peer_of, tcp_peer
+from broker.calls.identity import Peer, holders_split, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
-from broker.leaks.redact import Redactor
-from broker.leaks.scan import ManagedSecrets
 from broker.paths import ensure_private_dir
 
 if TYPE_CHECKING:
@@ -82,8 +79,6 @@ LINGER_SECONDS, LINGER_BYTES = 1.0, 16 * 1024 * 1024
 MAX_TCP_CONNECTIONS = 256
 # A /v1/scan body larger than this is scanned in a thread, not on the event loop.
 SCAN_INLINE_BYTES = 64 * 1024
-# /v1/scan's matcher of the managed secrets, built once per redactor the engine makes.
-_SCAN_SECRETS: weakref.WeakKeyDictionary[Redactor, ManagedSecrets] = weakref.WeakKeyDictionary()
 
 
 class SocketInUse(Exception):
@@ -628,9 +623,6 @@ class _Connection:
         already holds the secrets and the compiled rules, so the hook loads neither.
         A large output is scanned in a thread, so calls keep flowing meanwhile.
         """
-        from broker.claude.output import finding_json, inspect_output
-        from broker.secrets import SecretStoreError
-
         try:
             data = json.loads(body)
             if not isinstance(data, dict):
@@ -642,41 +634,12 @@ class _Connection:
                 raise ValueError
         except ValueError:
             return await self._refusal("bad_request", '/v1/scan takes {"response": ..., "extra": [str], "where": str}')
-        engine = self.engine
-        config = engine.refresh_config()
-        try:
-            caller = identify(self.peer, config, engine.sessions, token)
-            tenant, workspace = caller.tenant.id, caller.workspace
-        except IdentityError:
-            tenant, workspace = None, None
-        try:
-            redactor = engine.redactor()
-            managed = _SCAN_SECRETS.get(redactor)
-            if managed is None:  # once per redactor, i.e. per config or keyring change
-                managed = _SCAN_SECRETS[redactor] = ManagedSecrets(engine.managed_secrets(strict=True))
-        except SecretStoreError:
+        answer = await self.engine.scan_output(
+            self.peer, token, data.get("response"), extra, where, cwd, in_thread=len(body) > SCAN_INLINE_BYTES
+        )
+        if answer is None:
             message = {"error": {"code": "keyring_unavailable", "message": "the keyring cannot be read"}}
             return 503, [("Content-Type", "application/json")], _json(message)
-        # Where the output was seen: the session transcript (the hook names it), else the folder.
-        path = Path(where) if where else (workspace or Path(cwd or "/"))
-
-        def scan() -> Any:
-            return inspect_output(
-                data.get("response"),
-                extra,
-                path,
-                tenant=tenant,
-                workspace=workspace,
-                managed=managed,
-                redactor=lambda: redactor,
-            )
-
-        found = await asyncio.to_thread(scan) if len(body) > SCAN_INLINE_BYTES else scan()
-        answer: dict[str, Any] = {"tenant": tenant, "workspace": str(workspace) if workspace else None}
-        if found is None:
-            answer["findings"] = []
-        else:
-            answer |= {"findings": [finding_json(f) for f in found[0]], "redacted": found[1], "where": str(path)}
         return 200, [("Content-Type", "application/json")], _json(answer)
 
     async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
