@@ -743,7 +743,23 @@ class Engine:
                 "Outloop: a call waits for your approval",
                 f"{caller.tenant.id}/{credential.name}: {req.method} {path}. Open `outloop` to answer.",
             )
-        answer, approver = await self.approvals.wait(approval)
+        waiting = self.approvals.wait(approval)
+        if req.hangup is None:
+            answer, approver = await waiting
+        else:
+            answered, gone = asyncio.ensure_future(waiting), asyncio.ensure_future(req.hangup())
+            try:
+                await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not answered.done():  # the agent hung up (Ctrl-C, an SDK's timeout): withdraw the ask
+                answered.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answered
+                return await self.refuse(
+                    peer, "caller_gone", "the caller hung up before the operator answered", base=base
+                )
+            answer, approver = answered.result()
         if answer == "timeout" and unattended and not self.approvals.attached:
             return await self.refuse(
                 peer,

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from support.fixtures import OUTLOOP, BrokerThread, World, wait_for  # noqa: E402
 
-from broker.events import ApprovalRequested, ConfigRejected, ConfigReloaded  # noqa: E402
+from broker.events import ApprovalRequested, ApprovalResolved, ConfigRejected, ConfigReloaded  # noqa: E402
 
 
 def req(credential: str, method: str, path: str, **extra: Any) -> dict[str, Any]:
@@ -958,3 +958,57 @@ def test_an_ask_shows_the_operator_what_it_sends_and_never_a_key(world: World, b
     finally:
         broker.call(broker.engine.answer, waiting.id, "denied")
         agent.communicate(timeout=60)
+
+
+ASK_AND_HANG = r"""
+import http.client, json, socket, sys
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "unix":
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(where)
+    conn = Conn("outloop")
+else:
+    host, port = where.rsplit(":", 1)
+    conn = Conn = http.client.HTTPConnection(host, int(port))
+body = json.dumps({"credential": "api", "method": "POST", "path": "/ask/refund"})
+conn.request("POST", "/v1/request", body, {"Content-Type": "application/json"})
+print("sent", flush=True)
+conn.getresponse()  # waits for the operator; killed before that
+"""
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_waiting_call_whose_caller_hangs_up_is_withdrawn_and_audited(world: World, transport: str) -> None:
+    """Ctrl-C (or an SDK's timeout) while a call waits: the ask goes, nothing is sent upstream later."""
+    if transport == "tcp":
+        world.configure(listen="127.0.0.1:0")
+    broker = BrokerThread(world.paths).start()
+    try:
+        broker.call(broker.engine.attach_approver)
+        where = str(world.socket) if transport == "unix" else broker.engine.listen_url.removeprefix("http://")
+        agent = subprocess.Popen(
+            [sys.executable, "-c", ASK_AND_HANG, transport, where],
+            cwd=world.acme,
+            env=world.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        (waiting,) = _pending(broker)
+        agent.kill()
+        agent.wait(30)
+        wait_for(lambda: not broker.call(broker.engine.pending), 30, "the ask to be withdrawn")
+        assert broker.call(broker.engine.answer, waiting.id, "approved") is False  # too late: nothing to send
+        assert world.upstream.records == []
+
+        def attempts() -> list[str]:
+            records = world.audit()
+            return [r["decision"] for r in records if r.get("event") == "attempt" and r.get("path") == "/ask/refund"]
+
+        wait_for(attempts, 30, "the withdrawal's audit record")
+        assert attempts() == ["caller_gone"]
+        resolved = [e for e in broker.events if isinstance(e, ApprovalResolved)]
+        assert [(e.decision, e.approver) for e in resolved] == [("cancelled", "caller_gone")]
+    finally:
+        broker.stop()

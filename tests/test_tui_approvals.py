@@ -205,7 +205,8 @@ async def test_new_approval_rings_and_notifies(world: World) -> None:
         await started(app, pilot)
         proc = world.agent_popen(world.acme, [ASK])
         await until(pilot, lambda: bells, what="the bell")
-        assert any(n.title == "Approval needed" for n in app._notifications)
+        # The notification is a message the app handles on its next turn, not at once.
+        await until(pilot, lambda: any(n.title == "Approval needed" for n in app._notifications), what="it")
         await pilot.press("n")
         await finish(proc, world)
 

@@ -81,7 +81,7 @@ class Approvals:
             return "timeout", "timeout"
         except asyncio.CancelledError:
             # The caller hung up: nobody waits for this answer any more.
-            self._finish(approval.id, "cancelled", "caller")
+            self._finish(approval.id, "cancelled", "caller_gone")
             raise
         finally:
             self._waiting.pop(approval.id, None)

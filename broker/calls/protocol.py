@@ -6,6 +6,7 @@ answers) and the engine (which decides them), drawn once here.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ REFUSAL_STATUS = {
     "approval_unavailable": 403,
     "bad_request": 400,
     "upstream_error": 502,
+    "caller_gone": 499,  # audited only: the caller hung up while its call waited, nobody reads this
     "audit_unavailable": 503,
     "session_limit": 429,  # broker.max_sessions sessions are open already
 }
@@ -39,6 +41,9 @@ class CallRequest:
     tenant_claim: str | None = None
     reason: str = ""
     token: str | None = None  # a session token from the request's headers (never forwarded)
+    # Returns once the caller has hung up (the socket server's watch); awaited only while a
+    # call waits for the operator, so an approval never outlives the agent that asked.
+    hangup: Callable[[], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

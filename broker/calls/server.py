@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import struct
 import sys
@@ -77,6 +78,7 @@ _CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size) if PASSCRED else 0
 LINGER_SECONDS, LINGER_BYTES = 1.0, 16 * 1024 * 1024
 # Loopback TCP connections open at once; more are answered 503 and closed.
 MAX_TCP_CONNECTIONS = 256
+HANGUP_POLL_SECONDS = 0.25  # how often a waiting TCP call looks whether its caller left
 # A /v1/scan body larger than this is scanned in a thread, not on the event loop.
 SCAN_INLINE_BYTES = 64 * 1024
 
@@ -355,6 +357,7 @@ class _Connection:
             self._sock.setblocking(False)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.busy = False  # a request has arrived and its answer is not sent yet
+        self.gone = False  # the caller hung up while its call waited: nobody to answer
         self.stopping = False  # the broker is stopping: close once this answer is sent
         # A malformed request read with whole ones before it: refused once they are answered.
         self.error: BadRequest | None = None
@@ -403,6 +406,8 @@ class _Connection:
                         }
                     }
                 )
+            if self.gone:
+                return
             close = self.stopping or not request.keep_alive
             self.served += 1
             await self._send(status, headers, payload, close=close, head_only=request.method == b"HEAD")
@@ -495,6 +500,41 @@ class _Connection:
         self.busy = True
         return parser.ready.popleft()
 
+    async def _hangup(self) -> None:
+        """Return once the caller has closed the connection (never, while it is still there).
+
+        Used only while a call waits for the operator. Nothing is consumed: a peek sees
+        the end of the stream, and bytes of a next request stay for the reader.
+        """
+        loop = asyncio.get_running_loop()
+        if self._sock is None:  # loopback TCP, or no SO_PASSCRED: the stream reader sees EOF
+            while not (self.reader.at_eof() or self.writer.is_closing()):  # noqa: ASYNC110 - no EOF event to wait on
+                await asyncio.sleep(HANGUP_POLL_SECONDS)
+            self.gone = True
+            return
+        sock = self._sock
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            try:
+                peeked = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                peeked = b""
+            if peeked:
+                await asyncio.Event().wait()  # a pipelined request is waiting: the caller is there
+            # End of stream. A client may only have shut its sending side and still wait for
+            # the answer; a closed socket (Ctrl-C, a timeout) also hangs up: POLLHUP says which.
+            while not _hung_up(sock):  # noqa: ASYNC110 - the kernel sends no event for it
+                await asyncio.sleep(HANGUP_POLL_SECONDS)
+            self.gone = True
+            return
+
     async def _read_or_idle(self, in_message: bool) -> bytes:
         """A read on TCP, bounded by idle_timeout: an idle connection is closed (b"")."""
         idle = self.engine.config.broker.idle_timeout
@@ -568,7 +608,7 @@ class _Connection:
                 return await self._refusal("bad_request", str(e))
             if any(TOKEN_PREFIX in v and TOKEN_RE.search(v) for _, v in call.query):
                 return await self._refusal("bad_request", "session tokens go in a header, never in the query of a call")
-            call.token = token
+            call.token, call.hangup = token, self._hangup
             outcome = await self.engine.call(self.peer, call)
             return _envelope(outcome)
         if path.startswith("/v1/proxy/"):
@@ -576,7 +616,7 @@ class _Connection:
                 call = parse_proxy(method, target, request.headers, body)
             except BadRequest as e:
                 return await self._refusal("bad_request", str(e))
-            call.token = token
+            call.token, call.hangup = token, self._hangup
             outcome = await self.engine.call(self.peer, call)
             return _raw(outcome)
         if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
@@ -645,6 +685,18 @@ class _Connection:
     async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)
         return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the other end has closed the Unix socket (not merely shut its sending side)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, length: int, close: bool) -> bytes:
