@@ -13,6 +13,9 @@ gets it back:
    fdatasync'd on its own in a thread (what "just fsync in to_thread" gives);
 3. AuditLog, N clients: group commit, one fsync per batch;
 4. AuditLog, 1 client: the latency one caller sees (p50/p99 of record()).
+5. and 6.: the same two sealed with HMAC-SHA-256 under an audit key (what the
+   broker writes), interleaved with the plain SHA-256 runs; and the cost of
+   sealing one record alone (canonical JSON + digest), SHA-256 against HMAC.
 
 Ratios are against the naive variants of the same run. The broker writes two
 records per call (attempt, outcome), so calls/s it can audit is half of records/s.
@@ -34,7 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.audit import GENESIS, AuditLog, canonical_json, format_ts, verify  # noqa: E402
+from broker.audit import GENESIS, AuditKey, AuditLog, canonical_json, format_ts, verify  # noqa: E402
+from broker.audit.chain import _seal  # noqa: E402
 
 
 def fields(n: int) -> dict[str, Any]:
@@ -111,10 +115,12 @@ async def naive_concurrent(folder: Path, total: int, clients: int) -> float:
     return per_client * clients / elapsed
 
 
-async def group_commit(folder: Path, total: int, clients: int) -> tuple[float, str, list[float]]:
+async def group_commit(
+    folder: Path, total: int, clients: int, key: AuditKey | None = None
+) -> tuple[float, str, list[float]]:
     per_client = total // clients
     latencies: list[float] = []
-    async with AuditLog(folder) as log:
+    async with AuditLog(folder, key=key) as log:
 
         async def client(c: int) -> None:
             for i in range(per_client):
@@ -126,13 +132,24 @@ async def group_commit(folder: Path, total: int, clients: int) -> tuple[float, s
         await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - start
         stats = log.stats
-    result = verify(folder)
-    assert result.ok and result.count == per_client * clients, result
+    result = verify(folder, key)
+    assert result.ok and result.count == per_client * clients + (key is not None), result
     mean_batch = stats.records / max(1, stats.batches)
     summary = (
         f"{stats.batches} batches, {stats.fsyncs} fsyncs, mean batch {mean_batch:.1f}, largest {stats.largest_batch}"
     )
     return per_client * clients / elapsed, summary, latencies
+
+
+def seal_cost(key: AuditKey | None, rounds: int = 20000) -> float:
+    """Microseconds to seal one broker-like record (canonical JSON and its digest)."""
+    prev = GENESIS
+    start = time.perf_counter()
+    for n in range(rounds):
+        rec = {"ts": "2025-01-02T03:04:05.678Z", "id": f"{n:024x}", **fields(n)}
+        _seal(rec, prev, n + 1, key)
+        prev = rec["hash"]
+    return (time.perf_counter() - start) / rounds * 1e6
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,8 +170,13 @@ def main() -> int:
     try:
         naive_seq = naive_sequential(base / "naive-seq", total)
         naive_conc = asyncio.run(naive_concurrent(base / "naive-conc", total, clients))
+        key = AuditKey.generate()
         grouped, summary, lat = asyncio.run(group_commit(base / "group", total, clients))
+        grouped_h, _, lat_h = asyncio.run(group_commit(base / "group-hmac", total, clients, key))
         single, _, lat1 = asyncio.run(group_commit(base / "single", min(total, 3000), 1))
+        single_h, _, lat1_h = asyncio.run(group_commit(base / "single-hmac", min(total, 3000), 1, key))
+        seal_sha = min(seal_cost(None) for _ in range(3))
+        seal_hmac = min(seal_cost(key) for _ in range(3))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     rows = [
@@ -162,12 +184,19 @@ def main() -> int:
         (f"naive, {clients} clients, fsync per record", naive_conc),
         (f"AuditLog, {clients} clients, group commit", grouped),
         ("AuditLog, 1 client", single),
+        (f"AuditLog HMAC, {clients} clients", grouped_h),
+        ("AuditLog HMAC, 1 client", single_h),
     ]
     for label, rate in rows:
         print(f"{label:<42} {rate:9.0f} records/s")
     print(f"  group commit: {summary}")
     print(f"  record() latency, {clients} clients: p50 {pct(lat, 0.5):.2f} ms, p99 {pct(lat, 0.99):.2f} ms")
     print(f"  record() latency, 1 client: p50 {pct(lat1, 0.5):.2f} ms, p99 {pct(lat1, 0.99):.2f} ms")
+    print(f"  HMAC record() latency, 1 client: p50 {pct(lat1_h, 0.5):.2f} ms, p99 {pct(lat1_h, 0.99):.2f} ms")
+    print(f"  HMAC record() latency, {clients} clients: p50 {pct(lat_h, 0.5):.2f} ms, p99 {pct(lat_h, 0.99):.2f} ms")
+    extra = seal_hmac - seal_sha
+    print(f"sealing one record: SHA-256 {seal_sha:.2f} us, HMAC-SHA-256 {seal_hmac:.2f} us (+{extra:.2f} us)")
+    print(f"HMAC / SHA-256 records/s: {clients} clients {grouped_h / grouped:.2f}x, 1 client {single_h / single:.2f}x")
     print(f"group commit / naive sequential:       {grouped / naive_seq:5.1f}x")
     print(f"group commit / naive {clients} clients:       {grouped / naive_conc:5.1f}x")
     print(f"broker calls/s the audit sustains at {clients} clients (2 records per call): {grouped / 2:.0f}")

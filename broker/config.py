@@ -7,6 +7,7 @@ before it is written, and a file that does not parse is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
+from broker import config_approval
 from broker.paths import Paths, atomic_write
 from broker.policy import RuleError, parse_rule
 
@@ -147,12 +149,18 @@ class SandboxSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    syslog: bool = False  # also send every audit record to the local syslog / journald
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated config. `raw` is the document as read, unknown keys included."""
 
     tenants: dict[str, Tenant]
     broker: BrokerSettings
     raw: dict[str, Any]
+    audit: AuditSettings = AuditSettings()
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
     def workspace_for(self, path: Path | str) -> tuple[Tenant, Path] | None:
@@ -300,7 +308,18 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
         if not isinstance(ignore_raw, list) or not all(isinstance(p, str) and p.strip() for p in ignore_raw):
             raise where.error(f"{key}.scan_ignore", 'must be a list of folder patterns, like ["data/", "*.cache"]')
         tenants[tid] = Tenant(tid, name, workspaces, creds, tuple(p.strip() for p in ignore_raw))
-    return Config(tenants, broker, raw, _sandbox(raw.get("sandbox", {}), where))
+    return Config(
+        tenants, broker, raw, audit=_audit(raw.get("audit", {}), where), sandbox=_sandbox(raw.get("sandbox", {}), where)
+    )
+
+
+def _audit(raw: Any, where: _Locator) -> AuditSettings:
+    if not isinstance(raw, dict):
+        raise where.error("audit", "must be a table")
+    to_syslog = raw.get("syslog", False)
+    if not isinstance(to_syslog, bool):
+        raise where.error("audit.syslog", "must be true or false")
+    return AuditSettings(syslog=to_syslog)
 
 
 def _sandbox(raw: Any, where: _Locator) -> SandboxSettings:
@@ -506,6 +525,7 @@ class ConfigEditor:
         self.paths = paths
         self.raw = copy.deepcopy(read_raw(paths.config_file))
         validate(self.raw, paths.config_file)  # never build on a file we could not validate
+        _check_approved(paths)
 
     def _tenants(self) -> dict[str, Any]:
         tenants: dict[str, Any] = self.raw.setdefault("tenants", {})
@@ -564,5 +584,36 @@ class ConfigEditor:
     def save(self) -> Config:
         """Validate the edited document and write it atomically; returns the new Config."""
         config = validate(self.raw, self.paths.config_file)
-        atomic_write(self.paths.config_file, tomli_w.dumps(self.raw).encode("utf-8"))
+        data = tomli_w.dumps(self.raw).encode("utf-8")
+        try:
+            before: bytes | None = self.paths.config_file.read_bytes()
+        except OSError:
+            before = None
+        # Approved before it is written: the broker finds the new file already approved.
+        config_approval.approve(self.paths, data)
+        try:
+            atomic_write(self.paths.config_file, data)
+        except BaseException:
+            if before is not None:  # the old file stays: so does its approval
+                with contextlib.suppress(OSError):
+                    config_approval.approve(self.paths, before)
+            raise
         return config
+
+
+def _check_approved(paths: Paths) -> None:
+    """Refuse to build on a config.toml whose changes wait for the operator (they would pass unseen)."""
+    known = config_approval.approved_digest()
+    if known is None:
+        return  # nothing approved yet on this machine: the first write approves
+    try:
+        data = paths.config_file.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    except OSError:
+        return  # read_raw has already said what is wrong
+    if config_approval.digest(data) != known:
+        raise ConfigError(
+            f"{paths.config_file} was changed outside Outloop and its changes wait for the operator: "
+            "`outloop config accept` or `outloop config reject` first"
+        )

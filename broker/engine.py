@@ -26,19 +26,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import __version__
-from broker.audit import AuditError, AuditLog, last_records
+from broker.audit import AuditError, AuditKey, AuditLog, Head, last_records
+from broker.audit import keys as audit_keys
+from broker.audit.syslog_sink import send as send_to_syslog
 from broker.calls.approvals import Approvals, GrantKey
 from broker.calls.forward import Forwarder, UpstreamError
 from broker.calls.identity import Caller, IdentityError, Peer, command_line, identify, identify_folder
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import Session, SessionError, Sessions
 from broker.calls.workers import ForwardPool
-from broker.config import Config, ConfigError, Credential, load_config
+from broker.config import Config, Credential
+from broker.config_gate import ConfigGate
 from broker.events import (
     AuditRecorded,
     BrokerStateChanged,
-    ConfigRejected,
     ConfigReloaded,
+    ConfigStaged,
     Event,
     PendingApproval,
     Refused,
@@ -100,6 +103,10 @@ class Engine:
         self.sessions = Sessions(paths.state_dir / "sessions.json")
         self.sessions.on_end = self._session_ended
         self.listen_url: str | None = None  # the loopback TCP listener, once it listens
+        self._kept_head: Head | None = None  # the audit head last kept in the keyring
+        self._audit_early: list[dict[str, Any]] | None = []
+        self.config_gate = ConfigGate(paths, record=self._audit_soon, publish=self._publish)
+        self._head_kept_at = 0.0
 
     # -- events ---------------------------------------------------------------
 
@@ -130,14 +137,37 @@ class Engine:
 
         self._set_state("starting")
         ensure_private_dir(self.paths.state_dir)
-        self._config = load_config(self.paths)
         self._config_stamp = self._stamp()
+        self._config = self.config_gate.start()
         if serve:
             # Before the audit log: a second broker must hear "already running on the
             # socket", not that the audit log is in use.
             Server(self, self.paths.socket).check_free()
+        # The chain is sealed under the keyring's audit key (made on the first start).
+        key: AuditKey | None = None
+        try:
+            key = await asyncio.to_thread(audit_keys.load_or_create_key, self.secrets.backend)
+        except AuditError as e:
+            # No usable keyring: the broker serves no key anyway; the chain goes on in plain
+            # SHA-256 and says why, and verify flags plain records after sealed ones.
+            assert self._audit_early is not None
+            self._audit_early.insert(0, {"event": "audit_key_unavailable", "message": str(e)})
+        self._kept_head = await asyncio.to_thread(audit_keys.read_head, self.secrets.backend)
+        self.audit.use_key(key, self._kept_head)
         await self.audit.open()
         self.audit.subscribe(self._on_audit)
+        await self.audit.record(
+            {
+                "event": "broker_started",
+                "version": __version__,
+                "pid": os.getpid(),
+                "key_id": key.key_id if key is not None else None,
+            }
+        )
+        early, self._audit_early = self._audit_early or [], None
+        for fields in early:
+            await self.audit.record(fields)
+        await self._keep_audit_head()
         self._forwarder = Forwarder(
             timeout=self.config.broker.upstream_timeout, max_response_bytes=self.config.broker.max_response_bytes
         )
@@ -167,6 +197,21 @@ class Engine:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
             self.refresh_config()
             self.sessions.sweep()  # expiries, and roots without a pidfd watching them
+            if time.monotonic() - self._head_kept_at >= audit_keys.KEYRING_HEAD_SECONDS:
+                await self._keep_audit_head()
+
+    async def _keep_audit_head(self) -> None:
+        """Keep the audit log's last durable record in the keyring, where a sandbox cannot reach it.
+
+        At start, at stop and every KEYRING_HEAD_SECONDS while records come: a keyring
+        write costs ~10-20 ms over D-Bus, far too much for every call.
+        """
+        self._head_kept_at = time.monotonic()
+        head = self.audit.last
+        if head is None or head == self._kept_head:
+            return
+        if await asyncio.to_thread(audit_keys.write_head, head, self.secrets.backend):
+            self._kept_head = head
 
     async def stop(self) -> None:
         """Refuse pending approvals, stop serving, close the audit log."""
@@ -192,7 +237,10 @@ class Engine:
         self.sessions.detach()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
+        with contextlib.suppress(AuditError):
+            await self.audit.record({"event": "broker_stopped", "pid": os.getpid()})
         await self.audit.close()
+        await self._keep_audit_head()
         self._set_state("stopped")
 
     def _alert_store(self) -> AlertStore:
@@ -248,6 +296,8 @@ class Engine:
             return {}
 
     def _on_audit(self, record: dict[str, Any]) -> None:
+        if self._config is not None and self._config.audit.syslog:
+            send_to_syslog(record)
         if self._subscribers:  # none for `outloop broker`
             self._publish(AuditRecorded(record))
 
@@ -266,11 +316,12 @@ class Engine:
         if stamp == self._config_stamp:
             return self.config
         self._config_stamp = stamp
-        try:
-            new = load_config(self.paths)
-        except ConfigError as e:
-            self._publish(ConfigRejected(str(e)))
+        new = self.config_gate.consider()  # approved, narrowed, staged, or None: keep the current one
+        if new is None:
             return self.config
+        return self._use_config(new)
+
+    def _use_config(self, new: Config) -> Config:
         self._config = new
         self._redactor = None
         self.sessions.max_sessions = new.broker.max_sessions
@@ -283,6 +334,37 @@ class Engine:
                 self._background(watcher.rearm(self._workspace_list()))
         self._publish(ConfigReloaded(len(new.tenants)))
         return new
+
+    # -- config changes that wait for the operator (broker/config_gate.py) ------------
+
+    def _audit_soon(self, fields: dict[str, Any]) -> None:
+        if self._audit_early is None:
+            self._background(self.audit.record(fields))
+        else:
+            self._audit_early.append(fields)  # before the audit log is open: written once it is
+
+    def staged_config(self) -> ConfigStaged | None:
+        """The config change that waits for the operator, if any."""
+        self.refresh_config()
+        return self.config_gate.staged
+
+    def accept_config(self, digest: str, approver: str = "operator") -> str | None:
+        """Enforce the staged change named by `digest` (audited); None, or why it was not."""
+        result = self.config_gate.accept(digest, approver)
+        if isinstance(result, str):
+            return result
+        self._config_stamp = self._stamp()
+        self._use_config(result)
+        return None
+
+    def reject_config(self, digest: str, approver: str = "operator") -> str | None:
+        """Discard the staged change named by `digest`: config.toml goes back (audited); None, or why not."""
+        result = self.config_gate.reject(digest, approver)
+        if isinstance(result, str):
+            return result
+        self._config_stamp = self._stamp()
+        self._use_config(result)
+        return None
 
     # -- operator ---------------------------------------------------------------
 
@@ -326,6 +408,7 @@ class Engine:
             alerts=self.alerts.open_alerts() if self.alerts is not None else [],
             watcher=self.watcher.health() if self.watcher is not None else None,
             sessions=[s.public() for s in self.sessions.live()],
+            staged=self.config_gate.staged,
         )
 
     def keyring(self) -> BackendInfo:

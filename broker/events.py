@@ -88,6 +88,27 @@ class ConfigRejected:
     message: str
 
 
+@dataclass(frozen=True)
+class ConfigStaged:
+    """config.toml changed outside Outloop in a way that widens access: it waits for the operator.
+
+    `digest` names the content (accept or reject it by that); `changes` says what it
+    would do, one line each, never a secret. A newer edit stages again, replacing this.
+    """
+
+    digest: str
+    changes: list[str]
+    applied: list[str] = field(default_factory=list)  # what narrowed access at once, from the same edit
+
+
+@dataclass(frozen=True)
+class ConfigStageCleared:
+    """Nothing waits any more: `outcome` is "accepted", "rejected" or "withdrawn" (edited back)."""
+
+    outcome: str
+    approver: str = ""
+
+
 # What the dashboard shows (Engine.snapshot, and the same over the operator channel).
 
 
@@ -104,6 +125,7 @@ class Snapshot:
     alerts: list[Alert]  # open leak alerts, most severe first
     watcher: WatcherHealth | None  # None when the leak watcher is off
     sessions: list[dict[str, Any]] = field(default_factory=list)  # live agent sessions, as `session list` shows
+    staged: ConfigStaged | None = None  # a config change that waits for the operator
 
 
 # Leak alerts: published by the alert store (broker/leaks/alerts.py), through the engine.
@@ -147,5 +169,7 @@ Event = (
     | BrokerStateChanged
     | ConfigReloaded
     | ConfigRejected
+    | ConfigStaged
+    | ConfigStageCleared
     | AlertEvent
 )

@@ -43,12 +43,15 @@ from outloop_tui.messages import (
     BrokerState,
     CallRefused,
     ConfigChanged,
+    ConfigDecided,
     ConfigInvalid,
+    ConfigWaiting,
     EventBridge,
 )
 from outloop_tui.widgets.alerts import AlertAction, AlertScreen, AlertsPane
 from outloop_tui.widgets.approvals import SAFE_METHODS, ApprovalScreen, ApprovalsPane, GrantsScreen, duration
 from outloop_tui.widgets.audit import LINE_CAP, AuditPane
+from outloop_tui.widgets.config_review import ConfigReviewScreen
 from outloop_tui.widgets.confirm import ConfirmScreen
 from outloop_tui.widgets.first_run import FirstRunScreen
 from outloop_tui.widgets.footer import KeyFooter
@@ -129,6 +132,13 @@ class DashboardScreen(Screen[None]):
             tooltip="remove the highlighted tenant, workspace or credential (asks first)",
         ),
         Binding("g", "grants", "Grants", id="grants", tooltip="list the live 'always' grants and revoke one"),
+        Binding(
+            "v",
+            "review_config",
+            "Config",
+            id="review-config",
+            tooltip="review a config.toml change that waits for you, and accept or reject it",
+        ),
         Binding("s", "sessions", "Sessions", id="sessions", tooltip="list the agent sessions and end one"),
         Binding("r", "rescan", "Rescan", id="rescan", tooltip="rescan every workspace for leaked keys"),
         Binding(
@@ -487,6 +497,38 @@ class DashboardScreen(Screen[None]):
     def on_config_changed(self, message: ConfigChanged) -> None:
         self.dashboard_app.set_banner("config", "")
         self.refresh_view()
+
+    def on_config_waiting(self, message: ConfigWaiting) -> None:
+        self.dashboard_app.set_banner(
+            "staged", f"A config.toml change widens access and waits for you ({len(message.changes)}): press v."
+        )
+        self.app.bell()
+        self.notify(
+            "\n".join(message.changes[:5]), title="Config change waits for you (v)", severity="warning", timeout=15
+        )
+
+    def on_config_decided(self, message: ConfigDecided) -> None:
+        self.dashboard_app.set_banner("staged", "")
+        self.refresh_view()
+
+    def action_review_config(self) -> None:
+        """Show the staged config change; y accepts it, n rejects it (config.toml goes back)."""
+        staged = self.engine.snapshot().staged
+        if staged is None:
+            self.notify("No config change waits for you.", timeout=3)
+            return
+
+        def decided(accept: bool | None) -> None:
+            if accept is None:
+                return  # later: it goes on waiting
+            act = self.engine.accept_config if accept else self.engine.reject_config
+            why = act(staged.digest, "operator (dashboard)")
+            if why:
+                self.notify(why, title="Config change", severity="warning")
+            else:
+                self.notify("Accepted." if accept else "Rejected; config.toml is back.", title="Config change")
+
+        self.app.push_screen(ConfigReviewScreen(list(staged.changes), list(staged.applied)), decided)
 
     def on_config_invalid(self, message: ConfigInvalid) -> None:
         self.dashboard_app.set_banner(

@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--include", action="store_true", help="print status and headers on stderr")
     p.set_defaults(run=_cmd("cmd_call", "run_call"))
 
+    p = sub.add_parser("config", help="accept or reject config changes that wait for the operator")
+    csub = p.add_subparsers(title="config commands", metavar="ACTION", required=True)
+    for action, helptext in (
+        ("accept", "enforce the staged config change (it widens access); run outside any agent session"),
+        ("reject", "discard the staged config change: config.toml goes back to the enforced config"),
+    ):
+        q = csub.add_parser(action, help=helptext, description=helptext)
+        q.add_argument("--json", action="store_true", help="print the outcome and the changes as JSON")
+        q.set_defaults(run=_cmd("cmd_config", f"run_{action}"))
+
     p = sub.add_parser("whoami", help="the tenant, workspace and credentials the caller gets here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd("cmd_call", "run_whoami"))

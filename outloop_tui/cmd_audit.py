@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from broker.audit import BadRecord, VerifyResult, follow, last_records, verify
+from broker.audit import AuditError, AuditKey, BadRecord, Head, KeyNeeded, VerifyResult, follow, last_records, verify
 
 DEFAULT_LINES = 20
 
@@ -37,15 +37,42 @@ def _fail(exc: OSError) -> int:
     return 2
 
 
+def _keyring() -> tuple[AuditKey | None, Head | None]:
+    """The audit key and the head kept in the keyring (None, None when it holds neither)."""
+    from broker.audit import keys
+
+    return keys.read_key(), keys.read_head()
+
+
+def _refuse(args: argparse.Namespace, code: str, message: str) -> int:
+    """A verification that could not be made: exit 2, one sentence (or JSON saying so)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": {"code": code, "message": message}}, indent=2))
+    else:
+        print(f"outloop: {message}", file=sys.stderr)
+    return 2
+
+
 def run_verify(args: argparse.Namespace) -> int:
-    """Check the whole chain; exit 0 if intact, 1 with the first bad record if not."""
+    """Check the whole chain; exit 0 if intact, 1 with the first bad record if not, 2 if it cannot."""
     audit_dir = _audit_dir(args)
     try:
-        result = verify(audit_dir)
+        key, anchor = _keyring()
+    except AuditError as exc:
+        return _refuse(args, "key_unreadable", f"{exc}; the audit log cannot be verified without it")
+    try:
+        result = verify(audit_dir, key, anchor)
+    except KeyNeeded:
+        return _refuse(
+            args,
+            "key_missing",
+            "the audit log is sealed with HMAC-SHA-256 and the keyring holds no audit key "
+            "(service outloop, _audit/hmac-key), so it cannot be verified: restore that keyring entry",
+        )
     except OSError as exc:
         return _fail(exc)
     if getattr(args, "json", False):
-        print(json.dumps(_verify_json(result), indent=2))
+        print(json.dumps(_verify_json(result, key), indent=2))
         return 0 if result.ok else 1
     out = sys.stdout
     for note in result.notes:
@@ -74,17 +101,24 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     files = "file" if result.files == 1 else "files"
     records = "record" if result.count == 1 else "records"
-    print(f"audit chain OK: {result.count} {records} in {result.files} {files}", file=out)
+    sealed = f", {result.hmac} sealed with the audit key (HMAC-SHA-256)" if result.hmac else ""
+    print(f"audit chain OK: {result.count} {records} in {result.files} {files}{sealed}", file=out)
     return 0
 
 
-def _verify_json(result: VerifyResult) -> dict[str, Any]:
+def _verify_json(result: VerifyResult, key: AuditKey | None = None) -> dict[str, Any]:
     def bad(b: BadRecord | None) -> dict[str, Any] | None:
         return None if b is None else {"path": str(b.path), "line": b.line, "id": b.id, "reason": b.reason}
 
     return {
         "ok": result.ok,
+        "kind": result.kind,
+        "cut": result.cut,
         "records": result.count,
+        "hmac_records": result.hmac,
+        "plain_records": result.plain,
+        "last_seq": result.last_seq,
+        "key_id": key.key_id if key is not None else None,
         "files": result.files,
         "bad": bad(result.bad),
         "unfinished": bad(result.unfinished),

@@ -28,6 +28,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("tenant: Remove", "remove", "Remove the highlighted tenant, workspace or credential (asks first)"),
     ("approval: Revoke an always grant", "grants", "List the live 'always' grants and revoke one"),
     ("session: End an agent session", "sessions", "List the live agent sessions (outloop run) and end one"),
+    (
+        "config: Review a waiting config change",
+        "review_config",
+        "Accept or reject a config.toml change that widens access",
+    ),
     ("alerts: Rescan workspaces", "rescan", "Scan every workspace for leaked keys again"),
     ("broker: Lock / unlock", "toggle_lock", "Refuse every call until unlocked"),
     ("view: Focus tenants", "focus('#tenants')", "Move to the tenants pane"),

@@ -68,6 +68,21 @@ class ConfigInvalid(Message):
 
 
 @dataclass
+class ConfigWaiting(Message):
+    """A change to config.toml that widens access waits for the operator (approve / reject)."""
+
+    digest: str
+    changes: list[str]
+
+
+@dataclass
+class ConfigDecided(Message):
+    """The waiting config change was accepted, rejected or withdrawn."""
+
+    outcome: str
+
+
+@dataclass
 class AlertsChanged(Message):
     """The leak alerts changed; `raised` is the new alert when one just opened."""
 
@@ -112,6 +127,10 @@ def translate(event: ev.Event) -> Message | None:
             return ConfigChanged()
         case ev.ConfigRejected(message=message):
             return ConfigInvalid(message)
+        case ev.ConfigStaged(digest=digest, changes=changes):
+            return ConfigWaiting(digest, list(changes))
+        case ev.ConfigStageCleared(outcome=outcome):
+            return ConfigDecided(outcome)
         case ev.AlertOpened(alert=alert):  # new, or back: rings the bell
             return AlertsChanged(alert)
         case ev.AlertUpdated() | ev.AlertResolved() | ev.AlertIgnored():

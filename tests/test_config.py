@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import broker.paths
+from broker import config_approval
 from broker.config import (
     DEFAULTS,
     ConfigEditor,
@@ -556,7 +557,9 @@ def test_workspace_under_home_is_written_with_tilde(
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name != "config.toml")
+    # The state folder holds the approved copy (broker/config_approval.py); its temp files count too.
+    keep = {"config.toml", "state", "config.approved.toml"}
+    return sorted(p.name for p in folder.rglob("*") if p.name not in keep)
 
 
 @pytest.mark.parametrize("fail_at", ["replace", "fsync", "write"])
@@ -620,6 +623,11 @@ def test_crash_between_write_and_rename_leaves_the_old_file_whole(paths: Paths) 
     assert paths.config_file.read_bytes() == original
     # The orphan temp file holds the new document; it does not get in the way of later edits.
     assert [n for n in _leftovers(paths.config_file.parent) if n.endswith(".tmp")]
+    # The approval of the new document was recorded before the crash, so the old file now
+    # waits for the operator, who accepts it (what `outloop config accept` does offline).
+    with pytest.raises(ConfigError, match="wait for the operator"):
+        ConfigEditor(paths)
+    config_approval.approve(paths, original)
     editor = ConfigEditor(paths)
     editor.add_tenant("gamma", None)
     editor.save()

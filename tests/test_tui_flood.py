@@ -43,6 +43,7 @@ async def test_flood_keeps_keys_answering_and_the_line_cap() -> None:
     app = tui_sample.make_app(tui_sample.build())
     async with app.run_test(size=(160, 48)) as pilot:
         await tui_sample.ready(app, audit=False)
+        before = app.bridge.audit_seen  # the engine's own records (broker_started, ...) may come too
 
         async def flood() -> None:
             # As fast as the loop allows, in the engine's own delivery path (the subscriber).
@@ -72,6 +73,6 @@ async def test_flood_keeps_keys_answering_and_the_line_cap() -> None:
         await pilot.pause(0.4)  # the last drain
         log = app.screen.query_one("#audit-log", Log)
         assert answered >= 1
-        assert app.bridge.audit_seen == EVENTS
+        assert EVENTS <= app.bridge.audit_seen - before <= EVENTS + 3
         assert log.line_count <= LINE_CAP
         assert log.lines[-1].endswith(f"/pulls/{EVENTS - 1}")

@@ -12,6 +12,7 @@ Four rooms, each depending only on the ones before it:
   the event loop or the audit thread.
 - :mod:`~broker.audit.read`: verify the chain, iterate, tail and follow; safe
   while the broker writes.
+- :mod:`~broker.audit.keys`: the HMAC key and the head kept in the OS keyring.
 
 This package re-exports the public names. The tuning constants and the
 functions tests patch (``LAZY_SYNC_SECONDS``, ``_datasync``, ...) are not
@@ -20,17 +21,21 @@ re-exported: patch them on the module that uses them.
 
 from __future__ import annotations
 
-from broker.audit.chain import GENESIS, canonical_json, format_ts, record_hash
+from broker.audit.chain import GENESIS, HMAC_CHAIN, AuditKey, KeyNeeded, canonical_json, format_ts, record_hash
 from broker.audit.log import AuditLog, AuditStats
 from broker.audit.read import BadRecord, VerifyResult, follow, iter_records, last_records, verify
-from broker.audit.store import AuditError, TornTail, day_file_name, list_torn_tails
+from broker.audit.store import AuditError, Head, TornTail, day_file_name, list_torn_tails
 
 __all__ = [
     "GENESIS",
+    "HMAC_CHAIN",
     "AuditError",
+    "AuditKey",
     "AuditLog",
     "AuditStats",
     "BadRecord",
+    "Head",
+    "KeyNeeded",
     "TornTail",
     "VerifyResult",
     "canonical_json",

@@ -26,8 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from broker.audit.chain import GENESIS, Clock, Record, _clean, _new_id, _now, _seal, format_ts
-from broker.audit.store import AuditError, TornTail, _DayFile, _head_line, _Store
+from broker.audit.chain import GENESIS, AuditKey, Clock, Record, _clean, _new_id, _now, _seal, format_ts
+from broker.audit.store import AuditError, Head, TornTail, _DayFile, _head_line, _Store
 
 logger = logging.getLogger("outloop.audit")
 
@@ -140,18 +140,24 @@ class AuditLog:
         await log.close()
 
     ``clock`` returns an aware datetime; tests inject one to cross midnight.
+    With ``key`` every record is sealed with HMAC-SHA-256 under it (the broker
+    passes the keyring's audit key); without, with plain SHA-256.
     """
 
-    def __init__(self, audit_dir: Path, *, clock: Clock | None = None) -> None:
+    def __init__(self, audit_dir: Path, *, clock: Clock | None = None, key: AuditKey | None = None) -> None:
         self.audit_dir = Path(audit_dir)
         self.stats = AuditStats()
         self._clock: Clock = clock or _now
-        self._store = _Store(self.audit_dir)
+        self._key = key
+        self._store = _Store(self.audit_dir, key)
         self._store.clock = self._clock
         self._state = _State()
         self._head = GENESIS
         self._last_ts: datetime | None = None
         self._tail = GENESIS  # hash of the last record written, durable or not
+        self._tail_seq = 0  # its seq
+        self._head_seq = 0  # seq of the last durable record
+        self._head_id = ""
         self._unsynced_since = 0.0  # loop time the oldest unsynced record was written
         self._pending: list[_Pending] = []  # recorded, not yet written
         self._unsynced: list[_Pending] = []  # written, not yet covered by an fsync
@@ -171,6 +177,26 @@ class AuditLog:
     def head(self) -> str:
         """Hash of the last durable record (64 zeros for an empty log)."""
         return self._head
+
+    @property
+    def last(self) -> Head | None:
+        """The last durable record (hash, id, seq), or None before the first."""
+        if self._head == GENESIS or not self._head_id:
+            return None
+        return Head(self._head, self._head_id, self._head_seq)
+
+    @property
+    def key(self) -> AuditKey | None:
+        """The key records are sealed with (None: plain SHA-256)."""
+        return self._key
+
+    def use_key(self, key: AuditKey | None, anchor: Head | None = None) -> None:
+        """Seal with ``key`` from the next :meth:`open` on; ``anchor`` is the head kept in the keyring."""
+        if self._state.opened:
+            raise AuditError("the audit key is set before the log is opened")
+        self._key = key
+        self._store.key = key
+        self._store.anchor = anchor
 
     @property
     def torn_tails(self) -> tuple[TornTail, ...]:
@@ -209,9 +235,15 @@ class AuditLog:
             await self._shutdown_store()
             raise AuditError(f"cannot open the audit log in {self.audit_dir}: {exc.strerror or exc}") from exc
         self._head = self._tail = opened.head
+        self._head_seq = self._tail_seq = opened.seq
+        self._head_id = opened.id
         self._last_ts = opened.last_ts
         self._state.opened = True
         self._writer = asyncio.create_task(self._run_writer(), name="outloop-audit-writer")
+        if self._key is not None and not opened.hmac:
+            # From here on the chain is HMAC-sealed; this record says so, and
+            # which key (by its id, never the key) seals it.
+            await self.record({"event": "audit_hmac_started", "key_id": self._key.key_id, "after": opened.seq})
         for torn in opened.torn:
             await self.record(
                 {
@@ -285,7 +317,7 @@ class AuditLog:
         # Nothing queued and the writer idle: append now, in call order, instead
         # of a round trip through the writer task.
         try:
-            line = _seal(full, self._tail)
+            line = _seal(full, self._tail, self._tail_seq + 1, self._key)
         except (TypeError, ValueError) as exc:
             raise AuditError(f"audit record is not JSON-serialisable: {type(exc).__name__}") from None
         try:
@@ -420,6 +452,7 @@ class AuditLog:
     def _written(self, items: list[_Pending]) -> None:
         """`items` are in the file: they wait for an fsync; lazy callers are answered now."""
         self._tail = items[-1].record["hash"]
+        self._tail_seq = items[-1].record["seq"]
         if not self._unsynced:
             self._unsynced_since = asyncio.get_running_loop().time()
         self._unsynced.extend(items)
@@ -430,11 +463,11 @@ class AuditLog:
                 item.future.set_result(item.record)
 
     def _chain(self, part: _Part) -> list[_Pending]:
-        prev = self._tail
+        prev, seq = self._tail, self._tail_seq
         chained: list[_Pending] = []
         for item in part.items:
             try:
-                part.data += _seal(item.record, prev)
+                part.data += _seal(item.record, prev, seq + 1, self._key)
             except (TypeError, ValueError) as exc:
                 if not item.future.done():
                     item.future.set_exception(
@@ -442,7 +475,7 @@ class AuditLog:
                     )
                 continue
             chained.append(item)
-            prev = item.record["hash"]
+            prev, seq = item.record["hash"], seq + 1
         return chained
 
     async def _open_day(self, day: date) -> _DayFile:
@@ -472,7 +505,7 @@ class AuditLog:
             self._lazy_timer.cancel()
             self._lazy_timer = None
         last = items[-1].record
-        head_line = _head_line(last["hash"], last["id"])
+        head_line = _head_line(last["hash"], last["id"], last["seq"])
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._syncing = done
@@ -515,6 +548,8 @@ class AuditLog:
         exc = job.exception()
         if exc is None:
             self._head = items[-1].record["hash"]
+            self._head_seq = items[-1].record["seq"]
+            self._head_id = items[-1].record["id"]
             self.stats.records += len(items)
             self.stats.batches += 1
             self.stats.fsyncs = self._store.fsyncs
@@ -534,7 +569,7 @@ class AuditLog:
             self._unsynced = []
             self._unsynced_durable = 0
             self._store.cut_unsynced(current)
-            self._tail = self._head
+            self._tail, self._tail_seq = self._head, self._head_seq
             acknowledged = sum(1 for item in lost if item.future.done() and not item.future.exception())
             if acknowledged:
                 logger.error("%d audit records written without waiting for the fsync were cut", acknowledged)

@@ -15,10 +15,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
-from broker.audit.chain import GENESIS, Record, _check_line
-from broker.audit.store import _HEAD_SIZE, HEAD_NAME, TornTail, _day_files, _read_head, _split_tail, list_torn_tails
+from broker.audit.chain import GENESIS, HMAC_CHAIN, AuditKey, Record, _check_line
+from broker.audit.store import (
+    _HEAD_SIZE,
+    HEAD_NAME,
+    Head,
+    TornTail,
+    _day_files,
+    _read_head,
+    _split_tail,
+    list_torn_tails,
+)
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,16 @@ class BadRecord:
 class VerifyResult:
     """Outcome of :func:`verify`.
 
-    ``ok`` is False only when ``bad`` names a broken record. ``unfinished`` is a
+    ``ok`` is False only when ``bad`` names a broken record; ``kind`` then says
+    how it broke: ``edited``, ``removed`` (records missing in the middle or at
+    the start), ``cut`` (missing from the end), ``forged`` (a record not sealed
+    with the audit key where one must be), ``key_mismatch`` (the key given is
+    not the log's) or ``misplaced`` (in another day's file). ``cut`` is how many
+    records are missing, when the records' ``seq`` says so. ``unfinished`` is a
     last line that is incomplete or does not verify and that no commit covers:
     torn by a crash (the broker sets it aside on its next start) or being
-    written right now. ``torn`` lists tails already set aside.
+    written right now. ``torn`` lists tails already set aside. ``hmac`` and
+    ``plain`` count the records of each chain.
     """
 
     ok: bool
@@ -48,6 +64,11 @@ class VerifyResult:
     unfinished: BadRecord | None = None
     torn: tuple[TornTail, ...] = ()
     notes: tuple[str, ...] = ()
+    kind: str | None = None
+    cut: int | None = None
+    hmac: int = 0
+    plain: int = 0
+    last_seq: int | None = None
 
 
 def _lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
@@ -63,28 +84,58 @@ def _lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, int, byt
             offset += len(raw)
 
 
-def _intact_end(path: Path, head: str | None) -> tuple[int, int]:
+def _intact_end(path: Path, head: str | None, key: AuditKey | None) -> tuple[int, int]:
     """``(where the part recovery would keep ends, file size)`` of one snapshot of ``path``."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return 0, 0
         with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as data:
-            keep, _ = _split_tail(data, head)
+            keep, _ = _split_tail(data, head, key)
     return keep, size
 
 
-def verify(audit_dir: Path) -> VerifyResult:
+def _seq(rec: Record) -> int | None:
+    seq = rec.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _none_verify(days: list[tuple[date, Path]], key: AuditKey) -> bool:
+    """Whether no HMAC-sealed record of the log verifies under ``key`` (so it is the wrong key)."""
+    for _, path in days:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if HMAC_CHAIN.encode() in raw and raw.endswith(b"\n") and _check_line(raw, key)[1] is None:
+                    return False
+    return True
+
+
+def _seq_later(days: list[tuple[date, Path]], wanted: range) -> bool:
+    """Whether a record numbered in ``wanted`` appears in these files (a record moved, not deleted)."""
+    for _, path in days:
+        for rec in _read_records(path):
+            seq = _seq(rec)
+            if seq is not None and seq in wanted:
+                return True
+    return False
+
+
+def verify(audit_dir: Path, key: AuditKey | None = None, anchor: Head | None = None) -> VerifyResult:
     """Check the whole chain in ``audit_dir``; read-only, safe while the broker runs.
 
-    Fails on the first record that does not parse, whose hash does not match
-    its contents, whose ``prev`` is not the hash of the record before it, or
-    that sits in another day's file, and when records the head file names as
-    written are missing from the end. An incomplete last line is not a failure:
-    it is reported in ``unfinished``.
+    Fails on the first record that does not parse, whose hash (or HMAC, under
+    ``key``) does not match its contents, whose ``prev`` is not the hash of the
+    record before it, that is plain SHA-256 after HMAC-sealed records, or that
+    sits in another day's file; and when records the head file, or ``anchor``
+    (the head kept in the keyring), names as written are missing from the end.
+    With a ``key``, a log with records but none sealed with it fails too. An
+    incomplete last line is not a failure: it is reported in ``unfinished``.
+
+    Raises :class:`~broker.audit.chain.KeyNeeded` when the log holds
+    HMAC-sealed records and ``key`` is None.
     """
     audit_dir = Path(audit_dir)
-    head: tuple[str, str] | None = None
+    head: Head | None = None
     notes: list[str] = []
     # Read the head before the records: it is written after they are on
     # disk, so every record it names is already there.
@@ -93,15 +144,19 @@ def verify(audit_dir: Path) -> VerifyResult:
     days = _day_files(audit_dir)
     torn = tuple(list_torn_tails(audit_dir))
     if days and head is None:
-        notes.append(f"{HEAD_NAME} is missing, so records cut from the end cannot be detected")
-    head_hash = head[0] if head else None
+        notes.append(f"{HEAD_NAME} is missing, so records cut from the end cannot be detected by it")
+    head_hash = head.hash if head else None
     prev = GENESIS
-    count = 0
+    prev_seq: int | None = 0
+    count = hmac_count = 0
     head_seen = head_hash is None or head_hash == GENESIS
+    anchor_seen = anchor is None
     last_place: tuple[Path, int] = (audit_dir, 0)
     unfinished: BadRecord | None = None
 
-    def broken(path: Path, line: int, rec: Record | None, reason: str) -> VerifyResult:
+    def broken(
+        path: Path, line: int, rec: Record | None, reason: str, kind: str, cut: int | None = None
+    ) -> VerifyResult:
         rid = rec.get("id") if rec is not None else None
         return VerifyResult(
             ok=False,
@@ -110,6 +165,11 @@ def verify(audit_dir: Path) -> VerifyResult:
             bad=BadRecord(path, line, rid if isinstance(rid, str) else None, reason),
             torn=torn,
             notes=tuple(notes),
+            kind=kind,
+            cut=cut,
+            hmac=hmac_count,
+            plain=count - hmac_count,
+            last_seq=prev_seq,
         )
 
     for index, (day, path) in enumerate(days):
@@ -120,46 +180,98 @@ def verify(audit_dir: Path) -> VerifyResult:
         intact: int | None = None
         limit: int | None = None
         if index == len(days) - 1:
-            intact, limit = _intact_end(path, head_hash)
+            # Without the head file, the keyring's head says which lines were committed.
+            intact, limit = _intact_end(path, head_hash or (anchor.hash if anchor else None), key)
         last_place = (path, 0)
         for number, offset, raw in _lines(path, limit):
             rec: Record | None = None
             problem: str | None = "incomplete"
             if raw.endswith(b"\n"):
-                rec, problem = _check_line(raw)
+                rec, problem = _check_line(raw, key)
             if intact is not None and offset >= intact:
                 what = "incomplete" if problem in ("incomplete", None) else f"damaged ({problem})"
                 unfinished = BadRecord(path, number, None, f"the last line is {what}")
                 break
             if problem == "incomplete":
-                return broken(path, number, None, "the line is not terminated")
+                return broken(path, number, None, "the line is not terminated", "edited")
+            sealed = rec is not None and rec.get("chain") == HMAC_CHAIN
             if problem is not None:
-                return broken(path, number, rec, problem)
+                if sealed and key is not None and hmac_count == 0 and _none_verify(days, key):
+                    return broken(
+                        path,
+                        number,
+                        rec,
+                        "no record of this log verifies under the audit key in the keyring: "
+                        "it is not the key this log was sealed with",
+                        "key_mismatch",
+                    )
+                return broken(path, number, rec, problem, "edited")
             assert rec is not None
-            if rec["prev"] != prev:
+            seq = _seq(rec)
+            if hmac_count and not sealed:
                 return broken(
                     path,
                     number,
                     rec,
-                    "its prev does not match the hash of the record before it "
-                    "(records were deleted, inserted or reordered)",
+                    "a plain SHA-256 record after HMAC-sealed ones: it was written without the audit key",
+                    "forged",
                 )
+            if rec["prev"] != prev:
+                missing = None
+                if seq is not None and prev_seq is not None and seq > prev_seq + 1:
+                    missing = seq - prev_seq - 1
+                    if _seq_later(days[index:], range(prev_seq + 1, seq)):
+                        missing = None  # the "missing" ones come later: moved, not deleted
+                where = "from the start" if count == 0 else "before it"
+                if missing:
+                    reason = (
+                        f"{missing} record{'s are' if missing > 1 else ' is'} missing {where} (records were deleted)"
+                    )
+                else:
+                    reason = (
+                        "its prev does not match the hash of the record before it "
+                        "(records were deleted, inserted or reordered)"
+                    )
+                return broken(path, number, rec, reason, "removed", missing)
             if not rec["ts"].startswith(day.isoformat()):
-                return broken(path, number, rec, f"its time {rec['ts']} does not belong in this day's file")
+                return broken(
+                    path, number, rec, f"its time {rec['ts']} does not belong in this day's file", "misplaced"
+                )
             prev = rec["hash"]
+            prev_seq = seq
             count += 1
+            hmac_count += sealed
             last_place = (path, number)
             if prev == head_hash:
                 head_seen = True
-    if not head_seen:
-        assert head is not None
-        path, number = last_place
+            if anchor is not None and prev == anchor.hash:
+                anchor_seen = True
+    path, number = last_place
+    for seen, named, by in ((head_seen, head, HEAD_NAME), (anchor_seen, anchor, "the keyring's audit head")):
+        if seen or named is None:
+            continue
+        cut = named.seq - prev_seq if named.seq is not None and prev_seq is not None else None
+        how_many = f"{cut} record{'s were' if cut != 1 else ' was'}" if cut else "records were"
         return broken(
             path,
             number + 1,
-            {"id": head[1]},
-            f"the log ends before record {head[1]}, the last one written "
-            f"(per {HEAD_NAME}): records were removed from the end",
+            {"id": named.id},
+            f"the log ends before record {named.id}, the last one written (per {by}): {how_many} removed from the end",
+            "cut",
+            cut if cut and cut > 0 else None,
+        )
+    if key is not None and count and not hmac_count:
+        return broken(
+            path,
+            number,
+            None,
+            "the keyring holds an audit key but no record is sealed with it: the log was rewritten or replaced",
+            "forged",
+        )
+    if count - hmac_count:
+        notes.append(
+            f"{count - hmac_count} record(s) are chained with plain SHA-256 (written before the audit key), "
+            "which anyone can recompute"
         )
     return VerifyResult(
         ok=True,
@@ -168,6 +280,9 @@ def verify(audit_dir: Path) -> VerifyResult:
         unfinished=unfinished,
         torn=torn,
         notes=tuple(notes),
+        hmac=hmac_count,
+        plain=count - hmac_count,
+        last_seq=prev_seq,
     )
 
 

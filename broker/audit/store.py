@@ -1,8 +1,8 @@
 """The store: day files, the head file, and crash recovery (DESIGN §6).
 
 Files live in ``audit_dir`` as ``audit-YYYY-MM-DD.jsonl`` (UTC day of the record's
-``ts``), 0600 in a 0700 directory. A small ``audit.head`` file holds the hash of
-the last record known to be on disk. It lets :func:`broker.audit.verify` notice
+``ts``), 0600 in a 0700 directory. A small ``audit.head`` file holds the hash,
+id and ``seq`` of the last record known to be on disk. It lets :func:`broker.audit.verify` notice
 records cut from the end of the log, which a chain alone cannot, and lets
 :meth:`broker.audit.AuditLog.open` tell a line torn by a crash (never committed,
 so set aside as ``<daily file>.torn-<time>``) from a committed record that was
@@ -25,7 +25,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from broker.audit.chain import GENESIS, Clock, Record, _check_line, _hash_marker, _now
+from broker.audit.chain import (
+    GENESIS,
+    HMAC_CHAIN,
+    AuditKey,
+    Clock,
+    KeyNeeded,
+    Record,
+    _check_line,
+    _hash_marker,
+    _now,
+)
 
 logger = logging.getLogger("outloop.audit")
 
@@ -50,7 +60,7 @@ def day_file_name(day: date) -> str:
 # Torn tails: what a crash left half written at the end of the newest file
 
 
-def _split_tail(data: bytes | mmap.mmap, head: str | None) -> tuple[int, bool]:
+def _split_tail(data: bytes | mmap.mmap, head: str | None, key: AuditKey | None = None) -> tuple[int, bool]:
     """Find where the intact part of a daily file ends.
 
     Returns ``(keep, terminate)``: bytes from ``keep`` on are a torn tail to set
@@ -72,8 +82,11 @@ def _split_tail(data: bytes | mmap.mmap, head: str | None) -> tuple[int, bool]:
     while end > 0:
         start = data.rfind(b"\n", 0, end - 1) + 1
         line = bytes(data[start:end])
-        _, problem = _check_line(line)
-        if problem is None or (marker is not None and marker in line):
+        _, problem = _check_line(line, key)
+        # A whole record whose hash does not match was edited, not torn: a crash
+        # leaves a cut line or a block of zeros, never well-formed JSON with a bad hash.
+        edited = problem is not None and "does not match" in problem
+        if problem is None or edited or (marker is not None and marker in line):
             break
         end = start
     return end, False
@@ -119,16 +132,34 @@ def _datasync(fd: int) -> None:
     sync(fd)
 
 
-def _read_head(raw: bytes) -> tuple[str, str] | None:
-    parts = raw.decode("ascii", "replace").split()
+@dataclass(frozen=True)
+class Head:
+    """A record named from outside the log (the head file, the keyring): its hash, id and seq."""
+
+    hash: str
+    id: str
+    seq: int | None = None
+
+    def text(self) -> str:
+        return f"{self.hash} {self.id}" + ("" if self.seq is None else f" {self.seq}")
+
+
+def parse_head(text: str) -> Head | None:
+    """The inverse of :meth:`Head.text`; None when ``text`` does not name a record."""
+    parts = text.split()
     if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{64}", parts[0]):
-        return parts[0], parts[1]
+        seq = int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+        return Head(parts[0], parts[1], seq)
     return None
 
 
-def _head_line(hash_hex: str, record_id: str) -> bytes:
-    """What the head file holds to name a record: its hash and id, padded to ``_HEAD_SIZE`` bytes."""
-    return f"{hash_hex} {record_id}".encode().ljust(_HEAD_SIZE - 1) + b"\n"
+def _read_head(raw: bytes) -> Head | None:
+    return parse_head(raw.decode("ascii", "replace"))
+
+
+def _head_line(hash_hex: str, record_id: str, seq: int | None = None) -> bytes:
+    """What the head file holds to name a record: hash, id and seq, padded to ``_HEAD_SIZE`` bytes."""
+    return Head(hash_hex, record_id, seq).text().encode().ljust(_HEAD_SIZE - 1) + b"\n"
 
 
 def _day_files(audit_dir: Path) -> list[tuple[date, Path]]:
@@ -164,13 +195,18 @@ class _Opened:
     head: str
     last_ts: datetime | None
     torn: list[TornTail]
+    seq: int = 0  # seq of the record `head` names (the next record gets seq + 1)
+    hmac: bool = False  # the chain ends in an HMAC-sealed record
+    id: str = ""  # id of the record `head` names
 
 
 class _Store:
     """Owns the file descriptors. Every method runs on the single writer thread."""
 
-    def __init__(self, audit_dir: Path) -> None:
+    def __init__(self, audit_dir: Path, key: AuditKey | None = None) -> None:
         self.dir = audit_dir
+        self.key = key
+        self.anchor: Head | None = None  # the head kept in the keyring, when the broker has one
         self.head_fd: int | None = None
         self.current: _DayFile | None = None
         self.head_hash: str | None = None
@@ -181,6 +217,15 @@ class _Store:
     # -- opening and crash recovery
 
     def open(self, now: datetime) -> _Opened:
+        try:
+            return self._open(now)
+        except KeyNeeded:
+            self.close()
+            raise AuditError(
+                "the audit log is sealed with the audit key and the keyring has none; `outloop audit verify` says more"
+            ) from None
+
+    def _open(self, now: datetime) -> _Opened:
         _ensure_dir(self.dir)
         head_path = self.dir / HEAD_NAME
         fd = os.open(head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -195,7 +240,11 @@ class _Store:
             os.close(fd)
             raise
         self.head_fd = fd
-        self.head_hash = head[0] if head else None
+        if head is None and self.anchor is not None:
+            # The head file is gone: the keyring's head names a committed record instead.
+            head = self.anchor
+        self.head_hash = head.hash if head else None
+        self._check_key()
         torn: list[TornTail] = []
         last: Record | None = None
         head_seen = False
@@ -220,17 +269,61 @@ class _Store:
             break
         prev = GENESIS
         last_ts: datetime | None = None
+        seq = 0
+        hmac_sealed = False
+        last_id = ""
         if last is not None:
+            last_id = str(last.get("id", ""))
             prev = str(last.get("hash", self.head_hash or GENESIS))
             with contextlib.suppress(ValueError, TypeError):
                 last_ts = datetime.fromisoformat(str(last["ts"]).replace("Z", "+00:00"))
+            hmac_sealed = last.get("chain") == HMAC_CHAIN
+            found = last.get("seq")
+            # A log from before records carried seq is counted once.
+            seq = found if isinstance(found, int) and not isinstance(found, bool) else self._count()
         if self.head_hash is not None and not head_seen:
             # Records the broker committed are gone from the end. Chain new
-            # records to the last committed one so the gap stays visible to
-            # verify instead of being papered over.
+            # records to the last committed one (and number them after it) so
+            # the gap stays visible to verify instead of being papered over.
             logger.warning("audit log ends before its last committed record; verify will fail")
             prev = self.head_hash
-        return _Opened(head=prev, last_ts=last_ts, torn=torn)
+            if head is not None:
+                last_id = head.id
+                if head.seq is not None:
+                    seq = max(seq, head.seq)
+        return _Opened(head=prev, last_ts=last_ts, torn=torn, seq=seq, hmac=hmac_sealed, id=last_id)
+
+    def _check_key(self) -> None:
+        """If the newest records are HMAC-sealed, one of them must verify under our key.
+
+        Checked before recovery: under a wrong key every record would look torn.
+        """
+        sealed = False
+        for _, path in reversed(_day_files(self.dir)[-2:]):
+            with open(path, "rb") as handle:
+                lines = handle.readlines()
+            for raw in reversed(lines[-200:]):
+                if HMAC_CHAIN.encode() not in raw:
+                    continue
+                sealed = True
+                if self.key is None:
+                    raise KeyNeeded("the log is sealed with the audit key")
+                _, problem = _check_line(raw, self.key)
+                if problem is None:
+                    return
+        if not sealed:
+            return
+        raise AuditError(
+            "the audit key in the keyring is not the key this audit log was sealed with; "
+            "`outloop audit verify` says more"
+        )
+
+    def _count(self) -> int:
+        count = 0
+        for _, path in _day_files(self.dir):
+            with open(path, "rb") as handle:
+                count += sum(1 for raw in handle if raw.endswith(b"\n"))
+        return count
 
     def _recover(self, path: Path, now: datetime) -> TornTail | None:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -240,7 +333,7 @@ class _Store:
             if size == 0:
                 return None
             with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                keep, terminate = _split_tail(data, self.head_hash)
+                keep, terminate = _split_tail(data, self.head_hash, self.key)
                 torn_bytes = bytes(data[keep:size])
             if terminate:
                 os.pwrite(fd, b"\n", size)

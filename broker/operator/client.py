@@ -27,7 +27,14 @@ from broker.calls.approvals import Grant, GrantKey
 from broker.config import Config, ConfigError, load_config
 from broker.events import Snapshot
 from broker.leaks.alerts import Alert
-from broker.operator.wire import MAX_LINE, decode_approval, decode_event, decode_grants, decode_watcher
+from broker.operator.wire import (
+    MAX_LINE,
+    decode_approval,
+    decode_event,
+    decode_grants,
+    decode_staged,
+    decode_watcher,
+)
 from broker.paths import Paths
 from broker.secrets import BackendInfo, SecretStore, backend_info
 
@@ -52,6 +59,7 @@ class RemoteEngine:
         self._alerts: list[Alert] = []
         self._watcher: Any = None
         self._sessions: list[dict[str, Any]] = []
+        self._staged: ev.ConfigStaged | None = None
         self._config: Config | None = None
         self._config_stamp: tuple[int, int] | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -115,6 +123,7 @@ class RemoteEngine:
             alerts=list(self._alerts),
             watcher=self._watcher,
             sessions=list(self._sessions),
+            staged=self._staged,
         )
 
     def answer(self, approval_id: str, decision: str, approver: str = "operator") -> bool:
@@ -139,6 +148,27 @@ class RemoteEngine:
 
     def ignore_alert(self, fingerprint: str, reason: str) -> None:
         self._send("ignore_alert", fingerprint=fingerprint, reason=reason)
+
+    def staged_config(self) -> ev.ConfigStaged | None:
+        return self._staged
+
+    async def accept_config_async(self, digest: str) -> str | None:
+        """Accept the staged change; None, or the broker's reason why not."""
+        return _why(await self._request("config_accept", digest=digest))
+
+    async def reject_config_async(self, digest: str) -> str | None:
+        """Reject the staged change; None, or the broker's reason why not."""
+        return _why(await self._request("config_reject", digest=digest))
+
+    def accept_config(self, digest: str, approver: str = "operator") -> str | None:
+        self._staged = None
+        self._send("config_accept", digest=digest)
+        return None
+
+    def reject_config(self, digest: str, approver: str = "operator") -> str | None:
+        self._staged = None
+        self._send("config_reject", digest=digest)
+        return None
 
     async def revoke_session(self, peer: None, session_id: str) -> bool:
         self._sessions = [s for s in self._sessions if s.get("id") != session_id]
@@ -215,6 +245,7 @@ class RemoteEngine:
         self._alerts = [Alert.from_json(a) for a in snap["alerts"]]
         self._watcher = decode_watcher(snap["watcher"])
         self._sessions = list(snap.get("sessions") or [])
+        self._staged = decode_staged(snap.get("staged"))
 
     def _on_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.ApprovalRequested):
@@ -224,6 +255,10 @@ class RemoteEngine:
         elif isinstance(event, ev.BrokerStateChanged):
             self.state = event.state
             self.locked = event.state == "locked"
+        elif isinstance(event, ev.ConfigStaged):
+            self._staged = event
+        elif isinstance(event, ev.ConfigStageCleared):
+            self._staged = None
         elif isinstance(event, ev.ConfigReloaded):
             self.refresh_config()
         self._publish(event)
@@ -236,6 +271,14 @@ class RemoteEngine:
         if self.state != state:
             self.state = state
             self._publish(ev.BrokerStateChanged(state))
+
+
+def _why(result: Any) -> str | None:
+    if result is True:
+        return None
+    if isinstance(result, dict) and "error" in result:
+        return str(result["error"])
+    return "the broker did not say"
 
 
 def operator_socket_live(path: Path) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import events as ev
-from broker.calls.identity import peer_of
+from broker.calls.identity import Peer, peer_of
 from broker.operator.wire import MAX_LINE, encode_event, encode_snapshot
 from broker.paths import ensure_private_dir
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from broker.engine import Engine
 
 log = logging.getLogger(__name__)
+
+_CONFIG_OPS = frozenset({"config_staged", "config_accept", "config_reject"})
 
 
 class OperatorServer:
@@ -95,6 +98,9 @@ class OperatorServer:
                     self._reply(writer, seq, self._snapshot())
                     self._clients.add(asyncio.ensure_future(self._push(queue, writer)))
                     continue
+                if op in _CONFIG_OPS:
+                    self._reply(writer, seq, self._config_op(op, request, peer, approver))
+                    continue
                 self._reply(writer, seq, await self._handle(op, request, approver))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError, OSError):
@@ -106,6 +112,19 @@ class OperatorServer:
                 self.engine.detach_approver()
             writer.close()
             self._clients.discard(task)
+
+    def _config_op(self, op: str, request: dict[str, Any], peer: Peer, approver: str) -> Any:
+        """Staged config changes: shown to anyone here, accepted or rejected only from outside every session."""
+        engine = self.engine
+        if op == "config_staged":
+            staged = engine.staged_config()
+            return None if staged is None else dataclasses.asdict(staged)
+        if engine.sessions.in_tree(peer.lineage()) is not None:
+            return {"error": "config changes are accepted or rejected by the operator, from outside every session"}
+        digest = str(request.get("digest", ""))
+        act = engine.accept_config if op == "config_accept" else engine.reject_config
+        why = act(digest, approver)
+        return True if why is None else {"error": why}
 
     async def _handle(self, op: str, request: dict[str, Any], approver: str) -> Any:
         engine = self.engine

@@ -31,6 +31,8 @@ _EVENTS: dict[str, type[Any]] = {
         ev.BrokerStateChanged,
         ev.ConfigReloaded,
         ev.ConfigRejected,
+        ev.ConfigStaged,
+        ev.ConfigStageCleared,
         ev.AlertOpened,
         ev.AlertUpdated,
         ev.AlertResolved,
@@ -87,8 +89,13 @@ def encode_snapshot(snap: Any, now: float) -> dict[str, Any]:
         "grants": [{"key": list(g.key), "left": g.expires - now} for g in snap.grants],
         "alerts": [a.to_json() for a in snap.alerts],
         "watcher": dataclasses.asdict(snap.watcher) if snap.watcher is not None else None,
+        "staged": dataclasses.asdict(snap.staged) if getattr(snap, "staged", None) is not None else None,
         "sessions": snap.sessions,
     }
+
+
+def decode_staged(d: dict[str, Any] | None) -> ev.ConfigStaged | None:
+    return None if d is None else ev.ConfigStaged(**d)
 
 
 def decode_grants(rows: list[dict[str, Any]], clock: Callable[[], float]) -> list[Grant]:
