@@ -1,4 +1,4 @@
-"""Putting a call on the wire: one shared connection pool, the credential injected.
+"""Putting a call on the wire: one connection pool, one lane of it per credential, the credential injected.
 
 The upstream URL is the credential's base_url plus the normalised path. Client
 headers that could carry a credential, and hop-by-hop headers, are dropped; the
@@ -123,7 +123,11 @@ class _Route:
 
 
 class Forwarder:
-    """Sends calls upstream on one shared pool of connections (see broker/transport.py).
+    """Sends calls upstream on one pool of connections (see broker/calls/transport.py),
+    in which each credential has its own lane: a connection opened for one
+    credential's calls never carries another's, so an upstream that desyncs (reads
+    a GET's body as the next request) or answers late cannot hand one tenant's
+    request or answer to another.
 
     httpx parses the base URL and encodes the query; the exchange goes straight to
     the pool's `fetch`, not through httpx's client layers, which cost more per
@@ -181,6 +185,7 @@ class Forwarder:
                 body,
                 timeout=self.timeout,
                 max_bytes=self.max_response_bytes,
+                lane=(credential.tenant, credential.name),
             )
             response_headers = [(_text(k), _text(v)) for k, v in fetched.headers]
             content = _decoded(fetched.body, response_headers, self.max_response_bytes, credential.host)

@@ -13,8 +13,11 @@ took 40-80 µs of each exchange. So:
 - a connection learns that the server hung up from asyncio's callbacks
   (`eof_received` / `connection_lost`), so idle connections are never polled,
   and bytes no request asked for retire it;
-- idle connections are kept per origin, most recently used first, so taking
-  one is O(1) however many are pooled;
+- idle connections are kept per lane and origin, most recently used first, so
+  taking one is O(1) however many are pooled; the broker's lane is the credential,
+  so no connection ever carries two credentials' calls (an upstream that reads a
+  request body as the next request, or answers twice, can then only mix up calls
+  of one credential, never hand one tenant another's request or answer);
 - TLS is asyncio's, with httpx's default context;
 - `timeout` bounds the wait for a pool slot, the connect, the write, and every
   silence while the answer arrives; failures raise httpx's exceptions.
@@ -49,6 +52,10 @@ MAX_INTERIM = 8
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no space, no line break
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # anything but HTAB splits or corrupts a line
+
+
+Origin = tuple[bytes, bytes, int]  # (scheme, host, port)
+PoolKey = tuple[tuple[str, ...], Origin]  # (lane, origin)
 
 
 class ResponseTooLarge(Exception):
@@ -88,8 +95,8 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; llhttp's callbacks gather the answer to the request in flight."""
 
-    def __init__(self, origin: tuple[bytes, bytes, int]) -> None:
-        self.origin = origin
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key  # (lane, origin): the only calls this connection ever carries
         self.transport: asyncio.Transport | None = None
         self.lost = False  # the socket is closed, or the server sent EOF
         self.stray = False  # bytes came that no request asked for: never reuse
@@ -385,7 +392,7 @@ class PooledTransport:
         idle_seconds: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._idle: dict[tuple[bytes, bytes, int], collections.deque[_Connection]] = {}
+        self._idle: dict[PoolKey, collections.deque[_Connection]] = {}
         self._idle_count = 0
         self._max_idle = max_idle
         self._idle_seconds = idle_seconds
@@ -402,7 +409,7 @@ class PooledTransport:
 
     async def fetch(
         self,
-        origin: tuple[bytes, bytes, int],
+        origin: Origin,
         method: bytes,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -410,12 +417,14 @@ class PooledTransport:
         *,
         timeout: float | None,  # noqa: ASYNC109
         max_bytes: int,
+        lane: tuple[str, ...] = (),
     ) -> Fetched:
         """One whole exchange: `origin` is (scheme, host, port), `headers` already hold
         Host and Content-Length. A body over `max_bytes` raises ResponseTooLarge;
-        failures raise httpx's exceptions."""
+        failures raise httpx's exceptions. Only calls of the same `lane` share a
+        connection (the broker passes the credential's tenant and name)."""
         head = request_head(method, target, headers)
-        conn = await self._checkout(origin, timeout)
+        conn = await self._checkout((lane, origin), timeout)
         reuse = False
         try:
             conn.begin(head_only=method == b"HEAD", max_bytes=max_bytes)
@@ -435,8 +444,8 @@ class PooledTransport:
             conn.rest()
             self._release(conn, reuse)
 
-    async def _checkout(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
-        """A connection to `origin`, idle or new, holding one of the pool's slots."""
+    async def _checkout(self, key: PoolKey, timeout: float | None) -> _Connection:  # noqa: ASYNC109
+        """A connection of `key`'s lane to its origin, idle or new, holding one of the pool's slots."""
         if self._closed:
             raise RuntimeError("the transport is closed")
         if self._slots.locked():
@@ -450,13 +459,13 @@ class PooledTransport:
         try:
             if self._closed:  # closed while this call waited for a slot
                 raise RuntimeError("the transport is closed")
-            return self._idle_connection(origin) or await self._connect(origin, timeout)
+            return self._idle_connection(key) or await self._connect(key, timeout)
         except BaseException:
             self._slots.release()
             raise
 
-    def _idle_connection(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
-        idle = self._idle.get(origin)
+    def _idle_connection(self, key: PoolKey) -> _Connection | None:
+        idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # most recently used: the least likely to have been closed
@@ -471,7 +480,7 @@ class PooledTransport:
     def _idle_lost(self, conn: _Connection) -> None:
         """A pooled connection heard from its server (a FIN, a late 408): out of the pool."""
         conn.on_idle_lost = None
-        idle = self._idle.get(conn.origin)
+        idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
             self._idle_count -= 1
@@ -493,15 +502,15 @@ class PooledTransport:
         if self._idle_count and not self._closed:
             self._reaper = asyncio.get_running_loop().call_later(self._idle_seconds, self._reap)
 
-    async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _Connection:  # noqa: ASYNC109
-        scheme, host, port = origin
+    async def _connect(self, key: PoolKey, timeout: float | None) -> _Connection:  # noqa: ASYNC109
+        scheme, host, port = key[1]
         loop = asyncio.get_running_loop()
         name = host.decode("ascii").strip("[]")
         tls = self._context() if scheme == b"https" else None
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(origin), name, port, ssl=tls, server_hostname=name if tls else None
+                    lambda: _Connection(key), name, port, ssl=tls, server_hostname=name if tls else None
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting to the upstream") from None
@@ -519,7 +528,7 @@ class PooledTransport:
             return
         conn.idle_since = now
         conn.on_idle_lost = self._idle_lost
-        self._idle.setdefault(conn.origin, collections.deque()).append(conn)
+        self._idle.setdefault(conn.key, collections.deque()).append(conn)
         self._idle_count += 1
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().call_later(self._idle_seconds, self._reap)
