@@ -445,3 +445,23 @@ def test_loopback_listen_addresses_are_accepted() -> None:
     assert parse_listen("127.0.0.1:7878") == ("127.0.0.1", 7878)
     assert parse_listen("localhost:0") == ("127.0.0.1", 0)
     assert parse_listen("[::1]:7878") == ("::1", 7878)
+
+
+def test_nodes_fetch_works_with_nothing_but_the_session_env(world: World, served: BrokerThread) -> None:
+    """A Node program that reads OPENAI_BASE_URL and OPENAI_API_KEY, as SDKs do, goes through the broker."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (.ci/run installs it)")
+    script = (
+        "const r = await fetch(`${process.env.OPENAI_BASE_URL}/models`,"
+        " {headers: {Authorization: `Bearer ${process.env.OPENAI_API_KEY}`}});"
+        " console.log(JSON.stringify({status: r.status, body: await r.json()}));"
+    )
+    ran = run_in_session(world, world.acme, node, "--input-type=module", "-e", script)
+    assert ran.returncode == 0, ran.seen
+    out = last_json(ran.stdout)
+    assert out["status"] == 200 and out["body"]["data"][0]["owned_by"] == "[REDACTED:openai]"
+    (models,) = world.upstream.records
+    assert models.header("Authorization") == f"Bearer {world.keys[('acme', 'openai')]}"
+    assert_no_token_upstream(world)
+    assert [r["identity"] for r in world.audit() if r.get("event") == "attempt"] == ["session"]
