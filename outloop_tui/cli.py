@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no command, opens the dashboard.",
     )
     parser.add_argument("--version", action="version", version=f"outloop {__version__}")
-    parser.set_defaults(run=_cmd("app", "run_dashboard"))
+    parser.set_defaults(run=_operator_only("outloop", _cmd("app", "run_dashboard")))
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the dashboard on a throw-away home with sample data")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="headless broker and leak watcher in the foreground")
     p.add_argument("--verbose", action="store_true", help="also log every allowed call (attempt and outcome)")
-    p.set_defaults(run=_cmd("cmd_broker", "run_broker"))
+    p.set_defaults(run=_operator_only("outloop broker", _cmd("cmd_broker", "run_broker")))
 
     p = sub.add_parser(
         "call",
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", action="store_true", help="also enable and start it")
     p.add_argument("--dry-run", action="store_true", help="print what would be written")
     p.add_argument("--force", action="store_true", help="replace a service file that differs")
-    p.set_defaults(run=_cmd("cmd_service", "run_service"))
+    p.set_defaults(run=_operator_only("outloop service", _cmd("cmd_service", "run_service")))
 
     p = sub.add_parser("completion", help="print the shell completion script (bash, zsh or fish)")
     p.add_argument("shell", choices=["bash", "zsh", "fish"], help="eval its output in that shell's rc file")

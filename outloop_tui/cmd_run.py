@@ -348,7 +348,7 @@ def refuse_inside_session(command: str) -> None:
     who = session_around_me()
     if who is not None:
         raise UserError(
-            f"{who} cannot change Outloop's policy: `{command}` is for the operator, outside every agent session",
+            f"{who} cannot act as the operator: `{command}` is for the operator, outside every agent session",
             EXIT_REFUSED,
         )
 

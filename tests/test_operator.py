@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -192,3 +193,26 @@ def test_every_event_survives_the_wire() -> None:
         ev.AlertResolved(alert),
     ):
         assert decode_event(json.loads(json.dumps(encode_event(event)))) == event
+
+
+def test_an_agent_session_cannot_act_as_the_operator(world: World, broker: BrokerThread) -> None:
+    """Inside `outloop run`, the operator socket refuses (no self-approval), and so does the dashboard."""
+    from support.fixtures import OUTLOOP
+
+    attach = (
+        "import json, socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+        ' s.sendall(b\'{"seq": 1, "op": "attach"}\\n\'); print(s.makefile().readline().strip())'
+    )
+    sock = str(world.paths.operator_socket)
+    ran = world.run([OUTLOOP, "run", "--", sys.executable, "-c", attach, sock], world.acme)
+    assert ran.returncode == 0, ran.seen
+    assert json.loads(ran.stdout.strip().splitlines()[-1])["ok"] is False
+    assert broker.call(lambda: broker.engine.approvals.attached) == 0
+    refused = [r for r in world.audit() if r.get("event") == "operator_refused"]
+    assert len(refused) == 1 and refused[0]["tenant"] == "acme" and refused[0]["session"]
+    # The same from outside any session attaches.
+    outside = world.run([sys.executable, "-c", attach, sock], world.unmapped)
+    assert json.loads(outside.stdout.strip().splitlines()[-1])["ok"]["state"] == "listening"
+    # And the dashboard will not start inside a session.
+    dash = world.run([OUTLOOP, "run", "--", OUTLOOP], world.acme)
+    assert dash.returncode != 0 and "cannot act as the operator" in dash.stderr

@@ -288,7 +288,7 @@ def test_policy_commands_refuse_inside_a_session(world: World) -> None:
         ):
             ran = world.run([OUTLOOP, "run", "--", OUTLOOP, *argv], world.acme)
             assert ran.returncode == 2, (argv, ran.seen)
-            assert "cannot change Outloop's policy" in ran.stderr and "is for the operator" in ran.stderr
+            assert "cannot act as the operator" in ran.stderr and "is for the operator" in ran.stderr
         # Without the token in its environment the process tree still says so.
         ran = world.run(
             [OUTLOOP, "run", "--", "env", "-u", "OUTLOOP_SESSION", OUTLOOP, "tenant", "add", "evil"], world.acme

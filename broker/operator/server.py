@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import events as ev
-from broker.calls.identity import Peer, peer_of
+from broker.audit import AuditError
+from broker.calls.identity import Peer, command_line, peer_of
 from broker.operator.wire import MAX_LINE, encode_event, encode_snapshot
 from broker.paths import ensure_private_dir
 
@@ -78,6 +79,15 @@ class OperatorServer:
             peer = peer_of(sock)
             if peer.uid != os.getuid():
                 return  # another user: not an operator of this broker
+            session = self.engine.sessions.in_tree(peer.lineage())
+            if session is not None:
+                # An agent (or anything it started) must not answer its own asks, unlock the
+                # broker or silence alerts: the operator channel is for the operator alone.
+                fields = {"event": "operator_refused", "session": session.id, "tenant": session.tenant}
+                with contextlib.suppress(AuditError):
+                    await self.engine.audit.record(dict(fields, pid=peer.pid, exe=command_line(peer.pid)[:200]))
+                writer.write(b'{"ok": false, "error": "the operator channel is not for agent sessions"}\n')
+                return
             approver = f"operator (pid {peer.pid})"
             while True:
                 line = await reader.readline()
