@@ -51,6 +51,7 @@ from broker.calls.identity import Peer, holders_split, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
 from broker.paths import ensure_private_dir
+from broker.secrets import SecretStoreError
 
 if TYPE_CHECKING:
     from broker.engine import Engine
@@ -610,7 +611,7 @@ class _Connection:
                 return await self._refusal("bad_request", "session tokens go in a header, never in the query of a call")
             call.token, call.hangup = token, self._hangup
             outcome = await self.engine.call(self.peer, call)
-            return _envelope(outcome)
+            return self._redacted_envelope(outcome)
         if path.startswith("/v1/proxy/"):
             try:
                 call = parse_proxy(method, target, request.headers, body)
@@ -626,6 +627,23 @@ class _Connection:
         return await self._refusal(
             "bad_request", f"no such endpoint: {method} {path} (broker {__version__})", status=404
         )
+
+    def _redacted_envelope(self, outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The /v1/request envelope, redacted as the bytes the agent reads.
+
+        The answer was redacted as the upstream sent it, but the envelope decodes a
+        JSON body and writes it out again, undoing its escapes (`\\u0073\\u006b...`
+        comes out as the plain key): so the envelope is redacted once more, whole.
+        """
+        status, headers, data = _envelope(outcome)
+        if isinstance(outcome, Refusal):
+            return status, headers, data
+        try:
+            redactor = self.engine.redactor()
+        except SecretStoreError as e:
+            refusal = Refusal("unknown_credential", f"the answer could not be redacted, so it was withheld: {e}", None)
+            return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
+        return status, headers, redactor.bytes(data)
 
     async def _sessions(
         self, method: str, path: str, body: bytes, token: str | None

@@ -22,6 +22,9 @@ credential's base_url may carry a path of its own):
     .../slow?s=S            answers after S seconds
     .../hold                answers once `release()` is called
     .../status/NNN          answers NNN with the JSON echo
+    .../uescape/...         200 JSON whose one string is the key with every character
+                            written as a \\uXXXX escape (lower-case hex; ?upper=1 for
+                            upper case), as some JSON encoders write it
     .../models              an OpenAI models.list shaped answer
     .../chat/completions    an OpenAI chat-completions shaped answer
     .../v1/messages         an Anthropic Messages shaped answer
@@ -80,6 +83,11 @@ def key_of(auth: str | None, api_key: str | None, query: list[tuple[str, str]]) 
     if api_key:
         return api_key
     return dict(query).get("key", "")
+
+
+def _utf16_units(text: str) -> list[int]:
+    data = text.encode("utf-16-be")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
 
 
 def _lower_hex(text: str) -> str:
@@ -210,6 +218,11 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if "/compressed" in path:
             return self._compressed(json.dumps(doc).encode(), key, nonce, params.get("force"))
+        if "/uescape" in path:
+            escaped = "".join(f"\\u{u:04x}" for u in _utf16_units(key))
+            if params.get("upper"):
+                escaped = escaped.upper().replace("\\U", "\\u")
+            return self._send(status, ('{"key": "' + escaped + '"}').encode(), [("Content-Type", "application/json")])
         return self._json(status, doc, self._echo_headers(key, nonce))
 
     def _echo_headers(self, key: str, nonce: str) -> list[tuple[str, str]]:
