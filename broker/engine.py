@@ -914,7 +914,7 @@ class Engine:
                 peer,
                 "unknown_credential",
                 f"the keyring holds no secret for {credential.tenant}/{credential.name}; "
-                f"the operator can store it with `outloop credential set-secret {credential.tenant} {credential.name}`",
+                "calls with it are refused until the operator stores one",
                 base=base,
             )
         try:

@@ -307,7 +307,8 @@ def test_refusals_never_tell_the_agent_to_give_itself_access(world: World) -> No
     try:
         ran = world.outloop("call", "api", "GET", "/echo/x", cwd=world.unmapped)
         assert ran.returncode == 2 and "unmapped_workspace" in ran.stderr
-        assert "the operator can map this folder with" in ran.stderr and "; map it with" not in ran.stderr
+        assert "until the operator maps it" in ran.stderr
+        assert "outloop workspace add" not in ran.stderr and "; map it with" not in ran.stderr
     finally:
         thread.stop()
 

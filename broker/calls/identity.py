@@ -359,7 +359,7 @@ def identify_folder(peer: Peer, config: Config) -> Caller:
     if found is None:
         raise IdentityError(
             "unmapped_workspace",
-            f"{cwd} belongs to no tenant; the operator can map this folder with `outloop workspace add TENANT {cwd}`",
+            f"{cwd} belongs to no tenant, so calls from here are refused until the operator maps it to one",
             pid=peer.pid,
             exe=exe,
             cwd=Path(cwd),
