@@ -14,6 +14,7 @@ process tree still holds; it never falls back to running unsandboxed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -167,10 +168,40 @@ def _supervise(
         except ChildProcessError:  # pragma: no cover - the command was reaped elsewhere
             return 0
         if pid == child:
+            end_leftovers()
             if os.WIFSIGNALED(status):
                 return 128 + os.WTERMSIG(status)
             return os.waitstatus_to_exitcode(status)
         # An adopted orphan: reaped, nothing more.
+
+
+LEFTOVER_GRACE_SECONDS = 2.0
+
+
+def end_leftovers(grace: float = LEFTOVER_GRACE_SECONDS) -> int:
+    """End what the command left running (background jobs, double forks): SIGTERM, then SIGKILL.
+
+    They are in the session's tree only while its root lives; left behind, they would act
+    for whatever folder they sit in, outside any session. Returns how many there were.
+    """
+    import psutil
+
+    try:
+        left = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(left, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:  # reap what we adopted
+            pass
+    return len(left)
 
 
 # Runs first inside the sandbox: bwrap is started with SIGINT and SIGQUIT ignored (else

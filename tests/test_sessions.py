@@ -7,6 +7,7 @@ the escapes are real shells, forks and `setsid`s; /proc is the kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -465,3 +466,17 @@ def test_nodes_fetch_works_with_nothing_but_the_session_env(world: World, served
     assert models.header("Authorization") == f"Bearer {world.keys[('acme', 'openai')]}"
     assert_no_token_upstream(world)
     assert [r["identity"] for r in world.audit() if r.get("event") == "attempt"] == ["session"]
+
+
+def test_what_the_command_leaves_running_ends_with_the_session(world: World, served: BrokerThread) -> None:
+    """A background job outliving CMD would act for its folder outside any session: `run` ends it."""
+    import psutil
+
+    leave = "(setsid nohup sleep 300 >/dev/null 2>&1 & echo $!) ; (sleep 300 & echo $!)"
+    ran = run_in_session(world, world.acme, "bash", "-c", leave)
+    assert ran.returncode == 0, ran.seen
+    pids = [int(line) for line in ran.stdout.split() if line.isdigit()]
+    assert len(pids) == 2
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{pid} outlived its session"
