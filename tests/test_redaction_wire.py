@@ -1,4 +1,5 @@
-"""What the agent reads is redacted after the broker's last decode and re-encode (issue 15).
+"""What the agent reads is redacted after the broker's last decode and re-encode, in
+every form the key may take (issue 15).
 
 A real upstream on loopback (tests/support/upstream.py) writes the key with every
 character as a JSON `\\uXXXX` escape; the broker's /v1/request envelope decodes the
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import json
 
-from support.fixtures import BrokerThread, World
+import pytest
+from support.fixtures import KEYS, BrokerThread, World, secret_forms
+from support.upstream import echoes
 
+from broker.leaks.redact import with_leak_rules
 from outloop_tui.cmd_mcp import answer_text
 
 
@@ -35,3 +39,27 @@ def test_outloop_call_prints_no_json_escaped_key(world: World, broker: BrokerThr
     assert ran.returncode == 0, ran.stderr
     world.assert_clean(ran.seen)
     assert "[REDACTED:api]" in ran.stdout
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one secret", "every secret (prefiltered)"])
+def test_the_sweep_finds_every_encoded_form_of_every_key(many: bool) -> None:
+    """Each key in every encoding the test upstream echoes, in text and in bytes that
+    are not UTF-8, alone and with neighbours: no form of it (both lists computed in
+    tests/support, not by broker/) is left."""
+    for (tenant, name), key in KEYS.items():
+        secrets = [(c, k) for (_t, c), k in KEYS.items()] if many else [(name, key)]
+        redactor = with_leak_rules(secrets)
+        forms = secret_forms(key)
+        for label, echo in echoes(key).items():
+            for text in (echo, f"x{echo}y", f'{{"v": "{echo}"}}\n', f"{echo} tail", json.dumps(echo)):
+                out = redactor.text(text)
+                blob = redactor.bytes(b"\xff\xfe" + text.encode("utf-8")).decode("latin-1")
+                left = [f for f, form in forms.items() if form in out or form.encode("utf-8").decode("latin-1") in blob]
+                assert not left, f"{tenant}/{name}: echoed as {label}, still found as {left}"
+
+
+def test_a_key_in_a_header_name_is_redacted() -> None:
+    key = KEYS[("acme", "api")]
+    redactor = with_leak_rules([("api", key)])
+    out = redactor.headers([(f"X-Named-{key.encode().hex()}", "v"), ("X-Plain", "ok")])
+    assert out == [("X-Outloop-Redacted", "v"), ("X-Plain", "ok")]

@@ -2,8 +2,10 @@
 
 Each secret is searched for in every form a server might echo it in: plain,
 base64 (standard and URL-safe, at each of the three byte alignments, so a key
-inside `base64("Bearer " + key)` is found), percent-encoded and JSON-escaped.
-Matches become `[REDACTED:<credential>]`.
+inside `base64("Bearer " + key)` is found), base32 (at each of the five
+alignments, either case), hex (either case), percent-encoded and JSON-escaped,
+including `%xx` of every byte and `\\uXXXX` of every character (letters and digits
+too). Matches become `[REDACTED:<credential>]`.
 
 Encoders differ in which characters they escape (`quote()` keeps "/", JavaScript's
 encodeURIComponent keeps "!*'()", Gson writes "=" as \u003d), so each character
@@ -20,6 +22,9 @@ import string
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus
+
+# What a response header whose name held a secret is called instead.
+REDACTED_HEADER = "X-Outloop-Redacted"
 
 # A base64 fragment shorter than this is too likely to occur by chance.
 MIN_FRAGMENT = 8
@@ -54,6 +59,29 @@ def _b64_fragments(raw: bytes) -> set[str]:
     return found
 
 
+def _b32_fragments(raw: bytes) -> set[str]:
+    """Base32 text that encodes `raw` wherever it sits in a larger byte string (as
+    `_b64_fragments`, with 5 bits a character and five alignments), in either case."""
+    found: set[str] = set()
+    n = len(raw)
+    for k in range(5):
+        enc = base64.b32encode(b"\0" * k + raw).decode("ascii")
+        frag = enc[-(-8 * k // 5) : 8 * (k + n) // 5]
+        if len(frag) >= MIN_FRAGMENT:
+            found |= {frag, frag.lower()}
+    return found
+
+
+def _whole_forms(secret: str) -> set[str]:
+    """Forms that encode every character, literal ones included: hex, base32, and
+    `%xx` of every byte and `\\uXXXX` of every character, in either case."""
+    raw = secret.encode("utf-8")
+    pct = "".join(f"%{b:02X}" for b in raw)
+    uni = "".join(f"\\u{u:04x}" for u in _utf16_units(secret))
+    forms = {raw.hex(), raw.hex().upper(), pct, pct.lower(), uni, uni.upper().replace("\\U", "\\u")}
+    return forms | _b32_fragments(raw)
+
+
 def encodings(secret: str) -> set[str]:
     """Every textual form of `secret` that redaction looks for."""
     raw = secret.encode("utf-8")
@@ -68,7 +96,7 @@ def encodings(secret: str) -> set[str]:
     for f in list(forms):
         if "%" in f:
             forms.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), f))
-    forms |= _b64_fragments(raw)
+    forms |= _b64_fragments(raw) | _whole_forms(secret)
     return {f for f in forms if f}
 
 
@@ -106,20 +134,41 @@ def _char_pattern(c: str) -> str:
 
 
 def _utf16(c: str) -> list[int]:
-    data = c.encode("utf-16-be")
+    return _utf16_units(c)
+
+
+def _utf16_units(text: str) -> list[int]:
+    data = text.encode("utf-16-be")
     return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
 
 
 def secret_pattern(secret: str) -> str:
     """A regex matching `secret` in any of the forms redaction looks for."""
+    raw = secret.encode("utf-8")
     chars = "".join(_char_pattern(c) for c in secret)
-    frags = sorted(_b64_fragments(secret.encode("utf-8")), key=len, reverse=True)
-    return "|".join([chars, *map(re.escape, frags)])
+    # Every byte percent-encoded (escapes repeated as in _char_pattern), every
+    # character \\u-escaped (any run of backslashes), either case of hex digits.
+    pct = "".join("%(?:25)*" + _any_case(f"{b:02X}") for b in raw)
+    uni = "".join(_any_case(f"\\u{u:04x}").replace(r"\\", r"\\+") for u in _utf16_units(secret))
+    literal = _b64_fragments(raw) | _b32_fragments(raw) | {raw.hex(), raw.hex().upper()}
+    frags = sorted(literal, key=len, reverse=True)
+    return "|".join([chars, pct, uni, *map(re.escape, frags)])
 
 
 # Runs of these characters hold every anchor (unreserved characters, plus
 # base64's "+/="); a longer run around an anchor is fine.
 _RUN_RE = re.compile(rf"[A-Za-z0-9._~+/=-]{{{2 * GRAM - 1},}}")
+# Runs of escapes (%xx, \\uXXXX, with repeated "25"s and backslashes) long enough
+# to spell an anchor, mixed with characters left as they are.
+_ESCAPED_RUN_RE = re.compile(
+    rf"(?:%(?:25)*[0-9A-Fa-f]{{2}}|\\+u[0-9A-Fa-f]{{4}}|[A-Za-z0-9._~+/=-]){{{2 * GRAM - 1},}}"
+)
+_ESCAPE_RE = re.compile(r"%(?:25)*([0-9A-Fa-f]{2})|\\+u([0-9A-Fa-f]{4})")
+
+
+def _unescape(run: str) -> str:
+    """A run of escapes with each undone (bytes of %xx as latin-1: anchors are ASCII)."""
+    return _ESCAPE_RE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), run)
 
 
 def _anchors(secret: str) -> list[str] | None:
@@ -131,7 +180,8 @@ def _anchors(secret: str) -> list[str] | None:
     """
     runs = re.findall(r"[A-Za-z0-9._~-]+", secret)
     longest = max(runs, key=len, default="")
-    anchors = [longest, *_b64_fragments(secret.encode("utf-8"))]
+    raw = secret.encode("utf-8")
+    anchors = [longest, *_b64_fragments(raw), *_b32_fragments(raw), raw.hex(), raw.hex().upper()]
     if any(len(a) < 2 * GRAM - 1 for a in anchors):
         return None
     return anchors
@@ -161,7 +211,13 @@ class _Prefilter:
     def candidates(self, text: str) -> set[int]:
         found = set(self.always)
         pieces = self.pieces
-        for run in _RUN_RE.findall(text):
+        runs = _RUN_RE.findall(text)
+        if "%" in text or "\\" in text:
+            # A secret with every character escaped holds no literal anchor: its
+            # escapes, undone, hold the plain one.
+            for m in _ESCAPED_RUN_RE.finditer(text):
+                runs += _RUN_RE.findall(_unescape(m.group(0)))
+        for run in runs:
             for i in range(0, len(run) - GRAM + 1, GRAM):
                 hit = pieces.get(run[i : i + GRAM])
                 if hit is not None:
@@ -250,16 +306,22 @@ class Redactor:
         return f"[REDACTED:{self._labels[int(group[1:])]}]"
 
     def headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Names and values redacted; a name that held a secret becomes
+        X-Outloop-Redacted (a redacted name is no longer an HTTP token)."""
         pairs = list(headers)
-        # Usually nothing needs redacting: one look at all the values says so. A secret
-        # (its patterns have no anchors) or a rule's keyword in one value is in them all.
-        values = "\n".join(v for _, v in pairs)
+        # Usually nothing needs redacting: one look at all the names and values says
+        # so. A secret (its patterns have no anchors) or a rule's keyword in one is in them all.
+        values = "\n".join(f"{k}\n{v}" for k, v in pairs)
         patterns = self._patterns(values)
         if (patterns is None or patterns[0].search(values) is None) and (
             self._extra is None or (self._extra_gate is not None and not self._extra_gate(values))
         ):
             return pairs
-        return [(k, self.text(v)) for k, v in pairs]
+        out = []
+        for k, v in pairs:
+            name = self.text(k)
+            out.append((k if name == k else REDACTED_HEADER, self.text(v)))
+        return out
 
 
 def with_leak_rules(secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> Redactor:

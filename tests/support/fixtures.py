@@ -149,6 +149,16 @@ def secret_forms(secret: str) -> dict[str, str]:
         inner = enc[3:-3]
         forms[f"b64_{k}"] = inner
         forms[f"b64url_{k}"] = inner.translate(str.maketrans("+/", "-_"))
+    # Forms that encode every character, letters and digits too.
+    forms["hex"], forms["hex_upper"] = raw.hex(), raw.hex().upper()
+    forms["pct_all"] = "".join(f"%{b:02X}" for b in raw)
+    forms["pct_all_lower"] = forms["pct_all"].lower()
+    units = secret.encode("utf-16-be")
+    forms["u_all"] = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+    forms["u_all_upper"] = forms["u_all"].upper().replace("\\U", "\\u")
+    for k in range(5):  # base32 at each alignment, trimmed by 8 at each end
+        inner = base64.b32encode(b"\0" * k + raw).decode("ascii").rstrip("=")[8:-8]
+        forms[f"b32_{k}"], forms[f"b32_{k}_lower"] = inner, inner.lower()
     return forms
 
 

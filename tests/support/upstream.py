@@ -109,7 +109,16 @@ def echoes(key: str) -> dict[str, str]:
         "b64_bearer": base64.b64encode(f"Bearer {key}".encode()).decode(),
         "b64url_bearer": base64.urlsafe_b64encode(f"Bearer {key}".encode()).decode(),
         "b64_basic": base64.b64encode(f"user:{key}".encode()).decode(),
+        "hex": raw.hex(),
+        "hex_upper": raw.hex().upper(),
+        "pct_all": "".join(f"%{b:02X}" for b in raw),
+        "pct_all_lower": "".join(f"%{b:02x}" for b in raw),
+        "u_all": "".join(f"\\u{u:04x}" for u in _utf16_units(key)),
+        "u_all_upper": "".join(f"\\u{u:04X}" for u in _utf16_units(key)),
     }
+    for k in range(5):
+        out[f"b32_{k}"] = base64.b32encode(b"abcd"[:k] + raw).decode()
+        out[f"b32_{k}_lower"] = base64.b32encode(b"abcd"[:k] + raw).decode().lower()
     for k in range(3):
         pad = b"ab"[:k]
         out[f"b64_{k}"] = base64.b64encode(pad + raw).decode()
@@ -230,6 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
         for label, value in echoes(key).items():
             hdrs.append((f"X-Echo-{label.replace('_', '-')}", value))
         hdrs.append(("Set-Cookie", f"session={quote(key, safe='')}"))
+        hdrs.append((f"X-Named-{key.encode().hex()}", "the key is in this header's name"))
         hdrs.append(("X-Filename", "caf\u00e9.txt"))  # a header value outside ASCII (latin-1)
         return hdrs
 
