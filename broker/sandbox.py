@@ -49,6 +49,9 @@ class Plan:
     hide_files: tuple[Path, ...] = ()  # invisible: an empty file in their place
     read_write: tuple[Path, ...] = ()  # extra folders the agent may write ([sandbox] read_write)
     private: tuple[Path, ...] = ()  # an empty private folder in their place (/tmp, the runtime folder)
+    # What the command needs to run at all (Outloop's own Python, the command's folder): shown
+    # read-only where a private folder would cover it (a venv or a checkout under /tmp).
+    keep: tuple[Path, ...] = ()
 
     @property
     def socket_mount(self) -> Path:
@@ -113,6 +116,7 @@ def classify(
     hide: Iterable[Path],
     read_write: Iterable[Path] = (),
     private: Iterable[Path] = (),
+    keep: Iterable[Path] = (),
 ) -> Plan:
     """A Plan from paths as configured: resolved, sorted into folders and files, the missing ones left out.
 
@@ -149,6 +153,7 @@ def classify(
         hide_files=tuple(dict.fromkeys(files)),
         read_write=tuple(dict.fromkeys(rw)),
         private=tuple(dict.fromkeys(own)),
+        keep=tuple(dict.fromkeys(p.resolve() for p in keep if p.is_dir())),
     )
 
 
@@ -171,6 +176,9 @@ def bwrap_args(
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for p in _outermost(plan.private):
         args += ["--tmpfs", str(p)]
+    for p in _outermost(plan.keep):
+        if any(_within(p, q) for q in plan.private):
+            args += ["--ro-bind", str(p), str(p)]
     args += ["--bind", str(plan.workspace), str(plan.workspace)]
     for p in plan.read_write:
         args += ["--bind", str(p), str(p)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -268,6 +269,21 @@ def _sandbox_plan(info: dict[str, Any], env: dict[str, str]) -> Any:
     )
 
 
+def _programs(command: list[str], plan: Any) -> tuple[Any, ...]:
+    """Folders the sandboxed command cannot run without: Outloop's Python, and the command's own."""
+    import shutil
+    from pathlib import Path
+
+    import broker
+
+    found = shutil.which(command[0]) if command else None
+    # Outloop's own code too: an editable install runs from its checkout.
+    folders = [Path(sys.prefix), Path(sys.base_prefix), Path(broker.__file__).resolve().parent.parent]
+    if found:
+        folders.append(Path(found).resolve().parent)
+    return tuple(dict.fromkeys(p.resolve() for p in folders if p.is_dir()))
+
+
 def _run_sandboxed(command: list[str], env: dict[str, str], info: dict[str, Any]) -> int:
     """Run `command` in the session's sandbox; a clear error, and nothing run, when it cannot start."""
     import subprocess
@@ -276,6 +292,7 @@ def _run_sandboxed(command: list[str], env: dict[str, str], info: dict[str, Any]
 
     try:
         plan = _sandbox_plan(info, env)
+        plan = dataclasses.replace(plan, keep=_programs(command, plan))
         inside = sandbox.sandbox_environ(env, plan)
         if sys.platform == "darwin":  # untested here: see broker/sandbox.py
             profile = sandbox.seatbelt_profile(plan)

@@ -416,3 +416,19 @@ def test_doctor_says_whether_sandboxing_works(world: World) -> None:
     assert len(rows) == 1
     ok, why = sandbox.probe()
     assert rows[0]["status"] == ("ok" if ok else "note") and why in rows[0]["what"]
+
+
+def test_what_the_command_needs_stays_visible_under_a_private_tmp(tmp_path: Path) -> None:
+    """A venv or a checkout under /tmp (CI's, say) is shown read-only over the empty private /tmp."""
+    ws = tmp_path / "ws"
+    venv = tmp_path / "venv"
+    ws.mkdir()
+    venv.mkdir()
+    plan = sandbox.classify(
+        workspace=ws, cwd=ws, socket=tmp_path / "s", hide=[], private=[tmp_path], keep=[venv, tmp_path / "gone"]
+    )
+    args = sandbox.bwrap_args(plan)
+    private_at = args.index("--tmpfs")
+    kept_at = args.index(str(venv)) - 1
+    assert args[private_at + 1] == str(tmp_path) and args[kept_at] == "--ro-bind" and kept_at > private_at
+    assert plan.keep == (venv.resolve(),)  # a folder that does not exist is left out
