@@ -31,7 +31,7 @@ from broker.audit import keys as audit_keys
 from broker.audit.syslog_sink import send as send_to_syslog
 from broker.calls.approvals import Approvals, GrantKey
 from broker.calls.forward import Forwarder, UpstreamError
-from broker.calls.identity import Caller, IdentityError, Peer, command_line, identify, identify_folder
+from broker.calls.identity import Caller, IdentityError, Peer, command_line, descendants, identify, identify_folder
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import Session, SessionError, Sessions
 from broker.calls.workers import ForwardPool
@@ -192,11 +192,21 @@ class Engine:
         self._config_poll = asyncio.create_task(self._poll_config(), name="outloop-config")
         self._set_state("locked" if self.locked else "listening")
 
+    async def _note_session_trees(self) -> None:
+        """Remember what each live session's tree holds, so what outlives a session stays its."""
+        live = self.sessions.live()
+        if not live:
+            return
+        trees = await asyncio.to_thread(descendants, [s.root_pid for s in live])
+        for session in live:
+            self.sessions.note_members(session.id, trees.get(session.root_pid, ()))
+
     async def _poll_config(self) -> None:
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
             self.refresh_config()
             self.sessions.sweep()  # expiries, and roots without a pidfd watching them
+            await self._note_session_trees()
             if time.monotonic() - self._head_kept_at >= audit_keys.KEYRING_HEAD_SECONDS:
                 await self._keep_audit_head()
 
@@ -510,6 +520,10 @@ class Engine:
                 outer = identify(peer, config, self.sessions, token)
                 if outer.session is not None:
                     base.update(session=outer.session.id, identity=outer.identity)
+            if (ended := self.sessions.left_over(peer.lineage())) is not None:
+                raise IdentityError(
+                    "no_session", f"a process left over from ended agent session {ended} cannot open one", pid=peer.pid
+                )
             here = identify_folder(peer, config)  # the folder must map, whatever the session
         except IdentityError as e:
             base.update(tenant=e.tenant, workspace=str(e.workspace) if e.workspace else None, exe=e.exe)

@@ -480,3 +480,49 @@ def test_what_the_command_leaves_running_ends_with_the_session(world: World, ser
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{pid} outlived its session"
+
+
+def test_killing_the_session_root_does_not_set_its_processes_free(
+    world: World, served: BrokerThread, tmp_path: Path
+) -> None:
+    """kill -9 of `outloop run` ends the session; what it started stays refused, wherever it goes."""
+    import signal as signals
+
+    pid_file, gate, out = tmp_path / "leftover.pid", tmp_path / "go", tmp_path / "leftover.out"
+    leftover = (
+        f"echo $$ > {pid_file}; while [ ! -e {gate} ]; do sleep 0.05; done; cd {world.globex}; "
+        f"env -u OUTLOOP_SESSION {OUTLOOP} call api GET /echo/leftover > {out}.body 2> {out}.err; echo $? > {out}"
+    )
+    root = subprocess.Popen(
+        [OUTLOOP, "run", "--", "bash", "-c", f"setsid bash -c '{leftover}' & sleep 300"],
+        cwd=world.acme,
+        env=world.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(pid_file.exists, 30, "the leftover to start")
+        child = int(pid_file.read_text())
+
+        def noted() -> bool:
+            members = broker_members(served)
+            return any(pid == child for pid, _ in members)
+
+        wait_for(noted, 30, "the broker to note the session's processes")
+        root.send_signal(signals.SIGKILL)
+        root.wait(30)
+        wait_for(lambda: not served.call(served.engine.sessions.live), 30, "the session to end")
+        gate.touch()
+        wait_for(out.exists, 60, "the leftover's call")
+        assert out.read_text().strip() == "2"  # refused
+        assert "no_session" in Path(f"{out}.err").read_text()
+        assert not [r for r in world.upstream.records if r.path.endswith("/echo/leftover")]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            root.kill()
+        subprocess.run(["pkill", "-f", str(gate)], check=False)
+
+
+def broker_members(served: BrokerThread) -> list[tuple[int, int]]:
+    sessions = served.engine.sessions
+    return served.call(lambda: [m for ms in sessions._members.values() for m in ms])

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -295,6 +296,14 @@ def identify(peer: Peer, config: Config, sessions: Sessions | None = None, token
             session, how = found, "token"
     if session is not None:
         return _session_caller(peer, config, session, how)
+    if sessions is not None and peer.pid > 0 and (ended := sessions.left_over(peer.lineage())) is not None:
+        raise IdentityError(
+            "no_session",
+            f"this process was started in agent session {ended}, which has ended; it acts for no tenant now",
+            pid=peer.pid,
+            session=ended,
+            identity="session",
+        )
     if config.broker.require_session or peer.pid <= 0:
         message = (
             NO_SESSION
@@ -423,6 +432,24 @@ def _lineage(pid: int) -> tuple[tuple[int, int], ...]:
     except (psutil.Error, OSError):
         pass
     return tuple(chain)
+
+
+def descendants(roots: Iterable[int]) -> dict[int, list[tuple[int, int]]]:
+    """(pid, start time) of every process below each root now, from one pass over the process table."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"] or 0, []).append(proc.pid)
+    found: dict[int, list[tuple[int, int]]] = {}
+    for root in roots:
+        below, todo = [], list(children.get(root, ()))
+        while todo:
+            pid = todo.pop()
+            start = process_start(pid)
+            if start is not None:
+                below.append((pid, start))
+            todo.extend(children.get(pid, ()))
+        found[root] = below
+    return found
 
 
 def process_start(pid: int) -> int | None:

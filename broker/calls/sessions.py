@@ -38,6 +38,8 @@ TOKEN_PREFIX = "outloop_s_"  # noqa: S105 - a prefix, not a secret
 TOKEN_RE = re.compile(r"outloop_s_[A-Za-z0-9_-]{43}")
 # Tokens of ended sessions remembered (by hash) so their use gets a clear refusal.
 ENDED_MEMORY = 4096
+# Processes remembered from sessions that have ended (a leftover is refused, not judged by its folder).
+LEFTOVER_MEMORY = 16384
 
 
 class SessionError(Exception):
@@ -101,6 +103,8 @@ class Sessions:
         self._by_root: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
         self._ended: OrderedDict[str, Session] = OrderedDict()
+        self._members: dict[str, set[tuple[int, int]]] = {}  # live session id -> descendants seen
+        self._leftovers: OrderedDict[tuple[int, int], str] = OrderedDict()  # (pid, start) -> ended session
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_end: Callable[[Session], None] | None = None
 
@@ -202,6 +206,10 @@ class Sessions:
         if self._by_root.get(session.root_pid) is session:
             del self._by_root[session.root_pid]
         self._by_token.pop(session.token_hash, None)
+        for member in self._members.pop(session.id, ()):
+            self._leftovers[member] = session.id
+        while len(self._leftovers) > LEFTOVER_MEMORY:
+            self._leftovers.popitem(last=False)
         self._ended[session.token_hash] = session
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
@@ -238,6 +246,26 @@ class Sessions:
             session = self._by_root.get(pid)
             if session is not None and session.root_start == start and self._still_live(session):
                 return session
+        return None
+
+    def note_members(self, session_id: str, members: Iterable[tuple[int, int]]) -> None:
+        """Remember processes of a live session's tree ((pid, start time)), for after it ends."""
+        if session_id in self._by_id:
+            self._members.setdefault(session_id, set()).update(members)
+
+    def left_over(self, lineage: Iterable[tuple[int, int]]) -> str | None:
+        """The ended session a process (or one of its ancestors) was part of, if any.
+
+        Killing the root ends the session but not what it started: those processes,
+        and anything they start, stay that session's and are refused, rather than
+        being judged by whatever folder they move to.
+        """
+        if not self._leftovers:
+            return None
+        for member in lineage:
+            ended = self._leftovers.get(member)
+            if ended is not None:
+                return ended
         return None
 
     def by_token(self, token: str) -> Session | None:
