@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx2 as httpx
@@ -48,6 +49,28 @@ CREDENTIAL_HEADERS = frozenset(
         "x-outloop-session",
     }
 )
+# Headers that ask a server (or a framework in front of it) to treat the request as
+# another method or path than the one policy judged, or to believe it came from
+# elsewhere: never forwarded. X-Forwarded-* goes too (FORWARDED_PREFIX).
+REWRITING = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-override-url",
+        "x-original-method",
+        "forwarded",
+        "x-real-ip",
+        "x-original-host",
+        "x-host",
+        "x-client-ip",
+        "true-client-ip",
+    }
+)
+FORWARDED_PREFIX = "x-forwarded-"
 # The broker must read every response to redact it, so the agent may not pick an
 # encoding (bzip2, br, zstd, ...) that the broker cannot decode but the agent can.
 BROKER_OWNED = frozenset({"accept-encoding"})
@@ -87,10 +110,10 @@ class UpstreamResponse:
 
 def outgoing_headers(client_headers: dict[str, str], credential: Credential, secret: Secret) -> dict[str, str]:
     """Client headers minus hop-by-hop and credential-bearing ones, plus the credential."""
-    drop = HOP_BY_HOP | CREDENTIAL_HEADERS | BROKER_OWNED
+    drop = HOP_BY_HOP | CREDENTIAL_HEADERS | BROKER_OWNED | REWRITING | connection_listed(client_headers.items())
     if credential.auth.kind == "header":
         drop = drop | {credential.auth.arg.lower()}
-    headers = {k: v for k, v in client_headers.items() if k.lower() not in drop}
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in drop and not forwarding_header(k)}
     auth = credential.auth
     if auth.kind == "bearer":
         headers["Authorization"] = f"Bearer {secret.reveal()}"
@@ -100,6 +123,22 @@ def outgoing_headers(client_headers: dict[str, str], credential: Credential, sec
     elif auth.kind == "header":
         headers[auth.arg] = secret.reveal()
     return headers
+
+
+def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The header names a Connection header lists: hop-by-hop, so never forwarded."""
+    return frozenset(
+        token.strip().lower()
+        for k, v in headers
+        if k.lower() == "connection"
+        for token in v.split(",")
+        if token.strip()
+    )
+
+
+def forwarding_header(name: str) -> bool:
+    """X-Forwarded-For, -Host, -Proto, -Prefix, ...: where a proxy says the call came from."""
+    return name.lower().startswith(FORWARDED_PREFIX)
 
 
 def outgoing_query(
@@ -198,6 +237,10 @@ class Forwarder:
             raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})", 502) from None
         ms = (time.perf_counter() - start) * 1000
         out_headers = [(k, v) for k, v in response_headers if k not in RESPONSE_DROP]
+        if method == "HEAD" and not any(k == "content-encoding" for k, _ in response_headers):
+            # The size GET would send: a HEAD answer's one use of Content-Length (with a
+            # coding the broker undoes, that size is not what the agent would get).
+            out_headers += [(k, v) for k, v in response_headers if k == "content-length"][:1]
         return UpstreamResponse(fetched.status, out_headers, content, ms)
 
     def _too_big(self) -> str:

@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
+from broker.calls.forward import connection_listed
 from broker.calls.identity import Peer, holders_split, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
@@ -576,7 +577,12 @@ class _Connection:
     async def _send(
         self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False, head_only: bool = False
     ) -> None:
-        self.writer.write(response_bytes(status, headers, b"" if head_only else body, len(body), close))
+        length = len(body)
+        if head_only:  # the answer to HEAD says how long GET's body would be, if the upstream said
+            declared = [v for k, v in headers if k.lower() == "content-length"]
+            if declared and declared[0].strip().isdigit():
+                length = int(declared[0])
+        self.writer.write(response_bytes(status, headers, b"" if head_only else body, length, close))
         await self.writer.drain()
 
     async def _dispatch(self, request: _Request, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -733,7 +739,8 @@ def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, len
         if not HEADER_NAME_RE.fullmatch(name) or _LINE_BREAK_OR_NUL.search(raw):
             raise ValueError(f"header {name[:40]!r} cannot be written")
         out.append(name.encode("ascii") + b": " + raw + b"\r\n")
-    out.append(b"Content-Length: %d\r\n" % length)
+    if status not in (204, 304):  # neither has a body, nor says how long one would be
+        out.append(b"Content-Length: %d\r\n" % length)
     if close:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
@@ -798,7 +805,7 @@ def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
 
     if isinstance(outcome, Refusal):
         return outcome.http_status, _refusal_headers(outcome), _json(outcome.json())
-    headers = [(k, v) for k, v in outcome.headers if k.lower() != "content-length"]
+    headers = list(outcome.headers)  # a Content-Length here is a HEAD answer's (see _send)
     headers.append(("X-Outloop-Audit-Id", outcome.audit_id))
     return outcome.status, headers, outcome.body
 
@@ -919,8 +926,13 @@ def parse_proxy(method: str, target: str, raw_headers: Iterable[tuple[bytes, byt
         raise BadRequest("name the credential: /v1/proxy/<credential>/<path>")
     headers = {}
     reason = ""
+    raw_headers = list(raw_headers)
+    # Names the agent's Connection header lists belong to its hop to the broker.
+    listed = connection_listed((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
     for name, value in raw_headers:
         k = name.decode("latin-1")
+        if k.lower() in listed:
+            continue
         v = value.decode("latin-1")
         if k.lower() == "x-outloop-reason":
             reason = v[:500]

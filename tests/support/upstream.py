@@ -266,7 +266,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for k, v in headers:
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
+        if status in (204, 304):  # no body, and no length (RFC 9110 8.6)
+            body = b""
+        else:
+            self.send_header("Content-Length", str(len(body)))
         try:
             self.end_headers()
             if self.command != "HEAD":

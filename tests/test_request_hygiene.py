@@ -1,0 +1,89 @@
+"""What goes upstream is what policy judged, and framing the agent can rely on (issue 15).
+
+A real upstream on loopback (tests/support/upstream.py) records every request; the
+broker serves on a real Unix socket; the agent is a real subprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support.fixtures import BrokerThread, World
+
+from broker.config import ConfigEditor
+
+REWRITING = {
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "X-Original-URL": "/acme/admin",
+    "X-Rewrite-URL": "/acme/admin",
+    "Forwarded": "for=10.0.0.1;host=internal",
+    "X-Forwarded-For": "10.0.0.1",
+    "X-Forwarded-Host": "internal",
+    "X-Forwarded-Prefix": "/admin",
+    "X-Real-IP": "10.0.0.1",
+}
+
+
+def _raw(method: str, target: str, headers: dict[str, str]) -> dict[str, object]:
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return {"raw": f"{method} {target} HTTP/1.1\r\nHost: outloop\r\n{lines}Connection: close\r\n\r\n"}
+
+
+def test_method_override_url_rewrite_forwarded_and_connection_listed_headers_never_go_upstream(
+    world: World, broker: BrokerThread
+) -> None:
+    keep = {"X-Kept": "yes", "X-Nonce": "n"}
+    results = world.agent(
+        world.acme,
+        [
+            _raw("GET", "/v1/proxy/api/echo/p", {**REWRITING, **keep, "Connection": "X-Hop", "X-Hop": "1"}),
+            {
+                "payload": {
+                    "credential": "api",
+                    "method": "GET",
+                    "path": "/echo/r",
+                    "headers": {**REWRITING, **keep, "Connection": "X-Hop", "X-Hop": "1"},
+                }
+            },
+        ],
+    )
+    assert [r["status"] for r in results] == [200, 200]
+    assert len(world.upstream.records) == 2
+    for rec in world.upstream.records:
+        assert rec.method == "GET"
+        names = {k.lower() for k, _ in rec.headers}
+        assert not names & {k.lower() for k in REWRITING}, names
+        assert "x-hop" not in names
+        assert rec.header("X-Kept") == "yes"
+
+
+@pytest.fixture
+def head_broker(world: World) -> Iterator[BrokerThread]:
+    """The broker, with acme's api allowing HEAD too."""
+    editor = ConfigEditor(world.paths)
+    editor.tenant("acme")["credentials"]["api"]["allow"].append("HEAD /**")
+    editor.save()
+    thread = BrokerThread(world.paths).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def test_head_keeps_its_content_length_and_204_304_carry_none(world: World, head_broker: BrokerThread) -> None:
+    head, no_content, not_modified = world.agent(
+        world.acme,
+        [
+            _raw("HEAD", "/v1/proxy/api/huge?n=5000", {}),
+            _raw("GET", "/v1/proxy/api/status/204", {}),
+            _raw("GET", "/v1/proxy/api/status/304", {}),
+        ],
+    )
+    assert head["status"] == 200 and head["body"] == ""
+    assert ("Content-Length", "5000") in [tuple(h) for h in head["headers"]]
+    for answer, status in ((no_content, 204), (not_modified, 304)):
+        assert answer["status"] == status
+        assert not any(str(k).lower() == "content-length" for k, _ in answer["headers"])
