@@ -88,6 +88,10 @@ class Credential:
     allow: tuple[str, ...] = ()
     ask: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    # Paths with an encoded "/" inside a segment (%2F), or ";" parameters, are refused
+    # unless the credential's API needs them (broker/policy.py says why).
+    allow_encoded_slash: bool = False
+    allow_path_params: bool = False
 
     @property
     def host(self) -> str:
@@ -437,7 +441,23 @@ def _credential(tid: str, name: str, raw: Any, key: str, where: _Locator) -> Cre
             except RuleError as e:
                 raise where.error(f"{key}.{kind}", str(e)) from None
         rules[kind] = tuple(value)
-    return Credential(tid, name, base_url.rstrip("/"), auth, **rules)
+    opt_ins: list[bool] = []
+    for opt in ("allow_encoded_slash", "allow_path_params"):
+        flag = raw.get(opt, False)
+        if not isinstance(flag, bool):
+            raise where.error(f"{key}.{opt}", "must be true or false")
+        opt_ins.append(flag)
+    return Credential(
+        tid,
+        name,
+        base_url.rstrip("/"),
+        auth,
+        rules["allow"],
+        rules["ask"],
+        rules["deny"],
+        allow_encoded_slash=opt_ins[0],
+        allow_path_params=opt_ins[1],
+    )
 
 
 def check_base_url(url: str) -> str | None:

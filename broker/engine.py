@@ -789,7 +789,11 @@ class Engine:
             )
         base["host"] = credential.host
         try:
-            path = normalize_path(req.path)
+            path = normalize_path(
+                req.path,
+                allow_encoded_slash=credential.allow_encoded_slash,
+                allow_path_params=credential.allow_path_params,
+            )
         except PathRejected as e:
             return await self.refuse(peer, "bad_request", str(e), base=base)
         base["path"] = path.encoded

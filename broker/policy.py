@@ -107,29 +107,30 @@ def decide(
     return Decision("deny", None)
 
 
-def normalize_path(raw: str) -> NormalPath:
+def normalize_path(raw: str, *, allow_encoded_slash: bool = False, allow_path_params: bool = False) -> NormalPath:
     """Split and decode a request path, refusing anything that could change its meaning.
 
     Refused: not starting with "/", "//" (a host), a scheme, "." and ".." segments
-    (encoded or not), empty inner segments, backslashes, control characters, and a
-    query or fragment (the query travels separately).
+    (encoded or not), empty inner segments, backslashes (%5C too), control characters,
+    and a query or fragment (the query travels separately); and, unless the credential
+    opts in, an encoded "/" (%2F) inside a segment and ";" path parameters.
     """
     # Agents call the same paths over and over, and a NormalPath is immutable; only
     # short ASCII paths are kept, so the cache stays small in bytes (a few MiB at most).
     if len(raw) <= CACHED_PATH_MAX and raw.isascii():
-        return _normalize_cached(raw)
-    return _normalize(raw)
+        return _normalize_cached(raw, allow_encoded_slash, allow_path_params)
+    return _normalize(raw, allow_encoded_slash, allow_path_params)
 
 
 CACHED_PATH_MAX = 256
 
 
 @lru_cache(maxsize=2048)
-def _normalize_cached(raw: str) -> NormalPath:
-    return _normalize(raw)
+def _normalize_cached(raw: str, allow_encoded_slash: bool, allow_path_params: bool) -> NormalPath:
+    return _normalize(raw, allow_encoded_slash, allow_path_params)
 
 
-def _normalize(raw: str) -> NormalPath:
+def _normalize(raw: str, allow_encoded_slash: bool = False, allow_path_params: bool = False) -> NormalPath:
     if not raw.startswith("/"):
         raise PathRejected("the path must start with '/' (absolute URLs are not accepted)")
     if raw.startswith("//"):
@@ -155,6 +156,14 @@ def _normalize(raw: str) -> NormalPath:
             raise PathRejected("'.' and '..' segments are not allowed in the path")
         if "\\" in seg or any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
             raise PathRejected("the path holds a backslash or control character")
+        if "/" in seg and not allow_encoded_slash:
+            # Judged as one segment, an upstream that decodes %2F first routes it as two.
+            raise PathRejected(
+                "the path has an encoded '/' (%2F) inside a segment; the credential must allow it (allow_encoded_slash)"
+            )
+        if ";" in seg and not allow_path_params:
+            # Servlet containers and others strip ";..." before routing: another path than the one judged.
+            raise PathRejected("the path has a ';' parameter; the credential must allow it (allow_path_params)")
         if seg == "" and pieces != [""]:
             raise PathRejected("the path has an empty segment ('//')")
         segments.append(seg)

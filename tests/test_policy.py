@@ -18,8 +18,9 @@ from broker.policy import (
 
 
 def allowed(rule: str, method: str, path: str) -> bool:
-    """Does `rule` match `method path` (the path normalised as the broker would)?"""
-    return parse_rule(rule).matches(method, normalize_path(path).match_key)
+    """Does `rule` match `method path` (the path normalised as the broker would, for a
+    credential that allows encoded slashes)?"""
+    return parse_rule(rule).matches(method, normalize_path(path, allow_encoded_slash=True).match_key)
 
 
 def verdict(
@@ -30,7 +31,7 @@ def verdict(
     ask: tuple[str, ...] = (),
     deny: tuple[str, ...] = (),
 ) -> Decision:
-    return decide(method, normalize_path(path), allow, ask, deny)
+    return decide(method, normalize_path(path, allow_encoded_slash=True), allow, ask, deny)
 
 
 # -- parse_rule ----------------------------------------------------------------
@@ -269,15 +270,15 @@ def test_dotdot_path_never_reaches_a_rule() -> None:
     ],
 )
 def test_normalize_path_canonical_form(raw: str, encoded: str, segments: tuple[str, ...]) -> None:
-    n = normalize_path(raw)
+    n = normalize_path(raw, allow_encoded_slash=True)
     assert n.encoded == encoded
     assert n.segments == segments
 
 
 def test_canonical_form_is_stable() -> None:
     for raw in ("/a/caf%c3%a9", "/a/b%2Fc", "/%72epos/x/", "/a/100%25"):
-        once = normalize_path(raw)
-        assert normalize_path(once.encoded) == once
+        once = normalize_path(raw, allow_encoded_slash=True)
+        assert normalize_path(once.encoded, allow_encoded_slash=True) == once
 
 
 def test_encoded_letters_cannot_dodge_a_deny_rule() -> None:
@@ -286,14 +287,36 @@ def test_encoded_letters_cannot_dodge_a_deny_rule() -> None:
 
 
 # -- an encoded "/" is part of a segment, never a separator ----------------------------
-# Decision: `%2F` stays inside its segment for matching and is forwarded as `%2F`
-# (GitLab addresses projects as `group%2Fproject`); refusing it would break such APIs.
+# Decision: `%2F` inside a segment is refused unless the credential sets
+# allow_encoded_slash (an upstream that decodes it before routing sees another path
+# than the one judged: issue 15); with it (GitLab addresses projects as
+# `group%2Fproject`), it stays inside its segment for matching and is forwarded as `%2F`.
+
+
+@pytest.mark.parametrize("raw", ["/repos/o/r%2Fsecrets/PROD", "/a/b%2fc", "/a/%2F", "/a/b%252F%2Fc"])
+def test_an_encoded_slash_is_refused_unless_the_credential_allows_it(raw: str) -> None:
+    with pytest.raises(PathRejected, match="allow_encoded_slash"):
+        normalize_path(raw)
+    assert "/" in "".join(normalize_path(raw, allow_encoded_slash=True).segments)
+
+
+@pytest.mark.parametrize("raw", ["/a/b;jsessionid=1", "/a;x/b", "/a/b%3Bc"])
+def test_path_parameters_are_refused_unless_the_credential_allows_them(raw: str) -> None:
+    with pytest.raises(PathRejected, match="allow_path_params"):
+        normalize_path(raw)
+    assert ";" in "".join(normalize_path(raw, allow_path_params=True).segments)
+
+
+def test_an_encoded_backslash_is_refused_even_with_the_opt_ins() -> None:
+    for raw in ("/a/b%5Cc", "/a/b%5cc"):
+        with pytest.raises(PathRejected):
+            normalize_path(raw, allow_encoded_slash=True, allow_path_params=True)
 
 
 def test_encoded_slash_does_not_split_a_segment_for_the_matcher() -> None:
     assert not allowed("GET /repos/*/*", "GET", "/repos/a%2Fb")
     assert allowed("GET /repos/*", "GET", "/repos/a%2Fb")
-    assert normalize_path("/repos/a%2Fb").encoded == "/repos/a%2Fb"
+    assert normalize_path("/repos/a%2Fb", allow_encoded_slash=True).encoded == "/repos/a%2Fb"
 
 
 def test_encoded_slash_is_matched_as_one_segment_by_rules() -> None:
@@ -305,10 +328,10 @@ def test_encoded_slash_is_matched_as_one_segment_by_rules() -> None:
 
 def test_literal_percent_cannot_pose_as_an_encoded_slash() -> None:
     # "%252F" decodes to the text "%2F", which must not look like the encoded slash.
-    n = normalize_path("/repos/a%252Fb")
+    n = normalize_path("/repos/a%252Fb")  # no "/" in it: no opt-in needed
     assert n.segments == ("repos", "a%2Fb")
     assert n.encoded == "/repos/a%252Fb"
-    assert n.match_key != normalize_path("/repos/a%2Fb").match_key
+    assert n.match_key != normalize_path("/repos/a%2Fb", allow_encoded_slash=True).match_key
 
 
 @pytest.mark.parametrize(

@@ -62,9 +62,10 @@ def test_method_override_url_rewrite_forwarded_and_connection_listed_headers_nev
 
 @pytest.fixture
 def head_broker(world: World) -> Iterator[BrokerThread]:
-    """The broker, with acme's api allowing HEAD too."""
+    """The broker, with acme's api allowing HEAD too, and encoded slashes and ';' parameters."""
     editor = ConfigEditor(world.paths)
     editor.tenant("acme")["credentials"]["api"]["allow"].append("HEAD /**")
+    editor.tenant("acme")["credentials"]["api"].update(allow_encoded_slash=True, allow_path_params=True)
     editor.save()
     thread = BrokerThread(world.paths).start()
     try:
@@ -87,3 +88,22 @@ def test_head_keeps_its_content_length_and_204_304_carry_none(world: World, head
     for answer, status in ((no_content, 204), (not_modified, 304)):
         assert answer["status"] == status
         assert not any(str(k).lower() == "content-length" for k, _ in answer["headers"])
+
+
+def test_encoded_slashes_and_path_parameters_need_the_credential_to_opt_in(
+    world: World, head_broker: BrokerThread
+) -> None:
+    paths = ["/echo/repos/o/r%2Fsecrets/PROD", "/echo/a;jsessionid=1", "/echo/a%3Bx"]
+    items = [{"method": "GET", "target": f"/v1/proxy/api{p}"} for p in paths]
+    refused = world.agent(world.globex, items)  # globex's api has not opted in
+    assert [r["status"] for r in refused] == [400, 400, 400]
+    assert not world.upstream.records
+    audited = [r for r in world.audit() if r.get("tenant") == "globex" and r.get("decision") == "bad_request"]
+    assert len(audited) == 3
+    passed = world.agent(world.acme, items)
+    assert [r["status"] for r in passed] == [200, 200, 200]
+    assert [rec.path for rec in world.upstream.records] == [
+        "/acme/echo/repos/o/r%2Fsecrets/PROD",
+        "/acme/echo/a;jsessionid=1",
+        "/acme/echo/a;x",
+    ]
