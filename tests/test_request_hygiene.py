@@ -107,3 +107,21 @@ def test_encoded_slashes_and_path_parameters_need_the_credential_to_opt_in(
         "/acme/echo/a;jsessionid=1",
         "/acme/echo/a;x",
     ]
+
+
+def test_json_nested_5000_deep_is_an_audited_bad_request(world: World, broker: BrokerThread) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    body = '{"credential": "api", "method": "GET", "path": "/echo/x", "body": ' + deep + "}"
+    results = world.agent(
+        world.acme,
+        [
+            {"method": "POST", "target": "/v1/request", "body": body},
+            {"method": "POST", "target": "/v1/sessions", "body": deep},
+            {"method": "POST", "target": "/v1/scan", "body": '{"response": ' + deep + "}"},
+        ],
+    )
+    assert [r["status"] for r in results] == [400, 400, 400]
+    for result in results:
+        assert '"bad_request"' in result["body"]
+    assert not world.upstream.records
+    assert len([r for r in world.audit() if r.get("decision") == "bad_request"]) == 3

@@ -696,7 +696,7 @@ class _Connection:
                 raise ValueError
             if not all(v is None or isinstance(v, str) for v in (where, cwd)):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return await self._refusal("bad_request", '/v1/scan takes {"response": ..., "extra": [str], "where": str}')
         answer = await self.engine.scan_output(
             self.peer, token, data.get("response"), extra, where, cwd, in_thread=len(body) > SCAN_INLINE_BYTES
@@ -796,7 +796,7 @@ def body_field(body: bytes, content_type: str) -> dict[str, Any]:
     if "json" in content_type.lower():
         try:
             return {"body": json.loads(text)}
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep to decode: given as text
             pass
     return {"body": text}
 
@@ -837,6 +837,8 @@ def parse_session_json(body: bytes) -> tuple[str | None, str, float | None]:
         doc = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest(_TOO_DEEP) from None
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object")
     tenant, label, ttl = doc.get("tenant"), doc.get("label") or "", doc.get("ttl")
@@ -849,6 +851,9 @@ def parse_session_json(body: bytes) -> tuple[str | None, str, float | None]:
     return tenant, label, None if ttl is None else float(ttl)
 
 
+_TOO_DEEP = "the body's JSON is nested too deeply to read"
+
+
 def parse_request_json(body: bytes) -> CallRequest:
     """Validate a /v1/request body into a CallRequest; raise BadRequest saying what is wrong."""
 
@@ -856,6 +861,8 @@ def parse_request_json(body: bytes) -> CallRequest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest(_TOO_DEEP) from None
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object")
     if _SURROGATE_ESCAPE.search(body):  # rare: only then is the whole document checked
