@@ -131,7 +131,7 @@ class BrokerSettings:
     forward_workers: int = 0
     max_sessions: int = 1024  # live sessions at once (broker/calls/sessions.py)
     session_ttl: float = 12 * 3600.0  # seconds a session lasts unless `outloop run --ttl` says less
-    idle_timeout: float = 60.0  # seconds a loopback TCP connection may sit idle
+    idle_timeout: float = 60.0  # seconds a connection (Unix socket or loopback TCP) may sit idle between requests
     require_session: bool = False  # refuse every call made outside a session (no_session)
     listen: tuple[str, int] | None = None  # loopback TCP address (read at start)
 

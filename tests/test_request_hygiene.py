@@ -6,11 +6,13 @@ broker serves on a real Unix socket; the agent is a real subprocess.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
 from support.fixtures import BrokerThread, World
 
+from broker.calls import server as server_module
 from broker.config import ConfigEditor
 
 REWRITING = {
@@ -125,3 +127,37 @@ def test_json_nested_5000_deep_is_an_audited_bad_request(world: World, broker: B
         assert '"bad_request"' in result["body"]
     assert not world.upstream.records
     assert len([r for r in world.audit() if r.get("decision") == "bad_request"]) == 3
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_head_that_never_ends_and_an_idle_connection_are_closed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the Unix socket: a head unfinished HEAD_TIMEOUT after its first byte is a 408;
+    a kept-alive connection quiet for idle_timeout is closed (the reads below would
+    otherwise wait out their 30 s socket timeout and fail)."""
+    monkeypatch.setattr(server_module, "HEAD_TIMEOUT", 0.3)
+    world.configure(idle_timeout=0.5)
+    thread = BrokerThread(world.paths).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(world.socket))
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # the head's blank line never comes
+            data = _until_closed(s)
+        assert data.startswith(b"HTTP/1.1 408")
+        assert b"head did not arrive whole" in data
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(world.socket))
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = _until_closed(s)
+        assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1
+    finally:
+        thread.stop()

@@ -38,6 +38,7 @@ import select
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,10 @@ _CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size) if PASSCRED else 0
 LINGER_SECONDS, LINGER_BYTES = 1.0, 16 * 1024 * 1024
 # Loopback TCP connections open at once; more are answered 503 and closed.
 MAX_TCP_CONNECTIONS = 256
+# A request head must arrive whole this many seconds after its first byte (a client
+# that sends a byte now and then holds a connection no longer); between requests a
+# connection may stay quiet for [broker] idle_timeout.
+HEAD_TIMEOUT = 10.0
 HANGUP_POLL_SECONDS = 0.25  # how often a waiting TCP call looks whether its caller left
 # A /v1/scan body larger than this is scanned in a thread, not on the event loop.
 SCAN_INLINE_BYTES = 64 * 1024
@@ -258,6 +263,7 @@ class _Parser:
         self._size = 0
         self.sender: tuple[int, int] | None = None  # who wrote the bytes being fed
         self._senders: set[tuple[int, int]] = set()
+        self.head_started = 0.0  # monotonic time the request being read began
 
     def feed(self, data: bytes) -> None:
         # Since the last head, body data or request ended: about. In a body, what is
@@ -282,8 +288,14 @@ class _Parser:
 
     # -- httptools callbacks
 
+    @property
+    def head_pending(self) -> bool:
+        """A request has begun and its head is not whole yet."""
+        return self.in_message and not self._in_body
+
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.head_started = time.monotonic()
         self._target, self._headers, self._body, self._size = b"", [], [], 0
         self._senders = {self.sender} if self.sender is not None else set()
 
@@ -479,12 +491,21 @@ class _Connection:
                 parser.wants_continue = False
                 if parser.in_message:
                     self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            idle = self.engine.config.broker.idle_timeout
+            wait = idle
+            if parser.head_pending:
+                wait = min(idle, max(0.0, HEAD_TIMEOUT - (time.monotonic() - parser.head_started)))
             if self.tcp:
-                data = await self._read_or_idle(parser.in_message)
-            elif self._sock is not None:
-                data = await self._recv()
+                data = await self._read_or_idle(parser.in_message, wait)
             else:
-                data = await self.reader.read(READ_CHUNK)
+                try:
+                    async with asyncio.timeout(wait):
+                        data = await (self._recv() if self._sock is not None else self.reader.read(READ_CHUNK))
+                except TimeoutError:
+                    if parser.in_message:
+                        self.busy = True
+                        raise BadRequest(_late(parser.head_pending, wait), 408) from None
+                    return None  # quiet for idle_timeout between requests: closed
             if not data:
                 if parser.in_message:
                     self.busy = True
@@ -537,16 +558,15 @@ class _Connection:
             self.gone = True
             return
 
-    async def _read_or_idle(self, in_message: bool) -> bytes:
-        """A read on TCP, bounded by idle_timeout: an idle connection is closed (b"")."""
-        idle = self.engine.config.broker.idle_timeout
+    async def _read_or_idle(self, in_message: bool, idle: float) -> bytes:
+        """A read on TCP, bounded by `idle` seconds: an idle connection is closed (b"")."""
         try:
             async with asyncio.timeout(idle):
                 return await self.reader.read(READ_CHUNK)
         except TimeoutError:
             if in_message:
                 self.busy = True
-                raise BadRequest(f"the request did not arrive whole within {idle:g} s", 408) from None
+                raise BadRequest(_late(self.parser.head_pending, idle), 408) from None
             if not self.served:  # a connection that never asked anything: a flood, or a port scan
                 await self.engine.refuse(
                     self.peer,
@@ -709,6 +729,12 @@ class _Connection:
     async def _refusal(self, code: str, message: str, status: int = 0) -> tuple[int, list[tuple[str, str]], bytes]:
         refusal = await self.engine.refuse(self.peer, code, message, status=status)
         return refusal.http_status, _refusal_headers(refusal), _json(refusal.json())
+
+
+def _late(head: bool, waited: float) -> str:
+    if head:
+        return f"the request head did not arrive whole within {HEAD_TIMEOUT:g} s of its first byte"
+    return f"the request body went quiet for {waited:g} s"
 
 
 def _hung_up(sock: socket.socket) -> bool:
