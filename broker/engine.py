@@ -703,6 +703,9 @@ class Engine:
             # Pairs, not a dict by name: acme's "api" and globex's "api" are both redacted.
             secrets = self.managed_secrets(strict=True)
             self._redaction = [(cred, value) for (_t, cred), value in secrets.items()]
+            # Basic auth: the whole "user:key", so its base64 goes whole, not the key's bytes only.
+            basic = {(c.tenant, c.name): c.auth.arg for c in self.config.credentials() if c.auth.kind == "basic"}
+            self._redaction += [(k[1], f"{basic[k]}:{v}") for k, v in secrets.items() if k in basic]
             self._redactor = with_leak_rules(self._redaction)
         return self._redactor
 

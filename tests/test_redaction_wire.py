@@ -63,3 +63,11 @@ def test_a_key_in_a_header_name_is_redacted() -> None:
     redactor = with_leak_rules([("api", key)])
     out = redactor.headers([(f"X-Named-{key.encode().hex()}", "v"), ("X-Plain", "ok")])
     assert out == [("X-Outloop-Redacted", "v"), ("X-Plain", "ok")]
+
+
+def test_basic_auth_is_redacted_as_the_whole_user_and_key(world: World, broker: BrokerThread) -> None:
+    item = {"payload": {"credential": "legacy", "method": "GET", "path": "/echo/b"}}
+    (result,) = world.agent(world.acme, [item])
+    envelope = json.loads(result["body"].encode("latin-1"))
+    assert envelope["body"]["echo"]["b64_basic"] == "[REDACTED:legacy]"
+    assert envelope["headers"]["x-echo-b64-basic"] == "[REDACTED:legacy]"

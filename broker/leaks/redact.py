@@ -150,7 +150,11 @@ def secret_pattern(secret: str) -> str:
     # character \\u-escaped (any run of backslashes), either case of hex digits.
     pct = "".join("%(?:25)*" + _any_case(f"{b:02X}") for b in raw)
     uni = "".join(_any_case(f"\\u{u:04x}").replace(r"\\", r"\\+") for u in _utf16_units(secret))
+    # The whole base64 of the secret too (its last characters and padding included),
+    # as a value of its own is written: base64("user:key") of Basic auth goes whole.
+    whole = base64.b64encode(raw).decode("ascii")
     literal = _b64_fragments(raw) | _b32_fragments(raw) | {raw.hex(), raw.hex().upper()}
+    literal |= {whole, whole.translate(str.maketrans("+/", "-_"))}
     frags = sorted(literal, key=len, reverse=True)
     return "|".join([chars, pct, uni, *map(re.escape, frags)])
 
