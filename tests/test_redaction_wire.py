@@ -8,7 +8,9 @@ JSON body and writes it out again, so redaction must see the envelope as sent.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 from support.fixtures import KEYS, BrokerThread, World, secret_forms
@@ -71,3 +73,16 @@ def test_basic_auth_is_redacted_as_the_whole_user_and_key(world: World, broker: 
     envelope = json.loads(result["body"].encode("latin-1"))
     assert envelope["body"]["echo"]["b64_basic"] == "[REDACTED:legacy]"
     assert envelope["headers"]["x-echo-b64-basic"] == "[REDACTED:legacy]"
+
+
+def test_a_gzip_or_zlib_body_that_does_not_say_so_is_redacted_inside(world: World, broker: BrokerThread) -> None:
+    items = [
+        {"method": "GET", "target": "/v1/proxy/api/sneaky/x"},
+        {"method": "GET", "target": "/v1/proxy/api/sneaky/x?z=1"},
+    ]
+    gz, zl = world.agent(world.acme, items)
+    for result, unpack in ((gz, gzip.decompress), (zl, zlib.decompress)):
+        assert result["status"] == 200
+        inner = unpack(result["body"].encode("latin-1"))  # still the upstream's packing
+        world.assert_clean(inner)
+        assert json.loads(inner)["echo"]["plain"] == "[REDACTED:api]"

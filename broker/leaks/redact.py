@@ -19,6 +19,7 @@ import base64
 import json
 import re
 import string
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -271,8 +272,17 @@ class Redactor:
                 value = value[:start] + f"[REDACTED:{rule}]" + value[end:]
         return value
 
-    def bytes(self, value: bytes) -> bytes:
-        """Like text(), for bodies that may not be UTF-8."""
+    def bytes(self, value: bytes, _depth: int = 0) -> bytes:
+        """Like text(), for bodies that may not be UTF-8. A body that is gzip or zlib
+        data without saying so (no Content-Encoding) is looked into too: if what it
+        unpacks to holds a secret, it is packed again, redacted."""
+        packed = _unpacked(value) if _depth < 2 else None
+        if packed is not None:
+            wbits, inner = packed
+            cleaned = self.bytes(inner, _depth + 1)
+            if cleaned != inner:
+                packer = zlib.compressobj(wbits=wbits)
+                return packer.compress(cleaned) + packer.flush()
         try:
             return self.text(value.decode("utf-8")).encode("utf-8")
         except UnicodeDecodeError:
@@ -326,6 +336,28 @@ class Redactor:
             name = self.text(k)
             out.append((k if name == k else REDACTED_HEADER, self.text(v)))
         return out
+
+
+# The most an undeclared gzip or zlib body is unpacked to, to look inside.
+SNIFF_MAX = 16 * 1024 * 1024
+
+
+def _unpacked(value: bytes) -> tuple[int, bytes] | None:
+    """(wbits, contents) of a body that is whole gzip or zlib data, else None."""
+    if value[:2] == b"\x1f\x8b":
+        wbits = zlib.MAX_WBITS | 16
+    elif len(value) >= 2 and value[0] & 0x0F == 8 and (value[0] << 8 | value[1]) % 31 == 0:
+        wbits = zlib.MAX_WBITS
+    else:
+        return None
+    decoder = zlib.decompressobj(wbits)
+    try:
+        inner = decoder.decompress(value, SNIFF_MAX + 1)
+    except zlib.error:
+        return None
+    if not decoder.eof or len(inner) > SNIFF_MAX:
+        return None
+    return wbits, inner
 
 
 def with_leak_rules(secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> Redactor:

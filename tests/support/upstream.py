@@ -22,6 +22,8 @@ credential's base_url may carry a path of its own):
     .../slow?s=S            answers after S seconds
     .../hold                answers once `release()` is called
     .../status/NNN          answers NNN with the JSON echo
+    .../sneaky/...          the JSON echo gzip-compressed (?z=1: zlib) with no
+                            Content-Encoding header
     .../uescape/...         200 JSON whose one string is the key with every character
                             written as a \\uXXXX escape (lower-case hex; ?upper=1 for
                             upper case), as some JSON encoders write it
@@ -227,6 +229,11 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if "/compressed" in path:
             return self._compressed(json.dumps(doc).encode(), key, nonce, params.get("force"))
+        if "/sneaky" in path:  # compressed, and not saying so
+            packed = (
+                zlib.compress(json.dumps(doc).encode()) if params.get("z") else gzip.compress(json.dumps(doc).encode())
+            )
+            return self._send(status, packed, [("Content-Type", "application/octet-stream")])
         if "/uescape" in path:
             escaped = "".join(f"\\u{u:04x}" for u in _utf16_units(key))
             if params.get("upper"):
