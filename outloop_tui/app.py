@@ -461,6 +461,7 @@ class DashboardScreen(Screen[None]):
     def on_approval_asked(self, message: ApprovalAsked) -> None:
         a = message.approval
         self.app.bell()
+        self.dashboard_app.desktop_notify("Outloop: approval needed", f"{a.tenant}/{a.credential}: {a.method} {a.path}")
         self.notify(
             f"{a.tenant}/{a.credential}: {a.method} {a.path}"
             + (f'\n"{a.reason}"' if a.reason else "")
@@ -759,6 +760,12 @@ class OutloopApp(App[int]):
             return "locked"
         return self.engine.state
 
+    def desktop_notify(self, title: str, body: str) -> None:
+        """A notification from the terminal itself (OSC 777 and OSC 9: kitty, iTerm2, WezTerm, foot,
+        Windows Terminal...), for an operator whose eyes are in another window."""
+        if not self.is_headless and self._driver is not None:
+            self._driver.write(osc_notification(title, body))
+
     def set_banner(self, key: str, message: str) -> None:
         if message:
             self._banners[key] = message
@@ -815,6 +822,16 @@ class OutloopApp(App[int]):
         if self.screen_stack:
             with contextlib.suppress(NoMatches):
                 self.dashboard.refresh_view()
+
+
+def osc_notification(title: str, body: str) -> str:
+    """The terminal escapes for a desktop notification; control characters and ';' cannot end them early."""
+
+    def clean(text: str) -> str:
+        return "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F or c == ";" else c for c in text)[:200]
+
+    t, b = clean(title), clean(body)
+    return f"\x1b]777;notify;{t};{b}\x07\x1b]9;{t}: {b}\x07"
 
 
 def run_dashboard(args: argparse.Namespace) -> int:

@@ -370,3 +370,11 @@ async def test_s_lists_the_agent_sessions_and_enter_ends_one(world: World) -> No
             await asyncio.to_thread(proc.communicate, "\n", 60)
     ended = [r for r in world.audit() if r.get("event") == "session_end" and r.get("session") == session["id"]]
     assert ended and "revoked" in json.dumps(ended[0])
+
+
+def test_the_terminal_notification_cannot_be_cut_short_by_what_it_shows() -> None:
+    from outloop_tui.app import osc_notification
+
+    text = osc_notification("Outloop: approval needed", "acme/api: POST /x;\x07\x1b]52;c;evil\x07")
+    assert text.startswith("\x1b]777;notify;Outloop: approval needed;") and text.endswith("\x07")
+    assert text.count("\x07") == 2 and text.count("\x1b") == 2  # only its own two sequences
