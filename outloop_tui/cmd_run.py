@@ -139,17 +139,12 @@ def _supervise(
 
     Signals go to `targets(child)` when given (the command inside a sandbox), else to the child.
     """
-    try:
-        child = start() if start is not None else os.posix_spawnp(command[0], command, env)
-    except FileNotFoundError:
-        print(f"outloop: command not found: {command[0]}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except PermissionError:
-        print(f"outloop: permission denied: {command[0]}", file=sys.stderr)
-        return 126
+    spawned: list[int] = []  # the child, once it exists
 
     def forward(signum: int, _frame: object) -> None:
-        for pid in targets(child) if targets is not None else [child]:
+        if not spawned:
+            return  # not started yet: nothing to pass on, and the signal must not kill us instead
+        for pid in targets(spawned[0]) if targets is not None else spawned:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -159,10 +154,20 @@ def _supervise(
         if not _terminal_sent_it():
             forward(signum, frame)
 
+    # Before the command starts: a signal sent the moment it is up (^C) must find them in place.
     for sig in FORWARDED:
         signal.signal(sig, forward)
     for sig in FROM_TERMINAL:
         signal.signal(sig, maybe_forward)
+    try:
+        child = start() if start is not None else os.posix_spawnp(command[0], command, env)
+    except FileNotFoundError:
+        print(f"outloop: command not found: {command[0]}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except PermissionError:
+        print(f"outloop: permission denied: {command[0]}", file=sys.stderr)
+        return 126
+    spawned.append(child)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
