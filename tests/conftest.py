@@ -31,6 +31,7 @@ _session: dict[str, object] = {}
 
 def _start_secret_service(root: Path) -> str:
     """Start a private bus and gnome-keyring-daemon; return a description."""
+    root.mkdir(mode=0o700)
     for sub in ("data", "runtime", "config"):
         (root / sub).mkdir(mode=0o700)
     os.environ["XDG_DATA_HOME"] = str(root / "data")
@@ -64,7 +65,7 @@ def _start_secret_service(root: Path) -> str:
     import keyring.backends.SecretService
 
     backend = keyring.backends.SecretService.Keyring()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while True:
         try:
             backend.set_password("outloop-test-probe", "probe", "x")
@@ -96,7 +97,17 @@ def pytest_configure(config: pytest.Config) -> None:
     _session["root"] = root
     # Child processes (the CLI under test) find the same keyring through the environment.
     if shutil.which("dbus-daemon") and shutil.which("gnome-keyring-daemon"):
-        _session["backend"] = _start_secret_service(root)
+        # A loaded machine now and then gets a daemon that never creates its login
+        # collection ("Prompt dismissed"): start a fresh bus and daemon, a few times.
+        for attempt in range(3):
+            try:
+                _session["backend"] = _start_secret_service(root / f"try{attempt}")
+                break
+            except Exception:
+                for proc in _session.pop("procs", []):  # type: ignore[attr-defined]
+                    proc.kill()
+                if attempt == 2:
+                    raise
     else:
         _session["backend"] = _start_file_keyring(root)
 
