@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import os
 import re
 import tomllib
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, float | int] = {
     "max_sessions": 1024,
     "session_ttl": 12 * 3600.0,
     "idle_timeout": 60.0,
+    "stream_idle_timeout": 300.0,
 }
 
 
@@ -132,6 +134,9 @@ class BrokerSettings:
     max_sessions: int = 1024  # live sessions at once (broker/calls/sessions.py)
     session_ttl: float = 12 * 3600.0  # seconds a session lasts unless `outloop run --ttl` says less
     idle_timeout: float = 60.0  # seconds a connection (Unix socket or loopback TCP) may sit idle between requests
+    stream_idle_timeout: float = 300.0  # seconds an upstream may go quiet in the middle of its answer
+    ca_bundle: str | None = None  # PEM file of the CAs upstream certificates are checked against
+    http2: bool = False  # offer HTTP/2 to HTTPS upstreams (needs the `http2` extra: h2)
     require_session: bool = False  # refuse every call made outside a session (no_session)
     listen: tuple[str, int] | None = None  # loopback TCP address (read at start)
 
@@ -268,6 +273,20 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
     if not isinstance(require, bool):
         raise where.error("broker.require_session", "must be true or false")
     settings["require_session"] = require
+    ca_bundle = broker_raw.get("ca_bundle")
+    if ca_bundle is not None:
+        if not isinstance(ca_bundle, str) or not ca_bundle:
+            raise where.error("broker.ca_bundle", "must be the path of a PEM file of CA certificates")
+        bundle = Path(ca_bundle).expanduser()
+        if not bundle.is_file():
+            raise where.error("broker.ca_bundle", f"{bundle} is not a file")
+        settings["ca_bundle"] = str(bundle)
+    http2 = broker_raw.get("http2", False)
+    if not isinstance(http2, bool):
+        raise where.error("broker.http2", "must be true or false")
+    if http2 and importlib.util.find_spec("h2") is None:
+        raise where.error("broker.http2", "needs the h2 package: pip install 'outloop[http2]'")
+    settings["http2"] = http2
     listen = broker_raw.get("listen")
     if listen is not None:
         if not isinstance(listen, str):

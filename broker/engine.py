@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,9 @@ from broker.audit import AuditError, AuditKey, AuditLog, Head, last_records
 from broker.audit import keys as audit_keys
 from broker.audit.syslog_sink import send as send_to_syslog
 from broker.calls.approvals import Approvals, GrantKey
-from broker.calls.forward import Forwarder, UpstreamError
+from broker.calls.forward import Forwarder, UpstreamError, UpstreamSettings, UpstreamStream
 from broker.calls.identity import Caller, IdentityError, Peer, command_line, descendants, identify, identify_folder
-from broker.calls.protocol import Answer, CallRequest, Refusal
+from broker.calls.protocol import Answer, CallRequest, Refusal, StreamedAnswer
 from broker.calls.sessions import Session, SessionError, Sessions
 from broker.calls.workers import ForwardPool
 from broker.config import Config, Credential
@@ -48,6 +48,7 @@ from broker.events import (
     Snapshot,
 )
 from broker.leaks.redact import Redactor, with_leak_rules
+from broker.leaks.stream import StreamRedactor
 from broker.operator.notify import notify_desktop
 from broker.operator.server import OperatorServer
 from broker.paths import Paths, ensure_private_dir
@@ -70,6 +71,9 @@ SECRET_HEADERS = frozenset(
 )
 # More calls than this on the wire at once, and the next goes to a forwarding worker.
 BUSY_CALLS = 1
+# A /v1/proxy answer that says it is at most this long is read whole and sent with its
+# length; longer ones, and those of unknown length, stream.
+WHOLE_ANSWER_BYTES = 256 * 1024
 
 
 class Engine:
@@ -168,9 +172,7 @@ class Engine:
         for fields in early:
             await self.audit.record(fields)
         await self._keep_audit_head()
-        self._forwarder = Forwarder(
-            timeout=self.config.broker.upstream_timeout, max_response_bytes=self.config.broker.max_response_bytes
-        )
+        self._forwarder = Forwarder(UpstreamSettings.of(self.config.broker))
         if self.config.broker.forward_workers:
             # Started on the first busy moment; changing the number needs a restart.
             self._pool = ForwardPool(self.config.broker.forward_workers, self.paths.state_dir)
@@ -337,8 +339,7 @@ class Engine:
         self.sessions.max_sessions = new.broker.max_sessions
         self.secrets.forget()
         if self._forwarder is not None:  # [broker] limits apply from the next call
-            self._forwarder.timeout = new.broker.upstream_timeout
-            self._forwarder.max_response_bytes = new.broker.max_response_bytes
+            self._forwarder.settings = UpstreamSettings.of(new.broker)
         for watcher in (self.watcher, self.transcripts):
             if watcher is not None:
                 self._background(watcher.rearm(self._workspace_list()))
@@ -728,7 +729,7 @@ class Engine:
         self._publish(Refused(code, fields.get("tenant"), fields.get("credential"), message))
         return Refusal(code, message, record["id"], status)
 
-    async def call(self, peer: Peer, req: CallRequest) -> Answer | Refusal:
+    async def call(self, peer: Peer, req: CallRequest) -> Answer | StreamedAnswer | Refusal:
         """Run one agent call through identity, policy, approval, upstream and audit."""
         self._calls += 1
         try:
@@ -736,7 +737,7 @@ class Engine:
         finally:
             self._calls -= 1
 
-    async def _call(self, peer: Peer, req: CallRequest) -> Answer | Refusal:
+    async def _call(self, peer: Peer, req: CallRequest) -> Answer | StreamedAnswer | Refusal:
         config = self.refresh_config()
         base: dict[str, Any] = {
             "pid": peer.pid,
@@ -917,7 +918,7 @@ class Engine:
         path: Any,
         base: dict[str, Any],
         verdict: tuple[str, str],
-    ) -> Answer | Refusal:
+    ) -> Answer | StreamedAnswer | Refusal:
         if len(req.body) > self.config.broker.max_request_bytes:
             return await self.refuse(
                 peer,
@@ -951,45 +952,87 @@ class Engine:
             attempt = await self.audit.record(fields, batch=self._calls > 1)
         except AuditError:
             return Refusal("audit_unavailable", "the audit log cannot be written; the call was refused", None)
+        outcome = dict(base, event="outcome", attempt=attempt["id"], decision=verdict[0])
         start = time.perf_counter()
         self._upstream_calls += 1
         try:
-            status, headers, body, size, ms = await self._send(credential, secret, req, path, redactor, redaction)
+            if req.stream:
+                sent = await self._open(credential, secret, req, path, redactor, outcome, start)
+                if isinstance(sent, StreamedAnswer):
+                    return sent
+                status, headers, body, size, ms = sent
+            else:
+                status, headers, body, size, ms = await self._send(credential, secret, req, path, redactor, redaction)
         except UpstreamError as e:
-            outcome = dict(
-                base,
-                event="outcome",
-                attempt=attempt["id"],
-                decision=verdict[0],
-                status="upstream_error",
-                message=str(e),
-                ms=round((time.perf_counter() - start) * 1000, 2),
-            )
-            try:
-                await self.audit.record(outcome, durable=False)
-            except AuditError:
-                pass
+            failed = dict(outcome, status="upstream_error", message=str(e), ms=_ms_since(start))
+            with contextlib.suppress(AuditError):
+                await self.audit.record(failed, durable=False)
             return Refusal("upstream_error", str(e), attempt["id"], e.status)
         finally:
             self._upstream_calls -= 1
-        outcome = dict(
-            base,
-            event="outcome",
-            attempt=attempt["id"],
-            decision=verdict[0],
-            status=status,
-            bytes=size,
-            ms=round(ms, 2),
-        )
         try:
             # Written to the file before the answer goes back (a failed write withholds it);
             # its fsync is shared with the next batch instead of delaying this answer.
-            await self.audit.record(outcome, durable=False)
+            await self.audit.record(dict(outcome, status=status, bytes=size, ms=round(ms, 2)), durable=False)
         except AuditError:
             return Refusal(
                 "audit_unavailable", "the audit log cannot be written; the response was withheld", attempt["id"]
             )
         return Answer(status, headers, body, attempt["id"])
+
+    async def _open(
+        self,
+        credential: Credential,
+        secret: Secret,
+        req: CallRequest,
+        path: NormalPath,
+        redactor: Redactor,
+        outcome: dict[str, Any],
+        start: float,
+    ) -> StreamedAnswer | tuple[int, list[tuple[str, str]], bytes, int, float]:
+        """A /v1/proxy call: its answer streamed, or, when it is short and says so, read whole
+        (it arrives at once anyway, and goes back with its length)."""
+        assert self._forwarder is not None
+        upstream = await self._forwarder.open(credential, secret, req.method, path, req.query, req.headers, req.body)
+        content_type = next((v for k, v in upstream.headers if k == "content-type"), "")
+        if req.method == "HEAD" or (
+            upstream.declared is not None
+            and upstream.declared <= WHOLE_ANSWER_BYTES
+            and "event-stream" not in content_type.lower()
+        ):
+            body = await upstream.read()
+            return upstream.status, redactor.headers(upstream.headers), redactor.bytes(body), len(body), upstream.ms
+        chunks = self._relay(upstream, StreamRedactor(redactor), dict(outcome, status=upstream.status), start)
+        await anext(chunks)  # started, so that closing it early still ends the call and audits it
+        return StreamedAnswer(upstream.status, redactor.headers(upstream.headers), chunks, outcome["attempt"])
+
+    async def _relay(
+        self, upstream: UpstreamStream, redacting: StreamRedactor, outcome: dict[str, Any], start: float
+    ) -> AsyncGenerator[bytes, None]:
+        """The answer's body as it arrives, redacted; its outcome audited when it ends: whole,
+        broken off by the upstream (upstream_error), or dropped by the agent (client_gone)."""
+        self._upstream_calls += 1
+        try:
+            yield b""  # (the priming step: see _open)
+            async for chunk in upstream.chunks():
+                out = redacting.feed(chunk)
+                if out:
+                    yield out
+            out = redacting.close()
+            if out:
+                yield out
+        except UpstreamError as e:
+            outcome.update(upstream_status=outcome["status"], status="upstream_error", message=str(e))
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome.update(upstream_status=outcome["status"], status="client_gone")
+            raise
+        finally:
+            self._upstream_calls -= 1
+            await upstream.aclose()
+            outcome.update(bytes=upstream.received, ms=_ms_since(start))
+            with contextlib.suppress(AuditError):
+                await self.audit.record(outcome, durable=False)
 
     async def _send(
         self,
@@ -1009,7 +1052,6 @@ class Engine:
         pool = self._pool
         if pool is not None and self._upstream_calls > BUSY_CALLS:
             if pool.ready:
-                broker = self.config.broker
                 return await pool.forward(
                     credential,
                     secret,
@@ -1018,8 +1060,7 @@ class Engine:
                     req.query,
                     req.headers,
                     req.body,
-                    upstream_timeout=broker.upstream_timeout,
-                    max_response_bytes=broker.max_response_bytes,
+                    settings=UpstreamSettings.of(self.config.broker),
                     redaction=redaction,
                 )
             pool.start_soon()
@@ -1032,3 +1073,7 @@ class Engine:
             len(upstream.body),
             upstream.ms,
         )
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)

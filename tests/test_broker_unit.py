@@ -13,7 +13,7 @@ from support.fixtures import KEYS, secret_forms  # noqa: E402
 from support.upstream import Upstream, echoes  # noqa: E402
 
 from broker.calls.approvals import Approvals  # noqa: E402
-from broker.calls.forward import Forwarder, UpstreamError, outgoing_headers, outgoing_query  # noqa: E402
+from broker.calls.forward import Forwarder, UpstreamError, UpstreamSettings, outgoing_headers, outgoing_query  # noqa: E402
 from broker.calls.server import BadRequest, body_field, parse_proxy, parse_request_json  # noqa: E402
 from broker.config import Auth, Credential  # noqa: E402
 from broker.events import ApprovalRequested, ApprovalResolved  # noqa: E402
@@ -231,7 +231,7 @@ def up() -> Iterator[Upstream]:
 
 
 async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstream) -> None:
-    forwarder = Forwarder(timeout=5, max_response_bytes=1000)
+    forwarder = Forwarder(UpstreamSettings(timeout=5, max_response_bytes=1000))
     c = cred("bearer", f"{up.url}/t")
     try:
         moved = await forwarder.send(
@@ -248,7 +248,7 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
         # A HEAD answer's Content-Length is the size of what GET would send: no body comes.
         head = await forwarder.send(c, SECRET, "HEAD", normalize_path("/huge"), [("n", "5000")], {}, b"")
         assert (head.status, head.body) == (200, b"")
-        forwarder.max_response_bytes = 1 << 20  # the echo of every form is larger than 1000
+        forwarder.settings = UpstreamSettings(timeout=5, max_response_bytes=1 << 20)  # the echo is larger than 1000
         echo = await forwarder.send(c, SECRET, "GET", normalize_path("/echo/x"), [], {}, b"")
         assert not any(k.lower() in ("set-cookie", "content-length", "connection") for k, _ in echo.headers)
         with pytest.raises(UpstreamError) as unreadable:
@@ -267,7 +267,7 @@ async def test_forwarder_never_follows_redirects_and_caps_the_response(up: Upstr
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
 async def test_forwarder_undoes_content_codings_within_the_cap(up: Upstream, coding: str) -> None:
-    forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
+    forwarder = Forwarder(UpstreamSettings(timeout=5, max_response_bytes=100_000))
     c = cred("bearer", f"{up.url}/t")
     try:
         ok = await forwarder.send(
@@ -289,7 +289,7 @@ async def test_forwarder_undoes_content_codings_within_the_cap(up: Upstream, cod
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
 async def test_forwarder_answers_a_coded_response_without_a_body(up: Upstream, coding: str) -> None:
     # HEAD (like 204 and 304) carries the GET's Content-Encoding but no body: nothing to undo.
-    forwarder = Forwarder(timeout=5, max_response_bytes=100_000)
+    forwarder = Forwarder(UpstreamSettings(timeout=5, max_response_bytes=100_000))
     try:
         head = await forwarder.send(
             cred("bearer", f"{up.url}/t"),
@@ -306,7 +306,7 @@ async def test_forwarder_answers_a_coded_response_without_a_body(up: Upstream, c
 
 
 async def test_forwarder_timeouts_and_unreachable_hosts_say_so_without_the_key(up: Upstream) -> None:
-    forwarder = Forwarder(timeout=0.2, max_response_bytes=1000)
+    forwarder = Forwarder(UpstreamSettings(timeout=0.2, max_response_bytes=1000))
     try:
         with pytest.raises(UpstreamError) as slow:
             await forwarder.send(

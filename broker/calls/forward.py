@@ -1,4 +1,4 @@
-"""Putting a call on the wire: one connection pool, one lane of it per credential, the credential injected.
+"""Putting a call on the wire: one httpx client per credential, the credential injected, the answer streamed.
 
 The upstream URL is the credential's base_url plus the normalised path. Client
 headers that could carry a credential, and hop-by-hop headers, are dropped; the
@@ -8,17 +8,20 @@ response sizes are capped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
+import os
+import ssl
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import httpx2 as httpx
 
 from broker import __version__
-from broker.calls.transport import PooledTransport, ResponseTooLarge
-from broker.config import Credential
+from broker.config import BrokerSettings, Credential
 from broker.policy import NormalPath
 from broker.secrets import Secret
 
@@ -153,45 +156,156 @@ def outgoing_query(
 
 
 @dataclass(frozen=True)
-class _Route:
-    """Where a base URL's calls go: pool origin, path prefix and Host header, parsed once."""
+class UpstreamSettings:
+    """How calls go upstream: the [broker] settings the forwarder uses."""
 
-    origin: tuple[bytes, bytes, int]
-    prefix: bytes
-    host: bytes
+    timeout: float = 30.0  # connect, write, the wait for the head, each silence of a whole answer
+    idle_timeout: float = 300.0  # each silence of a streamed answer
+    max_response_bytes: int = 10 * 1024 * 1024
+    ca_bundle: str | None = None
+    http2: bool = False
+
+    @classmethod
+    def of(cls, broker: BrokerSettings) -> UpstreamSettings:
+        return cls(
+            broker.upstream_timeout,
+            broker.stream_idle_timeout,
+            broker.max_response_bytes,
+            broker.ca_bundle,
+            broker.http2,
+        )
+
+    @property
+    def client_key(self) -> tuple[object, ...]:
+        """What an httpx client is made with (timeouts and the cap apply per call)."""
+        return (self.ca_bundle, self.http2)
 
 
 class Forwarder:
-    """Sends calls upstream on one pool of connections (see broker/calls/transport.py),
-    in which each credential has its own lane: a connection opened for one
-    credential's calls never carries another's, so an upstream that desyncs (reads
-    a GET's body as the next request) or answers late cannot hand one tenant's
-    request or answer to another.
+    """Sends calls upstream with one httpx client per credential: a connection opened
+    for one credential's calls never carries another's, so an upstream that desyncs
+    (reads a GET's body as the next request) or answers late cannot hand one
+    tenant's request or answer to another.
 
-    httpx parses the base URL and encodes the query; the exchange goes straight to
-    the pool's `fetch`, not through httpx's client layers, which cost more per
-    call than the exchange itself (see the README's decisions). Nothing here keeps
-    cookies, follows a redirect, or retries.
+    The clients honour the broker's proxy environment (HTTPS_PROXY, NO_PROXY,
+    ALL_PROXY), trust `ca_bundle` (else SSL_CERT_FILE / SSL_CERT_DIR, else the
+    system's store), speak HTTP/2 where asked and the server agrees, keep no
+    cookies, follow no redirect and retry nothing.
+
+    See UpstreamSettings for the timeouts and the cap.
     """
 
-    def __init__(self, *, timeout: float, max_response_bytes: int) -> None:
-        self.timeout = timeout  # seconds for each of pool, connect, write and each read
-        self.max_response_bytes = max_response_bytes
-        self._pool = PooledTransport(max_connections=200, max_idle=64)
-        self._routes: dict[str, _Route] = {}
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings  # replaced when [broker] changes: from the next call
+        self._clients: dict[tuple[str, str], tuple[UpstreamSettings, httpx.AsyncClient]] = {}
+        self._urls: dict[str, httpx.URL] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        clients, self._clients = self._clients, {}
+        for _settings, client in clients.values():
+            await client.aclose()
 
-    def _route(self, base_url: str) -> _Route:
-        route = self._routes.get(base_url)
-        if route is None:
-            url = httpx.URL(base_url)  # IDNA host, percent-encoded path: httpx's rules
-            scheme = url.raw_scheme
-            port = url.port or (443 if scheme == b"https" else 80)
-            route = _Route((scheme, url.raw_host, port), url.raw_path.rstrip(b"/"), url.netloc)
-            self._routes[base_url] = route
-        return route
+    def _client(self, credential: Credential) -> httpx.AsyncClient:
+        settings = self.settings
+        key = (credential.tenant, credential.name)
+        held = self._clients.get(key)
+        if held is not None and held[0].client_key == settings.client_key:
+            return held[1]
+        if held is not None:  # [broker] settings changed: the next calls get a new client
+            closing = asyncio.ensure_future(held[1].aclose())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        client = httpx.AsyncClient(
+            headers=DEFAULT_HEADERS,
+            verify=_verify(settings.ca_bundle),
+            http2=settings.http2,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0),
+            follow_redirects=False,
+            trust_env=True,
+        )
+        self._clients[key] = (settings, client)
+        return client
+
+    def _url(self, credential: Credential, path: NormalPath, query: list[tuple[str, str]], secret: Secret) -> httpx.URL:
+        base = self._urls.get(credential.base_url)
+        if base is None:
+            base = self._urls[credential.base_url] = httpx.URL(credential.base_url)  # IDNA host, encoded path
+        target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + path.encoded.encode("ascii")
+        params = outgoing_query(query, credential, secret)
+        if params:
+            target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
+        return base.copy_with(raw_path=target)
+
+    async def open(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        whole: bool = False,
+    ) -> UpstreamStream:
+        """Make the call and wait for the answer's head; raise UpstreamError on network
+        failure, timeout, or an encoding the broker cannot read.
+
+        A body read `whole` may go quiet for `timeout` at a time, a streamed one for
+        `idle_timeout` (a reasoning model's long pause mid-stream).
+        """
+        client = self._client(credential)
+        settings = self.settings
+        t = settings.timeout
+        idle = t if whole else settings.idle_timeout
+        host = credential.host
+        try:
+            sent = outgoing_headers(headers, credential, secret)
+            sent["Accept-Encoding"] = ACCEPT_ENCODING
+            request = client.build_request(
+                method,
+                self._url(credential, path, query, secret),
+                headers=sent,
+                content=body if body or method in ("POST", "PUT", "PATCH") else None,
+                timeout=httpx.Timeout(connect=t, write=t, pool=t, read=idle),
+            )
+        except UnicodeEncodeError:
+            # Its text could quote the key; say which kind of value it was instead.
+            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(settings.timeout):
+                response = await client.send(request, stream=True)
+        except (TimeoutError, httpx.TimeoutException):
+            raise UpstreamError(f"{host} did not answer within {settings.timeout:g} s", 504) from None
+        except (httpx.HTTPError, OSError) as e:
+            # The exception text may hold the URL, and with query auth the URL holds the key.
+            raise UpstreamError(f"{host} could not be reached ({type(e).__name__})", 502) from None
+        ms = (time.perf_counter() - start) * 1000
+        received = response.headers.multi_items()
+        try:
+            codings = _codings(received, host)
+        except UpstreamError:
+            await response.aclose()
+            raise
+        out = [(k, v) for k, v in received if k not in RESPONSE_DROP]
+        if method == "HEAD" and not codings:
+            # The size GET would send: a HEAD answer's one use of Content-Length (with a
+            # coding the broker undoes, that size is not what the agent would get).
+            out += [(k, v) for k, v in received if k == "content-length"][:1]
+        declared = next((v for k, v in received if k == "content-length"), None)
+        return UpstreamStream(
+            response,
+            out,
+            codings,
+            host=host,
+            cap=settings.max_response_bytes,
+            idle_timeout=idle,
+            whole=whole,
+            ms=ms,
+            declared=int(declared) if declared is not None and declared.isdigit() and not codings else None,
+        )
 
     async def send(
         self,
@@ -203,52 +317,94 @@ class Forwarder:
         headers: dict[str, str],
         body: bytes,
     ) -> UpstreamResponse:
-        """Make the call; raise UpstreamError on network failure, timeout or oversize."""
-        route = self._route(credential.base_url)
-        target = route.prefix + path.encoded.encode("ascii")
-        params = outgoing_query(query, credential, secret)
-        if params:
-            target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
-        try:
-            sent = _request_headers(route.host, method, outgoing_headers(headers, credential, secret), len(body))
-        except UnicodeEncodeError:
-            # Its text could quote the key; say which kind of value it was instead.
-            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
-        start = time.perf_counter()
-        try:
-            fetched = await self._pool.fetch(
-                route.origin,
-                method.encode("ascii"),
-                target,
-                sent,
-                body,
-                timeout=self.timeout,
-                max_bytes=self.max_response_bytes,
-                lane=(credential.tenant, credential.name),
-            )
-            response_headers = [(_text(k), _text(v)) for k, v in fetched.headers]
-            content = _decoded(fetched.body, response_headers, self.max_response_bytes, credential.host)
-        except ResponseTooLarge:
-            raise UpstreamError(self._too_big(), 502) from None
-        except httpx.TimeoutException:
-            raise UpstreamError(f"{credential.host} did not answer within {self.timeout:g} s", 504) from None
-        except (httpx.HTTPError, OSError) as e:
-            # The exception text may hold the URL, and with query auth the URL holds the key.
-            raise UpstreamError(f"{credential.host} could not be reached ({type(e).__name__})", 502) from None
-        ms = (time.perf_counter() - start) * 1000
-        out_headers = [(k, v) for k, v in response_headers if k not in RESPONSE_DROP]
-        if method == "HEAD" and not any(k == "content-encoding" for k, _ in response_headers):
-            # The size GET would send: a HEAD answer's one use of Content-Length (with a
-            # coding the broker undoes, that size is not what the agent would get).
-            out_headers += [(k, v) for k, v in response_headers if k == "content-length"][:1]
-        return UpstreamResponse(fetched.status, out_headers, content, ms)
+        """Make the call and read its answer whole; raise UpstreamError as `open` does,
+        and when the body is larger than the cap or does not decode."""
+        stream = await self.open(credential, secret, method, path, query, headers, body, whole=True)
+        content = await stream.read()
+        return UpstreamResponse(stream.status, stream.headers, content, stream.ms)
 
-    def _too_big(self) -> str:
-        return f"the upstream response is larger than the {self.max_response_bytes} byte cap"
+
+class UpstreamStream:
+    """An answer whose head has arrived: status and headers now, the body as it comes,
+    its content codings undone, at most `cap` bytes of it."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        headers: list[tuple[str, str]],
+        codings: list[str],
+        *,
+        host: str,
+        cap: int,
+        idle_timeout: float,
+        whole: bool,
+        ms: float,
+        declared: int | None,
+    ) -> None:
+        self.whole = whole  # read whole: quiet for at most upstream_timeout
+        self.status = response.status_code
+        self.headers = headers
+        self.ms = ms  # until the head arrived
+        self.declared = declared  # the body's length, when the upstream said and nothing is to be undone
+        self.received = 0  # body bytes as sent (before decoding)
+        self._response = response
+        self._decoders = [_Inflater(c, host) for c in reversed(codings)]
+        self._host = host
+        self._cap = cap
+        self._idle = idle_timeout
+        self._size = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for raw in self._response.aiter_raw():
+                self.received += len(raw)
+                data = raw
+                for decoder in self._decoders:
+                    data = decoder.feed(data, self._cap - self._size)
+                self._size += len(data)
+                if self._size > self._cap:
+                    raise TooLarge
+                if data:
+                    yield data
+            for decoder in self._decoders:
+                decoder.finish()
+        except TooLarge:
+            raise UpstreamError(f"the upstream response is larger than the {self._cap} byte cap", 502) from None
+        except httpx.TimeoutException:
+            raise UpstreamError(
+                f"{self._host} went quiet for {self._idle:g} s in the middle of its answer "
+                f"([broker] {'upstream_timeout' if self.whole else 'stream_idle_timeout'})",
+                504,
+            ) from None
+        except (httpx.HTTPError, OSError) as e:
+            raise UpstreamError(f"{self._host} broke off its answer ({type(e).__name__})", 502) from None
+        finally:
+            await self._response.aclose()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _verify(ca_bundle: str | None) -> ssl.SSLContext | bool:
+    """What upstream certificates are checked against: `[broker] ca_bundle`, else the
+    SSL_CERT_FILE / SSL_CERT_DIR of the broker's environment, else the system's store."""
+    cafile = ca_bundle or os.environ.get("SSL_CERT_FILE") or None
+    capath = None if ca_bundle else os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        return True
+    return _context(cafile, capath)
+
+
+@functools.lru_cache(maxsize=8)
+def _context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile, capath=capath)
 
 
 # The codings the broker asks for and can undo (zlib does both).
-ACCEPT_ENCODING = b"gzip, deflate"
+ACCEPT_ENCODING = "gzip, deflate"
 # IANA's HTTP content codings, and bzip2 (common, unregistered): names safe to quote.
 KNOWN_CODINGS = frozenset(
     {
@@ -268,66 +424,66 @@ KNOWN_CODINGS = frozenset(
         "zstd",
     }
 )
-_DEFAULT_HEADERS = ((b"accept", b"Accept", b"*/*"), (b"user-agent", b"User-Agent", f"outloop/{__version__}".encode()))
+DEFAULT_HEADERS = {"Accept": "*/*", "User-Agent": f"outloop/{__version__}"}
 
 
-def _request_headers(host: bytes, method: str, headers: dict[str, str], body_size: int) -> list[tuple[bytes, bytes]]:
-    """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
-    out = [(b"Host", host)]
-    out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())
-    present = {k.lower() for k, _ in out}
-    out.extend((name, value) for key, name, value in _DEFAULT_HEADERS if key not in present)
-    out.append((b"Accept-Encoding", ACCEPT_ENCODING))
-    if body_size or method in ("POST", "PUT", "PATCH"):
-        out.append((b"Content-Length", str(body_size).encode("ascii")))
-    return out
-
-
-def _text(raw: bytes) -> str:
-    """A header name or value as httpx shows it: ASCII, else UTF-8, else latin-1."""
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("latin-1")
-
-
-def _decoded(body: bytes, headers: list[tuple[str, str]], cap: int, host: str) -> bytes:
-    """The body with its content codings undone, at most `cap` bytes of it (`headers`:
-    names in lower case, as `fetch` gives them).
-
-    Only what ACCEPT_ENCODING offers is undone; anything else is refused, since
-    bytes the broker cannot read could carry the key past redaction.
-    """
+def _codings(headers: list[tuple[str, str]], host: str) -> list[str]:
+    """The content codings of an answer the broker will undo, in the order applied;
+    UpstreamError for one it cannot (bytes the broker cannot read could carry the key
+    past redaction). `headers`: names in lower case."""
     codings = [c.strip().lower() for k, v in headers if k == "content-encoding" for c in v.split(",") if c.strip()]
-    for coding in reversed(codings):
-        if coding == "identity":
-            continue
-        if coding not in ("gzip", "x-gzip", "deflate"):
+    for coding in codings:
+        if coding not in ("identity", "gzip", "x-gzip", "deflate"):
             # Named only if it is a known coding: the header is the upstream's text, and
             # this message reaches the agent and the audit log unredacted.
             name = coding if coding in KNOWN_CODINGS else "not a registered coding"
             raise UpstreamError(f"{host} answered in a content encoding the broker cannot read ({name})", 502)
-        if body:  # HEAD, 204 and 304 answers name a coding but have no body to undo
-            body = _inflate(body, coding, cap, host)
-    return body
+    return [c for c in codings if c != "identity"]
 
 
-def _inflate(data: bytes, coding: str, cap: int, host: str) -> bytes:
-    # gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate from servers that
-    # send that instead (as httpx and browsers accept).
-    wbits = [zlib.MAX_WBITS | 16] if coding != "deflate" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
-    for bits in wbits:
-        decoder = zlib.decompressobj(bits)
+class TooLarge(Exception):
+    """The answer passed the [broker] max_response_bytes cap."""
+
+
+class _Inflater:
+    """Undoes one content coding as the body arrives, never giving more than it is allowed.
+
+    gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate from servers that
+    send that instead (as httpx and browsers accept).
+    """
+
+    def __init__(self, coding: str, host: str) -> None:
+        self._coding = coding
+        self._host = host
+        self._raw_next = coding == "deflate"  # zlib first; raw deflate if that fails at once
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS if coding == "deflate" else zlib.MAX_WBITS | 16)
+        self._seen = b""  # what was fed before the first output, for the raw deflate retry
+        self._fed = False
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """What `data` unpacks to; more than `room` bytes of it means the cap is passed
+        (a zip bomb stops there: at most room + 1 bytes are made)."""
+        self._fed = self._fed or bool(data)
         try:
-            out = decoder.decompress(data, cap + 1)  # a zip bomb stops at the cap
-            if len(out) > cap:
-                raise ResponseTooLarge(cap)
-            if not decoder.eof:
-                raise zlib.error("truncated")
-            return out
+            out = self._decoder.decompress(data, max(room, 0) + 1)
         except zlib.error:
-            continue
-    raise UpstreamError(f"{host} sent a {coding} body that does not decode", 502)
+            if not self._raw_next:
+                raise self._broken() from None
+            self._raw_next = False
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self.feed(self._seen + data, room)
+        if self._raw_next:
+            self._seen += data
+            if out:
+                self._raw_next, self._seen = False, b""
+        if len(out) > room or self._decoder.unconsumed_tail:
+            raise TooLarge
+        return out
+
+    def finish(self) -> None:
+        # HEAD, 204 and 304 answers name a coding but have no body to undo.
+        if self._fed and not self._decoder.eof:
+            raise self._broken()
+
+    def _broken(self) -> UpstreamError:
+        return UpstreamError(f"{self._host} sent a {self._coding} body that does not decode", 502)

@@ -6,7 +6,7 @@ answers) and the engine (which decides them), drawn once here.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ class CallRequest:
     # Returns once the caller has hung up (the socket server's watch); awaited only while a
     # call waits for the operator, so an approval never outlives the agent that asked.
     hangup: Callable[[], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
+    stream: bool = False  # the answer may stream back as it arrives (/v1/proxy)
 
 
 @dataclass(frozen=True)
@@ -70,4 +71,18 @@ class Answer:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    audit_id: str
+
+
+@dataclass(frozen=True)
+class StreamedAnswer:
+    """The upstream's answer as it arrives: its head now, its body redacted chunk by chunk.
+
+    Whoever takes it must run `chunks` to its end or close it (`aclose`): that ends
+    the upstream call and audits its outcome.
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncGenerator[bytes, None]
     audit_id: str

@@ -39,7 +39,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +48,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 
 from broker import __version__
-from broker.calls.forward import connection_listed
+from broker.calls.forward import UpstreamError, connection_listed
 from broker.calls.identity import Peer, holders_split, peer_of, tcp_peer
-from broker.calls.protocol import Answer, CallRequest, Refusal
+from broker.calls.protocol import Answer, CallRequest, Refusal, StreamedAnswer
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
 from broker.paths import ensure_private_dir
 from broker.secrets import SecretStoreError
@@ -392,6 +392,7 @@ class _Connection:
                 local, remote = self._ends
                 self.peer = await asyncio.to_thread(tcp_peer, (local[0], local[1]), (remote[0], remote[1]))
                 self._peer_known = True
+            streamed: StreamedAnswer | None = None
             try:
                 split = (
                     holders_split(
@@ -403,7 +404,11 @@ class _Connection:
                 if split is not None:
                     status, headers, payload = await self._refusal("wrong_tenant", split)
                 else:
-                    status, headers, payload = await self._dispatch(request, request.body)
+                    answer = await self._dispatch(request, request.body)
+                    if isinstance(answer, StreamedAnswer):
+                        streamed = answer
+                    else:
+                        status, headers, payload = answer
             except Exception as e:  # a bug must still answer the agent, and never leak detail
                 log.error(
                     "internal error handling a call: %s",
@@ -420,9 +425,14 @@ class _Connection:
                         }
                     }
                 )
+            close = self.stopping or not request.keep_alive
+            if streamed is not None:
+                self.served += 1
+                if not await self._send_stream(streamed, close) or close or self.gone:
+                    return
+                continue
             if self.gone:
                 return
-            close = self.stopping or not request.keep_alive
             self.served += 1
             await self._send(status, headers, payload, close=close, head_only=request.method == b"HEAD")
             if close:
@@ -605,7 +615,47 @@ class _Connection:
         self.writer.write(response_bytes(status, headers, b"" if head_only else body, length, close))
         await self.writer.drain()
 
-    async def _dispatch(self, request: _Request, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _send_stream(self, answer: StreamedAnswer, close: bool) -> bool:
+        """Write an answer as it arrives, a chunk at a time; False when it could not be
+        sent whole (the connection then closes: a missing last chunk tells the client).
+
+        A caller that hangs up, even while the upstream is quiet, ends the upstream
+        call (audited as client_gone).
+        """
+        chunks = answer.chunks
+        headers = [*answer.headers, ("X-Outloop-Audit-Id", answer.audit_id)]
+        try:
+            self.writer.write(response_head(answer.status, headers, None, close))
+            pump = asyncio.ensure_future(self._pump(chunks))
+            hangup = asyncio.ensure_future(self._hangup())
+            try:
+                await asyncio.wait((pump, hangup), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hangup.cancel()
+                if not pump.done():
+                    pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hangup
+            try:
+                await pump
+            except (asyncio.CancelledError, ConnectionError, UpstreamError):
+                return False
+            return True
+        finally:
+            await chunks.aclose()
+
+    async def _pump(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        writer = self.writer
+        async for chunk in chunks:
+            if chunk:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def _dispatch(
+        self, request: _Request, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes] | StreamedAnswer:
         target = request.target.decode("ascii", "replace")
         method = request.method.decode("ascii", "replace")
         parts = urlsplit(target)
@@ -637,15 +687,16 @@ class _Connection:
                 return await self._refusal("bad_request", "session tokens go in a header, never in the query of a call")
             call.token, call.hangup = token, self._hangup
             outcome = await self.engine.call(self.peer, call)
+            assert not isinstance(outcome, StreamedAnswer)  # (call.stream is off: a whole answer)
             return self._redacted_envelope(outcome)
         if path.startswith("/v1/proxy/"):
             try:
                 call = parse_proxy(method, target, request.headers, body)
             except BadRequest as e:
                 return await self._refusal("bad_request", str(e))
-            call.token, call.hangup = token, self._hangup
+            call.token, call.hangup, call.stream = token, self._hangup, True
             outcome = await self.engine.call(self.peer, call)
-            return _raw(outcome)
+            return outcome if isinstance(outcome, StreamedAnswer) else _raw(outcome)
         if path == "/v1/sessions" or path.startswith("/v1/sessions/"):
             return await self._sessions(method, path, body, token)
         if path == "/v1/scan" and method == "POST":
@@ -750,10 +801,16 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, length: int, close: bool) -> bytes:
-    """A whole HTTP/1.1 response: status line, headers, Content-Length, then the body.
+    """A whole HTTP/1.1 response: status line, headers, Content-Length, then the body."""
+    return response_head(status, headers, length, close) + body
+
+
+def response_head(status: int, headers: list[tuple[str, str]], length: int | None, close: bool) -> bytes:
+    """An HTTP/1.1 response head: status line, headers, then Content-Length, or chunked
+    framing when `length` is None.
 
     Header names and values come from the broker or from an upstream's answer that
-    llhttp has already parsed; a line break or NUL in one would still split the
+    the HTTP client has already parsed; a line break or NUL in one would still split the
     response, so it is refused here rather than written.
     """
     reason = _REASONS.get(status, b"")
@@ -765,12 +822,15 @@ def response_bytes(status: int, headers: list[tuple[str, str]], body: bytes, len
         if not HEADER_NAME_RE.fullmatch(name) or _LINE_BREAK_OR_NUL.search(raw):
             raise ValueError(f"header {name[:40]!r} cannot be written")
         out.append(name.encode("ascii") + b": " + raw + b"\r\n")
-    if status not in (204, 304):  # neither has a body, nor says how long one would be
+    if status in (204, 304):  # neither has a body, nor says how long one would be
+        pass
+    elif length is None:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    else:
         out.append(b"Content-Length: %d\r\n" % length)
     if close:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
-    out.append(body)
     return b"".join(out)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import marshal
 import signal
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.calls.forward import Forwarder, UpstreamError
+from broker.calls.forward import Forwarder, UpstreamError, UpstreamSettings
 from broker.config import Auth, Credential
 from broker.policy import NormalPath
 from broker.secrets import Secret
@@ -212,8 +213,7 @@ class ForwardPool:
         headers: dict[str, str],
         body: bytes,
         *,
-        upstream_timeout: float,
-        max_response_bytes: int,
+        settings: UpstreamSettings,
         redaction: Sequence[tuple[str, str]],
     ) -> tuple[int, list[tuple[str, str]], bytes, int, float]:
         """(status, redacted headers, redacted body, upstream body size, ms) of the call
@@ -242,8 +242,7 @@ class ForwardPool:
             [tuple(q) for q in query],
             dict(headers),
             bytes(body),
-            float(upstream_timeout),
-            int(max_response_bytes),
+            dataclasses.astuple(settings),
         )
         frames.append(_frame(("call", call_id, job)))
         future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
@@ -252,7 +251,7 @@ class ForwardPool:
         try:
             # Timeouts apply upstream in the worker; this catches a worker that is
             # stuck (stopped, wedged) yet still holds its socket open.
-            answer = await asyncio.wait_for(future, 4 * upstream_timeout + GRACE_SECONDS)
+            answer = await asyncio.wait_for(future, 4 * settings.timeout + GRACE_SECONDS)
         except TimeoutError:
             log.warning("forwarding worker %s stopped answering; replacing it", worker.proc.pid)
             self._lost(worker)
@@ -293,15 +292,14 @@ async def _serve(fd: int) -> None:
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    forwarder = Forwarder(timeout=30.0, max_response_bytes=10 * 1024 * 1024)
+    forwarder = Forwarder(UpstreamSettings())
     redactor = with_leak_rules([])
     tasks: set[asyncio.Task[None]] = set()
 
     async def call(call_id: int, job: tuple[Any, ...], redactor: Redactor) -> None:
-        (tenant, name, base_url, auth_kind, auth_arg, secret, method, path, query, headers, body, timeout, cap) = job
+        (tenant, name, base_url, auth_kind, auth_arg, secret, method, path, query, headers, body, settings) = job
         credential = Credential(tenant, name, base_url, Auth(auth_kind, auth_arg))
-        forwarder.timeout = timeout
-        forwarder.max_response_bytes = cap
+        forwarder.settings = UpstreamSettings(*settings)
         try:
             upstream = await forwarder.send(
                 credential, Secret(secret), method, NormalPath((), path), [tuple(q) for q in query], headers, body

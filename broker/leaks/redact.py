@@ -252,6 +252,9 @@ class Redactor:
         ordered = sorted(((label, secret) for label, secret in pairs if secret), key=lambda p: len(p[1]), reverse=True)
         self._labels = [label for label, _ in ordered]
         self._count = len(ordered)
+        # For StreamRedactor: how long a secret's forms can get, and whether one spans lines.
+        self.longest_secret = max((len(secret.encode("utf-8")) for _, secret in ordered), default=0)
+        self.secret_spans_lines = any("\n" in secret or "\r" in secret for _, secret in ordered)
         self._sources = [f"(?P<s{i}>{secret_pattern(secret)})" for i, (_, secret) in enumerate(ordered)]
         self._prefilter = _Prefilter([secret for _, secret in ordered]) if self._count > DIRECT_MAX else None
         self._compiled: dict[frozenset[int], _Patterns] = {}
@@ -271,6 +274,19 @@ class Redactor:
             for start, end, rule in spans:
                 value = value[:start] + f"[REDACTED:{rule}]" + value[end:]
         return value
+
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, replacement) of each managed secret and leak-rule match in `text`,
+        in order and not overlapping (a secret wins over a rule match that overlaps it)."""
+        patterns = self._patterns(text)
+        found = [(m.start(), m.end(), self._replacement(m)) for m in patterns[0].finditer(text)] if patterns else []
+        if self._extra is None or (self._extra_gate is not None and not self._extra_gate(text)):
+            return found
+        taken = list(found)
+        for start, end, rule in self._extra(text):
+            if not any(start < e and s < end for s, e, _ in taken):
+                found.append((start, end, f"[REDACTED:{rule}]"))
+        return sorted(found)
 
     def bytes(self, value: bytes, _depth: int = 0) -> bytes:
         """Like text(), for bodies that may not be UTF-8. A body that is gzip or zlib
@@ -342,14 +358,18 @@ class Redactor:
 SNIFF_MAX = 16 * 1024 * 1024
 
 
+def looks_packed(value: bytes) -> bool:
+    """Whether `value` starts like gzip or zlib data."""
+    return value[:2] == b"\x1f\x8b" or (
+        len(value) >= 2 and value[0] & 0x0F == 8 and (value[0] << 8 | value[1]) % 31 == 0
+    )
+
+
 def _unpacked(value: bytes) -> tuple[int, bytes] | None:
     """(wbits, contents) of a body that is whole gzip or zlib data, else None."""
-    if value[:2] == b"\x1f\x8b":
-        wbits = zlib.MAX_WBITS | 16
-    elif len(value) >= 2 and value[0] & 0x0F == 8 and (value[0] << 8 | value[1]) % 31 == 0:
-        wbits = zlib.MAX_WBITS
-    else:
+    if not looks_packed(value):
         return None
+    wbits = zlib.MAX_WBITS | 16 if value[:2] == b"\x1f\x8b" else zlib.MAX_WBITS
     decoder = zlib.decompressobj(wbits)
     try:
         inner = decoder.decompress(value, SNIFF_MAX + 1)

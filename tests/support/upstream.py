@@ -30,6 +30,15 @@ credential's base_url may carry a path of its own):
     .../models              an OpenAI models.list shaped answer
     .../chat/completions    an OpenAI chat-completions shaped answer
     .../v1/messages         an Anthropic Messages shaped answer
+    (with "stream": true in the JSON body, the last two answer as their APIs stream:
+    server-sent events, chunked)
+    .../sse                 the byte strings of `up.stream_parts`, each its own chunk
+    .../silent              one event, then nothing until `release()` (or 60 s)
+
+A path holding "/gated" streams its first chunk at once and each later one only
+when the test calls `up.step()`; while it waits, a client that hangs up is noticed
+(`up.disconnected` is set). So a test sees, without timing anything, that a chunk
+reached the agent before the upstream sent the next.
 
 The credential is read from Authorization (Bearer or Basic), X-Api-Key, or the
 `key` query parameter. This module never imports the broker.
@@ -42,6 +51,9 @@ import bz2
 import gzip
 import json
 import re
+import select
+import socket
+import ssl
 import threading
 import time
 import zlib
@@ -153,6 +165,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(
                 200, {"object": "list", "data": [{"id": "gpt-test", "object": "model", "created": 1, "owned_by": key}]}
             )
+        streaming = b'"stream": true' in body or b'"stream":true' in body
+        if path.endswith("/v1/messages") and streaming:
+            return self._stream(path, anthropic_events(f"echo {key}"), "text/event-stream")
+        if path.endswith("/chat/completions") and streaming:
+            return self._stream(path, openai_events(f"echo {key}"), "text/event-stream")
+        if path.endswith("/sse"):
+            return self._stream(path, list(self.server.owner.stream_parts), "text/event-stream")
+        if path.endswith("/silent"):
+            self._stream_head("text/event-stream")
+            self._chunk(b"data: first\n\n")
+            self.server.owner._hold.wait(60)
+            self._chunk(b"data: late\n\n")
+            self._chunk(b"")
+            return None
         if path.endswith("/v1/messages"):  # Anthropic's Messages API
             return self._json(
                 200,
@@ -241,6 +267,43 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(status, ('{"key": "' + escaped + '"}').encode(), [("Content-Type", "application/json")])
         return self._json(status, doc, self._echo_headers(key, nonce))
 
+    def _stream_head(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _stream(self, path: str, parts: list[bytes], content_type: str) -> None:
+        owner = self.server.owner
+        try:
+            self._stream_head(content_type)
+            for i, part in enumerate(parts):
+                if i and "/gated" in path and not self._step():
+                    return
+                self._chunk(part)
+            self._chunk(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            owner.disconnected.set()
+
+    def _step(self) -> bool:
+        """Wait for the test's `step()`; False (and `disconnected` set) if the client hangs up first."""
+        owner = self.server.owner
+        sock = self.connection
+        while not owner._steps.acquire(timeout=0.02):
+            if select.select([sock], [], [], 0)[0]:
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    owner.disconnected.set()
+                    return False
+        return True
+
     def _echo_headers(self, key: str, nonce: str) -> list[tuple[str, str]]:
         hdrs = [("X-Nonce", nonce)]
         for label, value in echoes(key).items():
@@ -296,17 +359,23 @@ class _Server(ThreadingHTTPServer):
 class Upstream:
     """A recording, echoing HTTP server on loopback (an ephemeral port) in a thread."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.host = host
+        self.tls = tls  # a server context: HTTPS instead of HTTP
         self._lock = threading.Lock()
         self._records: list[Received] = []
         self._hold = threading.Event()
+        self._steps = threading.Semaphore(0)
+        self.stream_parts: list[bytes] = []  # what .../sse sends, a chunk each
+        self.disconnected = threading.Event()  # a client hung up on a gated stream
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> Upstream:
         self._server = _Server((self.host, 0), _Handler)
         self._server.owner = self
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         # A short poll interval: shutdown() waits for the serving loop to notice.
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.02,), daemon=True, name="test-upstream"
@@ -331,7 +400,7 @@ class Upstream:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def records(self) -> list[Received]:
@@ -346,6 +415,67 @@ class Upstream:
         """Let every request waiting on /hold answer (and those to come)."""
         self._hold.set()
 
+    def step(self, n: int = 1) -> None:
+        """Let gated streams send their next chunk (n of them)."""
+        for _ in range(n):
+            self._steps.release()
+
     def _record(self, rec: Received) -> None:
         with self._lock:
             self._records.append(rec)
+
+
+def _sse(event: str | None, data: Any) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+def openai_events(text: str) -> list[bytes]:
+    """A chat-completions stream: the text a word at a time, then [DONE]."""
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test"}
+    words = text.split(" ")
+    events = [
+        _sse(None, {**base, "choices": [{"index": 0, "delta": {"content": w + (" " if i < len(words) - 1 else "")}}]})
+        for i, w in enumerate(words)
+    ]
+    events.append(_sse(None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def anthropic_events(text: str) -> list[bytes]:
+    """A Messages stream as the API sends it: start, one delta per word, stop."""
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 0},
+    }
+    words = text.split(" ")
+    events = [
+        _sse("message_start", {"type": "message_start", "message": message}),
+        _sse(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+    ]
+    for i, w in enumerate(words):
+        delta = {"type": "text_delta", "text": w + (" " if i < len(words) - 1 else "")}
+        events.append(_sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    events.append(
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(words)},
+            },
+        )
+    )
+    events.append(_sse("message_stop", {"type": "message_stop"}))
+    return events
