@@ -15,7 +15,8 @@ from urllib.parse import quote, unquote
 
 Action = Literal["allow", "ask", "deny"]
 
-METHOD_RE = re.compile(r"^[A-Z][A-Z0-9-]{0,19}$")
+# \Z, not $: "$" also matches before a trailing newline ("GET\n").
+METHOD_RE = re.compile(r"\A[A-Z][A-Z0-9-]{0,19}\Z")
 # Characters left as they are when a decoded segment is re-encoded for the upstream.
 SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
 
@@ -71,7 +72,8 @@ def parse_rule(text: str) -> Rule:
     if len(parts) != 2:
         raise RuleError(f"rule {text!r} must be 'METHOD /path' (e.g. 'GET /repos/**')")
     method, glob = parts
-    method = method.upper()
+    # ASCII only before upper-casing: str.upper() folds "poſt" to "POST" and "lınk" to "LINK".
+    method = method.upper() if method.isascii() else method
     if method != "*" and not METHOD_RE.match(method):
         raise RuleError(f"rule {text!r}: {method!r} is not an HTTP method or '*'")
     if not glob.startswith("/"):
@@ -93,12 +95,19 @@ def parse_rule(text: str) -> Rule:
 def decide(
     method: str, path: NormalPath, allow: tuple[str, ...], ask: tuple[str, ...], deny: tuple[str, ...]
 ) -> Decision:
-    """Apply a credential's rules to a normalised request."""
+    """Apply a credential's rules to a normalised request.
+
+    The method is upper-cased (ASCII only) and then matched exactly: a `GET` rule is
+    never a `GETX` one, and a method that is not an ASCII token is denied outright.
+    """
+    # HTTP clients upper-case the method on the wire; so must policy, or "delete"
+    # would slip past a "DELETE" deny rule. Not str.upper() on other text: it folds
+    # "poſt" (long s) to "POST", a method the request did not name.
+    method = method.upper() if method.isascii() else ""
+    if not METHOD_RE.match(method):
+        return Decision("deny", None)
     if not (allow or ask or deny):
         return Decision("ask", None)
-    # HTTP clients upper-case the method on the wire; so must policy, or "delete"
-    # would slip past a "DELETE" deny rule.
-    method = method.upper()
     key = path.match_key
     for action, rules in (("deny", deny), ("allow", allow), ("ask", ask)):
         for text in rules:

@@ -189,6 +189,25 @@ def test_lower_case_method_cannot_slip_past_a_deny_rule() -> None:
     assert d.action == "deny"
 
 
+@pytest.mark.parametrize("method", ["GETX", "GE", "G", "XGET", "GET-"])
+def test_a_method_rule_matches_that_method_exactly(method: str) -> None:
+    assert verdict(method, "/x", allow=("GET /**",)).action == "deny"
+    assert verdict(method, "/x", allow=(f"{method} /**",)).action == "allow"
+
+
+@pytest.mark.parametrize("method", ["po\u017ft", "l\u0131nk", "\u0393\u0395\u03a4", "GET\n", "GET /x", ""])
+def test_a_method_that_is_not_an_ascii_token_is_denied_even_by_a_star_rule(method: str) -> None:
+    # str.upper() turns the long s into "S" and the dotless i into "I": "POST", "LINK".
+    assert verdict(method, "/x", allow=("* /**", "POST /**", "LINK /**")).action == "deny"
+    assert verdict(method, "/x").action == "deny"  # not even asked about
+
+
+def test_a_rule_method_is_upper_cased_as_ascii_only() -> None:
+    assert verdict("GET", "/x", allow=("get /**",)).action == "allow"
+    with pytest.raises(RuleError):
+        parse_rule("po\u017ft /x")
+
+
 # -- normalize_path: refusals -------------------------------------------------------
 
 

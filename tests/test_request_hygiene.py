@@ -161,3 +161,57 @@ def test_a_head_that_never_ends_and_an_idle_connection_are_closed(
         assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1
     finally:
         thread.stop()
+
+
+def test_methods_are_upper_cased_before_policy_and_then_matched_exactly(world: World, broker: BrokerThread) -> None:
+    """acme's api: allow GET /**, POST /echo/**; deny GET /admin/**. What policy judges is
+    what goes upstream: the ASCII upper-case of the method the agent named, or a refusal."""
+
+    def request(method: str, path: str) -> dict[str, object]:
+        return {"payload": {"credential": "api", "method": method, "path": path}}
+
+    folded = {
+        "po\u017ft": "long s: str.upper() gives POST",
+        "\u0393\u0395\u03a4": "Greek capitals that look like GET",
+        "GET\n": "a trailing newline",
+        "GET /x": "a space",
+        "": "empty",
+    }
+    wire = ["get", "Post", "gEt", "GETX", "G\u00c9T"]  # on the wire: not methods HTTP knows
+    results = world.agent(
+        world.acme,
+        [
+            request("get", "/echo/lower"),
+            request("Post", "/echo/mixed"),
+            request("gEt", "/admin/x"),  # the GET deny rule holds for it
+            request("GETX", "/echo/getx"),  # no rule names GETX: a GET rule is not a prefix
+            request("PURGE", "/echo/purge"),
+            *(request(m, "/echo/folded") for m in folded),
+            *(_raw(m, "/v1/proxy/api/echo/wire", {}) for m in wire),
+            _raw("PURGE", "/v1/proxy/api/echo/wire-purge", {}),  # a method llhttp knows, no rule names
+        ],
+    )
+    envelopes = [r["status"] for r in results[:2]]
+    assert envelopes == [200, 200]
+    assert [r["status"] for r in results[2:5]] == [403, 403, 403]
+    assert [r["status"] for r in results[5 : 5 + len(folded)]] == [400] * len(folded)
+    assert [r["status"] for r in results[5 + len(folded) :]] == [400] * len(wire) + [403]
+    for r in results[5:]:
+        assert '"bad_request"' in str(r["body"]) or '"denied_by_policy"' in str(r["body"]), r
+    # Forwarded exactly as judged: upper-case GET and POST, nothing else.
+    assert [(rec.method, rec.path) for rec in world.upstream.records] == [
+        ("GET", "/acme/echo/lower"),
+        ("POST", "/acme/echo/mixed"),
+    ]
+    attempts = [r for r in world.audit() if r.get("event") == "attempt" and r.get("credential") == "api"]
+    judged = [(r["method"], r["path"], r["decision"], r.get("rule")) for r in attempts if r.get("method")]
+    assert judged == [
+        ("GET", "/echo/lower", "allow", "GET /**"),
+        ("POST", "/echo/mixed", "allow", "POST /echo/**"),
+        ("GET", "/admin/x", "denied_by_policy", "GET /admin/**"),
+        ("GETX", "/echo/getx", "denied_by_policy", None),
+        ("PURGE", "/echo/purge", "denied_by_policy", None),
+        ("PURGE", "/echo/wire-purge", "denied_by_policy", None),
+    ]
+    bad = [r for r in world.audit() if r.get("decision") == "bad_request"]
+    assert len(bad) == len(folded) + len(wire)

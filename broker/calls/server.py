@@ -53,6 +53,7 @@ from broker.calls.identity import Peer, holders_split, peer_of, tcp_peer
 from broker.calls.protocol import Answer, CallRequest, Refusal, StreamedAnswer
 from broker.calls.sessions import TOKEN_PREFIX, TOKEN_RE, find_token
 from broker.paths import ensure_private_dir
+from broker.policy import METHOD_RE
 from broker.secrets import SecretStoreError
 
 if TYPE_CHECKING:
@@ -961,8 +962,10 @@ def parse_request_json(body: bytes) -> CallRequest:
     for key in ("credential", "method", "path"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise BadRequest(f"'{key}' is required and must be a string")
-    method = doc["method"].upper()
-    if not method.isalpha() or len(method) > 20:
+    # Upper-cased (ASCII only: str.upper() folds "poſt" to "POST") and then used as it is,
+    # for policy and on the wire alike.
+    method = doc["method"].upper() if doc["method"].isascii() else ""
+    if not METHOD_RE.match(method):
         raise BadRequest(f"'method' {doc['method'][:20]!r} is not an HTTP method")
     headers = doc.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
