@@ -14,13 +14,16 @@ import functools
 import os
 import ssl
 import time
+import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2 as httpx
 
 from broker import __version__
+from broker.calls.transport import PooledTransport, ResponseTooLarge
 from broker.config import BrokerSettings, Credential
 from broker.policy import NormalPath
 from broker.secrets import Secret
@@ -200,8 +203,19 @@ class Forwarder:
         self._clients: dict[tuple[str, str], tuple[UpstreamSettings, httpx.AsyncClient]] = {}
         self._urls: dict[str, httpx.URL] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._pool: PooledTransport | None = None
+        self._pool_key: tuple[object, ...] = ()
+        self._proxy_of: dict[str, bool] = {}
+
+    def _retire(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         clients, self._clients = self._clients, {}
         for _settings, client in clients.values():
             await client.aclose()
@@ -213,9 +227,7 @@ class Forwarder:
         if held is not None and held[0].client_key == settings.client_key:
             return held[1]
         if held is not None:  # [broker] settings changed: the next calls get a new client
-            closing = asyncio.ensure_future(held[1].aclose())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._retire(held[1].aclose())
         client = httpx.AsyncClient(
             headers=DEFAULT_HEADERS,
             verify=_verify(settings.ca_bundle),
@@ -227,10 +239,14 @@ class Forwarder:
         self._clients[key] = (settings, client)
         return client
 
-    def _url(self, credential: Credential, path: NormalPath, query: list[tuple[str, str]], secret: Secret) -> httpx.URL:
-        base = self._urls.get(credential.base_url)
+    def _base(self, base_url: str) -> httpx.URL:
+        base = self._urls.get(base_url)
         if base is None:
-            base = self._urls[credential.base_url] = httpx.URL(credential.base_url)  # IDNA host, encoded path
+            base = self._urls[base_url] = httpx.URL(base_url)  # IDNA host, encoded path
+        return base
+
+    def _url(self, credential: Credential, path: NormalPath, query: list[tuple[str, str]], secret: Secret) -> httpx.URL:
+        base = self._base(credential.base_url)
         target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + path.encoded.encode("ascii")
         params = outgoing_query(query, credential, secret)
         if params:
@@ -289,11 +305,7 @@ class Forwarder:
         except UpstreamError:
             await response.aclose()
             raise
-        out = [(k, v) for k, v in received if k not in RESPONSE_DROP]
-        if method == "HEAD" and not codings:
-            # The size GET would send: a HEAD answer's one use of Content-Length (with a
-            # coding the broker undoes, that size is not what the agent would get).
-            out += [(k, v) for k, v in received if k == "content-length"][:1]
+        out = _answer_headers(received, method, codings)
         declared = next((v for k, v in received if k == "content-length"), None)
         return UpstreamStream(
             response,
@@ -318,10 +330,96 @@ class Forwarder:
         body: bytes,
     ) -> UpstreamResponse:
         """Make the call and read its answer whole; raise UpstreamError as `open` does,
-        and when the body is larger than the cap or does not decode."""
-        stream = await self.open(credential, secret, method, path, query, headers, body, whole=True)
-        content = await stream.read()
-        return UpstreamResponse(stream.status, stream.headers, content, stream.ms)
+        and when the body is larger than the cap or does not decode.
+
+        Plain HTTP/1.1 goes on the broker's own pool (see broker/calls/transport.py:
+        a tenth of httpx's cost per call, which decides the broker's throughput);
+        a call through a proxy, or with HTTP/2 on, goes through httpx.
+        """
+        if self.settings.http2 or self._proxied(credential.base_url):
+            stream = await self.open(credential, secret, method, path, query, headers, body, whole=True)
+            content = await stream.read()
+            return UpstreamResponse(stream.status, stream.headers, content, stream.ms)
+        return await self._send_pooled(credential, secret, method, path, query, headers, body)
+
+    def _proxied(self, base_url: str) -> bool:
+        """Whether the broker's environment sends calls to `base_url` through a proxy."""
+        proxied = self._proxy_of.get(base_url)
+        if proxied is None:
+            url = httpx.URL(base_url)
+            proxies = urllib.request.getproxies_environment()
+            bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # (not in typeshed)
+            proxied = bool(proxies.get(url.scheme) or proxies.get("all")) and not bypass(url.host)
+            self._proxy_of[base_url] = proxied
+        return proxied
+
+    async def _send_pooled(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> UpstreamResponse:
+        settings = self.settings
+        pool = self._pool_for(settings)
+        base = self._base(credential.base_url)
+        port = base.port or (443 if base.raw_scheme == b"https" else 80)
+        target = self._url(credential, path, query, secret).raw_path
+        try:
+            sent = _request_headers(base.netloc, method, outgoing_headers(headers, credential, secret), len(body))
+        except UnicodeEncodeError:
+            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
+        host = credential.host
+        start = time.perf_counter()
+        try:
+            fetched = await pool.fetch(
+                (base.raw_scheme, base.raw_host, port),
+                method.encode("ascii"),
+                target,
+                sent,
+                body,
+                timeout=settings.timeout,
+                max_bytes=settings.max_response_bytes,
+                lane=(credential.tenant, credential.name),
+            )
+        except ResponseTooLarge:
+            raise UpstreamError(
+                f"the upstream response is larger than the {settings.max_response_bytes} byte cap", 502
+            ) from None
+        except httpx.TimeoutException:
+            raise UpstreamError(f"{host} did not answer within {settings.timeout:g} s", 504) from None
+        except (httpx.HTTPError, OSError) as e:
+            # The exception text may hold the URL, and with query auth the URL holds the key.
+            raise UpstreamError(f"{host} could not be reached ({type(e).__name__})", 502) from None
+        received = [(_text(k), _text(v)) for k, v in fetched.headers]
+        codings = _codings(received, host)
+        content = fetched.body
+        if content:
+            try:
+                for coding in reversed(codings):
+                    inflater = _Inflater(coding, host)
+                    content = inflater.feed(content, settings.max_response_bytes)
+                    inflater.finish()
+            except TooLarge:
+                raise UpstreamError(
+                    f"the upstream response is larger than the {settings.max_response_bytes} byte cap", 502
+                ) from None
+        ms = (time.perf_counter() - start) * 1000
+        return UpstreamResponse(fetched.status, _answer_headers(received, method, codings), content, ms)
+
+    def _pool_for(self, settings: UpstreamSettings) -> PooledTransport:
+        if self._pool is None or self._pool_key != settings.client_key:
+            if self._pool is not None:
+                self._retire(self._pool.aclose())
+            verify = _verify(settings.ca_bundle)
+            self._pool = PooledTransport(
+                max_connections=200, max_idle=64, ssl_context=verify if isinstance(verify, ssl.SSLContext) else None
+            )
+            self._pool_key = settings.client_key
+        return self._pool
 
 
 class UpstreamStream:
@@ -386,6 +484,41 @@ class UpstreamStream:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+def _answer_headers(received: list[tuple[str, str]], method: str, codings: list[str]) -> list[tuple[str, str]]:
+    """The upstream's headers that go back to the agent (names in lower case)."""
+    out = [(k, v) for k, v in received if k not in RESPONSE_DROP]
+    if method == "HEAD" and not codings:
+        # The size GET would send: a HEAD answer's one use of Content-Length (with a
+        # coding the broker undoes, that size is not what the agent would get).
+        out += [(k, v) for k, v in received if k == "content-length"][:1]
+    return out
+
+
+def _text(raw: bytes) -> str:
+    """A header name or value as httpx shows it: ASCII, else UTF-8, else latin-1."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
+def _request_headers(host: bytes, method: str, headers: dict[str, str], body_size: int) -> list[tuple[bytes, bytes]]:
+    """Host, the call's headers, then what the broker adds (Accept-Encoding is its own)."""
+    out = [(b"Host", host)]
+    out.extend((k.encode("ascii"), v.encode("ascii")) for k, v in headers.items())
+    present = {k.lower() for k, _ in out}
+    out.extend(
+        (k.encode("ascii"), v.encode("ascii")) for k, v in DEFAULT_HEADERS.items() if k.lower().encode() not in present
+    )
+    out.append((b"Accept-Encoding", ACCEPT_ENCODING.encode("ascii")))
+    if body_size or method in ("POST", "PUT", "PATCH"):
+        out.append((b"Content-Length", str(body_size).encode("ascii")))
+    return out
 
 
 def _verify(ca_bundle: str | None) -> ssl.SSLContext | bool:

@@ -8,7 +8,7 @@ lets text through only up to a point no match can straddle:
   leak rule crosses a line break, so a line can be judged alone (a secret that
   itself holds a line break turns this off);
 - a private-key block (the only leak rules that span lines) is held from its
-  first line until the rule has matched it whole, or HOLD characters have passed;
+  first line until its end line has arrived, or HOLD characters have passed;
 - within a long line, all but the last `hold` characters, where `hold` is longer
   than any match (HOLD, or more for a long secret's escaped forms); a match that
   reaches over that point is held whole until it ends.
@@ -37,8 +37,10 @@ MIN_PIECE = 4096
 # Where a multi-line leak rule's match begins (broker/leaks/rules.py: private-key,
 # openssh-private-key, pgp-private-key, putty-private-key, gcp-service-account-key).
 OPENER_RE = re.compile(r'-----BEGIN [A-Z ]*PRIVATE KEY|PuTTY-User-Key-File-|"private_key"')
-# A match found this close after an opener is the block it opened.
-OPENER_REACH = 64
+# What ends such a block (PEM, and PuTTY's last line).
+CLOSERS = ("-----END ", "Private-MAC:")
+# A match still growing past this much held text goes out redacted as it stands.
+MAX_HELD = 48 * 1024
 
 
 class StreamRedactor:
@@ -116,11 +118,12 @@ class StreamRedactor:
         for opener in OPENER_RE.finditer(text, floor):
             if opener.start() >= cut:
                 break
-            closed = any(opener.start() <= s <= opener.start() + OPENER_REACH and e <= cut for s, e, _ in spans)
-            if not closed:
+            # A block's rule may match its first lines alone: it is whole at its end line.
+            if not any(0 <= text.find(end, opener.end(), cut) for end in CLOSERS):
                 cut = opener.start()
                 break
         for start, end, _ in spans:
             if start < cut < end:
-                return start
+                # Held whole until it ends; a match longer than MAX_HELD goes out whole, redacted.
+                return end if len(text) - start > MAX_HELD else start
         return cut
