@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from broker.calls.sessions import TOKEN_PREFIX
 from broker.config import ConfigEditor
 
 PY = sys.executable
+BIN_LLM = str(Path(sys.executable).parent / "llm")
 
 # Makes one call through the broker (socket, or TCP with only the session's env) and
 # prints what it got, as JSON. argv[1]: "socket" | "whoami"; run from any folder.
@@ -526,3 +528,190 @@ def test_killing_the_session_root_does_not_set_its_processes_free(
 def broker_members(served: BrokerThread) -> list[tuple[int, int]]:
     sessions = served.engine.sessions
     return served.call(lambda: [m for ms in sessions._members.values() for m in ms])
+
+
+# -- `llm` (Simon Willison's CLI) with nothing but the session's env -------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["no-stream", "stream"])
+def test_llm_works_with_nothing_but_the_session_env(
+    world: World, served: BrokerThread, tmp_path: Path, stream: bool
+) -> None:
+    """`outloop run -- llm -m gpt-4o-mini hi`: llm's OpenAI models build `openai.OpenAI(api_key=...)`
+    with no base URL, so the SDK reads OPENAI_BASE_URL, and llm reads OPENAI_API_KEY (a key
+    stored with `llm keys set openai` would win over it: the throw-away LLM_USER_PATH holds none)."""
+    pytest.importorskip("llm")
+    real = world.keys[("acme", "openai")]
+    env_dump, user_path = tmp_path / "agent.env", tmp_path / "llm-user"
+    user_path.mkdir()
+    # The operator's own shell holds the real key and OpenAI's own base URL: neither may reach llm.
+    operator_env = world.env(
+        LLM_USER_PATH=str(user_path), OPENAI_API_KEY=real, OPENAI_BASE_URL="https://api.openai.com/v1"
+    )
+    args = ["-m", "gpt-4o-mini", *([] if stream else ["--no-stream"]), "hi"]
+    script = f'env > {env_dump} && exec {BIN_LLM} "$@"'
+    ran = run_in_session(world, world.acme, "sh", "-c", script, "sh", *args, env=operator_env)
+    assert ran.returncode == 0, ran.seen
+    assert ran.stdout.strip() == "echo [REDACTED:openai]"  # the answer, redacted on its way back
+    # The agent's environment: the session token as the key, the broker as the base URL, no key.
+    agent_env = dict(line.split("=", 1) for line in env_dump.read_text().splitlines() if "=" in line)
+    world.assert_clean(env_dump.read_text())
+    token = agent_env["OPENAI_API_KEY"]
+    assert token.startswith(TOKEN_PREFIX) and token == agent_env["OUTLOOP_SESSION"]
+    assert agent_env["OPENAI_BASE_URL"].startswith(served.engine.listen_url + "/v1/proxy/openai")
+    # The upstream saw the real key and never the token.
+    (chat,) = world.upstream.records
+    assert (chat.method, chat.path) == ("POST", "/v1/chat/completions")
+    assert chat.header("Authorization") == f"Bearer {real}"
+    assert json.loads(chat.body)["model"] == "gpt-4o-mini"
+    assert json.loads(chat.body).get("stream", False) is stream
+    assert_no_token_upstream(world)
+    # Audited as the session's call (found from the TCP peer's process tree).
+    (attempt,) = [r for r in world.audit() if r.get("event") == "attempt"]
+    assert (attempt["credential"], attempt["method"], attempt["path"]) == ("openai", "POST", "/chat/completions")
+    assert attempt["identity"] == "session" and attempt["session"] and attempt["tenant"] == "acme"
+    assert attempt["decision"] == "allow"
+    assert token not in json.dumps(world.audit())
+
+
+@pytest.mark.parametrize("key_name", [None, "openai"], ids=["dummy-key", "api_key_name"])
+def test_an_llm_extra_openai_model_reaches_the_broker_by_its_api_base(
+    world: World, served: BrokerThread, tmp_path: Path, key_name: str | None
+) -> None:
+    """A model of extra-openai-models.yaml with its own api_base ignores OPENAI_BASE_URL: pointed
+    at the broker it works, sending llm's dummy key (the session is found from the process tree)
+    or, with api_key_name, the session token."""
+    pytest.importorskip("llm")
+    user_path = tmp_path / "llm-user"
+    user_path.mkdir()
+    model = {"model_id": "via-outloop", "model_name": "gpt-4o-mini"}
+    model["api_base"] = served.engine.listen_url + "/v1/proxy/openai"
+    if key_name:
+        model["api_key_name"] = key_name
+    lines = [f"- model_id: {model.pop('model_id')}"] + [f"  {k}: {v}" for k, v in model.items()]
+    (user_path / "extra-openai-models.yaml").write_text("\n".join(lines) + "\n")
+    env = world.env(LLM_USER_PATH=str(user_path))
+    ran = run_in_session(world, world.acme, BIN_LLM, "-m", "via-outloop", "--no-stream", "hi", env=env)
+    assert ran.returncode == 0, ran.seen
+    assert ran.stdout.strip() == "echo [REDACTED:openai]"
+    (chat,) = world.upstream.records
+    assert chat.header("Authorization") == f"Bearer {world.keys[('acme', 'openai')]}"
+    assert json.loads(chat.body)["model"] == "gpt-4o-mini"
+    assert_no_token_upstream(world)
+    (attempt,) = [r for r in world.audit() if r.get("event") == "attempt"]
+    assert (attempt["identity"], attempt["decision"]) == ("session", "allow")
+
+
+# -- a setuid program inside a session --------------------------------------------------------
+
+# Run by a copy of the system Python made setuid to `nobody` (started by root: real uid 0,
+# effective and saved uid nobody). Each step calls GET $OPENAI_BASE_URL/models and prints
+# what it got, with the uids it had: over a Unix socket connection its parent opened (fd
+# argv[1]) and over TCP with the session token, both as nobody; over TCP with the real uid
+# nobody and the effective uid root; then back to root for good, from a forked child that
+# cds into globex's folder (argv[2]) and sends no token.
+SETUID_STEPS = r"""
+import http.client, json, os, socket, sys
+from urllib.parse import urlsplit
+fd, globex = int(sys.argv[1]), sys.argv[2]
+base = urlsplit(os.environ["OPENAI_BASE_URL"])
+token = os.environ["OUTLOOP_SESSION"]
+def call(step, conn, auth):
+    headers = {"Authorization": "Bearer " + token} if auth else {}
+    conn.request("GET", base.path + "/models", headers=headers)
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    error = body.get("error") or {}
+    owned = body["data"][0]["owned_by"] if "data" in body else None
+    return {"step": step, "uids": list(os.getresuid()), "status": r.status, "code": error.get("code"),
+            "message": error.get("message"), "owned_by": owned}
+def tcp():
+    return http.client.HTTPConnection(base.hostname, base.port, timeout=60)
+out = []
+unix = http.client.HTTPConnection("outloop", timeout=60)
+unix.sock = socket.socket(fileno=fd)
+out.append(call("inherited-unix", unix, False))
+out.append(call("tcp-token", tcp(), True))
+os.setresuid(os.geteuid(), 0, 0)  # real nobody, effective root
+out.append(call("tcp-real-nobody", tcp(), False))
+os.setresuid(0, 0, 0)
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.chdir(globex)
+    os.write(write, json.dumps(call("child-back-to-root", tcp(), False)).encode())
+    os._exit(0)
+os.close(write)
+data = b""
+while chunk := os.read(read, 65536):
+    data += chunk
+os.waitpid(pid, 0)
+out.append(json.loads(data))
+print(json.dumps(out))
+"""
+
+# Inside the session, as root: opens a connection to the broker's Unix socket and runs the
+# setuid copy (argv[1]) with it.
+SETUID_DRIVER = r"""
+import os, socket, subprocess, sys
+su_python, steps, globex = sys.argv[1:4]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(os.environ["OUTLOOP_SOCKET"])
+fd = s.fileno()
+os.set_inheritable(fd, True)
+sys.exit(subprocess.run([su_python, "-I", "-S", "-c", steps, str(fd), globex], pass_fds=[fd]).returncode)
+"""
+
+
+def setuid_copy(program: str, folder: Path, uid: int) -> Path:
+    """A copy of `program` owned by `uid` with the setuid bit (needs root)."""
+    copy = folder / Path(program).name
+    shutil.copy2(program, copy)
+    os.chown(copy, uid, -1)
+    os.chmod(copy, 0o4755)
+    return copy
+
+
+def test_a_setuid_program_in_a_session_is_another_users_and_the_session_stays_with_the_tree(
+    world: World, served: BrokerThread, tmp_path: Path
+) -> None:
+    """A process of the session whose real, effective or saved uid is another user's is refused
+    as that user's peer (on the Unix socket and on TCP, with a token or not); once every uid is
+    the operator's again, it and its children are the session's, wherever they cd."""
+    import pwd
+
+    if os.getuid() != 0:
+        pytest.skip("a program setuid to another user needs root to make (CI runs as root)")
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3 to copy")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    folder = tmp_path / "setuid"
+    folder.mkdir()
+    su_python = setuid_copy(os.path.realpath(system_python), folder, nobody)
+    probe = subprocess.run([su_python, "-I", "-S", "-c", "import os; print(os.geteuid())"], capture_output=True)
+    if probe.stdout.strip() != str(nobody).encode():
+        pytest.skip(f"the setuid bit has no effect here (a nosuid mount?): {probe.stdout!r} {probe.stderr!r}")
+    ran = run_in_session(world, world.acme, PY, "-c", SETUID_DRIVER, str(su_python), SETUID_STEPS, str(world.globex))
+    assert ran.returncode == 0, ran.seen
+    steps = {s["step"]: s for s in last_json(ran.stdout)}
+    # The uids each step ran with: the program did change its credentials.
+    assert steps["inherited-unix"]["uids"] == [0, nobody, nobody]
+    assert steps["tcp-token"]["uids"] == [0, nobody, nobody]
+    assert steps["tcp-real-nobody"]["uids"] == [nobody, 0, 0]
+    assert steps["child-back-to-root"]["uids"] == [0, 0, 0]
+    for name in ("inherited-unix", "tcp-token", "tcp-real-nobody"):
+        step = steps[name]
+        assert (step["status"], step["code"]) == (403, "wrong_tenant"), step
+        assert "OS user" in step["message"], step
+    back = steps["child-back-to-root"]
+    assert (back["status"], back["owned_by"]) == (200, "[REDACTED:openai]"), back
+    # Only the last call reached the upstream, with acme's key: the session, not globex's folder.
+    (models,) = world.upstream.records
+    assert models.header("Authorization") == f"Bearer {world.keys[('acme', 'openai')]}"
+    assert_no_token_upstream(world)
+    attempts = [r for r in world.audit() if r.get("event") == "attempt"]
+    assert [r["decision"] for r in attempts] == ["wrong_tenant"] * 3 + ["allow"]
+    assert (attempts[-1]["identity"], attempts[-1]["tenant"]) == ("session", "acme")
+    assert attempts[-1]["session"] and served.call(served.engine.sessions.live) == []

@@ -247,6 +247,17 @@ def identify(peer: Peer, config: Config, sessions: Sessions | None = None, token
     """Map a peer to its session or tenant and workspace, or raise IdentityError with the code."""
     if peer.uid != _UID and peer.uid != UNKNOWN_UID:
         raise IdentityError("wrong_tenant", "callers must run as the same OS user as the broker", pid=peer.pid)
+    if peer.pid > 0 and (uids := _foreign_uids(peer.pid)) is not None:
+        # The socket's credentials are only half the story: SO_PEERCRED gives the effective
+        # uid at connect time, SCM_CREDENTIALS the real uid of each writer, /proc/net/tcp the
+        # uid that made the socket. A setuid program (or one that changed its uids since)
+        # is another user's process, even inside the operator's session tree.
+        raise IdentityError(
+            "wrong_tenant",
+            f"callers must run as the same OS user as the broker; process {peer.pid} runs with "
+            f"real, effective and saved uids {uids} (a setuid program?)",
+            pid=peer.pid,
+        )
     session: Session | None = None
     how = "folder"
     if sessions is not None and len(sessions) and peer.pid > 0:
@@ -493,6 +504,27 @@ def _stat(pid: int) -> tuple[int, int]:
     # The command name, in parentheses, may hold spaces and parentheses itself.
     fields = data[data.rfind(b")") + 2 :].split()
     return int(fields[1]), int(fields[19])
+
+
+def _foreign_uids(pid: int) -> str | None:
+    """The real, effective and saved uids of `pid` ("0/65534/65534") when any is not the
+    broker's own, else None (also when the process is gone, or not on Linux: the socket's
+    credentials then stand alone)."""
+    if not _USE_PROC:  # pragma: no cover - non-Linux
+        return None
+    try:
+        with open(f"{_PROC}/{pid}/status", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    start = data.find(b"\nUid:")
+    if start < 0:
+        return None
+    fields = data[start + 5 : data.find(b"\n", start + 5)].split()
+    uids = [int(u) for u in fields[:3]]
+    if all(u == _UID for u in uids):
+        return None
+    return "/".join(map(str, uids))
 
 
 def _cwd(pid: int) -> str:
