@@ -97,6 +97,8 @@ def main() -> int:
         doc = tomllib.loads(config.read_text())
         doc.setdefault("broker", {})["listen"] = "127.0.0.1:0"
         config.write_text(tomli_w.dumps(doc))
+        # A hand edit that widens access (another listen) is staged until the operator accepts it.
+        bench._outloop(world.env, "config", "accept")
         log = open(world.root / "broker2.log", "wb")  # noqa: SIM115 - closed with the folder
         broker = subprocess.Popen([OUTLOOP, "broker"], env=world.env, stdout=log, stderr=log, cwd=world.root)
         try:
