@@ -95,7 +95,10 @@ class Agent:
         return text.rstrip("\n")
 
     def rest(self) -> str:
-        out, err = self.proc.communicate(timeout=120)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out = self.proc.stdout.read()  # (not communicate(): it would skip what readline buffered)
+        err = self.proc.stderr.read()
+        self.proc.wait(120)
         self.world.assert_clean(out + err)
         self.seen.append(out)
         return out
@@ -335,3 +338,41 @@ def test_an_upstream_certificate_the_ca_bundle_does_not_vouch_for_is_refused(
         finally:
             thread.stop()
         assert https.records == []  # the handshake failed: no request, no key, was sent
+
+
+def test_http2_when_the_operator_turns_it_on(world: World, ca: trustme.CA, tmp_path: Path) -> None:
+    pytest.importorskip("h2")
+    from support.h2_upstream import H2Upstream
+
+    server_ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    key = "h2-key-Zx81Qp4Lm7Rt2Vb9Nc"
+    with H2Upstream(server_ctx) as h2up:
+        editor = ConfigEditor(world.paths)
+        editor.raw.setdefault("broker", {}).update(ca_bundle=str(bundle), http2=True)
+        editor.add_credential(
+            "acme", "h2", {"base_url": f"https://localhost:{h2up.port}/api", "auth": "bearer", "allow": ["GET /**"]}
+        )
+        editor.save()
+        SecretStore().set("acme", "h2", Secret(key))
+        world.keys[("acme", "h2")] = key
+        thread = BrokerThread(world.paths).start()
+        try:
+            for target in ("/v1/proxy/h2/items", None):  # streamed path, then /v1/request (whole)
+                if target is None:
+                    (result,) = world.agent(
+                        world.acme, [{"payload": {"credential": "h2", "method": "GET", "path": "/items"}}]
+                    )
+                    assert result["status"] == 200, result["body"][:300]
+                    doc = json.loads(result["body"])["body"]
+                else:
+                    agent = stream(world, "GET", target)
+                    assert json.loads(agent.line())["status"] == 200
+                    doc = json.loads("".join(json.loads(x) for x in agent.rest().splitlines() if x.startswith('"')))
+                assert doc == {"protocol": "h2", "auth": "Bearer [REDACTED:h2]"}
+        finally:
+            thread.stop()
+    assert [(m, p) for m, p, _ in h2up.requests] == [("GET", "/api/items")] * 2
+    assert all(a == f"Bearer {key}" for _, _, a in h2up.requests)

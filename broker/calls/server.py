@@ -82,6 +82,8 @@ _CREDS_SPACE = socket.CMSG_SPACE(_CREDS.size) if PASSCRED else 0
 LINGER_SECONDS, LINGER_BYTES = 1.0, 16 * 1024 * 1024
 # Loopback TCP connections open at once; more are answered 503 and closed.
 MAX_TCP_CONNECTIONS = 256
+# Unix-socket connections one process may hold open at once; more are answered 429.
+MAX_PROCESS_CONNECTIONS = 64
 # A request head must arrive whole this many seconds after its first byte (a client
 # that sends a byte now and then holds a connection no longer); between requests a
 # connection may stay quiet for [broker] idle_timeout.
@@ -110,6 +112,7 @@ class Server:
         self._tcp: asyncio.AbstractServer | None = None
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._tcp_count = 0
+        self._per_process: collections.Counter[tuple[int, int]] = collections.Counter()
         self.listen_url: str | None = None  # once listening on TCP: http://127.0.0.1:PORT
 
     def check_free(self) -> None:
@@ -185,12 +188,34 @@ class Server:
         task = asyncio.current_task()
         assert task is not None
         conn = _Connection(self.engine, reader, writer, tcp=tcp)
+        # Who connected (Unix socket: SO_PEERCRED; on TCP the peer is found later, and
+        # MAX_TCP_CONNECTIONS bounds them all).
+        who = (conn.peer.pid, conn.peer.uid)
+        if not tcp and self._per_process[who] >= MAX_PROCESS_CONNECTIONS:
+            refusal = await self.engine.refuse(
+                conn.peer,
+                "bad_request",
+                f"this process already holds {MAX_PROCESS_CONNECTIONS} connections to the broker",
+                status=429,
+            )
+            with contextlib.suppress(Exception):
+                writer.write(response_bytes(429, _refusal_headers(refusal), _json(refusal.json()), 0, True))
+                await writer.drain()
+            conn.close()
+            writer.close()
+            return
+        if not tcp:
+            self._per_process[who] += 1
         self._connections[task] = conn
         try:
             await conn.run()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            if not tcp:
+                self._per_process[who] -= 1
+                if not self._per_process[who]:
+                    del self._per_process[who]
             conn.close()
             self._connections.pop(task, None)
             with contextlib.suppress(Exception):
