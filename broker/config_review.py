@@ -6,7 +6,7 @@ dropped, a deny rule added, `require_session` turned on, syslog turned on)
 applies at once; what widens it (a new tenant or workspace, a folder moved
 between tenants, a new allow or ask rule, a deny rule dropped, a changed
 base_url, auth or host, a new scan_ignore pattern, `require_session` or
-`[audit] syslog` turned off, another `listen` address) waits for the operator.
+`[audit] syslog` turned off, another `listen` address or `ca_bundle`) waits for the operator.
 
 :func:`review` returns both: the list of changes, each marked, and the document
 the broker enforces meanwhile (the approved one with only the narrowing applied).
@@ -221,6 +221,8 @@ def _broker(old: dict[str, Any], new: dict[str, Any], applied: dict[str, Any], s
                 say(Change("[broker] require_session turned off", True))
         elif key == "listen":
             say(Change(f"[broker] listen {before or 'off'} -> {after or 'off'}", True))
+        elif key == "ca_bundle":  # whose certificates the key is sent to
+            say(Change(f"[broker] ca_bundle {before or 'the default'} -> {after or 'the default'}", True))
         else:
             # Timeouts, size caps, worker counts: they change how, not who.
             say(Change(f"[broker] {key} {before} -> {after}", False))

@@ -250,3 +250,12 @@ async def test_the_dashboard_shows_the_change_and_answers_it(world: World, key: 
     (rec,) = events(world, outcome)
     assert rec["approver"] == "operator (dashboard)"
     assert ("PUT /**" in world.paths.config_file.read_text()) == (key == "y")
+
+
+def test_a_new_ca_bundle_waits_for_the_operator_and_timeouts_do_not() -> None:
+    from broker.config_review import review
+
+    before: dict[str, Any] = {"broker": {"upstream_timeout": 30}}
+    changed = review(before, {"broker": {"upstream_timeout": 10, "ca_bundle": "/tmp/agent-ca.pem", "http2": True}})
+    assert changed.widening == ["[broker] ca_bundle the default -> /tmp/agent-ca.pem"]
+    assert changed.applied["broker"] == {"upstream_timeout": 10, "http2": True}  # how, not whom: at once
