@@ -9,89 +9,26 @@ SHA-256 fingerprint), never the secret itself.
 What gets read: `.env`-like files (`.env`, `.env.*`, `*.env`, `.envrc`) get every
 rule; other text files get the managed secrets and the high-confidence provider
 rules (every rule with `all_files`). Binary files, files over the size cap and
-dependency or build folders are skipped; unreadable files and symlink loops are
-counted, never raised.
+dependency or build folders are skipped (which folders are entered: tree.py);
+unreadable files and symlink loops are counted, never raised.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import multiprocessing
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from broker.leaks.redact import encodings
 from broker.leaks.rules import Severity, find_secrets
+from broker.leaks.tree import SKIP_DIRS, FolderIgnore, is_skipped_dir, iter_files, walk
 
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024
-
-# Dependency, build, cache and VCS folders: large, machine-written, and not where
-# a person pastes a key. (`env/` is not here: it often holds real env files.)
-SKIP_DIRS: frozenset[str] = frozenset(
-    {
-        ".git",
-        ".hg",
-        ".svn",
-        ".jj",
-        "node_modules",
-        "bower_components",
-        "jspm_packages",
-        ".venv",
-        "venv",
-        "virtualenv",
-        ".virtualenvs",
-        "site-packages",
-        "__pycache__",
-        ".eggs",
-        "dist",
-        "build",
-        "target",
-        "out",
-        ".tox",
-        ".nox",
-        ".mypy_cache",
-        ".pytest_cache",
-        ".ruff_cache",
-        ".hypothesis",
-        ".cache",
-        ".gradle",
-        ".m2",
-        ".cargo",
-        "vendor",
-        ".bundle",
-        ".next",
-        ".nuxt",
-        ".svelte-kit",
-        ".parcel-cache",
-        ".turbo",
-        ".vercel",
-        ".yarn",
-        ".pnpm-store",
-        ".terraform",
-        ".terragrunt-cache",
-        ".serverless",
-        ".direnv",
-        "Pods",
-        "DerivedData",
-        "coverage",
-        "htmlcov",
-        ".nyc_output",
-        ".dart_tool",
-        ".pub-cache",
-        ".stack-work",
-        "_build",
-        "deps",
-        "elm-stuff",
-        ".angular",
-        ".expo",
-        ".docusaurus",
-    }
-)
 
 MIN_MANAGED_LENGTH = 8  # shorter secrets would match ordinary text by chance
 _BINARY_PROBE = 8192
@@ -103,11 +40,6 @@ def is_env_like(path: Path | str) -> bool:
     """`.env`, `.env.*`, `*.env` and `.envrc`: the files every rule applies to."""
     name = os.path.basename(path)
     return name in (".env", ".envrc") or name.startswith(".env.") or name.endswith(".env")
-
-
-def is_skipped_dir(name: str) -> bool:
-    """True for a folder name the scanner and the watcher never enter."""
-    return name in SKIP_DIRS
 
 
 def fingerprint(value: str) -> str:
@@ -282,130 +214,6 @@ def scan_file(
         return FileScan(path, skipped=skipped, size=size)
     found = scan_text(text, path, tenant=tenant, workspace=workspace, managed=managed, all_files=all_files)
     return FileScan(path, found, None, size)
-
-
-@dataclass(frozen=True, slots=True)
-class FolderIgnore:
-    """Which folders of one workspace are never entered (so never scanned nor watched).
-
-    SKIP_DIRS by name anywhere, plus folder patterns from the workspace's root
-    `.gitignore` and its `scan_ignore` list, read the way git reads them: `name`
-    or `name/` skips that folder name at any depth, `a/b` or `/name` is anchored
-    at the workspace root, `*` and `?` glob. Negations (`!`) are not followed:
-    a pattern that a later `!` line re-includes is not used at all. Only folders
-    are skipped; a git-ignored file (`.env`, almost always) is still read.
-    """
-
-    root: str
-    names: frozenset[str] = SKIP_DIRS
-    globs: tuple[str, ...] = ()
-    anchored: tuple[str, ...] = ()
-
-    @classmethod
-    def for_workspace(cls, root: Path, extra: Iterable[str] = ()) -> FolderIgnore:
-        """The skip rules for the workspace at `root`: SKIP_DIRS, `.gitignore`, then `extra`."""
-        lines: list[str] = []
-        try:
-            with open(root / ".gitignore", encoding="utf-8", errors="replace") as f:
-                lines = f.read(256 * 1024).splitlines()
-        except OSError:
-            pass
-        return cls.from_patterns(root, [*lines, *extra])
-
-    @classmethod
-    def from_patterns(cls, root: Path, patterns: Iterable[str]) -> FolderIgnore:
-        kept: list[str] = []
-        negated: set[str] = set()
-        for raw in patterns:
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("!"):
-                negated.add(line[1:].strip().strip("/"))
-                continue
-            kept.append(line)
-        names, globs, anchored = set(SKIP_DIRS), [], []
-        for line in kept:
-            pat = line.rstrip("/")
-            if pat.startswith("**/"):
-                pat = pat[3:]
-            if not pat or pat in ("*", "**") or pat.strip("/") in negated or "**" in pat:
-                continue
-            if "/" in pat:
-                anchored.append(pat.lstrip("/"))
-            elif any(c in pat for c in "*?["):
-                globs.append(pat)
-            else:
-                names.add(pat)
-        return cls(str(root), frozenset(names), tuple(globs), tuple(anchored))
-
-    def skips(self, path: str, name: str) -> bool:
-        """True when the folder at `path` (named `name`) is never entered."""
-        if name in self.names or any(fnmatch.fnmatchcase(name, g) for g in self.globs):
-            return True
-        if self.anchored and path.startswith(self.root.rstrip("/") + "/"):
-            rel = path[len(self.root) :].lstrip("/")
-            return any(fnmatch.fnmatchcase(rel, a) for a in self.anchored)
-        return False
-
-
-DEFAULT_IGNORE = FolderIgnore("/")
-
-
-def walk(
-    root: Path,
-    ignore: FolderIgnore | None = None,
-    on_error: Callable[[OSError], None] | None = None,
-) -> tuple[list[Path], list[Path]]:
-    """(files, folders) under `root`, `root` itself among the folders, skipping what
-    `ignore` skips (SKIP_DIRS by default). Symlinked folders are not followed."""
-    files: list[Path] = []
-    folders: list[Path] = []
-    skip = ignore or DEFAULT_IGNORE
-    try:
-        if not root.is_dir():
-            if root.exists() or root.is_symlink():
-                files.append(root)
-            return files, folders
-    except OSError as exc:
-        if on_error:
-            on_error(exc)
-        return files, folders
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as exc:
-            if on_error:
-                on_error(exc)
-            continue
-        folders.append(Path(folder))
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if not skip.skips(entry.path, entry.name):
-                        stack.append(entry.path)
-                elif entry.is_file() or entry.is_symlink():
-                    files.append(Path(entry.path))
-            except OSError as exc:
-                if on_error:
-                    on_error(exc)
-    return files, folders
-
-
-def iter_files(
-    root: Path, on_error: Callable[[OSError], None] | None = None, ignore: FolderIgnore | None = None
-) -> Iterator[Path]:
-    """Every file under `root` (or `root` itself), skipping SKIP_DIRS (or what
-    `ignore` skips).
-
-    Symlinked folders are not followed, so a link loop cannot trap the walk;
-    symlinked files are yielded (a `.env` linked from a shared folder is still
-    a leak into this workspace).
-    """
-    yield from walk(root, ignore, on_error)[0]
 
 
 # What forked scan workers read: set before the pool forks, so the managed secrets
