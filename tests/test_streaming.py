@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import trustme
 from support.connect_proxy import ConnectProxy
-from support.fixtures import BrokerThread, World, wait_for
+from support.fixtures import OUTLOOP, BrokerThread, World, wait_for
 from support.upstream import Upstream
 
+from broker.calls.sessions import TOKEN_PREFIX
 from broker.config import ConfigEditor
 from broker.secrets import Secret, SecretStore
 
@@ -74,10 +75,10 @@ def sbroker(sworld: World) -> Iterator[BrokerThread]:
 class Agent:
     """A streaming agent process; `line()` is the next thing it printed."""
 
-    def __init__(self, world: World, argv: list[str]) -> None:
+    def __init__(self, world: World, command: list[str]) -> None:
         self.world = world
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", *argv],
+            command,
             cwd=world.acme,
             env=world.env(),
             stdout=subprocess.PIPE,
@@ -109,7 +110,7 @@ class Agent:
 
 
 def stream(world: World, method: str, target: str, body: str | None = None) -> Agent:
-    argv = [STREAM_AGENT, str(world.socket), method, target]
+    argv = [sys.executable, "-c", STREAM_AGENT, str(world.socket), method, target]
     return Agent(world, argv if body is None else [*argv, body])
 
 
@@ -247,7 +248,7 @@ print("END", flush=True)
 def test_the_openai_sdk_streams_through_the_proxy(sworld: World, sbroker: BrokerThread) -> None:
     pytest.importorskip("openai")
     up = sworld.upstream
-    agent = Agent(sworld, [OPENAI_AGENT, str(sworld.socket)])
+    agent = Agent(sworld, [sys.executable, "-c", OPENAI_AGENT, str(sworld.socket)])
     assert agent.line() == repr("echo ")  # the upstream holds every later event until step()
     up.step()
     assert agent.line() == repr("[REDACTED:stream]")
@@ -261,7 +262,7 @@ def test_the_openai_sdk_streams_through_the_proxy(sworld: World, sbroker: Broker
 def test_the_anthropic_sdk_streams_through_the_proxy(sworld: World, sbroker: BrokerThread) -> None:
     pytest.importorskip("anthropic")
     up = sworld.upstream
-    agent = Agent(sworld, [ANTHROPIC_AGENT, str(sworld.socket)])
+    agent = Agent(sworld, [sys.executable, "-c", ANTHROPIC_AGENT, str(sworld.socket)])
     up.step(2)  # content_block_start, then the first text delta
     assert agent.line() == repr("echo ")
     up.step()
@@ -376,3 +377,42 @@ def test_http2_when_the_operator_turns_it_on(world: World, ca: trustme.CA, tmp_p
             thread.stop()
     assert [(m, p) for m, p, _ in h2up.requests] == [("GET", "/api/items")] * 2
     assert all(a == f"Bearer {key}" for _, _, a in h2up.requests)
+
+
+SESSION_OPENAI_AGENT = r"""
+from openai import OpenAI
+client = OpenAI(max_retries=0)  # OPENAI_BASE_URL and OPENAI_API_KEY come from outloop run
+chat = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True)
+for event in chat:
+    if event.choices and event.choices[0].delta.content is not None:
+        print(repr(event.choices[0].delta.content), flush=True)
+print("END", flush=True)
+"""
+
+
+def test_an_sdk_in_a_session_streams_over_loopback_tcp(world: World) -> None:
+    """`outloop run` sets OPENAI_BASE_URL to the broker's TCP listener and the key to the
+    session token; the stream arrives event by event, redacted, the token never upstream."""
+    pytest.importorskip("openai")
+    up = world.upstream
+    editor = ConfigEditor(world.paths)
+    editor.raw["tenants"]["acme"]["credentials"]["openai"]["base_url"] = f"{up.url}/gated/v1"
+    editor.raw.setdefault("broker", {})["listen"] = "127.0.0.1:0"
+    editor.save()
+    thread = BrokerThread(world.paths).start()
+    try:
+        agent = Agent(world, [OUTLOOP, "run", "--", sys.executable, "-c", SESSION_OPENAI_AGENT])
+        assert agent.line() == repr("echo ")  # before the upstream sends the next event
+        up.step()
+        assert agent.line() == repr("[REDACTED:openai]")
+        up.step(2)
+        assert agent.line() == "END"
+        agent.rest()
+    finally:
+        up.release()
+        thread.stop()
+    (rec,) = up.records
+    assert rec.header("Authorization") == f"Bearer {world.keys[('acme', 'openai')]}"
+    assert TOKEN_PREFIX not in rec.text  # the session token stayed with the broker
+    calls = [r for r in world.audit() if r.get("event") == "outcome" and r.get("credential") == "openai"]
+    assert calls and calls[-1].get("identity") == "session"
