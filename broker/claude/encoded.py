@@ -23,7 +23,10 @@ MIN_HEX = 32
 _B64_RUN = re.compile(rf"[A-Za-z0-9+/_-]{{{MIN_B64},}}={{0,2}}")
 _HEX_RUN = re.compile(rf"\b(?:[0-9a-fA-F]{{2}}){{{MIN_HEX // 2},}}\b")
 # `xxd -p` and `od` wrap their output; base64 wraps at 76. A wrapped run is joined first.
-_WRAPPED = re.compile(r"(?:[A-Za-z0-9+/=]{40,}\r?\n)+[A-Za-z0-9+/=]{4,}")
+# It starts only where a run starts and its runs never give back characters: tried from
+# every position of a long line with no newline (`base64 -w0` of a big file), the plain
+# pattern took time quadratic in the line (hours for a megabyte).
+_WRAPPED = re.compile(r"(?<![A-Za-z0-9+/=])(?:[A-Za-z0-9+/=]{40,}+\r?\n)+[A-Za-z0-9+/=]{4,}+")
 
 
 @dataclass(frozen=True)
