@@ -139,6 +139,9 @@ class BrokerSettings:
     http2: bool = False  # offer HTTP/2 to HTTPS upstreams (needs the `http2` extra: h2)
     require_session: bool = False  # refuse every call made outside a session (no_session)
     listen: tuple[str, int] | None = None  # loopback TCP address (read at start)
+    # The CLAUDE_CODE_TMPDIR Claude Code runs with, when the broker's environment does not say
+    # (its task outputs are watched there too; read at start). broker/claude/tasks.py
+    claude_code_tmpdir: str | None = None
 
     @property
     def listen_url(self) -> str | None:
@@ -295,6 +298,11 @@ def validate(raw: dict[str, Any], source: Path) -> Config:
             settings["listen"] = parse_listen(listen)
         except ValueError as e:
             raise where.error("broker.listen", str(e)) from None
+    tmpdir = broker_raw.get("claude_code_tmpdir")
+    if tmpdir is not None:
+        if not isinstance(tmpdir, str) or not tmpdir.startswith(("/", "~")):
+            raise where.error("broker.claude_code_tmpdir", 'must be an absolute folder path, like "/var/tmp"')
+        settings["claude_code_tmpdir"] = str(Path(tmpdir).expanduser())
     broker = BrokerSettings(**settings)
 
     tenants_raw = raw.get("tenants", {})

@@ -278,10 +278,15 @@ class Engine:
     # -- Claude Code transcripts (broker/transcripts.py) -----------------------------
 
     async def _start_transcripts(self) -> None:
-        """Watch each workspace's Claude Code transcripts for leaked keys, into the alert store."""
+        """Watch each workspace's Claude Code transcripts and task outputs for leaked keys, into the alert store."""
         from broker.claude.transcripts import TranscriptWatcher
 
-        self.transcripts = TranscriptWatcher(self._workspace_list(), self.managed_secrets, self._alert_store())
+        self.transcripts = TranscriptWatcher(
+            self._workspace_list(),
+            self.managed_secrets,
+            self._alert_store(),
+            tmpdir=self.config.broker.claude_code_tmpdir,
+        )
         await self.transcripts.start()
 
     def _background(self, work: Coroutine[Any, Any, object]) -> None:
