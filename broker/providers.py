@@ -398,9 +398,16 @@ PROVIDERS_BY_NAME: dict[str, Provider] = {p.name: p for p in PROVIDERS}
 _BY_RULE: dict[str, Provider] = {rule: p for p in PROVIDERS for rule in p.rules}
 _BY_VARIABLE: dict[str, Provider] = {var: p for p in PROVIDERS for var in p.key_names}
 
-# Every key variable of the catalog: `outloop run` clears those it does not set, so a
-# real key in the operator's own environment never reaches the agent.
-KEY_VARIABLES: frozenset[str] = frozenset(v for p in PROVIDERS for v in p.key_env)
+# Variables that carry a provider's key besides those above. Claude Code and Anthropic's
+# SDKs send ANTHROPIC_AUTH_TOKEN as `Authorization: Bearer`, and Claude Code prefers it to
+# ANTHROPIC_API_KEY: a real one left in a session would be the key that is used.
+OTHER_KEY_VARIABLES: tuple[str, ...] = ("ANTHROPIC_AUTH_TOKEN",)
+
+# Every variable the catalog knows to hold a key (the SDKs' key variables, the names keys go
+# by in .env files, and the ones above): `outloop run` removes each one the operator's own
+# environment holds and sets only the session token, in the variables `session_env` names,
+# so a real key exported in the operator's shell never reaches the agent.
+KEY_VARIABLES: frozenset[str] = frozenset(v for p in PROVIDERS for v in p.key_names) | frozenset(OTHER_KEY_VARIABLES)
 
 
 def provider_for(credential_name: str, base_url: str) -> Provider | None:

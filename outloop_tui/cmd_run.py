@@ -65,8 +65,19 @@ def _refused(resp: Response, what: str) -> int:
 
 
 def session_environ(info: dict[str, Any], base: dict[str, str]) -> dict[str, str]:
-    """The command's environment: `base` without any provider key, plus the session's variables."""
-    env = {k: v for k, v in base.items() if k not in set(info.get("clear_env", ()))}
+    """The command's environment: `base` without any provider key, plus the session's variables.
+
+    Every key variable the broker names (`clear_env`) or the catalog knows
+    (broker/providers.py KEY_VARIABLES, ANTHROPIC_AUTH_TOKEN among them) is removed,
+    unless it holds an `outloop:` placeholder, which is no key (`_placeholders` then
+    gives it the session token where the broker can serve it); the session's own
+    variables, the token in the key variables of the tenant's providers, come on top.
+    """
+    from broker.placeholders import PLACEHOLDER_PREFIX
+    from broker.providers import KEY_VARIABLES
+
+    clear = KEY_VARIABLES | set(info.get("clear_env", ()))
+    env = {k: v for k, v in base.items() if k not in clear or v.strip().startswith(PLACEHOLDER_PREFIX)}
     env.update(info.get("env") or {})
     env["OUTLOOP_SESSION"] = info["token"]
     env["OUTLOOP_SOCKET"] = info["socket"]

@@ -20,12 +20,16 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.fake_messages import Call, FakeMessages
 from support.fixtures import OUTLOOP, BrokerThread, World
+
+from broker.config import ConfigEditor
+from broker.secrets import Secret, SecretStore
 
 pytestmark = pytest.mark.claude_real
 
@@ -80,13 +84,15 @@ def claude_env(world: World, home: Path, fake_url: str) -> dict[str, str]:
     return env
 
 
-def run_claude(claude: Path, world: World, home: Path, fake: FakeMessages, *extra: str) -> list[dict[str, Any]]:
+def run_claude(
+    claude: Path, world: World, home: Path, fake: FakeMessages, *extra: str, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     argv = [str(claude), "-p", "Work on this project.", "--output-format", "stream-json", "--verbose"]
     argv += ["--dangerously-skip-permissions", *extra]
     ran = subprocess.run(
         argv,
         cwd=world.acme,
-        env=claude_env(world, home, fake.url),
+        env={**claude_env(world, home, fake.url), **(env or {})},
         capture_output=True,
         text=True,
         timeout=240,
@@ -258,44 +264,128 @@ def test_install_and_uninstall_leave_home_and_project_byte_identical(
         assert "Connected" in listed.stdout or "connected" in listed.stdout, listed.stdout
 
 
-def test_outloop_claude_runs_claude_code_in_a_session(
-    claude_bin: Path, world: World, broker: BrokerThread, tmp_path: Path
-) -> None:
+ANTHROPIC_KEY = "sk-ant-api03-acme-claude-real-Q9+zT4k/Lw7Hq2Pk81"
+
+
+def give_acme_anthropic(world: World, fake_url: str) -> None:
+    """An Anthropic credential for acme whose API is the fake, and a loopback listener, before the broker starts."""
+    editor = ConfigEditor(world.paths)
+    editor.add_credential(
+        "acme",
+        "anthropic",
+        {"base_url": fake_url, "auth": "header:x-api-key", "allow": ["POST /v1/messages", "POST /v1/messages/**"]},
+    )
+    editor.raw.setdefault("broker", {})["listen"] = "127.0.0.1:0"
+    editor.save()
+    SecretStore().set("acme", "anthropic", Secret(ANTHROPIC_KEY))
+    world.keys[("acme", "anthropic")] = ANTHROPIC_KEY
+
+
+def test_outloop_claude_runs_claude_code_in_a_session(claude_bin: Path, world: World, tmp_path: Path) -> None:
     """`outloop claude -p ...` with nothing installed: the session's MCP server and hooks
-    come with it, and the MCP call is identified by the session, not by the folder."""
+    come with it, and the MCP call is identified by the session, not by the folder. Claude
+    Code's own model traffic goes through the broker on acme's Anthropic credential: the
+    operator's ANTHROPIC_AUTH_TOKEN and ANTHROPIC_API_KEY never reach it."""
     secret = world.keys[("acme", "openai")]
     (world.acme / "notes.txt").write_text(f"the token is {secret}\n")
+    # What the agent's shells hold, said without printing a value (the guard refuses `env`).
+    (world.acme / "which_keys.sh").write_text(
+        'if [ -n "${ANTHROPIC_AUTH_TOKEN+x}" ]; then echo AUTH_TOKEN=present; else echo AUTH_TOKEN=absent; fi\n'
+        'case "$ANTHROPIC_API_KEY" in outloop_s_*) echo API_KEY=session ;; *) echo API_KEY=other ;; esac\n'
+    )
     home = claude_home(tmp_path)
     script: list[list[Call]] = [
         [("Bash", {"command": "cat notes.txt", "description": "notes"})],
         [("ToolSearch", {"query": f"select:{REQUEST}", "max_results": 5})],
         [(REQUEST, {"credential": "api", "method": "GET", "path": "/echo/session", "reason": "outloop claude"})],
+        [("Bash", {"command": "sh which_keys.sh", "description": "which keys"})],
     ]
     with FakeMessages(script) as fake:
-        env = claude_env(world, home, fake.url)
-        # A session keeps every provider key variable from the agent (ANTHROPIC_API_KEY too):
-        # the fake API takes Claude Code's other credential, a bearer token.
-        env.pop("ANTHROPIC_API_KEY", None)
-        env["ANTHROPIC_AUTH_TOKEN"] = "fake-messages-api-token"
-        env["PATH"] = f"{claude_bin.parent}{os.pathsep}{env['PATH']}"
-        argv = [OUTLOOP, "claude", "-p", "Work on this project.", "--output-format", "stream-json", "--verbose"]
-        ran = subprocess.run(
-            [*argv, "--dangerously-skip-permissions"],
-            cwd=world.acme,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        give_acme_anthropic(world, fake.url)
+        broker = BrokerThread(world.paths).start()
+        try:
+            env = claude_env(world, home, fake.url)
+            # What the operator's shell exports: both of Claude Code's Anthropic credentials.
+            env["ANTHROPIC_API_KEY"] = "sk-ant-api03-operator-own-key-Zq9Tr4Lw7Hq2Pk81"
+            env["ANTHROPIC_AUTH_TOKEN"] = "sk-ant-oat01-operator-login-Zq9Tr4Lw7Hq2Pk81"
+            env["PATH"] = f"{claude_bin.parent}{os.pathsep}{env['PATH']}"
+            argv = [OUTLOOP, "claude", "-p", "Work on this project.", "--output-format", "stream-json", "--verbose"]
+            ran = subprocess.run(
+                [*argv, "--dangerously-skip-permissions"],
+                cwd=world.acme,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+        finally:
+            broker.stop()
     world.assert_clean(ran.stdout + ran.stderr)
     assert ran.returncode == 0, ran.stderr[-2000:]
     out = [json.loads(line) for line in ran.stdout.splitlines() if line.strip()]
     assert any(s["name"] == "outloop" and s["status"] == "connected" for s in out[0]["mcp_servers"]), out[0]
     every_encoding_clean(world, fake.requests)
     assert "[REDACTED:" in json.dumps(fake.tool_results().get("toolu_00_00_outloop"))  # the post hook
+    held = json.dumps(fake.tool_results().get("toolu_03_00_outloop"))
+    assert "AUTH_TOKEN=absent" in held and "API_KEY=session" in held, held
+    # Every model call came through the broker: acme's key, never the operator's nor the session token.
+    assert fake.credentials and set(fake.credentials) == {(ANTHROPIC_KEY, None)}, "not acme's key alone"
+    models = [r for r in world.audit() if r.get("event") == "attempt" and r.get("credential") == "anthropic"]
+    assert models and {(r["identity"], r["tenant"], r["decision"]) for r in models} == {("session", "acme", "allow")}
     calls = [r for r in world.audit() if r.get("path") == "/echo/session" and r.get("status") == 200]
     assert calls, [r.get("event") for r in world.audit()]
     assert calls[-1]["identity"] == "session" and calls[-1]["session"] and calls[-1]["tenant"] == "acme"
     assert not (home / ".claude" / "settings.json").exists()  # nothing was installed
     opened = [r for r in world.audit() if r.get("event") == "session_open"]
     assert opened and opened[-1]["tenant"] == "acme"
+    world.assert_clean(world.audit_bytes())
+
+
+def test_background_and_monitor_output_is_watched_by_the_broker(
+    claude_bin: Path, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background Bash and a Monitor print the managed secret: Claude Code writes their output
+    to $CLAUDE_CODE_TMPDIR/claude-<uid>/<project>/<session>/tasks/<id>.output, which no hook
+    sees; the broker (watching, with CLAUDE_CODE_TMPDIR in its environment) alerts for acme."""
+    secret = world.keys[("acme", "openai")]
+    (world.acme / "notes.txt").write_text(f"the token is {secret}\n")
+    tmpdir = tmp_path / "cctmp"
+    monkeypatch.setenv("CLAUDE_CODE_TMPDIR", str(tmpdir))
+    home = claude_home(tmp_path)
+    installed = world.run([OUTLOOP, "claude", "install"], world.acme, env={**world.env(), "HOME": str(home)})
+    assert installed.returncode == 0, installed.stderr
+    script: list[list[Call]] = [
+        [("Bash", {"command": "cat notes.txt", "description": "notes", "run_in_background": True})],
+        [("ToolSearch", {"query": "select:Monitor", "max_results": 5})],
+        [("Monitor", {"command": "cat notes.txt", "description": "notes events"})],
+    ]
+    broker = BrokerThread(world.paths, watch=True).start()
+    try:
+        assert broker.engine.transcripts is not None
+        broker.run(broker.engine.transcripts.ready())
+        with FakeMessages(script) as fake:
+            run_claude(claude_bin, world, home, fake, env={"CLAUDE_CODE_TMPDIR": str(tmpdir)})
+        root = tmpdir / f"claude-{os.getuid()}"
+        outputs = sorted(root.glob("*/*/tasks/*.output"))
+        assert len(outputs) == 2, outputs  # the layout this build writes
+        # The background command's answer only names its file: nothing for a hook to redact.
+        assert str(outputs[0].parent) in json.dumps(fake.tool_results().get("toolu_00_00_outloop"))
+        # (Monitor's events reach the model in a <task-notification> no hook sees: the
+        # alert below is what the operator gets; docs/claude.md says so.)
+        found = wait_for_alerts(world, {str(p) for p in outputs})
+    finally:
+        broker.stop()
+    assert {(a["tenant"], a["rule"]) for a in found} == {("acme", "managed-secret:acme/openai")}
+    assert {a["workspace"] for a in found} == {str(world.acme)}
+    world.assert_clean(world.paths.alerts_file.read_bytes())
+
+
+def wait_for_alerts(world: World, paths: set[str], timeout: float = 180) -> list[dict[str, Any]]:
+    """The alerts on each of `paths`, once there is one for every path (a generous bound, not a measure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [a for a in alerts(world) if a.get("path") in paths]
+        if {a["path"] for a in found} == paths or time.monotonic() > deadline:
+            assert {a["path"] for a in found} == paths, f"alerts on {len(found)} of {len(paths)} task outputs"
+            return found
+        time.sleep(0.1)

@@ -86,6 +86,7 @@ class FakeMessages:
     def __init__(self, script: list[list[Call]]) -> None:
         self.script = script
         self.requests: list[dict[str, Any]] = []
+        self.credentials: list[tuple[str | None, str | None]] = []  # (x-api-key, authorization) of each call
         self.other: list[str] = []  # any other path that was asked for
         self._lock = threading.Lock()
         self._n = 0
@@ -117,6 +118,8 @@ class FakeMessages:
                     fake.other.append(f"POST {self.path}")
                     self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "not here"}})
                     return
+                with fake._lock:
+                    fake.credentials.append((self.headers.get("x-api-key"), self.headers.get("authorization")))
                 blocks = fake.answer(body)
                 with fake._lock:
                     fake._n += 1

@@ -354,8 +354,10 @@ def make_world(tmp_path: Path, upstream: Upstream, other_host: Upstream) -> Worl
 class BrokerThread:
     """An Engine serving on its socket, in an event loop on a background thread."""
 
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, paths: Paths, *, watch: bool = False) -> None:
+        """`watch`: also run the leak watcher and Claude Code's transcript watcher."""
         self.paths = paths
+        self.watch = watch
         self.engine = Engine(paths)
         self.events: list[object] = []
         self.loop = asyncio.new_event_loop()
@@ -366,7 +368,7 @@ class BrokerThread:
         asyncio.set_event_loop(self.loop)
         self.engine.subscribe(self.events.append)
         try:
-            self.loop.run_until_complete(self.engine.start(serve=True, watch=False))
+            self.loop.run_until_complete(self.engine.start(serve=True, watch=self.watch))
         except BaseException as e:  # surfaced by start()
             self._ready.set_exception(e)
             return
