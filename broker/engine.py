@@ -273,6 +273,7 @@ class Engine:
             max_bytes=self.config.broker.scan_max_file_bytes,
             scan_ignore=lambda: {t.id: t.scan_ignore for t in self.config.tenants.values()},
         )
+        self.watcher.subscribe(self._publish)  # scan progress and watch failures: WatcherStatus
         await self.watcher.start()
 
     # -- Claude Code transcripts (broker/transcripts.py) -----------------------------

@@ -161,6 +161,18 @@ class AlertIgnored:
 
 AlertEvent = AlertOpened | AlertUpdated | AlertResolved | AlertIgnored
 
+
+# The leak watcher's own state: published by the watcher (broker/leaks/watcher.py), through the engine.
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherStatus:
+    """A scan started, moved on (about four times a second) or ended, or what is watched
+    changed (folders polled past the inotify limit, folders that cannot be read)."""
+
+    health: WatcherHealth
+
+
 Event = (
     ApprovalRequested
     | ApprovalResolved
@@ -172,4 +184,5 @@ Event = (
     | ConfigStaged
     | ConfigStageCleared
     | AlertEvent
+    | WatcherStatus
 )

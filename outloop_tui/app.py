@@ -47,6 +47,7 @@ from outloop_tui.messages import (
     ConfigInvalid,
     ConfigWaiting,
     EventBridge,
+    WatcherChanged,
 )
 from outloop_tui.widgets.alerts import AlertAction, AlertScreen, AlertsPane
 from outloop_tui.widgets.approvals import SAFE_METHODS, ApprovalScreen, ApprovalsPane, GrantsScreen, duration
@@ -551,6 +552,9 @@ class DashboardScreen(Screen[None]):
             )
         self.refresh_view()
 
+    def on_watcher_changed(self, message: WatcherChanged) -> None:
+        self.refresh_view()
+
     # -- view ---------------------------------------------------------------------
 
     def refresh_view(self) -> None:
@@ -561,6 +565,7 @@ class DashboardScreen(Screen[None]):
         grants = [(f"{g.key[0]} · {g.key[1]} · {g.key[3]}", g.expires - now) for g in snap.grants]
         self.query_one(ApprovalsPane).sync(snap.pending, grants)
         self.query_one(AlertsPane).sync(snap.alerts, app.watcher_note(snap), app.acked)
+        app.show_watcher_problems(snap)
         if app.started and snap.config is not None:
             counts = Counter(a.tenant or "" for a in snap.alerts)
             self.query_one(TenantsTree).show(snap.config, counts)
@@ -587,6 +592,7 @@ class DashboardScreen(Screen[None]):
                 len(snap.pending),
                 len(snap.alerts),
                 app.bridge.audit_seen,
+                scanning=snap.watcher.brief() if snap.watcher is not None else "",
             )
         )
         self.set_class(state == "locked", "-locked")
@@ -767,6 +773,8 @@ class OutloopApp(App[int]):
             self._driver.write(osc_notification(title, body))
 
     def set_banner(self, key: str, message: str) -> None:
+        if self._banners.get(key, "") == message:
+            return
         if message:
             self._banners[key] = message
         else:
@@ -783,7 +791,14 @@ class OutloopApp(App[int]):
             return ""
         if snap.watcher is None:
             return "leak watcher off" if not self.watch_leaks else "leak watcher not available"
-        return ""
+        progress = snap.watcher.progress()
+        return f"{progress} · alerts appear as they are found" if progress else ""
+
+    def show_watcher_problems(self, snap: Snapshot) -> None:
+        """What the leak watcher cannot watch (folders polled past the inotify limit, folders
+        it cannot read), in the banner, with what to do; gone once it is fixed."""
+        problems = snap.watcher.problems() if snap.watcher is not None else []
+        self.set_banner("watcher", "\n".join(f"Leak watcher: {p}" for p in problems))
 
     def act_on_alert(self, alert_id: str, fingerprint: str, action: AlertAction) -> None:
         if action.kind == "ack":

@@ -266,6 +266,7 @@ def doctor(args: argparse.Namespace) -> int:
         checks.append((ok, what))
 
     paths = _paths()
+    watcher_json: dict[str, Any] | None = None
     info = backend_info()
     line(info.usable, f"keyring backend: {info.name}" + ("" if info.usable else f" — {info.advice}"))
     from broker.sandbox import probe
@@ -334,28 +335,32 @@ def doctor(args: argparse.Namespace) -> int:
                 f"socket: {paths.socket} — broker {h.get('version', '?')} answering"
                 f"{' (locked)' if h.get('locked') else ''}",
             )
-            watcher = h.get("watcher")
-            if isinstance(watcher, dict):
-                ok = bool(watcher.get("running")) and not watcher.get("last_error")
-                detail = watcher.get("last_error") or f"{watcher.get('files_scanned', 0)} files scanned"
-                if not watcher.get("initial_scan_done") and watcher.get("files_to_scan"):
-                    detail += f" of {watcher['files_to_scan']} (first scan still running)"
-                if watcher.get("watched_folders") is not None:
-                    detail += f"; {watcher['watched_folders']} folders watched"
-                    if watcher.get("polled_folders"):
-                        detail += f", {watcher['polled_folders']} polled"
-                if watcher.get("missing"):
-                    detail += f"; missing folders: {', '.join(watcher['missing'])}"
-                line(ok, f"watcher: {'running' if watcher.get('running') else 'stopped'} — {detail}")
-                if watcher.get("warning"):
-                    line(False, f"watcher: {watcher['warning']}")
+            if isinstance(h.get("watcher"), dict):
+                from broker.leaks.watcher import WatcherHealth
+
+                watcher_json = h["watcher"]
+                w = WatcherHealth.from_dict(watcher_json)
+                detail = w.last_error or f"{w.files_scanned:,} files scanned"
+                detail += f"; {w.watched_folders:,} folders watched"
+                if w.polled_folders:
+                    detail += f", {w.polled_folders:,} polled"
+                if w.missing:
+                    detail += f"; missing folders: {', '.join(w.missing)}"
+                line(w.running and not w.last_error, f"watcher: {'running' if w.running else 'stopped'} — {detail}")
+                if w.scanning:  # "0 alerts" means little until the files have all been read
+                    line(None, f"watcher: {w.progress()}")
+                for problem in w.problems():
+                    line(False, f"watcher: {problem}")
     if os.environ.get("OUTLOOP_HOME"):
         line(None, f"OUTLOOP_HOME={paths.home}")
     problems = sum(result is False for result, _ in checks)
     marks = {True: "ok", False: "fail", None: "note"}
     if getattr(args, "json", False):
         rows = [{"status": marks[result], "what": what} for result, what in checks]
-        print(json.dumps({"ok": not problems, "checks": rows}, indent=2))
+        out: dict[str, Any] = {"ok": not problems, "checks": rows}
+        if watcher_json is not None:  # the broker's figures, for scripts: progress, folders, problems
+            out["watcher"] = watcher_json
+        print(json.dumps(out, indent=2))
         return 1 if problems else 0
     shown = {True: "ok  ", False: "FAIL", None: "note"}
     for result, what in checks:

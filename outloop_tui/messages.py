@@ -21,6 +21,7 @@ from broker.events import PendingApproval
 
 if TYPE_CHECKING:
     from broker.leaks.alerts import Alert
+    from broker.leaks.watcher import WatcherHealth
 
 # Records kept between two drains; under a flood the oldest undrained ones are
 # dropped from the screen (never from the audit log on disk).
@@ -89,6 +90,13 @@ class AlertsChanged(Message):
     raised: Alert | None = None
 
 
+@dataclass
+class WatcherChanged(Message):
+    """The leak watcher's scan moved on, or what it watches changed (folders polled, unreadable)."""
+
+    health: WatcherHealth
+
+
 class EventBridge:
     """The engine subscriber: events in, Textual messages (and buffered audit records) out."""
 
@@ -135,4 +143,6 @@ def translate(event: ev.Event) -> Message | None:
             return AlertsChanged(alert)
         case ev.AlertUpdated() | ev.AlertResolved() | ev.AlertIgnored():
             return AlertsChanged()
+        case ev.WatcherStatus(health=health):
+            return WatcherChanged(health)
     return None

@@ -70,3 +70,44 @@ async def test_broken_config_edit_keeps_the_last_good_config(world: World, upstr
         assert set(engine.config.tenants) == {"acme", "globex"}
     finally:
         await engine.stop()
+
+
+async def test_scan_progress_and_watch_problems_are_published(world: World, monkeypatch) -> None:
+    """The engine passes the watcher's WatcherStatus events on, and its snapshot and health carry
+    the same: which tenants are being scanned and how far, and what cannot be watched."""
+    import re
+
+    from broker.events import WatcherStatus
+    from broker.leaks import watcher as watcher_module
+
+    for i in range(300):
+        (world.acme / f"f{i}.txt").write_text("x\n")
+    for folder in ("a", "b"):
+        (world.globex / folder).mkdir()
+    # As if the user's other programs held all but one inotify watch.
+    monkeypatch.setattr(watcher_module, "inotify_budget", lambda: 1)
+    engine = Engine(world.paths)
+    statuses: list = []
+    engine.subscribe(lambda e: statuses.append(e.health) if isinstance(e, WatcherStatus) else None)
+    await engine.start(serve=False, watch=True)
+    try:
+        await engine.watcher.wait_ready()
+        assert (statuses[0].scanning, statuses[0].scan_kind) == (("acme", "globex"), "first scan")
+        assert statuses[0].progress() == "scanning acme, globex: listing files"
+        counting = [h for h in statuses if h.scanning and not h.scan_listing]
+        assert counting and counting[0].scan_total >= 300
+        assert re.fullmatch(r"scanning acme, globex: [\d,]+ of [\d,]+ files", counting[0].progress())
+        assert not statuses[-1].scanning
+
+        snap = engine.snapshot().watcher
+        assert snap is not None and (snap.watched_folders, snap.polled_folders) == (1, 3)  # 4 folders in all
+        (problem,) = snap.problems()
+        assert "3 of 4 folders are polled" in problem and "sudo sysctl fs.inotify.max_user_watches=" in problem
+        assert engine.health()["watcher"]["polled_folders"] == 3
+
+        statuses.clear()
+        await engine.rescan()
+        assert statuses[0].progress() == "scanning acme, globex (rescan): listing files"
+        assert not statuses[-1].scanning
+    finally:
+        await engine.stop()

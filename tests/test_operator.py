@@ -17,6 +17,7 @@ from support.fixtures import BrokerThread, World
 
 from broker.client import health
 from broker.events import ApprovalRequested, AuditRecorded, Event
+from broker.leaks.watcher import WatcherHealth
 from broker.operator.client import OperatorUnavailable, RemoteEngine, operator_socket_live
 from broker.operator.wire import decode_event, encode_event
 from outloop_tui.app import OutloopApp
@@ -191,6 +192,22 @@ def test_every_event_survives_the_wire() -> None:
         ev.ConfigRejected("bad"),
         ev.AlertOpened(alert),
         ev.AlertResolved(alert),
+        ev.WatcherStatus(
+            WatcherHealth(
+                True,
+                False,
+                ("/w",),
+                (),
+                12,
+                None,
+                scanning=("acme",),
+                scan_kind="first scan",
+                scan_done=12,
+                scan_total=40,
+                unreadable=("/w/x (permission denied)",),
+                unreadable_count=1,
+            )
+        ),
     ):
         assert decode_event(json.loads(json.dumps(encode_event(event)))) == event
 

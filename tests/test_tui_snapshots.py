@@ -53,6 +53,18 @@ def test_overview(snap_compare: Any) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_scanning_with_watch_problems(snap_compare: Any) -> None:
+    """While the first scan runs: "0 alerts" says it is still scanning, and the banner says what is
+    not watched (folders polled past the inotify limit, a folder it cannot read) and what to do."""
+    app = tui_sample.make_app(tui_sample.build(), alerts=False, scanning=True)
+
+    async def run_before(pilot: Any) -> None:
+        await tui_sample.ready(app)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
 def test_approval_pending(snap_compare: Any) -> None:
     app = tui_sample.make_app(tui_sample.build())
 

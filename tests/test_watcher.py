@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.trees import too_long_to_open
 
 from broker.events import AlertEvent, AlertOpened, AlertResolved
 from broker.leaks import rules as L
@@ -203,3 +204,105 @@ async def test_rearm_scans_only_the_added_workspace(h: Harness):
     new = h.acme / "later.env"  # acme stayed watched through the re-arm
     new.write_text(f"T={token('later')}\n")
     await h.next(AlertOpened, new)
+
+
+def _count_watches() -> int:
+    return _inotify_watches_of_this_process()
+
+
+async def _until(predicate, timeout: float = WAIT) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_no_watch_inside_folders_a_nested_gitignore_ignores(h: Harness):
+    for folder in ("src/gen/deep", "src/lib", "other/gen", "pkg/a", "pkg/keep"):
+        (h.acme / folder).mkdir(parents=True)
+    (h.acme / "src" / ".gitignore").write_text("gen/\n")  # src/gen and src/lib/gen, not other/gen
+    (h.acme / "pkg" / ".gitignore").write_text("*\n!.gitignore\n!keep/\n")
+    before = _count_watches()
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    # ., src, src/lib, other, other/gen, pkg, pkg/keep
+    assert h.watcher.health().watched_folders == 7
+    assert _count_watches() - before == 7
+    (h.acme / "src" / "gen" / "deep" / ".env").write_text(f"T={token('ignored-deep')}\n")
+    (h.acme / "src" / "lib" / "gen").mkdir()  # made later: judged by src/.gitignore too
+    await asyncio.sleep(0.5)
+    (h.acme / "src" / "lib" / "gen" / ".env").write_text(f"T={token('ignored-new')}\n")
+    marker = h.acme / "other" / "gen" / "marker.env"
+    marker.write_text(f"T={token('nested-marker')}\n")
+    await h.next(AlertOpened, marker)
+    assert [a.path for a in h.store.alerts()] == [str(marker)]
+    assert h.watcher.health().watched_folders == 7
+
+
+async def test_an_edited_gitignore_moves_the_watch_set(h: Harness):
+    (h.acme / "src" / "gen").mkdir(parents=True)
+    leaked = h.acme / "src" / "gen" / ".env"
+    leaked.write_text(f"T={token('moves')}\n")
+    await h.watcher.start()
+    await h.next(AlertOpened, leaked)
+    assert h.watcher.health().watched_folders == 3
+    seen: list[object] = []
+    h.watcher.subscribe(seen.append)
+    (h.acme / "src" / ".gitignore").write_text("gen/\n")
+    await _until(lambda: h.watcher.health().watched_folders == 2)
+    await _until(lambda: seen and not seen[-1].health.scanning)
+    meanwhile = h.acme / "src" / "gen" / "meanwhile.env"  # not watched now: not seen
+    meanwhile.write_text(f"T={token('moves-meanwhile')}\n")
+    marker = h.acme / "src" / "marker.env"
+    marker.write_text(f"T={token('moves-marker')}\n")
+    await h.next(AlertOpened, marker)
+    assert str(meanwhile) not in {a.path for a in h.store.alerts()}
+    assert str(leaked) in {a.path for a in h.store.alerts()}  # still there: the file still holds it
+    (h.acme / "src" / ".gitignore").write_text("# nothing ignored\n")
+    await h.next(AlertOpened, meanwhile)  # entered again: scanned, and watched
+    assert h.watcher.health().watched_folders == 3
+    later = h.acme / "src" / "gen" / "later.env"
+    later.write_text(f"T={token('moves-later')}\n")
+    await h.next(AlertOpened, later)
+
+
+async def test_scan_progress_reaches_subscribers(h: Harness):
+    from broker.events import WatcherStatus
+
+    for i in range(700):
+        (h.acme / f"f{i}.txt").write_text("x\n")
+    seen: list[WatcherStatus] = []
+    h.watcher.subscribe(seen.append)
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    first, last = seen[0].health, seen[-1].health
+    assert (first.scanning, first.scan_kind, first.scan_listing) == (("acme",), "first scan", True)
+    assert first.progress() == "scanning acme: listing files"
+    shown = [s.health.progress() for s in seen]
+    assert "scanning acme: 0 of 700 files" in shown
+    done = [s.health.scan_done for s in seen if s.health.scanning]
+    assert done == sorted(done)
+    assert (last.scanning, last.progress(), last.files_scanned) == ((), "", 700)
+
+    seen.clear()
+    await h.watcher.rescan()
+    assert seen[0].health.progress() == "scanning acme (rescan): listing files"
+    assert "scanning acme (rescan): 0 of 700 files" in [s.health.progress() for s in seen]
+    assert seen[-1].health.scanning == ()
+
+
+async def test_a_folder_that_cannot_be_read_is_named_in_health(h: Harness):
+    deep = too_long_to_open(h.acme / "deep")
+    seen = []
+    h.watcher.subscribe(seen.append)
+    await h.watcher.start()
+    await h.watcher.wait_ready()
+    health = h.watcher.health()
+    assert health.unreadable_count == 1
+    assert health.unreadable == (f"{deep} (file name too long)",)
+    (problem,) = health.problems()
+    assert problem.startswith("1 folder(s) could not be read, so they are neither scanned nor watched: ")
+    assert "scan_ignore" in problem
+    assert any(s.health.unreadable_count == 1 for s in seen)  # subscribers heard of it too
+    marker = h.acme / "deep" / "marker.env"  # the rest is watched as ever
+    marker.write_text(f"T={token('unreadable-marker')}\n")
+    await h.next(AlertOpened, marker)

@@ -261,6 +261,8 @@ class RemoteEngine:
             self._staged = None
         elif isinstance(event, ev.ConfigReloaded):
             self.refresh_config()
+        elif isinstance(event, ev.WatcherStatus):
+            self._watcher = event.health
         self._publish(event)
 
     def _publish(self, event: ev.Event) -> None:

@@ -37,6 +37,7 @@ _EVENTS: dict[str, type[Any]] = {
         ev.AlertUpdated,
         ev.AlertResolved,
         ev.AlertIgnored,
+        ev.WatcherStatus,
     )
 }
 
@@ -74,6 +75,8 @@ def decode_event(d: dict[str, Any]) -> ev.Event:
         fields["approval"] = decode_approval(fields["approval"])
     if "alert" in fields:
         fields["alert"] = Alert.from_json(fields["alert"])
+    if "health" in fields:
+        fields["health"] = decode_watcher(fields["health"])
     event: ev.Event = cls(**fields)
     return event
 
@@ -106,5 +109,4 @@ def decode_grants(rows: list[dict[str, Any]], clock: Callable[[], float]) -> lis
 def decode_watcher(d: dict[str, Any] | None) -> WatcherHealth | None:
     if d is None:
         return None
-    known = {f.name for f in dataclasses.fields(WatcherHealth)}
-    return WatcherHealth(**{k: v for k, v in d.items() if k in known})
+    return WatcherHealth.from_dict(d)

@@ -27,6 +27,7 @@ class Status:
     alerts: int = 0
     audit: int = 0
     watcher: str = ""
+    scanning: str = ""  # the leak watcher's scan under way, briefly ("scanning 3%"; the alerts pane says more)
 
 
 class StatusHeader(Static):
@@ -58,6 +59,8 @@ class StatusHeader(Static):
         text.append(" pending  ", style="dim")
         text.append(f"{s.alerts}", style="bold red" if s.alerts else "bold")
         text.append(" alerts  ", style="dim")
+        if s.scanning:  # so "0 alerts" is not read as "nothing leaked" while files are still being read
+            text.append(f"({s.scanning})  ", style="#d9a932")
         text.append(f"{s.audit:,}", style="bold")
         text.append(" audit events", style="dim")
         if s.watcher:

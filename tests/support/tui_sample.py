@@ -23,6 +23,7 @@ from broker.config import ConfigEditor
 from broker.engine import Engine
 from broker.events import AuditRecorded, PendingApproval
 from broker.leaks.alerts import Alert
+from broker.leaks.watcher import RAISE_LIMIT_HINT, WatcherHealth
 from broker.paths import Paths
 from broker.secrets import Secret, SecretStore
 from outloop_tui.app import OutloopApp
@@ -140,6 +141,42 @@ class SampleAlerts:
         self.ignored.append((fingerprint, reason))
 
 
+class SampleWatcher:
+    """Stands in for the leak watcher: a first scan under way, folders past the inotify limit
+    polled, one folder it cannot read; fixed, no file watching."""
+
+    def health(self) -> WatcherHealth:
+        acme, globex = ROOT / "clients" / "acme", ROOT / "clients" / "globex"
+        return WatcherHealth(
+            running=True,
+            initial_scan_done=False,
+            workspaces=(str(acme / "web"), str(acme / "api"), str(globex / "shop")),
+            missing=(),
+            files_scanned=1234,
+            last_error=None,
+            files_to_scan=40_000,
+            watched_folders=7_800,
+            polled_folders=1_200,
+            watch_budget=7_800,
+            warning=(
+                "inotify watch limit too low: 1,200 of 9,000 folders are polled (changes there are seen within "
+                f"about 500 ms, at some CPU cost); raise it with `{RAISE_LIMIT_HINT}`"
+            ),
+            scanning=("acme", "globex"),
+            scan_kind="first scan",
+            scan_done=1234,
+            scan_total=40_000,
+            unreadable=(f"{acme / 'api' / 'pgdata'} (permission denied)",),
+            unreadable_count=1,
+        )
+
+    async def rescan(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -238,7 +275,9 @@ def build(*, tenants: bool = True) -> Paths:
     return paths
 
 
-def make_app(paths: Paths, *, secrets: SecretStore | None = None, alerts: bool = True) -> OutloopApp:
+def make_app(
+    paths: Paths, *, secrets: SecretStore | None = None, alerts: bool = True, scanning: bool = False
+) -> OutloopApp:
     engine = Engine(paths, secrets=secrets)
     engine.approvals = Approvals(engine._publish, clock=lambda: NOW)
     # Records the app itself causes (a lock, say) carry the sample's time, not today's.
@@ -246,6 +285,8 @@ def make_app(paths: Paths, *, secrets: SecretStore | None = None, alerts: bool =
     app = OutloopApp(engine, watch=False, serve=False, clock=lambda: NOW, wall=lambda: WALL)
     if alerts:
         engine.alerts = SampleAlerts(sample_alerts())  # type: ignore[assignment]
+    if scanning:
+        engine.watcher = SampleWatcher()  # type: ignore[assignment]
     return app
 
 
