@@ -35,6 +35,50 @@ def test_keyword_prefilter_only_narrows():
             assert any(k in example.lower() for k in rule.keywords), rule.id
 
 
+@pytest.mark.parametrize(
+    ("pattern", "anchors"),
+    [
+        (r"(?i)(?:aws|secret_?key)[ =]+(\w+)", (("aws", 0, 0), ("secret", 0, 0))),
+        (r"[0-9a-f]{32}-us\d{1,2}", (("-us", 32, 32),)),
+        (r"\d{8,10}:AA[A-Za-z0-9_\-]{33}", ((":aa", 8, 10),)),
+        (r"\bcurl\b.*?-u", (("curl", 0, 0),)),
+        (r"[ \t](?P<flag>-p[ \t]?|--pass[ \t=])x", (("-p", 1, 1), ("--pass", 1, 1))),
+        (r"(?:FlyV1 )?fm[12]_\w+", (("fm", 0, 6),)),
+        (r"\w+SECRET", None),  # the literal can be any distance from the start
+        (r"(?:ab|\d+)xyz", None),  # one alternative has no bounded anchor
+    ],
+)
+def test_anchors_are_read_from_the_regex(pattern: str, anchors: tuple[tuple[str, int, int], ...] | None):
+    import re
+
+    assert L._read_regex(re.compile(pattern))[0] == anchors
+
+
+def test_word_pass_finds_what_finditer_finds():
+    # A rule tried only where its anchors put a match's start finds exactly what its
+    # regex finds scanning every position: on every rule's examples, repeated, glued
+    # to word characters, behind a line of other text, and overlapping each other.
+    for rule, plan in zip(RULES, L._PLANS, strict=True):
+        if rule.finder is not None or plan.starts:
+            continue
+        for example in rule.true_positives + rule.false_positives:
+            text = f"x{example} {example}\n= {example}{example}\n'{example}'x{example[: len(example) // 2]}"
+            expected = [m.span() for m in rule.regex.finditer(text)]
+            assert [m.span() for m in L.Prepared(text).matches(rule, plan)] == expected, rule.id
+
+
+def test_offsets_hold_in_text_that_lowercases_longer_or_does_not_decode():
+    # "\u0130".lower() is two characters and invalid UTF-8 decodes to lone surrogates:
+    # neither may shift where a rule looks, nor hide a key.
+    token = L.fake(L.A62, 40, "offsets")
+    line = f"Authorization: Bearer {token}\nX-Api-Key: {token}\ncurl -u {token}: https://x.dev\n"
+    for noise in ("\u0130stanbul \u0130" * 50, b"\xff\xfe caf\xe9 ".decode("utf-8", "surrogateescape") * 50):
+        text = noise + "\n" + line
+        found = find_secrets(text)
+        assert [m.value(text) for m in found] == [token] * 3, [m.rule_id for m in found]
+        assert [m.line for m in found] == [2, 3, 4]
+
+
 def test_match_reports_line_and_exact_span():
     token = "ghp_" + L.fake(L.A62, 36, "span")
     text = f"# config\n\nconst auth = '{token}';\n"

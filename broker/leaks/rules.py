@@ -11,9 +11,11 @@ A match holds offsets into the text, never the value itself, so a match can be
 logged or printed without leaking anything.
 
 Speed: every rule names lowercase keywords that any text it matches must
-contain. One combined regex (a trie of all keywords) finds which keywords occur
-in a file in a single pass; only the rules behind those keywords run, so a clean
-file costs that one pass and nothing else.
+contain. One Aho-Corasick pass (ahocorasick-rs, a DFA in Rust) over the text's
+lowercase form finds which keywords occur and where, in a single pass; only the
+rules behind those keywords run, and a rule the regex engine cannot search fast
+is tried only where the literal text its matches must hold puts their start
+(see Prepared). A clean file costs that one pass and little else.
 """
 
 from __future__ import annotations
@@ -21,17 +23,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-import ahocorasick
+import ahocorasick_rs
 
 from broker.leaks.envfile import parse_env
+
+# The regex parser, to read what literal text a rule's matches must hold (`_anchors`).
+_sre_parser: Any = importlib.import_module("re._parser")
+_sre_compiler: Any = importlib.import_module("re._compiler")
+_sre: Any = importlib.import_module("re._constants")
 
 Severity = Literal["critical", "high", "medium", "low"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "high", "medium", "low")
@@ -51,7 +59,7 @@ class Rule:
     context) are also hidden from what the agent gets back.
 
     A rule either has a `regex`, or a `finder` that yields (start, end) spans of
-    candidate values from the text and its lowercase form: for shapes a single regex would find too slowly (an
+    candidate values from the prepared text: for shapes a single regex would find too slowly (an
     assignment is found from its quoted value backwards to the name).
     """
 
@@ -69,7 +77,7 @@ class Rule:
     # a leading lookbehind stops the regex engine's fast literal-prefix search.
     not_after: re.Pattern[str] | None = field(default=None, repr=False)
     redact: bool = True
-    finder: Callable[[str, str], Iterable[tuple[int, int]]] | None = field(default=None, repr=False)
+    finder: Callable[[Prepared], Iterable[tuple[int, int]]] | None = field(default=None, repr=False)
     # Lowercase words a match starts with: the regex is tried only where one of them
     # begins a word, instead of at every position (a case-insensitive regex has no
     # literal prefix for the regex engine to search for).
@@ -2051,8 +2059,9 @@ _r(
 # `api_key = "..."`, `$apiKey = '...';`, `apiKey: "..."`, `'api_key' => '...'`,
 # `define('API_KEY', '...')`, `"token": "..."`. Found from the quoted value back to the
 # name: quoted token-shaped strings are far rarer than identifiers.
-_QUOTED_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{8,512})\1""")
-_QUOTED_LONG_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{20,512})\1""")
+# Possessive: the run holds no quote, so giving characters back could never find the closing one.
+_QUOTED_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{8,512}+)\1""")
+_QUOTED_LONG_TOKEN = re.compile(r"""(["'`])([A-Za-z0-9_\-+/=.~:@!#%^&*?|$]{20,512}+)\1""")
 _NAME_BEFORE = re.compile(
     r"""(?:(?P<key>[A-Za-z_][\w.\-]*)["'`\]]?[ \t]*(?::=|=>|=|:|\?\?=|\|\|=)|"""
     r"""\([ \t]*["'`](?P<arg>[A-Za-z_][\w.\-]*)["'`][ \t]*,)[ \t]*(?:\[[ \t]*)?\Z"""
@@ -2061,32 +2070,15 @@ _NAME_BEFORE = re.compile(
 
 # Every secret name (see is_secret_name) holds one of these: a line without any cannot
 # assign a secret, so only lines with one are read.
-_NAME_WORDS = re.compile(r"key|token|secret|pass|pwd|credential|auth|api|dsn|salt|pat|bearer")
-
-
-def _secret_word_lines(text: str, lowered: str) -> list[tuple[int, int]]:
-    """[start, end) of each line that holds a secret-name word."""
-    if len(lowered) != len(text):
-        return [(0, len(text))]
-    lines: list[tuple[int, int]] = []
-    end = -1
-    for m in _NAME_WORDS.finditer(lowered):
-        at = m.start()
-        if at < end:
-            continue
-        start = lowered.rfind("\n", 0, at) + 1
-        end = lowered.find("\n", at)
-        if end < 0:
-            end = len(lowered)
-        lines.append((start, end))
-    return lines
+_NAME_WORDS = ("key", "token", "secret", "pass", "pwd", "credential", "auth", "api", "dsn", "salt", "pat", "bearer")
 
 
 def _assigned_tokens(
-    text: str, lowered: str, strict: bool, lines: list[tuple[int, int]] | None = None
+    prepared: Prepared, strict: bool, lines: list[tuple[int, int]] | None = None
 ) -> Iterator[tuple[int, int]]:
+    text = prepared.text
     quoted = _QUOTED_LONG_TOKEN if strict else _QUOTED_TOKEN
-    for line_start, line_end in _secret_word_lines(text, lowered) if lines is None else lines:
+    for line_start, line_end in prepared.secret_word_lines() if lines is None else lines:
         for m in quoted.finditer(text, line_start, line_end):
             start, end = m.span(2)
             value = m.group(2)
@@ -2124,9 +2116,7 @@ _r(
     entropy=None,
     redact=False,
 )
-RULES_LIST[-1] = dataclasses.replace(
-    RULES_LIST[-1], finder=lambda text, lowered: _assigned_tokens(text, lowered, strict=True)
-)
+RULES_LIST[-1] = dataclasses.replace(RULES_LIST[-1], finder=lambda prepared: _assigned_tokens(prepared, strict=True))
 _SECRET_ASSIGNMENT = RULES_LIST[-1]
 _r(
     "keyword-near-token",
@@ -2156,75 +2146,260 @@ if len(RULES_BY_ID) != len(RULES):  # pragma: no cover - a programming error, ca
 
 
 # ---------------------------------------------------------------------------
-# The keyword prefilter
+# The word pass: one Aho-Corasick pass over a text's lowercase form finds every word
+# the rules look for, with where it occurs:
+# - keywords: every rule names words that any text it matches must contain; only the
+#   rules whose keywords occur are tried (a clean file costs that one pass);
+# - anchors: literal text that every match of a rule holds at a bounded distance from
+#   its start (read from the regex, `_read_regex`); a rule whose regex the regex engine
+#   cannot search fast (no literal prefix: case-insensitive, `\b`, a character class
+#   first) is tried only where its anchors put a match's start;
+# - `starts` words (matches begin where the word begins a word) and the secret-name
+#   words (`_NAME_WORDS`: the lines an assignment rule reads).
+# An anchor that is none of those (`dd` of `dd[_-]?api`, thousands of times in code) is
+# looked for only in a text where its rule's keywords are.
+
+# An anchor further than this many characters from where it could be is not used: each
+# occurrence would mean that many regex tries.
+_ANCHOR_SPREAD = 8
+_UNBOUNDED = 1 << 20
 
 
-# Keywords found thousands of times in ordinary code (counted on the Python standard
-# library: "pat" 25,000 times, "sk" 8,000): a substring test each is cheaper than
-# walking all their occurrences out of the automaton.
-_FREQUENT_KEYWORDS = frozenset({"pat", "sk", "re_", "sl.", "sg.", "key="})
+def _read_regex(regex: re.Pattern[str]) -> tuple[tuple[tuple[str, int, int], ...] | None, bool]:
+    """The regex's anchors, and whether the regex engine finds its candidates by a fast
+    literal search (a case-sensitive literal prefix).
 
-
-def _index(rules: Sequence[Rule]) -> tuple[ahocorasick.Automaton, tuple[tuple[str, tuple[int, ...]], ...]]:
-    """An Aho-Corasick automaton of the rarer rule keywords, each naming the rules it
-    stands for, and the common keywords with theirs, for a plain substring test.
-
-    The automaton reports every occurrence, overlapping ones too, in one pass in C:
-    about a quarter of the time a trie-shaped regex took.
+    An anchor (word, lo, hi) says: every match holds the lowercase `word` at an offset
+    from lo to hi from its start (one of the words, when there are several); None when
+    no such set is found.
     """
-    by_kw: dict[str, list[int]] = {}
-    for i, rule in enumerate(rules):
-        if not _gated(rule):
+    parsed = _sre_parser.parse(regex.pattern, regex.flags)
+    anchors = _seq_anchors(list(parsed.data), parsed.state, 0, 0, "", 0, 0)
+    prefix, _skip, _whole = _sre_compiler._get_literal_prefix(parsed, regex.flags)
+    return anchors, bool(prefix) and not regex.flags & re.IGNORECASE
+
+
+def _seq_anchors(
+    items: list[tuple[Any, Any]], state: Any, lo: int, hi: int, run: str, run_lo: int, run_hi: int
+) -> tuple[tuple[str, int, int], ...] | None:
+    # Walks the parsed regex left to right, adding up the widths of what comes before
+    # a run of literal characters (`run`, starting at run_lo..run_hi). A run of two or
+    # more characters is an anchor; a branch gives one per alternative.
+    i = 0
+    while i < len(items):
+        op, av = items[i]
+        if op is _sre.LITERAL and len(chr(av).lower()) == 1:
+            if not run:
+                run_lo, run_hi = lo, hi
+            run += chr(av).lower()
+            lo, hi = lo + 1, hi + 1
+            i += 1
             continue
-        for kw in rule.keywords:
-            by_kw.setdefault(kw, []).append(i)
-    automaton = ahocorasick.Automaton(ahocorasick.STORE_ANY, ahocorasick.KEY_STRING)
-    common: dict[str, list[int]] = {}
-    for kw, indexes in by_kw.items():
-        if kw in _FREQUENT_KEYWORDS:
-            common[kw] = indexes
-        else:
-            automaton.add_word(kw, tuple(indexes))
-    automaton.make_automaton()
-    # A common keyword that holds a shorter one ("--password", "--pass") is tested
-    # through the shorter: the prefilter may only widen, never narrow.
-    roots: dict[str, set[int]] = {}
-    for kw, indexes in common.items():
-        root = min((k for k in common if k in kw), key=len)
-        roots.setdefault(root, set()).update(indexes)
-    return automaton, tuple((kw, tuple(sorted(ix))) for kw, ix in roots.items())
+        if op is _sre.SUBPATTERN:  # a group, or scoped flags: the same as its content here
+            items = items[:i] + list(av[-1].data) + items[i + 1 :]
+            continue
+        if op is _sre.BRANCH:
+            found: list[tuple[str, int, int]] = []
+            for alternative in av[1]:
+                sub = _seq_anchors(list(alternative.data) + items[i + 1 :], state, lo, hi, run, run_lo, run_hi)
+                if sub is None:
+                    return None
+                found.extend(sub)
+            return tuple(found)
+        if len(run) >= 2:
+            return ((run, run_lo, run_hi),)
+        run = ""
+        if op not in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):  # those consume nothing
+            w_lo, w_hi = _sre_parser.SubPattern(state, [items[i]]).getwidth()
+            if w_hi >= _UNBOUNDED or (hi + w_hi) - (lo + w_lo) > _ANCHOR_SPREAD:
+                return None
+            lo, hi = lo + w_lo, hi + w_hi
+        i += 1
+    return ((run, run_lo, run_hi),) if len(run) >= 2 else None
 
 
 def _gated(rule: Rule) -> bool:
-    # Rules that find their own starting points (words, quoted literals) are cheaper
-    # run than gated: the gate would search for the same words again.
+    # Rules that find their own starting points (words, quoted literals) run on every
+    # text: the words they start from are their keywords.
     return not (rule.starts or rule.finder)
 
 
-_KEYWORDS, _COMMON_KEYWORDS = _index(RULES)
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How a rule is tried on a text: see Prepared.matches."""
+
+    anchors: tuple[tuple[int, int, int], ...] | None  # (word index, lo, hi)
+    literal_prefix: bool
+    starts: tuple[int, ...]  # word indexes of rule.starts
+    # The anchors the word pass does not look for, found by a pass of their own.
+    later: tuple[ahocorasick_rs.AhoCorasick, tuple[int, ...]] | None = None
+
+
+def _build() -> tuple[ahocorasick_rs.AhoCorasick, tuple[str, ...], int, tuple[tuple[int, ...], ...], tuple[_Plan, ...]]:
+    words: dict[str, int] = {}
+    gates: list[set[int]] = []
+
+    def word(w: str) -> int:
+        if w not in words:
+            words[w] = len(words)
+            gates.append(set())
+        return words[w]
+
+    read = [_read_regex(rule.regex) for rule in RULES]
+    for i, rule in enumerate(RULES):  # the words of the pass first, then the other anchors
+        if _gated(rule):
+            for kw in rule.keywords:
+                gates[word(kw)].add(i)
+        for w in rule.starts:
+            word(w)
+    for w in _NAME_WORDS:
+        word(w)
+    in_pass = len(words)
+    plans: list[_Plan] = []
+    for rule, (found, literal_prefix) in zip(RULES, read, strict=True):
+        anchors, later = None, None
+        if found is not None and rule.finder is None and not rule.starts:
+            anchors = tuple((word(w), lo, hi) for w, lo, hi in found)
+            rest = sorted({w for w, _lo, _hi in found if words[w] >= in_pass})
+            if rest:
+                automaton = ahocorasick_rs.AhoCorasick(rest, implementation=ahocorasick_rs.Implementation.DFA)
+                later = (automaton, tuple(words[w] for w in rest))
+        plans.append(_Plan(anchors, literal_prefix, tuple(word(w) for w in rule.starts), later))
+    automaton = ahocorasick_rs.AhoCorasick(list(words)[:in_pass], implementation=ahocorasick_rs.Implementation.DFA)
+    return automaton, tuple(words), in_pass, tuple(tuple(sorted(g)) for g in gates), tuple(plans)
+
+
+_WORDS, _WORD_LIST, _IN_PASS, _GATES, _PLANS = _build()
+_NAME_WORD_IDS = tuple(_WORD_LIST.index(w) for w in _NAME_WORDS)
 _UNGATED = tuple(i for i, r in enumerate(RULES) if not _gated(r))
 _ORDER = {r.id: i for i, r in enumerate(RULES)}
-_REDACTING = frozenset(i for i, r in enumerate(RULES) if r.confident and r.redact)
+_REDACTING = tuple(i for i, r in enumerate(RULES) if r.confident and r.redact)
+# For may_hold_provider_key: the redaction rules' keywords alone (all of them gated).
+_REDACTING_WORDS = ahocorasick_rs.AhoCorasick(
+    sorted({kw for i in _REDACTING for kw in RULES[i].keywords}), implementation=ahocorasick_rs.Implementation.DFA
+)
+
+
+def _lower(text: str) -> str:
+    """text.lower(), offset for offset: one character (U+0130) lowercases to two."""
+    lowered = text.lower()
+    if len(lowered) != len(text):
+        lowered = "".join(c.lower()[0] for c in text)
+    return lowered
+
+
+def _find_words(
+    automaton: ahocorasick_rs.AhoCorasick, lowered: str, overlapping: bool = True
+) -> list[tuple[int, int, int]]:
+    try:
+        return automaton.find_matches_as_indexes(lowered, overlapping=overlapping)
+    except UnicodeEncodeError:  # lone surrogates (undecodable bytes): one '?' each, offsets kept
+        return automaton.find_matches_as_indexes(
+            lowered.encode("utf-8", "replace").decode("utf-8"), overlapping=overlapping
+        )
+
+
+class Prepared:
+    """A text ready for the rules: its lowercase form (offsets unchanged) and where each
+    word of the word pass occurs in it."""
+
+    __slots__ = ("text", "lowered", "_at", "_lines")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.lowered = _lower(text)
+        at: dict[int, list[int]] = {}
+        for index, start, _end in _find_words(_WORDS, self.lowered):
+            found = at.get(index)
+            if found is None:
+                at[index] = [start]
+            else:
+                found.append(start)
+        self._at = at
+        self._lines: list[tuple[int, int]] | None = None
+
+    def _find_later(self, plan: _Plan) -> None:
+        # The rule's anchors that the word pass did not look for (kept for other rules).
+        if plan.later is None or plan.later[1][0] in self._at:
+            return
+        automaton, indexes = plan.later
+        at: dict[int, list[int]] = {index: [] for index in indexes}
+        for i, start, _end in _find_words(automaton, self.lowered):
+            at[indexes[i]].append(start)
+        self._at.update(at)
+
+    def candidate_rules(self) -> list[Rule]:
+        """The rules whose keywords occur, and those that run on every text."""
+        hit: set[int] = set(_UNGATED)
+        for index in self._at:
+            if index < _IN_PASS:
+                hit.update(_GATES[index])
+        return [RULES[i] for i in sorted(hit)]
+
+    def secret_word_lines(self) -> list[tuple[int, int]]:
+        """[start, end) of each line that holds a secret-name word."""
+        if self._lines is None:
+            at = sorted(itertools.chain.from_iterable(self._at.get(i, ()) for i in _NAME_WORD_IDS))
+            lowered = self.lowered
+            lines: list[tuple[int, int]] = []
+            end = -1
+            for start in at:
+                if start < end:
+                    continue
+                line_start = lowered.rfind("\n", 0, start) + 1
+                end = lowered.find("\n", start)
+                if end < 0:
+                    end = len(lowered)
+                lines.append((line_start, end))
+            self._lines = lines
+        return self._lines
+
+    def _word_starts(self, words: Iterable[int]) -> list[int]:
+        # Where a word begins a word (not after a letter, digit or underscore).
+        lowered = self.lowered
+        out: list[int] = []
+        for index in words:
+            for at in self._at.get(index, ()):
+                if at == 0 or not (lowered[at - 1].isalnum() or lowered[at - 1] == "_"):
+                    out.append(at)
+        return out
+
+    def matches(self, rule: Rule, plan: _Plan) -> Iterable[re.Match[str]]:
+        """The rule's regex matches: where a `starts` word begins a word, else the same
+        as regex.finditer(text), found faster."""
+        text, regex = self.text, rule.regex
+        if plan.starts:
+            return (m for at in self._word_starts(plan.starts) if (m := regex.match(text, at)) is not None)
+        if plan.anchors is None:
+            return regex.finditer(text)
+        self._find_later(plan)
+        found = [(self._at.get(index, ()), lo, hi) for index, lo, hi in plan.anchors]
+        if plan.literal_prefix and sum(len(at) * (hi - lo + 1) for at, lo, hi in found) * 512 > len(text):
+            return regex.finditer(text)  # the engine's literal search is faster here
+        starts: set[int] = set()
+        for where, lo, hi in found:
+            for at in where:
+                starts.update(range(max(0, at - hi), max(0, at - lo + 1)))
+        return _finditer_at(regex, text, sorted(starts))
+
+
+def _finditer_at(regex: re.Pattern[str], text: str, starts: list[int]) -> Iterator[re.Match[str]]:
+    # regex.finditer(text) when every match starts at one of `starts` (ascending): the
+    # leftmost match, then the leftmost after its end, and so on.
+    after = 0
+    for at in starts:
+        if at < after:
+            continue
+        m = regex.match(text, at)
+        if m is not None:
+            yield m
+            after = m.end() if m.end() > at else at + 1
 
 
 def may_hold_provider_key(text: str) -> bool:
     """False when no redaction rule's keyword is in `text`: then iter_provider_key_spans
     finds nothing in it, nor in any part of it (a cheap check before many small texts)."""
-    lowered = text.lower()
-    if next(_KEYWORDS.iter(lowered), None) is not None:
-        return True
-    return any(kw in lowered for kw, indexes in _COMMON_KEYWORDS if _REDACTING.intersection(indexes))
-
-
-def _candidate_rules(lowered: str) -> list[Rule]:
-    hit: set[int] = set()
-    for indexes in {found for _end, found in _KEYWORDS.iter(lowered)}:
-        hit.update(indexes)
-    for kw, indexes in _COMMON_KEYWORDS:
-        if kw in lowered:
-            hit.update(indexes)
-    hit.update(_UNGATED)
-    return [RULES[i] for i in sorted(hit)]
+    return bool(_find_words(_REDACTING_WORDS, text.lower(), overlapping=False))
 
 
 # ---------------------------------------------------------------------------
@@ -2248,32 +2423,15 @@ def _accept(rule: Rule, value: str, m: re.Match[str]) -> bool:
     return rule.validate is None or rule.validate(m)
 
 
-def _at_starts(rule: Rule, text: str, lowered: str) -> Iterator[re.Match[str]]:
-    if len(lowered) != len(text):  # a few characters lowercase to two: offsets differ
-        yield from rule.regex.finditer(text)
-        return
-    for word in rule.starts:
-        at = lowered.find(word)
-        while at >= 0:
-            if at == 0 or not (lowered[at - 1].isalnum() or lowered[at - 1] == "_"):
-                m = rule.regex.match(text, at)
-                if m is not None:
-                    yield m
-            at = lowered.find(word, at + 1)
-
-
-def _rule_matches(text: str, rules: Iterable[Rule], lowered: str | None = None) -> Iterator[tuple[Rule, int, int]]:
+def _rule_matches(prepared: Prepared, rules: Iterable[Rule]) -> Iterator[tuple[Rule, int, int]]:
+    text = prepared.text
     for rule in rules:
         if rule.finder is not None:
-            for start, end in rule.finder(text, text.lower() if lowered is None else lowered):
+            for start, end in rule.finder(prepared):
                 if not is_placeholder(text[start:end]):
                     yield rule, start, end
             continue
-        if rule.starts:
-            matches: Iterable[re.Match[str]] = _at_starts(rule, text, text.lower() if lowered is None else lowered)
-        else:
-            matches = rule.regex.finditer(text)
-        for m in matches:
+        for m in prepared.matches(rule, _PLANS[_ORDER[rule.id]]):
             at = m.start()
             if rule.not_after is not None and at > 0 and rule.not_after.match(text, at - 1):
                 continue
@@ -2311,8 +2469,9 @@ def iter_provider_key_spans(text: str) -> Iterator[tuple[int, int, str]]:
 
     Meant for redaction: the spans do not overlap and come in text order.
     """
-    rules = [r for r in _candidate_rules(text.lower()) if r.confident and r.redact]
-    for rule, start, end in _select(list(_rule_matches(text, rules))):
+    prepared = Prepared(text)
+    rules = [r for r in prepared.candidate_rules() if r.confident and r.redact]
+    for rule, start, end in _select(list(_rule_matches(prepared, rules))):
         yield start, end, rule.id
 
 
@@ -2447,20 +2606,21 @@ def _names_a_value(value: str) -> bool:
     return "_" in value and all(_NAME_PIECE.fullmatch(p) for p in value.split("_") if p)
 
 
-def _generic_env(text: str, lowered: str) -> Iterator[tuple[Rule, int, int]]:
+def _generic_env(prepared: Prepared) -> Iterator[tuple[Rule, int, int]]:
     # `KEY=value` lines (export, quotes, multi-line values) through the parser, then
     # every other line shape such files hold: `key: value`, JSON, quoted literals.
-    for e in parse_env(text):
+    for e in parse_env(prepared.text):
         if is_secret_name(e.key) and is_strong_value(e.value):
             yield GENERIC_RULE, e.value_start, e.value_end
-    yield from _generic_code(text, lowered)
+    yield from _generic_code(prepared)
 
 
-def _generic_code(text: str, lowered: str) -> Iterator[tuple[Rule, int, int]]:
+def _generic_code(prepared: Prepared) -> Iterator[tuple[Rule, int, int]]:
     # One pass over quoted assignments serves both rules: a token-shaped value is the
     # secret-assignment rule's (which is then not run on its own), a strong one generic.
-    lines = _secret_word_lines(text, lowered)
-    for start, end in _assigned_tokens(text, lowered, False, lines):
+    text = prepared.text
+    lines = prepared.secret_word_lines()
+    for start, end in _assigned_tokens(prepared, False, lines):
         value = text[start:end]
         if is_token_like(value, 20, 3.7):
             yield _SECRET_ASSIGNMENT, start, end
@@ -2484,16 +2644,16 @@ def find_secrets(text: str, *, env_like: bool = False, all_rules: bool = False) 
     rules only, unless `all_rules` asks for everything (the generic rule then reads
     `KEY = "value"`-style assignments in any syntax).
     """
-    lowered = text.lower()
+    prepared = Prepared(text)
     everything = env_like or all_rules
     rules = [
         r
-        for r in _candidate_rules(lowered)
+        for r in prepared.candidate_rules()
         if (everything or r.confident) and not (everything and r is _SECRET_ASSIGNMENT)  # see _generic_code
     ]
-    found: list[tuple[Rule, int, int]] = list(_rule_matches(text, rules, lowered))
+    found: list[tuple[Rule, int, int]] = list(_rule_matches(prepared, rules))
     if env_like:
-        found.extend(_generic_env(text, lowered))
+        found.extend(_generic_env(prepared))
     elif all_rules:
-        found.extend(_generic_code(text, lowered))
+        found.extend(_generic_code(prepared))
     return _to_matches(text, _select(found))
