@@ -146,6 +146,33 @@ def test_fingerprint_is_sha256_of_the_value(tmp_path: Path):
     assert f.fingerprint == hashlib.sha256(GH.encode()).hexdigest()
 
 
+def test_scan_in_forked_workers_reports_what_one_process_does(tmp_path: Path):
+    # Enough files for two workers: keys at scattered places (a managed one, which the
+    # workers know by inheritance), a binary and a file over the size cap among them.
+    managed = ManagedSecrets({("acme", "billing"): MANAGED})
+    for i in range(900):
+        folder = tmp_path / f"pkg{i % 7}"
+        folder.mkdir(exist_ok=True)
+        body = f"def f{i}():\n    return {i}\n" * (i % 5 + 1)
+        if i % 97 == 0:
+            body += f"TOKEN = '{GH}'\n"
+        if i % 211 == 0:
+            body += f"billing = '{MANAGED}'\n"
+        (folder / f"m{i}.py").write_text(body)
+    (tmp_path / "blob.bin").write_bytes(b"\0" * 100)
+    (tmp_path / "big.txt").write_text("x" * 5000)
+
+    def report(processes: int) -> tuple[object, ...]:
+        r = scan_tree(tmp_path, tenant="acme", managed=managed, max_bytes=4096, processes=processes)
+        return r.findings, r.files_scanned, r.bytes_scanned, r.skipped, r.scanned_paths
+
+    one, two = report(1), report(2)
+    assert two == one
+    rules = sorted({f.rule for f in one[0]})  # type: ignore[attr-defined]
+    assert rules == ["github-ghp", "managed-secret:acme/billing"]
+    assert one[3] == {"binary": 1, "too_large": 1}
+
+
 def test_iter_files_on_a_single_file(tmp_path: Path):
     (tmp_path / "one.txt").write_text("x")
     assert list(iter_files(tmp_path / "one.txt")) == [tmp_path / "one.txt"]

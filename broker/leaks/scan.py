@@ -217,21 +217,34 @@ def scan_file(
 
 
 # What forked scan workers read: set before the pool forks, so the managed secrets
-# reach them by inheritance, never through a pipe.
-_WORKER_STATE: tuple[ManagedSecrets, bool, int] = (NO_SECRETS, False, DEFAULT_MAX_BYTES)
+# and the list of files reach them by inheritance, never through a pipe.
+_Item = tuple[Path, str | None, Path | None]
+_WORKER_STATE: tuple[ManagedSecrets, bool, int, Sequence[_Item]] = (NO_SECRETS, False, DEFAULT_MAX_BYTES, ())
 _MIN_FILES_PER_PROCESS = 200
+_CHUNKS_PER_PROCESS = 8
 
 
-def _scan_item(item: tuple[Path, str | None, Path | None]) -> FileScan:
-    managed, all_files, max_bytes = _WORKER_STATE
+def _scan_item(item: _Item) -> FileScan:
+    managed, all_files, max_bytes, _items = _WORKER_STATE
     path, tenant, workspace = item
     return scan_file(
         path, tenant=tenant, workspace=workspace, managed=managed, all_files=all_files, max_bytes=max_bytes
     )
 
 
+def _scan_range(bounds: tuple[int, int]) -> list[tuple[list[Finding], SkipReason | None, int]]:
+    # A worker's share of the files, by index: what comes back through the pipe is
+    # each file's findings (most often none), skip reason and size, not its path.
+    items = _WORKER_STATE[3]
+    out: list[tuple[list[Finding], SkipReason | None, int]] = []
+    for i in range(*bounds):
+        result = _scan_item(items[i])
+        out.append((result.findings, result.skipped, result.size))
+    return out
+
+
 def scan_files(
-    items: Sequence[tuple[Path, str | None, Path | None]],
+    items: Sequence[_Item],
     *,
     managed: ManagedSecrets = NO_SECRETS,
     all_files: bool = False,
@@ -247,12 +260,19 @@ def scan_files(
     global _WORKER_STATE
     n = min(processes, len(items) // _MIN_FILES_PER_PROCESS)
     if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        _WORKER_STATE = (managed, all_files, max_bytes)
+        _WORKER_STATE = (managed, all_files, max_bytes, ())
         yield from map(_scan_item, items)
         return
-    _WORKER_STATE = (managed, all_files, max_bytes)
-    with multiprocessing.get_context("fork").Pool(n) as pool:
-        yield from pool.imap(_scan_item, items, chunksize=32)
+    _WORKER_STATE = (managed, all_files, max_bytes, items)
+    size = -(-len(items) // (n * _CHUNKS_PER_PROCESS))
+    ranges = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
+    try:
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            for (start, _end), results in zip(ranges, pool.imap(_scan_range, ranges), strict=True):
+                for offset, (findings, skipped, nbytes) in enumerate(results):
+                    yield FileScan(items[start + offset][0], findings, skipped, nbytes)
+    finally:
+        _WORKER_STATE = (managed, all_files, max_bytes, ())
 
 
 def scan_tree(
