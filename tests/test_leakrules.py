@@ -54,6 +54,14 @@ def test_anchors_are_read_from_the_regex(pattern: str, anchors: tuple[tuple[str,
     assert L._read_regex(re.compile(pattern))[0] == anchors
 
 
+def test_every_rule_the_regex_engine_cannot_search_fast_has_anchors():
+    # Else it is searched over whole texts: what made the default mode slow.
+    slow = [
+        r.id for r, p in zip(RULES, L._PLANS, strict=True) if L._gated(r) and not p.literal_prefix and not p.anchors
+    ]
+    assert slow == []
+
+
 def test_word_pass_finds_what_finditer_finds():
     # A rule tried only where its anchors put a match's start finds exactly what its
     # regex finds scanning every position: on every rule's examples, repeated, glued

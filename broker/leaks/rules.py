@@ -36,10 +36,15 @@ import ahocorasick_rs
 
 from broker.leaks.envfile import parse_env
 
-# The regex parser, to read what literal text a rule's matches must hold (`_anchors`).
-_sre_parser: Any = importlib.import_module("re._parser")
-_sre_compiler: Any = importlib.import_module("re._compiler")
-_sre: Any = importlib.import_module("re._constants")
+# The regex parser, to read what literal text a rule's matches must hold (`_read_regex`).
+# Python's own modules, but internal ones: should they move, every rule is searched
+# over whole texts (slower, the same matches).
+try:
+    _sre_parser: Any = importlib.import_module("re._parser")
+    _sre_compiler: Any = importlib.import_module("re._compiler")
+    _sre: Any = importlib.import_module("re._constants")
+except ImportError:  # pragma: no cover - a Python without them
+    _sre_parser = None
 
 Severity = Literal["critical", "high", "medium", "low"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "high", "medium", "low")
@@ -2173,9 +2178,14 @@ def _read_regex(regex: re.Pattern[str]) -> tuple[tuple[tuple[str, int, int], ...
     from lo to hi from its start (one of the words, when there are several); None when
     no such set is found.
     """
-    parsed = _sre_parser.parse(regex.pattern, regex.flags)
-    anchors = _seq_anchors(list(parsed.data), parsed.state, 0, 0, "", 0, 0)
-    prefix, _skip, _whole = _sre_compiler._get_literal_prefix(parsed, regex.flags)
+    if _sre_parser is None:  # pragma: no cover
+        return None, False
+    try:
+        parsed = _sre_parser.parse(regex.pattern, regex.flags)
+        anchors = _seq_anchors(list(parsed.data), parsed.state, 0, 0, "", 0, 0)
+        prefix, _skip, _whole = _sre_compiler._get_literal_prefix(parsed, regex.flags)
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - internals that changed shape
+        return None, False
     return anchors, bool(prefix) and not regex.flags & re.IGNORECASE
 
 
