@@ -88,6 +88,8 @@ MAX_PROCESS_CONNECTIONS = 64
 # that sends a byte now and then holds a connection no longer); between requests a
 # connection may stay quiet for [broker] idle_timeout.
 HEAD_TIMEOUT = 10.0
+# Headers the broker sets on an upstream's answer (an upstream's own would mislead the agent).
+BROKER_HEADERS = frozenset({"x-outloop-audit-id", "x-outloop-error"})
 HANGUP_POLL_SECONDS = 0.25  # how often a waiting TCP call looks whether its caller left
 # A /v1/scan body larger than this is scanned in a thread, not on the event loop.
 SCAN_INLINE_BYTES = 64 * 1024
@@ -646,37 +648,40 @@ class _Connection:
         sent whole (the connection then closes: a missing last chunk tells the client).
 
         A caller that hangs up, even while the upstream is quiet, ends the upstream
-        call (audited as client_gone).
+        call (audited as client_gone). A 204 or 304 answer has no body, so no chunks.
         """
         chunks = answer.chunks
-        headers = [*answer.headers, ("X-Outloop-Audit-Id", answer.audit_id)]
+        headers = answer_headers(answer.headers, answer.audit_id)
+        tasks: list[asyncio.Future[None]] = []
         try:
             self.writer.write(response_head(answer.status, headers, None, close))
-            pump = asyncio.ensure_future(self._pump(chunks))
-            hangup = asyncio.ensure_future(self._hangup())
-            try:
-                await asyncio.wait((pump, hangup), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                hangup.cancel()
-                if not pump.done():
-                    pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await hangup
-            try:
-                await pump
-            except (asyncio.CancelledError, ConnectionError, UpstreamError):
-                return False
-            return True
+            pump = asyncio.ensure_future(self._pump(chunks, framed=answer.status not in (204, 304)))
+            tasks = [pump, asyncio.ensure_future(self._hangup())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                # The pump may be inside the generator: it must stop before the generator closes.
+                await asyncio.wait(tasks)
             await chunks.aclose()
+        if pump.cancelled():
+            return False
+        error = pump.exception()
+        if isinstance(error, ConnectionError | UpstreamError):
+            return False
+        if error is not None:
+            raise error
+        return True
 
-    async def _pump(self, chunks: AsyncGenerator[bytes, None]) -> None:
+    async def _pump(self, chunks: AsyncGenerator[bytes, None], framed: bool) -> None:
         writer = self.writer
         async for chunk in chunks:
-            if chunk:
+            if chunk and framed:
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await writer.drain()
-        writer.write(b"0\r\n\r\n")
+        if framed:
+            writer.write(b"0\r\n\r\n")
         await writer.drain()
 
     async def _dispatch(
@@ -917,9 +922,16 @@ def _raw(outcome: Answer | Refusal) -> tuple[int, list[tuple[str, str]], bytes]:
 
     if isinstance(outcome, Refusal):
         return outcome.http_status, _refusal_headers(outcome), _json(outcome.json())
-    headers = list(outcome.headers)  # a Content-Length here is a HEAD answer's (see _send)
-    headers.append(("X-Outloop-Audit-Id", outcome.audit_id))
-    return outcome.status, headers, outcome.body
+    # A Content-Length here is a HEAD answer's (see _send).
+    return outcome.status, answer_headers(outcome.headers, outcome.audit_id), outcome.body
+
+
+def answer_headers(upstream: list[tuple[str, str]], audit_id: str) -> list[tuple[str, str]]:
+    """An upstream answer's headers and the broker's audit id: the broker's own headers
+    are the broker's to send, so the upstream's copies of them are dropped."""
+    headers = [(k, v) for k, v in upstream if k.lower() not in BROKER_HEADERS]
+    headers.append(("X-Outloop-Audit-Id", audit_id))
+    return headers
 
 
 def _check_header(name: str, value: str) -> None:

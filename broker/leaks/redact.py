@@ -230,10 +230,6 @@ class _Prefilter:
         return found
 
 
-# A text pattern and the same as bytes (non-UTF-8 bodies).
-_Patterns = tuple[re.Pattern[str], re.Pattern[bytes]]
-
-
 class Redactor:
     """Replaces managed secrets (and, optionally, leak-rule matches) in text and bytes."""
 
@@ -257,7 +253,7 @@ class Redactor:
         self.secret_spans_lines = any("\n" in secret or "\r" in secret for _, secret in ordered)
         self._sources = [f"(?P<s{i}>{secret_pattern(secret)})" for i, (_, secret) in enumerate(ordered)]
         self._prefilter = _Prefilter([secret for _, secret in ordered]) if self._count > DIRECT_MAX else None
-        self._compiled: dict[frozenset[int], _Patterns] = {}
+        self._compiled: dict[frozenset[int], re.Pattern[str]] = {}
         self._extra = extra
         self._extra_gate = extra_gate
 
@@ -266,9 +262,9 @@ class Redactor:
 
     def text(self, value: str) -> str:
         """`value` with every managed secret and leak-rule match replaced."""
-        patterns = self._patterns(value)
-        if patterns is not None:
-            value = patterns[0].sub(self._replacement, value)
+        pattern = self._pattern(value)
+        if pattern is not None:
+            value = pattern.sub(self._replacement, value)
         if self._extra is not None:
             spans = sorted(self._extra(value), reverse=True)
             for start, end, rule in spans:
@@ -278,8 +274,8 @@ class Redactor:
     def spans(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, replacement) of each managed secret and leak-rule match in `text`,
         in order and not overlapping (a secret wins over a rule match that overlaps it)."""
-        patterns = self._patterns(text)
-        found = [(m.start(), m.end(), self._replacement(m)) for m in patterns[0].finditer(text)] if patterns else []
+        pattern = self._pattern(text)
+        found = [(m.start(), m.end(), self._replacement(m)) for m in pattern.finditer(text)] if pattern else []
         if self._extra is None or (self._extra_gate is not None and not self._extra_gate(text)):
             return found
         taken = list(found)
@@ -289,28 +285,30 @@ class Redactor:
         return sorted(found)
 
     def bytes(self, value: bytes, _depth: int = 0) -> bytes:
-        """Like text(), for bodies that may not be UTF-8. A body that is gzip or zlib
-        data without saying so (no Content-Encoding) is looked into too: if what it
-        unpacks to holds a secret, it is packed again, redacted."""
-        packed = _unpacked(value) if _depth < 2 else None
-        if packed is not None:
-            wbits, inner = packed
-            cleaned = self.bytes(inner, _depth + 1)
-            if cleaned != inner:
-                packer = zlib.compressobj(wbits=wbits)
-                return packer.compress(cleaned) + packer.flush()
-        try:
-            return self.text(value.decode("utf-8")).encode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        # Anchors are ASCII, so latin-1 (a byte per character) finds them where they are.
-        patterns = self._patterns(value.decode("latin-1"))
-        if patterns is None:
-            return value  # leak rules are text rules
-        return patterns[1].sub(lambda m: self._replacement(m).encode("utf-8"), value)
+        """Like text(), for bodies that may not be UTF-8: bytes that are not UTF-8 pass as
+        they are, and the text among them is redacted as text is (leak rules included).
 
-    def _patterns(self, text: str) -> _Patterns | None:
-        """The compiled patterns of the secrets that may be in `text`, or None for none."""
+        A body that is gzip or zlib data without saying so (no Content-Encoding) is looked
+        into too, as an agent's decoder would read it (see _unpacked): if what it unpacks
+        to holds a secret, it is packed again, redacted. Packing nested deeper than
+        MAX_PACKED_DEPTH, or unpacking to more than SNIFF_MAX, is not given (a bomb
+        could hold a key in its first bytes)."""
+        try:
+            packed = _unpacked(value)
+        except _TooLarge:
+            return TOO_LARGE
+        if packed is not None:
+            streams, rest = packed
+            if _depth >= MAX_PACKED_DEPTH:
+                return TOO_DEEP  # packed inside packed inside ...: no honest server's answer
+            cleaned = [(wbits, self.bytes(inner, _depth + 1)) for wbits, inner in streams]
+            tail = self.bytes(rest, _depth + 1)
+            if cleaned != streams or tail != rest:
+                return b"".join(_pack(wbits, inner) for wbits, inner in cleaned) + tail
+        return self.text(value.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+    def _pattern(self, text: str) -> re.Pattern[str] | None:
+        """The compiled pattern of the secrets that may be in `text`, or None for none."""
         if not self._count:
             return None
         if self._prefilter is None:
@@ -323,8 +321,7 @@ class Redactor:
         if compiled is None:
             # Group names keep each secret's index, so _replacement finds its label.
             source = "|".join(self._sources[i] for i in sorted(which))
-            # Literal non-ASCII characters become their UTF-8 bytes: right for bytes bodies.
-            compiled = (re.compile(source), re.compile(source.encode("utf-8")))
+            compiled = re.compile(source)
             if len(self._compiled) >= 256:
                 self._compiled.clear()
             self._compiled[which] = compiled
@@ -341,21 +338,55 @@ class Redactor:
         pairs = list(headers)
         # Usually nothing needs redacting: one look at all the names and values says
         # so. A secret (its patterns have no anchors) or a rule's keyword in one is in them all.
-        values = "\n".join(f"{k}\n{v}" for k, v in pairs)
-        patterns = self._patterns(values)
-        if (patterns is None or patterns[0].search(values) is None) and (
+        values = "\n".join(f"{k}\n{v}\n{_as_utf8(v)}" for k, v in pairs)
+        pattern = self._pattern(values)
+        if (pattern is None or pattern.search(values) is None) and (
             self._extra is None or (self._extra_gate is not None and not self._extra_gate(values))
         ):
             return pairs
         out = []
         for k, v in pairs:
             name = self.text(k)
-            out.append((k if name == k else REDACTED_HEADER, self.text(v)))
+            out.append((k if name == k else REDACTED_HEADER, self._header_value(v)))
         return out
+
+    def _header_value(self, value: str) -> str:
+        """`value` redacted as text, and as the bytes it goes back to the agent as.
+
+        httpx reads every header as latin-1 once one of them is not UTF-8, and the
+        server writes such a value back as its latin-1 bytes: the UTF-8 text those
+        bytes hold (a non-ASCII key) is what the agent reads, so it is redacted too.
+        """
+        value = self.text(value)
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            return value  # it goes back as UTF-8, as read
+        if raw.isascii():
+            return value
+        return self.bytes(raw).decode("latin-1")
 
 
 # The most an undeclared gzip or zlib body is unpacked to, to look inside.
 SNIFF_MAX = 16 * 1024 * 1024
+# Packing nested deeper than this is not given to the agent at all (it is not looked into).
+MAX_PACKED_DEPTH = 3
+# What stands for such a body, and for one that unpacks to more than SNIFF_MAX.
+TOO_DEEP = b"[REDACTED:packed-too-deep]"
+TOO_LARGE = b"[REDACTED:packed-too-large]"
+# How much packed data is fed to the decoder at a time.
+INFLATE_PIECE = 64 * 1024
+
+
+def _as_utf8(value: str) -> str:
+    """A header value that is not ASCII, read as the UTF-8 its latin-1 bytes may be
+    (see Redactor._header_value); "" for any other."""
+    if value.isascii():
+        return ""
+    try:
+        return value.encode("latin-1").decode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return ""
 
 
 def looks_packed(value: bytes) -> bool:
@@ -365,19 +396,64 @@ def looks_packed(value: bytes) -> bool:
     )
 
 
-def _unpacked(value: bytes) -> tuple[int, bytes] | None:
-    """(wbits, contents) of a body that is whole gzip or zlib data, else None."""
-    if not looks_packed(value):
-        return None
-    wbits = zlib.MAX_WBITS | 16 if value[:2] == b"\x1f\x8b" else zlib.MAX_WBITS
+def _unpacked(value: bytes) -> tuple[list[tuple[int, bytes]], bytes] | None:
+    """([(wbits, contents), ...], what follows) of a body that starts as gzip or zlib data,
+    else None; _TooLarge when it unpacks to more than SNIFF_MAX.
+
+    Read as a decoder would read it for the agent: gzip members or zlib streams one after
+    another (gunzip and Python's gzip module read on past the first), and what a stream
+    that breaks off or goes wrong gave before it did (gunzip prints it, then complains).
+    """
+    streams: list[tuple[int, bytes]] = []
+    size = 0
+    rest: bytes | None = value
+    while rest is not None and looks_packed(rest):
+        wbits = zlib.MAX_WBITS | 16 if rest[:2] == b"\x1f\x8b" else zlib.MAX_WBITS
+        inner, after = _inflate(wbits, rest, SNIFF_MAX + 1 - size)
+        size += len(inner)
+        if size > SNIFF_MAX:
+            raise _TooLarge
+        if not inner and after is None:
+            break  # not packed after all (text that starts like a zlib header)
+        streams.append((wbits, inner))
+        rest = after
+    return (streams, rest or b"") if streams else None
+
+
+class _TooLarge(Exception):
+    """A packed body unpacks to more than SNIFF_MAX."""
+
+
+def _inflate(wbits: int, value: bytes, limit: int) -> tuple[bytes, bytes | None]:
+    """(what the stream at the start of `value` unpacks to, up to `limit` bytes and as far
+    as it decodes; what follows its end, None if it has none). Fed a piece at a time: a
+    piece that does not decode is fed again a byte at a time, to keep what came before."""
     decoder = zlib.decompressobj(wbits)
-    try:
-        inner = decoder.decompress(value, SNIFF_MAX + 1)
-    except zlib.error:
-        return None
-    if not decoder.eof or len(inner) > SNIFF_MAX:
-        return None
-    return wbits, inner
+    out = bytearray()
+    for i in range(0, len(value), INFLATE_PIECE):
+        piece = value[i : i + INFLATE_PIECE]
+        before = decoder.copy()
+        try:
+            out += decoder.decompress(piece, limit - len(out))
+        except zlib.error:
+            for j in range(len(piece)):
+                try:
+                    out += before.decompress(piece[j : j + 1], limit - len(out))
+                except zlib.error:
+                    break
+                if len(out) >= limit:  # (a max_length of 0 would mean no limit)
+                    break
+            return bytes(out), None
+        if decoder.eof:
+            return bytes(out), decoder.unused_data + value[i + INFLATE_PIECE :]
+        if len(out) >= limit:
+            break
+    return bytes(out), None
+
+
+def _pack(wbits: int, data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
 
 
 def with_leak_rules(secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> Redactor:

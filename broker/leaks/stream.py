@@ -8,13 +8,14 @@ lets text through only up to a point no match can straddle:
   leak rule crosses a line break, so a line can be judged alone (a secret that
   itself holds a line break turns this off);
 - a private-key block (the only leak rules that span lines) is held from its
-  first line until its end line has arrived, or HOLD characters have passed;
+  first line until its end line has arrived, or MAX_HELD characters have passed
+  (a rule matches the first line of a block alone, not the lines after it);
 - within a long line, all but the last `hold` characters, where `hold` is longer
   than any match (HOLD, or more for a long secret's escaped forms); a match that
   reaches over that point is held whole until it ends.
 
-So what is held at any time is at most one line, one private-key block, or `hold`
-characters; an SSE event goes out as soon as its line ends. Matches are found
+So what is held at any time is at most one line, one private-key block (MAX_HELD),
+or `hold` characters; an SSE event goes out as soon as its line ends. Matches are found
 over everything held (the text after the cut is context for the text before it),
 so a rule that needs to see what follows a key still sees it.
 
@@ -39,7 +40,8 @@ MIN_PIECE = 4096
 OPENER_RE = re.compile(r'-----BEGIN [A-Z ]*PRIVATE KEY|PuTTY-User-Key-File-|"private_key"')
 # What ends such a block (PEM, and PuTTY's last line).
 CLOSERS = ("-----END ", "Private-MAC:")
-# A match still growing past this much held text goes out redacted as it stands.
+# A match still growing past this much held text goes out redacted as it stands, and
+# a private-key block still open after this much goes out as it stands.
 MAX_HELD = 48 * 1024
 
 
@@ -114,7 +116,7 @@ class StreamRedactor:
 
     def _safe_cut(self, text: str, cut: int, spans: list[tuple[int, int, str]]) -> int:
         """`cut` moved back so that no match, found or still possible, reaches over it."""
-        floor = max(0, len(text) - self.hold)
+        floor = max(0, len(text) - MAX_HELD)
         for opener in OPENER_RE.finditer(text, floor):
             if opener.start() >= cut:
                 break

@@ -34,6 +34,9 @@ credential's base_url may carry a path of its own):
     server-sent events, chunked)
     .../sse                 the byte strings of `up.stream_parts`, each its own chunk
     .../silent              one event, then nothing until `release()` (or 60 s)
+    .../raw                 the byte strings of `up.raw_parts` exactly as they are (status
+                            line, headers, framing and body: whatever a hostile or broken
+                            server would send), each written alone; then the connection closes
 
 A path holding "/gated" streams its first chunk at once and each later one only
 when the test calls `up.step()`; while it waits, a client that hangs up is noticed
@@ -172,6 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(path, openai_events(f"echo {key}"), "text/event-stream")
         if path.endswith("/sse"):
             return self._stream(path, list(self.server.owner.stream_parts), "text/event-stream")
+        if path.endswith("/raw"):
+            return self._raw(path)
         if path.endswith("/silent"):
             self._stream_head("text/event-stream")
             self._chunk(b"data: first\n\n")
@@ -289,6 +294,17 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             owner.disconnected.set()
 
+    def _raw(self, path: str) -> None:
+        self.close_connection = True
+        try:
+            for i, part in enumerate(list(self.server.owner.raw_parts)):
+                if i and "/gated" in path and not self._step():
+                    return
+                self.wfile.write(part)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.owner.disconnected.set()
+
     def _step(self) -> bool:
         """Wait for the test's `step()`; False (and `disconnected` set) if the client hangs up first."""
         owner = self.server.owner
@@ -367,6 +383,7 @@ class Upstream:
         self._hold = threading.Event()
         self._steps = threading.Semaphore(0)
         self.stream_parts: list[bytes] = []  # what .../sse sends, a chunk each
+        self.raw_parts: list[bytes] = []  # what .../raw writes on the wire, a write each
         self.disconnected = threading.Event()  # a client hung up on a gated stream
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
