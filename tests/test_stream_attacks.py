@@ -2,7 +2,7 @@
 
 Real parts throughout: the broker serves on its socket in a thread, the upstream is a
 real server on loopback that writes, byte for byte, the answer a test gives it
-(tests/support/upstream.py, `.../raw`), and the agent is a subprocess in acme's folder
+(tests/support/upstream.py, `.../as-written`), and the agent is a subprocess in acme's folder
 that sends requests on one connection and prints every byte the broker wrote back.
 What the agent read is then decoded the way an agent could (every gzip member, what a
 broken stream gave before it broke, packing inside packing) and searched for every
@@ -162,7 +162,7 @@ def test_the_upstream_cannot_forge_the_brokers_own_headers(world: World, broker:
             b"200 OK\r\nX-Outloop-Audit-Id: forged\r\nX-Outloop-Error: approval_denied", b"ok\n", streamed=streamed
         )
     ]
-    ((status, headers, body, whole),) = answers(exchange(world, get("/v1/proxy/api/raw")))
+    ((status, headers, body, whole),) = answers(exchange(world, get("/v1/proxy/api/as-written")))
     assert (status, body, whole) == (200, b"ok\n", True)
     ids = [v for k, v in headers if k == "x-outloop-audit-id"]
     assert len(ids) == 1 and ids[0] != "forged"
@@ -182,7 +182,7 @@ def test_a_non_ascii_key_in_a_header_is_redacted_when_another_header_is_not_utf8
     world.upstream.raw_parts = [
         upstream_answer(b"200 OK\r\nX-Echo: " + key + b"\r\nX-Name: caf\xe9", b"ok\n", streamed=streamed),
     ]
-    data = exchange(world, get("/v1/proxy/api/raw"))
+    data = exchange(world, get("/v1/proxy/api/as-written"))
     assert_clean(world, data)
     ((status, headers, _, _),) = answers(data)
     assert status == 200 and ("x-echo", "[REDACTED:legacy]") in headers
@@ -194,7 +194,7 @@ def test_a_non_ascii_key_with_bytes_that_are_not_utf8_in_one_header_is_redacted(
 ) -> None:
     key = world.keys[("acme", "legacy")].encode()
     world.upstream.raw_parts = [upstream_answer(b"200 OK\r\nX-Echo: \xff" + key + b"\xfe", b"ok\n", streamed=True)]
-    data = exchange(world, get("/v1/proxy/api/raw"))
+    data = exchange(world, get("/v1/proxy/api/as-written"))
     assert_clean(world, data)
     assert b"\xff[REDACTED:legacy]\xfe" in data
 
@@ -228,7 +228,7 @@ def test_an_undeclared_packed_body_is_redacted_however_an_agent_would_unpack_it(
     world.upstream.raw_parts = [
         upstream_answer(b"200 OK\r\nContent-Type: application/octet-stream", blob, streamed=streamed)
     ]
-    data = exchange(world, get("/v1/proxy/api/raw"))
+    data = exchange(world, get("/v1/proxy/api/as-written"))
     assert_clean(world, data)
     ((status, _, body, whole),) = answers(data)
     assert status == 200 and whole
@@ -239,7 +239,7 @@ def test_an_undeclared_packed_body_is_redacted_however_an_agent_would_unpack_it(
 def test_leak_rules_apply_to_an_answer_that_is_not_utf8(world: World, broker: BrokerThread, streamed: bool) -> None:
     body = b"\xff\xfe binary, then text: token " + PROVIDER_KEY.encode() + b"\n"
     world.upstream.raw_parts = [upstream_answer(b"200 OK\r\nContent-Type: text/plain", body, streamed=streamed)]
-    data = exchange(world, get("/v1/proxy/api/raw"))
+    data = exchange(world, get("/v1/proxy/api/as-written"))
     assert_clean(world, data)
     ((status, _, got, _),) = answers(data)
     assert status == 200 and got.startswith(b"\xff\xfe binary") and b"[REDACTED:" in got

@@ -28,7 +28,7 @@ import httpx2 as httpx
 import pytest
 import trustme
 
-from broker.calls.transport import MAX_HEAD_BYTES, PooledTransport, ResponseTooLarge
+from broker.calls.transport import MAX_HEAD_BYTES, PooledTransport, ResponseTooLarge, Streamed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,7 +217,7 @@ class Reply:
 
 
 class Client:
-    """Calls `PooledTransport.fetch` by URL, with the headers the broker would add."""
+    """Calls `PooledTransport.open` by URL, with the headers the broker would add; `request` reads the answer whole."""
 
     def __init__(self, *, timeout: float = WAIT, max_bytes: int = 64 * MiB, **options: Any) -> None:
         self.transport = PooledTransport(**options)
@@ -242,6 +242,24 @@ class Client:
         headers: list[tuple[bytes, bytes]] = (),
         timeout: float | None = None,
     ) -> Reply:
+        answer = await self.open(method, url, body, headers=headers, timeout=timeout)
+        try:
+            parts = []
+            while data := await answer.read(timeout or self.timeout):
+                parts.append(data)
+        finally:
+            answer.close()
+        return Reply(answer.status, {k.decode(): v.decode() for k, v in answer.headers}, b"".join(parts))
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        body: bytes = b"",
+        *,
+        headers: list[tuple[bytes, bytes]] = (),
+        timeout: float | None = None,
+    ) -> Streamed:
         parts = urlsplit(url)
         assert parts.hostname is not None
         origin = (
@@ -253,7 +271,7 @@ class Client:
         sent = [(b"Host", parts.netloc.encode()), *headers]
         if body or method == "POST":
             sent.append((b"Content-Length", str(len(body)).encode()))
-        got = await self.transport.fetch(
+        return await self.transport.open(
             origin,
             method.encode(),
             target.encode(),
@@ -262,7 +280,6 @@ class Client:
             timeout=timeout or self.timeout,
             max_bytes=self.max_bytes,
         )
-        return Reply(got.status, {k.decode(): v.decode() for k, v in got.headers}, got.body)
 
     async def get(self, url: str, **options: Any) -> Reply:
         return await self.request("GET", url, **options)
@@ -1075,3 +1092,101 @@ async def test_an_answer_before_the_upload_is_done_is_given_and_the_connection_n
         assert (r.status_code, r.text) == (413, "too large")
         assert (await c.get(f"{server.url}/next")).text == "fresh"
         assert server.accepted == 2
+
+
+# -- answers read as they arrive (PooledTransport.open) --------------------------------------
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_a_body_is_given_as_it_arrives_and_the_connection_kept_after_it() -> None:
+    sent_next = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def two_parts(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req.target != "/stream":
+                await conn.send(response(b"after"))
+                continue
+            await conn.send(CHUNKED_HEAD + chunk(b"data: one\n\n"))
+            await go_on.wait()
+            sent_next.set()
+            await conn.send(chunk(b"data: two\n\n") + chunk(b""))
+
+    async with RawServer(two_parts) as server, client() as c:
+        answer = await c.open("GET", f"{server.url}/stream")
+        assert (answer.status, dict(answer.headers)[b"content-type"]) == (200, b"text/event-stream")
+        assert await answer.read(WAIT) == b"data: one\n\n"
+        assert not sent_next.is_set()  # given before the server sent the rest
+        go_on.set()
+        assert await answer.read(WAIT) == b"data: two\n\n"
+        assert await answer.read(WAIT) == b""
+        answer.close()
+        assert (await c.get(f"{server.url}/next")).text == "after"
+        assert server.accepted == 1
+
+
+async def test_a_reader_that_takes_nothing_holds_the_server_back() -> None:
+    # 32 MiB is more than loopback's socket buffers hold: if the pool read on into its
+    # own memory, the server's write would finish; instead it waits for the reader.
+    size = 32 * MiB
+    written = asyncio.Event()
+
+    async def large(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(response(b"x" * size))
+        written.set()
+        await conn.until_eof()
+
+    async with RawServer(large) as server, client() as c:
+        answer = await c.open("GET", f"{server.url}/large")
+        first = await answer.read(WAIT)
+        assert 0 < len(first) < size
+        await asyncio.sleep(0.5)
+        assert not written.is_set()
+        got = len(first)
+        while data := await answer.read(WAIT):
+            got += len(data)
+        assert got == size
+        await asyncio.wait_for(written.wait(), WAIT)
+        answer.close()
+
+
+async def test_silence_in_the_middle_of_a_body_is_a_read_timeout_and_ends_the_connection() -> None:
+    async def then_silent(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"data: one\n\n"))
+        await conn.until_eof()
+
+    async with RawServer(then_silent) as server, client() as c:
+        answer = await c.open("GET", f"{server.url}/stream")
+        assert await answer.read(WAIT) == b"data: one\n\n"
+        with pytest.raises(httpx.ReadTimeout):
+            await answer.read(0.2)
+        answer.close()
+        await asyncio.wait_for(server.conns[0].eof.wait(), WAIT)
+
+
+async def test_a_stream_closed_before_its_end_ends_its_connection() -> None:
+    async def endless(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req.target != "/stream":
+                await conn.send(response(b"fresh"))
+                continue
+            await conn.send(CHUNKED_HEAD)
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await conn.send(chunk(b"data: more\n\n"))
+                    await asyncio.sleep(0.01)
+
+    async with RawServer(endless) as server, client() as c:
+        answer = await c.open("GET", f"{server.url}/stream")
+        assert (await answer.read(WAIT)).startswith(b"data: more\n\n")
+        answer.close()
+        assert (await c.get(f"{server.url}/next")).text == "fresh"
+        assert server.accepted == 2  # the rest of the stream is never read as this answer

@@ -16,7 +16,7 @@ import ssl
 import time
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,47 +270,48 @@ class Forwarder:
 
         A body read `whole` may go quiet for `timeout` at a time, a streamed one for
         `idle_timeout` (a reasoning model's long pause mid-stream).
+
+        Plain HTTP/1.1 goes on the broker's own pool (broker/calls/transport.py: a
+        fraction of httpx's cost per call, which decides the broker's throughput); a
+        call through a proxy, or with HTTP/2 on, goes through httpx.
         """
-        client = self._client(credential)
         settings = self.settings
-        t = settings.timeout
-        idle = t if whole else settings.idle_timeout
+        idle = settings.timeout if whole else settings.idle_timeout
         host = credential.host
         try:
             sent = outgoing_headers(headers, credential, secret)
-            sent["Accept-Encoding"] = ACCEPT_ENCODING
-            request = client.build_request(
-                method,
-                self._url(credential, path, query, secret),
-                headers=sent,
-                content=body if body or method in ("POST", "PUT", "PATCH") else None,
-                timeout=httpx.Timeout(connect=t, write=t, pool=t, read=idle),
-            )
         except UnicodeEncodeError:
-            # Its text could quote the key; say which kind of value it was instead.
-            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
+            raise _not_ascii() from None
         start = time.perf_counter()
         try:
             async with asyncio.timeout(settings.timeout):
-                response = await client.send(request, stream=True)
+                if settings.http2 or self._proxied(credential.base_url):
+                    head = await self._open_httpx(credential, secret, method, path, query, sent, body, idle)
+                else:
+                    head = await self._open_pooled(credential, secret, method, path, query, sent, body, idle)
+        except UpstreamError:
+            raise
         except (TimeoutError, httpx.TimeoutException):
             raise UpstreamError(f"{host} did not answer within {settings.timeout:g} s", 504) from None
+        except ResponseTooLarge:
+            raise _too_large(settings.max_response_bytes) from None
         except (httpx.HTTPError, OSError) as e:
             # The exception text may hold the URL, and with query auth the URL holds the key.
             raise UpstreamError(f"{host} could not be reached ({type(e).__name__})", 502) from None
         ms = (time.perf_counter() - start) * 1000
-        received = response.headers.multi_items()
+        status, received, raw, close = head
         try:
             codings = _codings(received, host)
         except UpstreamError:
-            await response.aclose()
+            await close()
             raise
-        out = _answer_headers(received, method, codings)
         declared = next((v for k, v in received if k == "content-length"), None)
         return UpstreamStream(
-            response,
-            out,
+            status,
+            _answer_headers(received, method, codings),
             codings,
+            raw,
+            close,
             host=host,
             cap=settings.max_response_bytes,
             idle_timeout=idle,
@@ -318,6 +319,74 @@ class Forwarder:
             ms=ms,
             declared=int(declared) if declared is not None and declared.isdigit() and not codings else None,
         )
+
+    async def _open_httpx(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+        idle: float,
+    ) -> _Head:
+        client = self._client(credential)
+        t = self.settings.timeout
+        headers["Accept-Encoding"] = ACCEPT_ENCODING
+        try:
+            request = client.build_request(
+                method,
+                self._url(credential, path, query, secret),
+                headers=headers,
+                content=body if body or method in ("POST", "PUT", "PATCH") else None,
+                timeout=httpx.Timeout(connect=t, write=t, pool=t, read=idle),
+            )
+        except UnicodeEncodeError:
+            raise _not_ascii() from None
+        response = await client.send(request, stream=True)
+        return response.status_code, response.headers.multi_items(), response.aiter_raw(), response.aclose
+
+    async def _open_pooled(
+        self,
+        credential: Credential,
+        secret: Secret,
+        method: str,
+        path: NormalPath,
+        query: list[tuple[str, str]],
+        headers: dict[str, str],
+        body: bytes,
+        idle: float,
+    ) -> _Head:
+        settings = self.settings
+        pool = self._pool_for(settings)
+        base = self._base(credential.base_url)
+        port = base.port or (443 if base.raw_scheme == b"https" else 80)
+        target = self._url(credential, path, query, secret).raw_path
+        try:
+            sent = _request_headers(base.netloc, method, headers, len(body))
+        except UnicodeEncodeError:
+            raise _not_ascii() from None
+        answer = await pool.open(
+            (base.raw_scheme, base.raw_host, port),
+            method.encode("ascii"),
+            target,
+            sent,
+            body,
+            timeout=settings.timeout,
+            max_bytes=settings.max_response_bytes,
+            lane=(credential.tenant, credential.name),
+        )
+
+        async def raw() -> AsyncIterator[bytes]:
+            while data := await answer.read(idle):
+                yield data
+
+        async def close() -> None:
+            answer.close()
+
+        received = [(_text(k), _text(v)) for k, v in answer.headers]
+        return answer.status, received, raw(), close
 
     async def send(
         self,
@@ -330,17 +399,10 @@ class Forwarder:
         body: bytes,
     ) -> UpstreamResponse:
         """Make the call and read its answer whole; raise UpstreamError as `open` does,
-        and when the body is larger than the cap or does not decode.
-
-        Plain HTTP/1.1 goes on the broker's own pool (see broker/calls/transport.py:
-        a tenth of httpx's cost per call, which decides the broker's throughput);
-        a call through a proxy, or with HTTP/2 on, goes through httpx.
-        """
-        if self.settings.http2 or self._proxied(credential.base_url):
-            stream = await self.open(credential, secret, method, path, query, headers, body, whole=True)
-            content = await stream.read()
-            return UpstreamResponse(stream.status, stream.headers, content, stream.ms)
-        return await self._send_pooled(credential, secret, method, path, query, headers, body)
+        and when the body is larger than the cap or does not decode."""
+        stream = await self.open(credential, secret, method, path, query, headers, body, whole=True)
+        content = await stream.read()
+        return UpstreamResponse(stream.status, stream.headers, content, stream.ms)
 
     def _proxied(self, base_url: str) -> bool:
         """Whether the broker's environment sends calls to `base_url` through a proxy."""
@@ -352,63 +414,6 @@ class Forwarder:
             proxied = bool(proxies.get(url.scheme) or proxies.get("all")) and not bypass(url.host)
             self._proxy_of[base_url] = proxied
         return proxied
-
-    async def _send_pooled(
-        self,
-        credential: Credential,
-        secret: Secret,
-        method: str,
-        path: NormalPath,
-        query: list[tuple[str, str]],
-        headers: dict[str, str],
-        body: bytes,
-    ) -> UpstreamResponse:
-        settings = self.settings
-        pool = self._pool_for(settings)
-        base = self._base(credential.base_url)
-        port = base.port or (443 if base.raw_scheme == b"https" else 80)
-        target = self._url(credential, path, query, secret).raw_path
-        try:
-            sent = _request_headers(base.netloc, method, outgoing_headers(headers, credential, secret), len(body))
-        except UnicodeEncodeError:
-            raise UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502) from None
-        host = credential.host
-        start = time.perf_counter()
-        try:
-            fetched = await pool.fetch(
-                (base.raw_scheme, base.raw_host, port),
-                method.encode("ascii"),
-                target,
-                sent,
-                body,
-                timeout=settings.timeout,
-                max_bytes=settings.max_response_bytes,
-                lane=(credential.tenant, credential.name),
-            )
-        except ResponseTooLarge:
-            raise UpstreamError(
-                f"the upstream response is larger than the {settings.max_response_bytes} byte cap", 502
-            ) from None
-        except httpx.TimeoutException:
-            raise UpstreamError(f"{host} did not answer within {settings.timeout:g} s", 504) from None
-        except (httpx.HTTPError, OSError) as e:
-            # The exception text may hold the URL, and with query auth the URL holds the key.
-            raise UpstreamError(f"{host} could not be reached ({type(e).__name__})", 502) from None
-        received = [(_text(k), _text(v)) for k, v in fetched.headers]
-        codings = _codings(received, host)
-        content = fetched.body
-        if content:
-            try:
-                for coding in reversed(codings):
-                    inflater = _Inflater(coding, host)
-                    content = inflater.feed(content, settings.max_response_bytes)
-                    inflater.finish()
-            except TooLarge:
-                raise UpstreamError(
-                    f"the upstream response is larger than the {settings.max_response_bytes} byte cap", 502
-                ) from None
-        ms = (time.perf_counter() - start) * 1000
-        return UpstreamResponse(fetched.status, _answer_headers(received, method, codings), content, ms)
 
     def _pool_for(self, settings: UpstreamSettings) -> PooledTransport:
         if self._pool is None or self._pool_key != settings.client_key:
@@ -428,9 +433,11 @@ class UpstreamStream:
 
     def __init__(
         self,
-        response: httpx.Response,
+        status: int,
         headers: list[tuple[str, str]],
         codings: list[str],
+        raw: AsyncIterator[bytes],
+        close: Callable[[], Awaitable[None]],
         *,
         host: str,
         cap: int,
@@ -440,12 +447,13 @@ class UpstreamStream:
         declared: int | None,
     ) -> None:
         self.whole = whole  # read whole: quiet for at most upstream_timeout
-        self.status = response.status_code
+        self.status = status
         self.headers = headers
         self.ms = ms  # until the head arrived
         self.declared = declared  # the body's length, when the upstream said and nothing is to be undone
         self.received = 0  # body bytes as sent (before decoding)
-        self._response = response
+        self._raw = raw
+        self._close = close
         self._decoders = [_Inflater(c, host) for c in reversed(codings)]
         self._host = host
         self._cap = cap
@@ -454,7 +462,7 @@ class UpstreamStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for raw in self._response.aiter_raw():
+            async for raw in self._raw:
                 self.received += len(raw)
                 data = raw
                 for decoder in self._decoders:
@@ -466,8 +474,8 @@ class UpstreamStream:
                     yield data
             for decoder in self._decoders:
                 decoder.finish()
-        except TooLarge:
-            raise UpstreamError(f"the upstream response is larger than the {self._cap} byte cap", 502) from None
+        except (TooLarge, ResponseTooLarge):
+            raise _too_large(self._cap) from None
         except httpx.TimeoutException:
             raise UpstreamError(
                 f"{self._host} went quiet for {self._idle:g} s in the middle of its answer "
@@ -477,13 +485,26 @@ class UpstreamStream:
         except (httpx.HTTPError, OSError) as e:
             raise UpstreamError(f"{self._host} broke off its answer ({type(e).__name__})", 502) from None
         finally:
-            await self._response.aclose()
+            await self._close()
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        await self._close()
+
+
+# An answer's head as a transport gives it: status, headers, the raw body, and how to end it.
+_Head = tuple[int, list[tuple[str, str]], AsyncIterator[bytes], Callable[[], Awaitable[None]]]
+
+
+def _not_ascii() -> UpstreamError:
+    # Its text could quote the key; say which kind of value it was instead.
+    return UpstreamError("a header value (or the credential) is not ASCII, so it cannot be sent", 502)
+
+
+def _too_large(cap: int) -> UpstreamError:
+    return UpstreamError(f"the upstream response is larger than the {cap} byte cap", 502)
 
 
 def _answer_headers(received: list[tuple[str, str]], method: str, codings: list[str]) -> list[tuple[str, str]]:

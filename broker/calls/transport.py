@@ -1,8 +1,9 @@
 """The broker's upstream HTTP/1.1 client: pooled keep-alive connections on asyncio.
 
-The broker reads every answer whole (it must redact it), so one call here is one
-whole exchange, `PooledTransport.fetch`, for the one shape the broker needs: plain
-HTTP/1.1 to a handful of API hosts, with keep-alive. httpx's stock transport
+One call here is one exchange, for the one shape the broker needs: plain HTTP/1.1
+to a handful of API hosts, with keep-alive. `PooledTransport.open` waits for the
+answer's head and then gives the body as it arrives (`Streamed`), reading no more
+from the server than the broker has taken plus STREAM_BUFFER. httpx's stock transport
 (httpcore over AnyIO) cost about half a millisecond of CPU per call, and httpx's
 client layers above it more than the exchange itself; h11, pure Python, then
 took 40-80 µs of each exchange. So:
@@ -20,9 +21,11 @@ took 40-80 µs of each exchange. So:
   of one credential, never hand one tenant another's request or answer);
 - TLS is asyncio's, with httpx's default context;
 - `timeout` bounds the wait for a pool slot, the connect, the write, and every
-  silence while the answer arrives; failures raise httpx's exceptions.
+  silence until the head arrives; `Streamed.read` takes its own for each silence
+  of the body; failures raise httpx's exceptions.
 
 No proxies, no HTTP/2, no retries: a request is put on the wire at most once.
+(The broker sends calls through a proxy, or over HTTP/2, with httpx2.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httptools
 import httpx2 as httpx
@@ -48,6 +50,8 @@ import httpx2 as httpx
 MAX_HEAD_BYTES = 64 * 1024
 # More interim answers than this before the final one, and the server is stalling.
 MAX_INTERIM = 8
+# Body bytes held for a reader before the connection stops reading from the server.
+STREAM_BUFFER = 64 * 1024
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no space, no line break
@@ -60,15 +64,6 @@ PoolKey = tuple[tuple[str, ...], Origin]  # (lane, origin)
 
 class ResponseTooLarge(Exception):
     """The response body is longer than the caller's cap."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    """A whole response from `PooledTransport.fetch` (header names in lower case)."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
 
 
 def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -109,6 +104,9 @@ class _Connection(asyncio.Protocol):
         # The exchange in flight (begin() starts one): None while idle.
         self._parser: httptools.HttpResponseParser | None = None
         self._done: asyncio.Future[None] | None = None  # resolved when whole, or failed
+        self._wake: asyncio.Future[None] | None = None  # a reader waiting for the head or body bytes
+        self._reading_paused = False  # STREAM_BUFFER bytes wait for the reader
+        self._received = 0  # body bytes of this answer so far
         self._head_only = False  # the answer to HEAD: its head is all of it
         self._max_bytes = 0
         self._heard = 0.0  # monotonic time bytes last arrived (or request bytes last left)
@@ -123,7 +121,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.in_body = False  # the final head is whole
-        self.body = bytearray()  # one buffer: many tiny chunks cost no more than their bytes
+        self.body = bytearray()  # not yet taken by the reader; many tiny chunks cost no more than their bytes
 
     # -- asyncio callbacks
 
@@ -211,6 +209,7 @@ class _Connection(asyncio.Protocol):
             return
         self._head_bytes = 0
         self.status, self.in_body = status, True
+        self._notify()
         if self._head_only:
             self._finish(self._head_keep_alive())
             return
@@ -231,9 +230,14 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             self.stray = True  # a body after a HEAD's answer
             return
-        if len(self.body) + len(body) > self._max_bytes:
+        self._received += len(body)
+        if self._received > self._max_bytes:
             raise ResponseTooLarge(self._max_bytes)
         self.body += body
+        self._notify()
+        if len(self.body) >= STREAM_BUFFER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         if self._in_interim:
@@ -258,7 +262,7 @@ class _Connection(asyncio.Protocol):
         """Ready to read the answer to a request about to be written."""
         self._parser = httptools.HttpResponseParser(self)
         self._done = asyncio.get_running_loop().create_future()
-        self._head_only, self._max_bytes = head_only, max_bytes
+        self._head_only, self._max_bytes, self._received = head_only, max_bytes, 0
         self._head_bytes, self._interim, self._in_interim, self._until_eof = 0, 0, False, False
         self.complete = self.keep_alive = self.in_body = self.request_sent = False
         self.status, self.headers, self.body = 0, [], bytearray()
@@ -290,21 +294,51 @@ class _Connection(asyncio.Protocol):
             raise httpx.WriteError("the server closed the connection")
         return True
 
-    async def answer(self, timeout: float | None) -> None:  # noqa: ASYNC109
-        """Wait until the answer is whole; raises what broke it, or ReadTimeout after
-        `timeout` seconds with no byte from the server."""
+    async def head(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Wait for the final head; raises what broke the exchange, or ReadTimeout
+        after `timeout` seconds with no byte from the server."""
+        await self._wait(lambda: self.in_body, timeout)
+        assert self._done is not None
+        if self._done.done():
+            self._done.result()  # raises a failure
+
+    async def take(self, timeout: float | None) -> bytes:  # noqa: ASYNC109
+        """The body bytes that arrived since the last take (waiting for some, at most
+        `timeout` seconds of silence); b"" once the answer is whole. What broke the
+        exchange is raised once the bytes before it are taken."""
+        await self._wait(lambda: bool(self.body), timeout)
+        if self.body:
+            data, self.body = bytes(self.body), bytearray()
+            if self._reading_paused and self.transport is not None and not self.lost:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            return data
+        assert self._done is not None
+        self._done.result()  # raises a failure
+        return b""
+
+    async def _wait(self, ready: Callable[[], bool], timeout: float | None) -> None:  # noqa: ASYNC109
         done = self._done
         assert done is not None
-        if not done.done() and timeout is not None:
+        if ready() or done.done():
+            return
+        if timeout is not None:
             self._heard = time.monotonic()
             self._unsent = -1  # measured at the first check: no system call on every call
             self._quiet_timer = asyncio.get_running_loop().call_later(timeout, self._check_quiet, timeout)
         try:
-            await done
+            while not (ready() or done.done()):
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
         finally:
+            self._wake = None
             if self._quiet_timer is not None:
                 self._quiet_timer.cancel()
                 self._quiet_timer = None
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def _check_quiet(self, timeout: float) -> None:
         unsent = self._unsent_bytes()
@@ -331,6 +365,7 @@ class _Connection(asyncio.Protocol):
         self.complete, self.keep_alive = True, keep_alive
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+        self._notify()
         self._stop_waiting_to_write()
 
     def _fail(self, exc: Exception) -> None:
@@ -338,6 +373,7 @@ class _Connection(asyncio.Protocol):
         self._parser = None
         if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
+        self._notify()
         self._stop_waiting_to_write()
 
     def _stop_waiting_to_write(self) -> None:
@@ -363,6 +399,9 @@ class _Connection(asyncio.Protocol):
             done.exception()  # a failure the caller heard of another way (a failed write)
         self._parser = self._done = None
         self.body = bytearray()
+        if self._reading_paused and self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+        self._reading_paused = False
 
     def close(self) -> None:
         """Close; an exchange not finished is failed, and its unsent bytes dropped."""
@@ -379,6 +418,32 @@ class _Connection(asyncio.Protocol):
     def _left_pool(self) -> None:
         if self.on_idle_lost is not None:
             self.on_idle_lost(self)
+
+
+class Streamed:
+    """An answer whose head has arrived (header names in lower case); its body comes
+    from `read`. `close` gives the connection back, to be reused only if the whole
+    answer was read, or ends it."""
+
+    def __init__(self, pool: PooledTransport, conn: _Connection) -> None:
+        self.status = conn.status
+        self.headers = conn.headers
+        self._pool = pool
+        self._conn: _Connection | None = conn
+
+    async def read(self, timeout: float | None) -> bytes:  # noqa: ASYNC109
+        """The next part of the body, waiting at most `timeout` seconds of silence
+        (ReadTimeout); b"" at its end."""
+        if self._conn is None:
+            return b""
+        return await self._conn.take(timeout)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Half a request left on the wire would be read as the start of the next.
+            whole = conn.complete and not conn.body
+            self._pool._end(conn, reuse=whole and conn.keep_alive and conn.request_sent)
 
 
 class PooledTransport:
@@ -407,7 +472,7 @@ class PooledTransport:
             self._ssl = httpx.create_ssl_context()
         return self._ssl
 
-    async def fetch(
+    async def open(
         self,
         origin: Origin,
         method: bytes,
@@ -418,31 +483,33 @@ class PooledTransport:
         timeout: float | None,  # noqa: ASYNC109
         max_bytes: int,
         lane: tuple[str, ...] = (),
-    ) -> Fetched:
-        """One whole exchange: `origin` is (scheme, host, port), `headers` already hold
-        Host and Content-Length. A body over `max_bytes` raises ResponseTooLarge;
+    ) -> Streamed:
+        """Send a request and wait for the answer's head: `origin` is (scheme, host,
+        port), `headers` already hold Host and Content-Length. A body over `max_bytes`
+        raises ResponseTooLarge (here if the head says so, else from `read`);
         failures raise httpx's exceptions. Only calls of the same `lane` share a
         connection (the broker passes the credential's tenant and name)."""
         head = request_head(method, target, headers)
         conn = await self._checkout((lane, origin), timeout)
-        reuse = False
         try:
             conn.begin(head_only=method == b"HEAD", max_bytes=max_bytes)
             # A large body is not copied to join the head.
             for data in (head + body,) if len(body) <= 65536 else (head, body):
                 if not await conn.write(data, timeout):
-                    break  # the exchange ended first: answer() says how
+                    break  # the exchange ended first: head() says how
             else:
                 conn.request_sent = True
-            await conn.answer(timeout)
-            # Half a request left on the wire would be read as the start of the next.
-            reuse = conn.keep_alive and conn.request_sent
-            return Fetched(conn.status, conn.headers, bytes(conn.body))
-        finally:
-            if not reuse:
-                conn.close()  # before rest(): an unfinished exchange is aborted
-            conn.rest()
-            self._release(conn, reuse)
+            await conn.head(timeout)
+        except BaseException:
+            self._end(conn, reuse=False)
+            raise
+        return Streamed(self, conn)
+
+    def _end(self, conn: _Connection, reuse: bool) -> None:
+        if not reuse:
+            conn.close()  # before rest(): an unfinished exchange is aborted
+        conn.rest()
+        self._release(conn, reuse)
 
     async def _checkout(self, key: PoolKey, timeout: float | None) -> _Connection:  # noqa: ASYNC109
         """A connection of `key`'s lane to its origin, idle or new, holding one of the pool's slots."""

@@ -34,7 +34,7 @@ credential's base_url may carry a path of its own):
     server-sent events, chunked)
     .../sse                 the byte strings of `up.stream_parts`, each its own chunk
     .../silent              one event, then nothing until `release()` (or 60 s)
-    .../raw                 the byte strings of `up.raw_parts` exactly as they are (status
+    .../as-written          the byte strings of `up.raw_parts` exactly as they are (status
                             line, headers, framing and body: whatever a hostile or broken
                             server would send), each written alone; then the connection closes
 
@@ -175,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(path, openai_events(f"echo {key}"), "text/event-stream")
         if path.endswith("/sse"):
             return self._stream(path, list(self.server.owner.stream_parts), "text/event-stream")
-        if path.endswith("/raw"):
+        if path.endswith("/as-written"):
             return self._raw(path)
         if path.endswith("/silent"):
             self._stream_head("text/event-stream")
@@ -383,7 +383,7 @@ class Upstream:
         self._hold = threading.Event()
         self._steps = threading.Semaphore(0)
         self.stream_parts: list[bytes] = []  # what .../sse sends, a chunk each
-        self.raw_parts: list[bytes] = []  # what .../raw writes on the wire, a write each
+        self.raw_parts: list[bytes] = []  # what .../as-written writes on the wire, a write each
         self.disconnected = threading.Event()  # a client hung up on a gated stream
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
