@@ -241,8 +241,9 @@ class Client:
         *,
         headers: list[tuple[bytes, bytes]] = (),
         timeout: float | None = None,
+        lane: tuple[str, ...] = (),
     ) -> Reply:
-        answer = await self.open(method, url, body, headers=headers, timeout=timeout)
+        answer = await self.open(method, url, body, headers=headers, timeout=timeout, lane=lane)
         try:
             parts = []
             while data := await answer.read(timeout or self.timeout):
@@ -259,6 +260,7 @@ class Client:
         *,
         headers: list[tuple[bytes, bytes]] = (),
         timeout: float | None = None,
+        lane: tuple[str, ...] = (),
     ) -> Streamed:
         parts = urlsplit(url)
         assert parts.hostname is not None
@@ -279,6 +281,7 @@ class Client:
             body,
             timeout=timeout or self.timeout,
             max_bytes=self.max_bytes,
+            lane=lane,
         )
 
     async def get(self, url: str, **options: Any) -> Reply:
@@ -563,6 +566,18 @@ async def test_an_exhausted_pool_raises_pool_timeout_and_recovers() -> None:
         release.set()
         assert (await bounded(held)).text == "0 GET /held"
         assert (await c.get(f"{server.url}/after")).text == "0 GET /after"
+
+
+async def test_one_lane_using_all_its_connections_keeps_no_other_lane_waiting() -> None:
+    release = asyncio.Event()
+    async with RawServer(held_until(release)) as server, client(max_connections=1) as c:
+        held = asyncio.ensure_future(c.get(f"{server.url}/held", lane=("acme", "api")))
+        await eventually(lambda: server.accepted == 1, "the held call to reach the server")
+        with pytest.raises(httpx.PoolTimeout):
+            await bounded(c.get(f"{server.url}/waits", timeout=0.2, lane=("acme", "api")))
+        assert (await bounded(c.get(f"{server.url}/other", lane=("globex", "api")))).text == "1 GET /other"
+        release.set()
+        assert (await bounded(held)).text == "0 GET /held"
 
 
 async def test_a_waiting_call_gets_the_connection_when_it_comes_free() -> None:

@@ -421,7 +421,7 @@ class Forwarder:
                 self._retire(self._pool.aclose())
             verify = _verify(settings.ca_bundle)
             self._pool = PooledTransport(
-                max_connections=200, max_idle=64, ssl_context=verify if isinstance(verify, ssl.SSLContext) else None
+                max_connections=64, max_idle=64, ssl_context=verify if isinstance(verify, ssl.SSLContext) else None
             )
             self._pool_key = settings.client_key
         return self._pool

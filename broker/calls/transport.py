@@ -452,7 +452,7 @@ class PooledTransport:
     def __init__(
         self,
         *,
-        max_connections: int = 200,
+        max_connections: int = 64,
         max_idle: int = 64,
         idle_seconds: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
@@ -461,7 +461,10 @@ class PooledTransport:
         self._idle_count = 0
         self._max_idle = max_idle
         self._idle_seconds = idle_seconds
-        self._slots = asyncio.Semaphore(max_connections)
+        # Connections in use, capped per lane: one credential's long streams never
+        # keep another's calls waiting for a slot.
+        self._max_connections = max_connections
+        self._slots: dict[tuple[str, ...], asyncio.Semaphore] = {}
         self._ssl = ssl_context
         self._open: set[_Connection] = set()
         self._closed = False
@@ -512,23 +515,26 @@ class PooledTransport:
         self._release(conn, reuse)
 
     async def _checkout(self, key: PoolKey, timeout: float | None) -> _Connection:  # noqa: ASYNC109
-        """A connection of `key`'s lane to its origin, idle or new, holding one of the pool's slots."""
+        """A connection of `key`'s lane to its origin, idle or new, holding one of its lane's slots."""
         if self._closed:
             raise RuntimeError("the transport is closed")
-        if self._slots.locked():
+        slots = self._slots.get(key[0])
+        if slots is None:
+            slots = self._slots[key[0]] = asyncio.Semaphore(self._max_connections)
+        if slots.locked():
             try:
                 async with asyncio.timeout(timeout):
-                    await self._slots.acquire()
+                    await slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no upstream connection came free in time") from None
         else:
-            await self._slots.acquire()  # free: returns without waiting
+            await slots.acquire()  # free: returns without waiting
         try:
             if self._closed:  # closed while this call waited for a slot
                 raise RuntimeError("the transport is closed")
             return self._idle_connection(key) or await self._connect(key, timeout)
         except BaseException:
-            self._slots.release()
+            slots.release()
             raise
 
     def _idle_connection(self, key: PoolKey) -> _Connection | None:
@@ -587,7 +593,7 @@ class PooledTransport:
         return conn
 
     def _release(self, conn: _Connection, reuse: bool) -> None:
-        self._slots.release()
+        self._slots[conn.key[0]].release()
         now = time.monotonic()
         if not reuse or self._closed or not conn.reusable() or self._idle_count >= self._max_idle:
             conn.close()
