@@ -262,6 +262,20 @@ def test_a_private_key_longer_than_the_hold_is_redacted_as_its_lines_stream() ->
     assert out[0] == b"data: here\n"
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\\n"], ids=["lf", "crlf", "json-escaped"])
+def test_a_private_key_cut_short_of_its_end_line_is_redacted_whole(newline: str) -> None:
+    """The rule took a block's BEGIN line and first base64 line: with no END line (an
+    answer cut short, a key pasted in part), every later line of the key went out."""
+    lines = [base64.b64encode(os.urandom(48)).decode() for _ in range(6)] + ["Zw=="]
+    body = f"data: here{newline}-----BEGIN RSA PRIVATE KEY-----{newline}" + newline.join(lines) + newline
+    body += f"data: after, a line of prose that stays{newline}"
+    redactor = with_leak_rules([("api", "sk-unrelated-Zq9Tr4Lw7Hq2Pk")])
+    stream = StreamRedactor(redactor)
+    for out in (redactor.text(body), (stream.feed(body.encode()) + stream.close()).decode()):
+        assert not [line for line in lines if line in out]
+        assert "data: after, a line of prose that stays" in out
+
+
 # -- ends of a stream --------------------------------------------------------------------
 
 

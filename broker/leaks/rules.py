@@ -1622,7 +1622,11 @@ _pem_lines = "\n".join(_pem_body[i : i + 64] for i in range(0, len(_pem_body), 6
 # Armor headers ("Proc-Type: ...", "Version: ...") may sit between BEGIN and the body; the
 # body may use real or JSON-escaped newlines. A header followed by a real body is enough:
 # a truncated key is still a leak.
-_PEM_BODY = r"(?:\\[rn]|\s)*(?:[A-Za-z-]+: [^\n]*\n)*(?:\\[rn]|\s)*[A-Za-z0-9+/=]{40,}"
+_PEM_BODY = (
+    r"(?:\\[rn]|\s)*(?:[A-Za-z-]+: [^\n]*\n)*(?:\\[rn]|\s)*[A-Za-z0-9+/=]{40,}"
+    # and every whole base64 line after it: a block cut short of its END line is all key
+    r"(?:(?:\\[rn]|\r?\n)[A-Za-z0-9+/=]{4,}(?=\\[rn]|\r?\n|-----|$))*"
+)
 _PEM_TAIL = r"(?:[A-Za-z0-9+/=\s]|\\[rn])*?-----END {kind}-----"
 for _rid, _desc, _kind, _kw, _sample_kind in (
     (
