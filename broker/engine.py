@@ -94,6 +94,7 @@ class Engine:
         self._redaction: list[tuple[str, str]] = []  # what _redactor redacts, for the workers
         self._forwarder: Forwarder | None = None
         self._pool: ForwardPool | None = None
+        self._stopping = False  # stop() has begun
         self._upstream_calls = 0  # calls on the wire right now
         self._calls = 0  # calls being handled right now (deciding, waiting or on the wire)
         self._server: Any = None
@@ -227,6 +228,7 @@ class Engine:
 
     async def stop(self) -> None:
         """Refuse pending approvals, stop serving, close the audit log."""
+        self._stopping = True  # streams cut from now on are the broker's doing, not the agent's
         self.approvals.deny_all("cancelled", "shutdown")
         if self._config_poll is not None:
             self._config_poll.cancel()
@@ -1016,7 +1018,8 @@ class Engine:
         self, upstream: UpstreamStream, redacting: StreamRedactor, outcome: dict[str, Any], start: float
     ) -> AsyncGenerator[bytes, None]:
         """The answer's body as it arrives, redacted; its outcome audited when it ends: whole,
-        broken off by the upstream (upstream_error), or dropped by the agent (client_gone)."""
+        broken off by the upstream (upstream_error), dropped by the agent (client_gone), or
+        cut because the broker stops (broker_stopped)."""
         self._upstream_calls += 1
         try:
             yield b""  # (the priming step: see _open)
@@ -1031,7 +1034,8 @@ class Engine:
             outcome.update(upstream_status=outcome["status"], status="upstream_error", message=str(e))
             raise
         except (GeneratorExit, asyncio.CancelledError):
-            outcome.update(upstream_status=outcome["status"], status="client_gone")
+            cut = "broker_stopped" if self._stopping else "client_gone"
+            outcome.update(upstream_status=outcome["status"], status=cut)
             raise
         finally:
             self._upstream_calls -= 1

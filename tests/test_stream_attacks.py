@@ -324,6 +324,7 @@ def test_a_broker_that_stops_mid_stream_cuts_it_and_audits_it(gated: World, capl
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     (rec,) = [r for r in gated.audit() if r.get("event") == "outcome" and r.get("credential") == "stream"]
     assert rec["upstream_status"] == 200 and rec["bytes"] == len(b"data: one\n\n")
+    assert rec["status"] == "broker_stopped"  # not the agent's doing
 
 
 def test_a_stream_cancelled_while_its_generator_winds_down_is_closed_after_it(broker: BrokerThread) -> None:
