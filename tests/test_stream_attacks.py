@@ -169,6 +169,24 @@ def test_the_upstream_cannot_forge_the_brokers_own_headers(world: World, broker:
     assert not [k for k, _ in headers if k == "x-outloop-error"]
 
 
+@FRAMINGS
+def test_headers_the_upstreams_connection_header_names_are_not_passed_on(
+    world: World, broker: BrokerThread, streamed: bool
+) -> None:
+    """Hop-by-hop: a header the upstream lists in Connection is for the broker's hop only."""
+    world.upstream.raw_parts = [
+        upstream_answer(
+            b"200 OK\r\nConnection: x-hop, Keep-Alive\r\nX-Hop: for the broker\r\nX-Kept: yes",
+            b"ok\n",
+            streamed=streamed,
+        )
+    ]
+    ((status, headers, body, _),) = answers(exchange(world, get("/v1/proxy/api/as-written")))
+    assert (status, body) == (200, b"ok\n")
+    names = {k for k, _ in headers}
+    assert "x-kept" in names and "x-hop" not in names
+
+
 # -- headers -----------------------------------------------------------------------------
 
 

@@ -509,7 +509,8 @@ def _too_large(cap: int) -> UpstreamError:
 
 def _answer_headers(received: list[tuple[str, str]], method: str, codings: list[str]) -> list[tuple[str, str]]:
     """The upstream's headers that go back to the agent (names in lower case)."""
-    out = [(k, v) for k, v in received if k not in RESPONSE_DROP]
+    drop = RESPONSE_DROP | connection_listed(received)
+    out = [(k, v) for k, v in received if k not in drop]
     if method == "HEAD" and not codings:
         # The size GET would send: a HEAD answer's one use of Content-Length (with a
         # coding the broker undoes, that size is not what the agent would get).
