@@ -26,10 +26,12 @@ import pytest
 from support.fixtures import BrokerThread, World
 
 from broker.calls import server as server_module
+from broker.calls.forward import PIECE, Forwarder, UpstreamSettings
 from broker.calls.protocol import StreamedAnswer
-from broker.config import ConfigEditor
+from broker.config import Auth, ConfigEditor, Credential
 from broker.leaks.redact import with_leak_rules
 from broker.leaks.stream import HOLD, MAX_HELD, StreamRedactor
+from broker.policy import NormalPath
 from broker.secrets import Secret, SecretStore
 
 # Sends argv[2] (hex) on the socket argv[1] and prints every byte the broker writes
@@ -185,6 +187,31 @@ def test_headers_the_upstreams_connection_header_names_are_not_passed_on(
     assert (status, body) == (200, b"ok\n")
     names = {k for k, _ in headers}
     assert "x-kept" in names and "x-hop" not in names
+
+
+def test_a_declared_gzip_bomb_is_unpacked_a_piece_at_a_time(world: World) -> None:
+    """A small gzip chunk can unpack to megabytes: it goes on to the redactor in pieces, so a
+    stream's memory does not grow by what one chunk unpacks to."""
+    size = 8 * 1024 * 1024
+    bomb = gzip.compress(b"\0" * size)
+    world.upstream.raw_parts = [
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb
+    ]
+
+    async def pieces() -> list[int]:
+        forwarder = Forwarder(UpstreamSettings())
+        credential = Credential("acme", "api", world.upstream.url, Auth("bearer", ""))
+        try:
+            stream = await forwarder.open(
+                credential, Secret("sk-unused"), "GET", NormalPath((), "/as-written"), [], {}, b""
+            )
+            return [len(chunk) async for chunk in stream.chunks()]
+        finally:
+            await forwarder.close()
+
+    sizes = asyncio.run(pieces())
+    assert sum(sizes) == size
+    assert max(sizes) <= PIECE
 
 
 # -- headers -----------------------------------------------------------------------------

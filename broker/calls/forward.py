@@ -16,7 +16,7 @@ import ssl
 import time
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -464,14 +464,12 @@ class UpstreamStream:
         try:
             async for raw in self._raw:
                 self.received += len(raw)
-                data = raw
-                for decoder in self._decoders:
-                    data = decoder.feed(data, self._cap - self._size)
-                self._size += len(data)
-                if self._size > self._cap:
-                    raise TooLarge
-                if data:
-                    yield data
+                for data in self._decoded(raw, 0):
+                    self._size += len(data)
+                    if self._size > self._cap:
+                        raise TooLarge
+                    if data:
+                        yield data
             for decoder in self._decoders:
                 decoder.finish()
         except (TooLarge, ResponseTooLarge):
@@ -486,6 +484,14 @@ class UpstreamStream:
             raise UpstreamError(f"{self._host} broke off its answer ({type(e).__name__})", 502) from None
         finally:
             await self._close()
+
+    def _decoded(self, data: bytes, stage: int) -> Iterator[bytes]:
+        """What `data` unpacks to through the codings from `stage` on, a piece at a time."""
+        if stage == len(self._decoders):
+            yield data
+            return
+        for piece in self._decoders[stage].feed(data):
+            yield from self._decoded(piece, stage + 1)
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -596,12 +602,16 @@ def _codings(headers: list[tuple[str, str]], host: str) -> list[str]:
     return [c for c in codings if c != "identity"]
 
 
+# The most an upstream's content coding unpacks to at a time.
+PIECE = 64 * 1024
+
+
 class TooLarge(Exception):
     """The answer passed the [broker] max_response_bytes cap."""
 
 
 class _Inflater:
-    """Undoes one content coding as the body arrives, never giving more than it is allowed.
+    """Undoes one content coding as the body arrives, a piece at a time.
 
     gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate from servers that
     send that instead (as httpx and browsers accept).
@@ -615,25 +625,30 @@ class _Inflater:
         self._seen = b""  # what was fed before the first output, for the raw deflate retry
         self._fed = False
 
-    def feed(self, data: bytes, room: int) -> bytes:
-        """What `data` unpacks to; more than `room` bytes of it means the cap is passed
-        (a zip bomb stops there: at most room + 1 bytes are made)."""
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """What `data` unpacks to, in pieces of at most PIECE bytes: a zip bomb is
+        unpacked only as far as its reader goes (the reader stops at the cap)."""
         self._fed = self._fed or bool(data)
         try:
-            out = self._decoder.decompress(data, max(room, 0) + 1)
+            out = self._decoder.decompress(data, PIECE)
         except zlib.error:
             if not self._raw_next:
                 raise self._broken() from None
             self._raw_next = False
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self.feed(self._seen + data, room)
+            yield from self.feed(self._seen + data)
+            return
         if self._raw_next:
             self._seen += data
             if out:
                 self._raw_next, self._seen = False, b""
-        if len(out) > room or self._decoder.unconsumed_tail:
-            raise TooLarge
-        return out
+        yield out
+        while self._decoder.unconsumed_tail:
+            try:
+                out = self._decoder.decompress(self._decoder.unconsumed_tail, PIECE)
+            except zlib.error:
+                raise self._broken() from None
+            yield out
 
     def finish(self) -> None:
         # HEAD, 204 and 304 answers name a coding but have no body to undo.
