@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from support.connect_proxy import ConnectProxy
+from support.connect_proxy import ConnectProxy, Socks5Proxy
 from support.fixtures import OUTLOOP, BrokerThread, World, wait_for
 from support.upstream import Upstream
 
@@ -313,6 +313,27 @@ def test_https_through_a_connect_proxy_with_a_ca_bundle(
         assert proxy.tunnels == [f"localhost:{port}"]  # the call went through the proxy, as TLS
         (rec,) = https.records
         assert rec.header("Authorization") == f"Bearer {key}"
+
+
+def test_a_stream_through_a_socks5_proxy_from_all_proxy(sworld: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    up = sworld.upstream
+    up.stream_parts = [b"data: one\n\n", b"data: your token is " + STREAM_KEY.encode() + b"\n\n"]
+    with Socks5Proxy() as proxy:
+        monkeypatch.setenv("ALL_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "")
+        thread = BrokerThread(sworld.paths).start()
+        try:
+            agent = stream(sworld, "GET", "/v1/proxy/stream/sse")
+            assert json.loads(agent.line())["status"] == 200
+            assert json.loads(agent.line()) == "data: one\n\n"  # before the upstream sends the next
+            up.step()
+            assert json.loads(agent.line()) == "data: your token is [REDACTED:stream]\n\n"
+            assert agent.line() == "END"
+        finally:
+            up.release()
+            thread.stop()
+    assert proxy.tunnels == [up.url.removeprefix("http://")]
+    assert up.records[-1].header("Authorization") == f"Bearer {STREAM_KEY}"
 
 
 def test_an_upstream_certificate_the_ca_bundle_does_not_vouch_for_is_refused(
