@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import logging
 import os
@@ -20,9 +21,10 @@ import socket
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
 import pytest
+from support.connect_proxy import Socks5Proxy
 from support.fixtures import BrokerThread, World
 
 from broker.calls import server as server_module
@@ -142,6 +144,21 @@ def upstream_answer(head: bytes, body: bytes = b"", *, streamed: bool) -> bytes:
 FRAMINGS = pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 
 
+@pytest.fixture(params=["pool", "httpx2"])
+def either_way(request: pytest.FixtureRequest, world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerThread]:
+    """The broker calling upstream on its own pool, or through httpx2 (a SOCKS5 proxy in ALL_PROXY)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "httpx2":
+            proxy = stack.enter_context(Socks5Proxy())
+            monkeypatch.setenv("ALL_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", "")
+        thread = BrokerThread(world.paths).start()
+        stack.callback(thread.stop)
+        yield thread
+        if request.param == "httpx2":
+            assert proxy.tunnels  # the calls went that way
+
+
 # -- framing -----------------------------------------------------------------------------
 
 
@@ -158,7 +175,9 @@ def test_a_bodyless_answer_that_streams_sends_no_chunk_so_the_next_answer_is_rea
 
 
 @FRAMINGS
-def test_the_upstream_cannot_forge_the_brokers_own_headers(world: World, broker: BrokerThread, streamed: bool) -> None:
+def test_the_upstream_cannot_forge_the_brokers_own_headers(
+    world: World, either_way: BrokerThread, streamed: bool
+) -> None:
     world.upstream.raw_parts = [
         upstream_answer(
             b"200 OK\r\nX-Outloop-Audit-Id: forged\r\nX-Outloop-Error: approval_denied", b"ok\n", streamed=streamed
@@ -173,7 +192,7 @@ def test_the_upstream_cannot_forge_the_brokers_own_headers(world: World, broker:
 
 @FRAMINGS
 def test_headers_the_upstreams_connection_header_names_are_not_passed_on(
-    world: World, broker: BrokerThread, streamed: bool
+    world: World, either_way: BrokerThread, streamed: bool
 ) -> None:
     """Hop-by-hop: a header the upstream lists in Connection is for the broker's hop only."""
     world.upstream.raw_parts = [
@@ -219,7 +238,7 @@ def test_a_declared_gzip_bomb_is_unpacked_a_piece_at_a_time(world: World) -> Non
 
 @FRAMINGS
 def test_a_non_ascii_key_in_a_header_is_redacted_when_another_header_is_not_utf8(
-    world: World, broker: BrokerThread, streamed: bool
+    world: World, either_way: BrokerThread, streamed: bool
 ) -> None:
     """httpx reads every header as latin-1 once one is not UTF-8; the key's UTF-8 bytes
     then go back to the agent as they came, and the agent reads them as UTF-8."""
@@ -235,7 +254,7 @@ def test_a_non_ascii_key_in_a_header_is_redacted_when_another_header_is_not_utf8
 
 
 def test_a_non_ascii_key_with_bytes_that_are_not_utf8_in_one_header_is_redacted(
-    world: World, broker: BrokerThread
+    world: World, either_way: BrokerThread
 ) -> None:
     key = world.keys[("acme", "legacy")].encode()
     world.upstream.raw_parts = [upstream_answer(b"200 OK\r\nX-Echo: \xff" + key + b"\xfe", b"ok\n", streamed=True)]

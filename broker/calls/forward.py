@@ -345,7 +345,9 @@ class Forwarder:
         except UnicodeEncodeError:
             raise _not_ascii() from None
         response = await client.send(request, stream=True)
-        return response.status_code, response.headers.multi_items(), response.aiter_raw(), response.aclose
+        # Each header decoded on its own, as the pool does (httpx picks one charset for all).
+        received = [(_text(k).lower(), _text(v)) for k, v in response.headers.raw]
+        return response.status_code, received, response.aiter_raw(), response.aclose
 
     async def _open_pooled(
         self,
