@@ -10,6 +10,7 @@ a fact the test checks, not a timing.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -285,7 +286,7 @@ def ca() -> trustme.CA:
 def test_https_through_a_connect_proxy_with_a_ca_bundle(
     world: World, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server_ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost").configure_cert(server_ctx)
     bundle = tmp_path / "corp-ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
@@ -336,10 +337,44 @@ def test_a_stream_through_a_socks5_proxy_from_all_proxy(sworld: World, monkeypat
     assert up.records[-1].header("Authorization") == f"Bearer {STREAM_KEY}"
 
 
+@pytest.mark.parametrize("given", ["ca_bundle", "SSL_CERT_FILE"])
+def test_an_https_upstream_signed_by_the_operators_ca_is_trusted(
+    world: World, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    bundle = tmp_path / "corp-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    key = "tls-key-Rt2Vb9Zx81Qp4Lm7"
+    with Upstream(tls=server_ctx) as https:
+        port = https.url.rsplit(":", 1)[1]
+        editor = ConfigEditor(world.paths)
+        if given == "ca_bundle":
+            editor.raw.setdefault("broker", {})["ca_bundle"] = str(bundle)
+        else:
+            monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        editor.add_credential(
+            "acme", "corp", {"base_url": f"https://localhost:{port}", "auth": "bearer", "allow": ["GET /**"]}
+        )
+        editor.save()
+        SecretStore().set("acme", "corp", Secret(key))
+        world.keys[("acme", "corp")] = key
+        thread = BrokerThread(world.paths).start()
+        try:
+            agent = stream(world, "GET", "/v1/proxy/corp/echo/x")
+            assert json.loads(agent.line())["status"] == 200
+            body = json.loads("".join(json.loads(x) for x in agent.rest().splitlines() if x.startswith('"')))
+        finally:
+            thread.stop()
+        assert body["echo"]["plain"] == "[REDACTED:corp]"
+        (rec,) = https.records
+        assert rec.header("Authorization") == f"Bearer {key}"
+
+
 def test_an_upstream_certificate_the_ca_bundle_does_not_vouch_for_is_refused(
     world: World, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    server_ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost").configure_cert(server_ctx)
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
@@ -366,7 +401,7 @@ def test_http2_when_the_operator_turns_it_on(world: World, ca: trustme.CA, tmp_p
     pytest.importorskip("h2")
     from support.h2_upstream import H2Upstream
 
-    server_ctx = __import__("ssl").SSLContext(__import__("ssl").PROTOCOL_TLS_SERVER)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost").configure_cert(server_ctx)
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
