@@ -3,7 +3,9 @@
 One call here is one exchange, for the one shape the broker needs: plain HTTP/1.1
 to a handful of API hosts, with keep-alive. `PooledTransport.open` waits for the
 answer's head and then gives the body as it arrives (`Streamed`), reading no more
-from the server than the broker has taken plus STREAM_BUFFER. httpx's stock transport
+from the server than the broker has taken plus STREAM_BUFFER once the request is
+sent (an answer that comes while it is still going out is read on, as the server
+may read no more of the request until it has written its answer). httpx's stock transport
 (httpcore over AnyIO) cost about half a millisecond of CPU per call, and httpx's
 client layers above it more than the exchange itself; h11, pure Python, then
 took 40-80 µs of each exchange. So:
@@ -235,7 +237,10 @@ class _Connection(asyncio.Protocol):
             raise ResponseTooLarge(self._max_bytes)
         self.body += body
         self._notify()
-        if len(self.body) >= STREAM_BUFFER and not self._reading_paused and self.transport is not None:
+        # Not while the request is going out: a server may read no more of it until its
+        # (early) answer is written, and then neither side would move.
+        full = len(self.body) >= STREAM_BUFFER and self.request_sent
+        if full and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -306,15 +311,18 @@ class _Connection(asyncio.Protocol):
         """The body bytes that arrived since the last take (waiting for some, at most
         `timeout` seconds of silence); b"" once the answer is whole. What broke the
         exchange is raised once the bytes before it are taken."""
+        done = self._done
+        assert done is not None
         await self._wait(lambda: bool(self.body), timeout)
+        if self._done is not done:  # the stream was closed while this waited
+            raise httpx.ReadError("the stream was closed")
         if self.body:
             data, self.body = bytes(self.body), bytearray()
             if self._reading_paused and self.transport is not None and not self.lost:
                 self._reading_paused = False
                 self.transport.resume_reading()
             return data
-        assert self._done is not None
-        self._done.result()  # raises a failure
+        done.result()  # raises a failure
         return b""
 
     async def _wait(self, ready: Callable[[], bool], timeout: float | None) -> None:  # noqa: ASYNC109
@@ -389,6 +397,11 @@ class _Connection(asyncio.Protocol):
         as the next call's."""
         if self._fd < 0:
             return True
+        # Over TLS, asyncio may hold bytes it has read off the socket: those that came
+        # while reading was paused wait for the loop step after resume_reading.
+        tls_buffered = getattr(self.transport, "get_read_buffer_size", None)
+        if tls_buffered is not None and tls_buffered():
+            return True
         readable, _, _ = select.select([self._fd], [], [], 0)
         return bool(readable)
 
@@ -430,19 +443,26 @@ class Streamed:
         self.headers = conn.headers
         self._pool = pool
         self._conn: _Connection | None = conn
+        self._reading = False  # a read is waiting
 
     async def read(self, timeout: float | None) -> bytes:  # noqa: ASYNC109
         """The next part of the body, waiting at most `timeout` seconds of silence
-        (ReadTimeout); b"" at its end."""
+        (ReadTimeout); b"" at its end. A read waiting when the stream is closed
+        raises ReadError."""
         if self._conn is None:
             return b""
-        return await self._conn.take(timeout)
+        self._reading = True
+        try:
+            return await self._conn.take(timeout)
+        finally:
+            self._reading = False
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # Half a request left on the wire would be read as the start of the next.
-            whole = conn.complete and not conn.body
+            # Half a request left on the wire would be read as the start of the next;
+            # a read still waiting would wake on the next exchange.
+            whole = conn.complete and not conn.body and not self._reading
             self._pool._end(conn, reuse=whole and conn.keep_alive and conn.request_sent)
 
 
