@@ -114,6 +114,10 @@ class UpstreamResponse:
     ms: float
 
 
+# An answer's head as a transport gives it: status, headers, the raw body, and how to end it.
+_Head = tuple[int, list[tuple[str, str]], AsyncIterator[bytes], Callable[[], Awaitable[None]]]
+
+
 def outgoing_headers(client_headers: dict[str, str], credential: Credential, secret: Secret) -> dict[str, str]:
     """Client headers minus hop-by-hop and credential-bearing ones, plus the credential."""
     drop = HOP_BY_HOP | CREDENTIAL_HEADERS | BROKER_OWNED | REWRITING | connection_listed(client_headers.items())
@@ -500,10 +504,6 @@ class UpstreamStream:
 
     async def aclose(self) -> None:
         await self._close()
-
-
-# An answer's head as a transport gives it: status, headers, the raw body, and how to end it.
-_Head = tuple[int, list[tuple[str, str]], AsyncIterator[bytes], Callable[[], Awaitable[None]]]
 
 
 def _not_ascii() -> UpstreamError:
