@@ -1002,6 +1002,11 @@ class Engine:
         (it arrives at once anyway, and goes back with its length)."""
         assert self._forwarder is not None
         upstream = await self._forwarder.open(credential, secret, req.method, path, req.query, req.headers, req.body)
+        try:
+            headers = redactor.headers(upstream.headers)
+        except BaseException:
+            await upstream.aclose()  # (its connection holds one of the credential's slots)
+            raise
         content_type = next((v for k, v in upstream.headers if k == "content-type"), "")
         if req.method == "HEAD" or (
             upstream.declared is not None
@@ -1009,10 +1014,10 @@ class Engine:
             and "event-stream" not in content_type.lower()
         ):
             body = await upstream.read()
-            return upstream.status, redactor.headers(upstream.headers), redactor.bytes(body), len(body), upstream.ms
+            return upstream.status, headers, redactor.bytes(body), len(body), upstream.ms
         chunks = self._relay(upstream, StreamRedactor(redactor), dict(outcome, status=upstream.status), start)
         await anext(chunks)  # started, so that closing it early still ends the call and audits it
-        return StreamedAnswer(upstream.status, redactor.headers(upstream.headers), chunks, outcome["attempt"])
+        return StreamedAnswer(upstream.status, headers, chunks, outcome["attempt"])
 
     async def _relay(
         self, upstream: UpstreamStream, redacting: StreamRedactor, outcome: dict[str, Any], start: float
