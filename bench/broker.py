@@ -45,12 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx
 import psutil
+import tomli_w
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -336,9 +338,10 @@ class BenchWorld:
 
 
 @contextlib.contextmanager
-def bench_world(prefix: str, keep: bool = False) -> Iterator[BenchWorld]:
+def bench_world(prefix: str, keep: bool = False, workers: int | None = None) -> Iterator[BenchWorld]:
     """Private Secret Service, fast upstream, tenant "bench" with credential CRED, and
-    `outloop broker`, all in a temp folder; everything stopped and removed afterwards."""
+    `outloop broker` (with `workers` forwarding workers if given, else its default), all
+    in a temp folder; everything stopped and removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix=prefix))  # short: the socket path has a limit
     home, workspace = root / "home", root / "ws"
     workspace.mkdir()
@@ -368,6 +371,11 @@ def bench_world(prefix: str, keep: bool = False) -> Iterator[BenchWorld]:
             "GET /**",
             stdin=SECRET + "\n",
         )
+        if workers is not None:
+            config = home / "config.toml"
+            doc = tomllib.loads(config.read_text())
+            doc.setdefault("broker", {})["forward_workers"] = workers
+            config.write_text(tomli_w.dumps(doc))
 
         log = open(root / "broker.log", "wb")  # noqa: SIM115 - closed with the temp folder
         broker = subprocess.Popen([OUTLOOP, "broker"], env=env, stdout=log, stderr=log, cwd=root)
@@ -404,6 +412,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput run")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder, print it")
+    parser.add_argument("--workers", type=int, help="[broker] forward_workers (default: the broker's own)")
     parser.add_argument(
         "--profile",
         metavar="FILE",
@@ -418,7 +427,7 @@ def main() -> int:
     args = parser.parse_args()
     profile_file = os.path.abspath(args.profile) if args.profile else None
 
-    with bench_world("olb-", keep=args.keep) as world:
+    with bench_world("olb-", keep=args.keep, workers=args.workers) as world:
         env, home, broker, port, sock = world.env, world.home, world.broker, world.port, world.sock
         os.chdir(world.workspace)  # the broker maps this process to tenant "bench" by its cwd
 
