@@ -22,11 +22,14 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import psutil
@@ -76,7 +79,7 @@ async def _serve_sse() -> None:
 # -- the clients ----------------------------------------------------------------------
 
 
-def read_stream(client: httpx.Client, url: str, out: dict[str, object]) -> None:
+def read_stream(client: httpx.Client, url: str, out: dict[str, Any]) -> None:
     """Read one SSE stream; record time to first byte and each event's delay (ms)."""
     start = time.monotonic()
     delays: list[float] = []
@@ -110,8 +113,6 @@ def main() -> int:
     if args.upstream:
         asyncio.run(_serve_sse())
         return 0
-    import subprocess
-
     sse = subprocess.Popen([sys.executable, __file__, "--upstream"], stdout=subprocess.PIPE)
     try:
         assert sse.stdout is not None
@@ -129,11 +130,10 @@ def main() -> int:
         sse.wait(10)
 
 
-def measure(world: object, port: int, args: argparse.Namespace) -> int:
-    import os
-
-    os.chdir(world.workspace)  # type: ignore[attr-defined]  # the broker maps the caller by its folder
-    sock: str = world.sock  # type: ignore[attr-defined]
+def measure(world: Any, port: int, args: argparse.Namespace) -> int:
+    """`world`: bench/broker.py's BenchWorld (that module is loaded by path)."""
+    os.chdir(world.workspace)  # the broker maps the caller by its folder
+    sock: str = world.sock
     brokered = httpx.Client(
         transport=httpx.HTTPTransport(uds=sock),
         base_url="http://outloop",
@@ -148,7 +148,7 @@ def measure(world: object, port: int, args: argparse.Namespace) -> int:
         time.sleep(0.2)
     n = int(args.seconds * 1000 / args.interval_ms)
     query = f"/sse?n={n}&ms={args.interval_ms:g}"
-    results: dict[str, dict[str, object]] = {"direct": {}, "broker": {}}
+    results: dict[str, dict[str, Any]] = {"direct": {}, "broker": {}}
     threads = [
         threading.Thread(target=read_stream, args=(direct, query, results["direct"])),
         threading.Thread(target=read_stream, args=(brokered, f"/v1/proxy/sse{query}", results["broker"])),
@@ -157,9 +157,9 @@ def measure(world: object, port: int, args: argparse.Namespace) -> int:
         t.start()
     for t in threads:
         t.join()
-    d_ttfb, b_ttfb = float(results["direct"]["ttfb"]), float(results["broker"]["ttfb"])  # type: ignore[arg-type]
-    dd: list[float] = results["direct"]["delays"]  # type: ignore[assignment]
-    bd: list[float] = results["broker"]["delays"]  # type: ignore[assignment]
+    d_ttfb, b_ttfb = float(results["direct"]["ttfb"]), float(results["broker"]["ttfb"])
+    dd: list[float] = results["direct"]["delays"]
+    bd: list[float] = results["broker"]["delays"]
     assert len(dd) == len(bd) == n
     added = [x - y for x, y in zip(bd, dd, strict=True)]
     print(f"outloop stream bench: {n} events {args.interval_ms:g} ms apart, direct and brokered at once")
@@ -173,7 +173,7 @@ def measure(world: object, port: int, args: argparse.Namespace) -> int:
     print(f"  goal: first byte and every event within 10 ms of direct: {'met' if met else 'NOT met'}")
 
     # 2. memory per concurrent stream
-    proc = psutil.Process(world.broker.pid)  # type: ignore[attr-defined]
+    proc = psutil.Process(world.broker.pid)
     before = proc.memory_info().rss
     with contextlib.ExitStack() as open_streams:
         for _ in range(args.streams):
