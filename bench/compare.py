@@ -66,7 +66,9 @@ def base_broker(world: bench.BenchWorld, rev: str) -> Iterator[tuple[subprocess.
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "broker"],
         cwd=world.root,
-        env=dict(world.env, OUTLOOP_HOME=str(home)),
+        # PYTHONPATH too: its forwarding workers are processes of their own, and must run
+        # REV's code (this tree's speak another protocol, and calls would hang).
+        env=dict(world.env, OUTLOOP_HOME=str(home), PYTHONPATH=str(tree)),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -249,13 +249,14 @@ class Forwarder:
             base = self._urls[base_url] = httpx.URL(base_url)  # IDNA host, encoded path
         return base
 
-    def _url(self, credential: Credential, path: NormalPath, query: list[tuple[str, str]], secret: Secret) -> httpx.URL:
+    def _target(self, credential: Credential, path: NormalPath, query: list[tuple[str, str]], secret: Secret) -> bytes:
+        """The request target: the base URL's path, the call's path and its query."""
         base = self._base(credential.base_url)
         target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + path.encoded.encode("ascii")
         params = outgoing_query(query, credential, secret)
         if params:
             target += b"?" + str(httpx.QueryParams(params)).encode("ascii")
-        return base.copy_with(raw_path=target)
+        return target
 
     async def open(
         self,
@@ -341,7 +342,7 @@ class Forwarder:
         try:
             request = client.build_request(
                 method,
-                self._url(credential, path, query, secret),
+                self._base(credential.base_url).copy_with(raw_path=self._target(credential, path, query, secret)),
                 headers=headers,
                 content=body if body or method in ("POST", "PUT", "PATCH") else None,
                 timeout=httpx.Timeout(connect=t, write=t, pool=t, read=idle),
@@ -368,7 +369,8 @@ class Forwarder:
         pool = self._pool_for(settings)
         base = self._base(credential.base_url)
         port = base.port or (443 if base.raw_scheme == b"https" else 80)
-        target = self._url(credential, path, query, secret).raw_path
+        # (not through httpx.URL: parsing one again cost 0.1 ms a call)
+        target = self._target(credential, path, query, secret)
         try:
             sent = _request_headers(base.netloc, method, headers, len(body))
         except UnicodeEncodeError:

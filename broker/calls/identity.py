@@ -497,10 +497,19 @@ def _readlink(pid: int, name: str) -> str:
     return path
 
 
+def _proc_head(pid: int, name: str) -> bytes:
+    """The first 4 KiB of /proc/<pid>/<name>: all of `stat`, and the part of `status` that
+    holds the uids. (os.open and one read: half the time of open() and its buffered file.)"""
+    fd = os.open(f"{_PROC}/{pid}/{name}", os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 def _stat(pid: int) -> tuple[int, int]:
     """(parent pid, start time in clock ticks) from /proc/<pid>/stat."""
-    with open(f"{_PROC}/{pid}/stat", "rb") as f:
-        data = f.read()
+    data = _proc_head(pid, "stat")
     # The command name, in parentheses, may hold spaces and parentheses itself.
     fields = data[data.rfind(b")") + 2 :].split()
     return int(fields[1]), int(fields[19])
@@ -513,8 +522,7 @@ def _foreign_uids(pid: int) -> str | None:
     if not _USE_PROC:  # pragma: no cover - non-Linux
         return None
     try:
-        with open(f"{_PROC}/{pid}/status", "rb") as f:
-            data = f.read()
+        data = _proc_head(pid, "status")
     except OSError:
         return None
     start = data.find(b"\nUid:")
