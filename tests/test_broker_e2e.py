@@ -650,7 +650,6 @@ def test_curl_over_the_unix_socket(world: World, broker: BrokerThread) -> None:
 
 
 def test_the_openai_sdk_through_the_proxy_with_a_dummy_key(world: World, broker: BrokerThread) -> None:
-    pytest.importorskip("openai")
     script = r"""
 import json, sys
 import httpx2 as httpx

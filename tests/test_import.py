@@ -460,8 +460,6 @@ fetch(base + "/models", {headers: {Authorization: "Bearer " + process.env.ACME_A
 def test_a_dotenv_project_gets_the_same_answer_before_and_after_import_under_outloop_run(
     ws: Path, openai_like: str
 ) -> None:
-    pytest.importorskip("openai")
-    pytest.importorskip("dotenv")
     node = shutil.which("node")
     project = ws / "chatbot"
     project.mkdir()

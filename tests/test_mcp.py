@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp import Client, StdioServerParameters  # the mcp extra: the README's test command installs it
+from support.fixtures import OUTLOOP, BrokerThread, World
 
-pytest.importorskip("mcp")
-
-from mcp import Client, StdioServerParameters  # noqa: E402
-from support.fixtures import OUTLOOP, BrokerThread, World  # noqa: E402
-
-from broker.config import ConfigEditor  # noqa: E402
-from broker.secrets import Secret, SecretStore  # noqa: E402
-from outloop_tui.cmd_mcp import CREDENTIALS_TOOL, REQUEST_TOOL, build_server  # noqa: E402
+from broker.config import ConfigEditor
+from broker.secrets import Secret, SecretStore
+from outloop_tui.cmd_mcp import CREDENTIALS_TOOL, REQUEST_TOOL, build_server
 
 
 def text_of(result: Any) -> str:

@@ -265,8 +265,6 @@ def assert_no_token_upstream(world: World) -> None:
 def test_the_openai_and_anthropic_sdks_and_curl_work_over_tcp_with_the_session_env(
     world: World, served: BrokerThread
 ) -> None:
-    pytest.importorskip("openai")
-    pytest.importorskip("anthropic")
     add_anthropic(world)
     ran = run_in_session(world, world.acme, PY, "-c", SDKS)
     assert ran.returncode == 0, ran.seen
@@ -540,7 +538,6 @@ def test_llm_works_with_nothing_but_the_session_env(
     """`outloop run -- llm -m gpt-4o-mini hi`: llm's OpenAI models build `openai.OpenAI(api_key=...)`
     with no base URL, so the SDK reads OPENAI_BASE_URL, and llm reads OPENAI_API_KEY (a key
     stored with `llm keys set openai` would win over it: the throw-away LLM_USER_PATH holds none)."""
-    pytest.importorskip("llm")
     real = world.keys[("acme", "openai")]
     env_dump, user_path = tmp_path / "agent.env", tmp_path / "llm-user"
     user_path.mkdir()
@@ -581,7 +578,6 @@ def test_an_llm_extra_openai_model_reaches_the_broker_by_its_api_base(
     """A model of extra-openai-models.yaml with its own api_base ignores OPENAI_BASE_URL: pointed
     at the broker it works, sending llm's dummy key (the session is found from the process tree)
     or, with api_key_name, the session token."""
-    pytest.importorskip("llm")
     user_path = tmp_path / "llm-user"
     user_path.mkdir()
     model = {"model_id": "via-outloop", "model_name": "gpt-4o-mini"}

@@ -247,7 +247,6 @@ print("END", flush=True)
 
 
 def test_the_openai_sdk_streams_through_the_proxy(sworld: World, sbroker: BrokerThread) -> None:
-    pytest.importorskip("openai")
     up = sworld.upstream
     agent = Agent(sworld, [sys.executable, "-c", OPENAI_AGENT, str(sworld.socket)])
     assert agent.line() == repr("echo ")  # the upstream holds every later event until step()
@@ -261,7 +260,6 @@ def test_the_openai_sdk_streams_through_the_proxy(sworld: World, sbroker: Broker
 
 
 def test_the_anthropic_sdk_streams_through_the_proxy(sworld: World, sbroker: BrokerThread) -> None:
-    pytest.importorskip("anthropic")
     up = sworld.upstream
     agent = Agent(sworld, [sys.executable, "-c", ANTHROPIC_AGENT, str(sworld.socket)])
     up.step(2)  # content_block_start, then the first text delta
@@ -283,37 +281,60 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def test_https_through_a_connect_proxy_with_a_ca_bundle(
-    world: World, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+CORP_KEY = "tls-key-Zx81Qp4Lm7Rt2Vb9"
+
+
+@pytest.fixture
+def corp(world: World, ca: trustme.CA) -> Iterator[Upstream]:
+    """An HTTPS upstream on localhost whose certificate `ca` signed, and acme's "corp"
+    credential on it (CORP_KEY in the keyring)."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost").configure_cert(server_ctx)
-    bundle = tmp_path / "corp-ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    key = "tls-key-Zx81Qp4Lm7Rt2Vb9"
-    with Upstream(tls=server_ctx) as https, ConnectProxy() as proxy:
-        port = https.url.rsplit(":", 1)[1]
+    with Upstream(tls=server_ctx) as https:
         editor = ConfigEditor(world.paths)
-        editor.raw.setdefault("broker", {})["ca_bundle"] = str(bundle)
+        port = https.url.rsplit(":", 1)[1]
         editor.add_credential(
             "acme", "corp", {"base_url": f"https://localhost:{port}", "auth": "bearer", "allow": ["GET /**"]}
         )
         editor.save()
-        SecretStore().set("acme", "corp", Secret(key))
-        world.keys[("acme", "corp")] = key
+        SecretStore().set("acme", "corp", Secret(CORP_KEY))
+        world.keys[("acme", "corp")] = CORP_KEY
+        yield https
+
+
+def trust(world: World, ca: trustme.CA, folder: Path) -> Path:
+    """`ca`'s certificate as a bundle file, and [broker] ca_bundle naming it."""
+    bundle = folder / "corp-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    editor = ConfigEditor(world.paths)
+    editor.raw.setdefault("broker", {})["ca_bundle"] = str(bundle)
+    editor.save()
+    return bundle
+
+
+def call_corp(world: World) -> tuple[int, str]:
+    """Status and body of GET /v1/proxy/corp/echo/x, through a broker started for it."""
+    thread = BrokerThread(world.paths).start()
+    try:
+        agent = stream(world, "GET", "/v1/proxy/corp/echo/x")
+        status = json.loads(agent.line())["status"]
+        return status, "".join(json.loads(x) for x in agent.rest().splitlines() if x.startswith('"'))
+    finally:
+        thread.stop()
+
+
+def test_https_through_a_connect_proxy_with_a_ca_bundle(
+    world: World, ca: trustme.CA, corp: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trust(world, ca, tmp_path)
+    with ConnectProxy() as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         monkeypatch.setenv("NO_PROXY", "")
-        thread = BrokerThread(world.paths).start()
-        try:
-            agent = stream(world, "GET", "/v1/proxy/corp/echo/x")
-            assert json.loads(agent.line())["status"] == 200
-            body = json.loads("".join(json.loads(x) for x in agent.rest().splitlines() if x.startswith('"')))
-        finally:
-            thread.stop()
-        assert body["echo"]["plain"] == "[REDACTED:corp]"
-        assert proxy.tunnels == [f"localhost:{port}"]  # the call went through the proxy, as TLS
-        (rec,) = https.records
-        assert rec.header("Authorization") == f"Bearer {key}"
+        status, body = call_corp(world)
+    assert status == 200 and json.loads(body)["echo"]["plain"] == "[REDACTED:corp]"
+    assert proxy.tunnels == [f"localhost:{corp.url.rsplit(':', 1)[1]}"]  # through the proxy, as TLS
+    (rec,) = corp.records
+    assert rec.header("Authorization") == f"Bearer {CORP_KEY}"
 
 
 def test_a_stream_through_a_socks5_proxy_from_all_proxy(sworld: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,67 +360,31 @@ def test_a_stream_through_a_socks5_proxy_from_all_proxy(sworld: World, monkeypat
 
 @pytest.mark.parametrize("given", ["ca_bundle", "SSL_CERT_FILE"])
 def test_an_https_upstream_signed_by_the_operators_ca_is_trusted(
-    world: World, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+    world: World, ca: trustme.CA, corp: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    bundle = tmp_path / "corp-ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    key = "tls-key-Rt2Vb9Zx81Qp4Lm7"
-    with Upstream(tls=server_ctx) as https:
-        port = https.url.rsplit(":", 1)[1]
+    bundle = trust(world, ca, tmp_path)
+    if given == "SSL_CERT_FILE":
         editor = ConfigEditor(world.paths)
-        if given == "ca_bundle":
-            editor.raw.setdefault("broker", {})["ca_bundle"] = str(bundle)
-        else:
-            monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-        editor.add_credential(
-            "acme", "corp", {"base_url": f"https://localhost:{port}", "auth": "bearer", "allow": ["GET /**"]}
-        )
+        del editor.raw["broker"]["ca_bundle"]
         editor.save()
-        SecretStore().set("acme", "corp", Secret(key))
-        world.keys[("acme", "corp")] = key
-        thread = BrokerThread(world.paths).start()
-        try:
-            agent = stream(world, "GET", "/v1/proxy/corp/echo/x")
-            assert json.loads(agent.line())["status"] == 200
-            body = json.loads("".join(json.loads(x) for x in agent.rest().splitlines() if x.startswith('"')))
-        finally:
-            thread.stop()
-        assert body["echo"]["plain"] == "[REDACTED:corp]"
-        (rec,) = https.records
-        assert rec.header("Authorization") == f"Bearer {key}"
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    status, body = call_corp(world)  # on the broker's own pool: no proxy
+    assert status == 200 and json.loads(body)["echo"]["plain"] == "[REDACTED:corp]"
+    (rec,) = corp.records
+    assert rec.header("Authorization") == f"Bearer {CORP_KEY}"
 
 
 def test_an_upstream_certificate_the_ca_bundle_does_not_vouch_for_is_refused(
-    world: World, ca: trustme.CA, tmp_path: Path
+    world: World, corp: Upstream, tmp_path: Path
 ) -> None:
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    other = tmp_path / "other-ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(other))
-    with Upstream(tls=server_ctx) as https:
-        port = https.url.rsplit(":", 1)[1]
-        editor = ConfigEditor(world.paths)
-        editor.raw.setdefault("broker", {})["ca_bundle"] = str(other)
-        editor.add_credential(
-            "acme", "corp", {"base_url": f"https://localhost:{port}", "auth": "bearer", "allow": ["GET /**"]}
-        )
-        editor.save()
-        SecretStore().set("acme", "corp", Secret("tls-key-never-sent-Qp4Lm7"))
-        thread = BrokerThread(world.paths).start()
-        try:
-            agent = stream(world, "GET", "/v1/proxy/corp/echo/x")
-            assert json.loads(agent.line())["status"] == 502
-            agent.rest()
-        finally:
-            thread.stop()
-        assert https.records == []  # the handshake failed: no request, no key, was sent
+    trust(world, trustme.CA(), tmp_path)  # another CA
+    status, _ = call_corp(world)
+    assert status == 502
+    assert corp.records == []  # the handshake failed: no request, no key, was sent
 
 
 def test_http2_when_the_operator_turns_it_on(world: World, ca: trustme.CA, tmp_path: Path) -> None:
-    pytest.importorskip("h2")
-    from support.h2_upstream import H2Upstream
+    from support.h2_upstream import H2Upstream  # (h2 is a test dependency)
 
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -449,7 +434,6 @@ print("END", flush=True)
 def test_an_sdk_in_a_session_streams_over_loopback_tcp(world: World) -> None:
     """`outloop run` sets OPENAI_BASE_URL to the broker's TCP listener and the key to the
     session token; the stream arrives event by event, redacted, the token never upstream."""
-    pytest.importorskip("openai")
     up = world.upstream
     editor = ConfigEditor(world.paths)
     editor.raw["tenants"]["acme"]["credentials"]["openai"]["base_url"] = f"{up.url}/gated/v1"
