@@ -11,8 +11,10 @@ client layers above it more than the exchange itself; h11, pure Python, then
 took 40-80 µs of each exchange. So:
 
 - responses are parsed by httptools (llhttp, Node.js's parser, in C), never by
-  us; the request head is written here from values the broker has checked, and
-  checked again, so no CR, LF or NUL can split it;
+  us, and what llhttp reads but h11 refuses (a transfer coding but chunked, a
+  status line not HTTP/1.0 or 1.1, a status below 100) is refused; the request
+  head is written here from values the broker has checked, and checked again, so
+  no CR, LF or NUL can split it;
 - a connection learns that the server hung up from asyncio's callbacks
   (`eof_received` / `connection_lost`), so idle connections are never polled,
   and bytes no request asked for retire it;
@@ -116,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self._quiet_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes fed since the head (or a trailer) began: about
         self._interim = 0  # 1xx answers read so far
+        self._interim_bytes = 0  # about the size of their heads
         self._in_interim = False  # reading one
         self._until_eof = False  # the body ends when the server closes
         self.complete = False
@@ -191,41 +194,55 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_body:  # trailers are not headers, and are dropped
+            name = name.lower()
+            # Only chunked, as h11 (llhttp reads `gzip, chunked` as chunked, leaving the
+            # body gzipped, `chunked, gzip` up to the close, and `chunked` and a tab as
+            # no coding at all).
+            if name == b"transfer-encoding" and value.rstrip(b" ").lower() != b"chunked":
+                raise httpx.RemoteProtocolError("the server sent a transfer coding other than chunked")
             # llhttp keeps trailing whitespace; it is not part of the value.
-            self.headers.append((name.lower(), value.rstrip(b" \t")))
+            self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
-        # A head that arrived whole in one read is measured here (about: llhttp drops
-        # some whitespace), if the bytes fed since it began could hold one that large;
-        # one still arriving, as it is fed.
-        if self._head_bytes > MAX_HEAD_BYTES and sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
+        if self.complete:
+            return  # a second answer in the same read (on_message_begin retired the connection)
+        # A head that arrived whole in one read is measured here, with the interim heads
+        # before it (about: llhttp drops some whitespace), if the bytes fed since the
+        # first began could hold that much; one still arriving, as it is fed.
+        heads = self._interim_bytes + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if self._head_bytes > MAX_HEAD_BYTES and heads > MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError("the server sent a response head over 64 KiB")
         status = self._parser.get_status_code()
+        # llhttp reads HTTP/0.9 and 2.0 status lines, and 099 as a status.
+        if self._parser.get_http_version() not in ("1.0", "1.1") or status < 100:
+            raise httpx.RemoteProtocolError("the server's status line is not HTTP/1.x")
         if status < 200:  # 100 Continue and friends: the final answer follows
             self._interim += 1
             if self._interim > MAX_INTERIM:
                 raise httpx.RemoteProtocolError("the server sent interim answers and no final one")
-            self._in_interim = True
+            self._in_interim, self._interim_bytes = True, heads
             self.headers = []
             return
+        length, codings = None, 0
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                codings += 1  # each `chunked` (on_header refused any other)
+        if codings > 1:
+            raise httpx.RemoteProtocolError("the server sent Transfer-Encoding twice")
         self._head_bytes = 0
         self.status, self.in_body = status, True
         self._notify()
         if self._head_only:
             self._finish(self._head_keep_alive())
             return
-        length = chunked = None
-        for name, value in self.headers:
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         if status in (204, 304):
             return  # no body, whatever the head says; llhttp completes it
         if length is not None and int(length) > self._max_bytes:
             raise ResponseTooLarge(self._max_bytes)  # said up front: not read at all
-        self._until_eof = length is None and not chunked
+        self._until_eof = length is None and not codings
 
     def on_body(self, body: bytes) -> None:
         self._head_bytes = 0
@@ -268,7 +285,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._done = asyncio.get_running_loop().create_future()
         self._head_only, self._max_bytes, self._received = head_only, max_bytes, 0
-        self._head_bytes, self._interim, self._in_interim, self._until_eof = 0, 0, False, False
+        self._head_bytes, self._interim, self._interim_bytes = 0, 0, 0
+        self._in_interim = self._until_eof = False
         self.complete = self.keep_alive = self.in_body = self.request_sent = False
         self.status, self.headers, self.body = 0, [], bytearray()
 
