@@ -127,6 +127,14 @@ def alerts(world: World) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
+def assert_outloop_mcp_listed(init: dict[str, Any]) -> None:
+    """Outloop's MCP server is in Claude Code's init event, connected or still connecting:
+    Claude Code connects MCP servers in the background, so under load the init event can
+    come first ("pending"). The tests check its tools' results as well; "failed" fails here."""
+    servers = {s["name"]: s["status"] for s in init["mcp_servers"]}
+    assert servers.get("outloop") in ("connected", "pending"), init["mcp_servers"]
+
+
 def test_a_session_never_shows_the_model_a_key(
     claude_bin: Path, world: World, broker: BrokerThread, tmp_path: Path
 ) -> None:
@@ -156,7 +164,7 @@ def test_a_session_never_shows_the_model_a_key(
     assert out[-1]["type"] == "result" and not out[-1].get("is_error"), out[-1]
     init = out[0]
     assert init["type"] == "system" and init["subtype"] == "init"
-    assert any(s["name"] == "outloop" and s["status"] == "connected" for s in init["mcp_servers"]), init["mcp_servers"]
+    assert_outloop_mcp_listed(init)
 
     # Nothing the model was sent holds a key, whatever the encoding.
     assert fake.requests
@@ -323,7 +331,7 @@ def test_outloop_claude_runs_claude_code_in_a_session(claude_bin: Path, world: W
     world.assert_clean(ran.stdout + ran.stderr)
     assert ran.returncode == 0, ran.stderr[-2000:]
     out = [json.loads(line) for line in ran.stdout.splitlines() if line.strip()]
-    assert any(s["name"] == "outloop" and s["status"] == "connected" for s in out[0]["mcp_servers"]), out[0]
+    assert_outloop_mcp_listed(out[0])
     every_encoding_clean(world, fake.requests)
     assert "[REDACTED:" in json.dumps(fake.tool_results().get("toolu_00_00_outloop"))  # the post hook
     held = json.dumps(fake.tool_results().get("toolu_03_00_outloop"))
