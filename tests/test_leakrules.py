@@ -283,3 +283,14 @@ def test_context_rules_are_not_used_for_redaction():
     text = f"Authorization: Bearer {L.fake(L.A62, 40, 'red-ctx')}"
     assert [m.rule_id for m in find_secrets(text)] == ["auth-bearer-token"]
     assert list(iter_provider_key_spans(text)) == []
+
+
+@pytest.mark.parametrize("word", ["your", "here", "todo", "xxxx", "Dummy", "sample"])
+def test_a_long_key_holding_a_placeholder_word_by_chance_is_still_found(word: str):
+    """Random base64 spells four letters now and then: a 12 KiB PEM body holds one of the
+    placeholder words about one time in twenty, and such keys were taken for stand-ins."""
+    lines = [L.fake(L.B64, 64, f"{word}{n}") for n in range(40)]
+    lines[17] = lines[17][:30] + word + lines[17][30 + len(word) :]
+    pem = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----\n"
+    assert [m.rule_id for m in find_secrets(pem)] == ["private-key"]
+    assert L.is_placeholder(f"sk-{word}-key-goes-in-this-spot")

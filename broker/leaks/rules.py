@@ -116,6 +116,9 @@ def shannon_entropy(value: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
 
 
+# Words that mark a stand-in. Random base64 holds any four letters now and then (a
+# 12 KiB PEM body holds one of these about one time in twenty), so they count only in
+# a value short enough to be typed; the markers below cannot occur in base64 or hex.
 _PLACEHOLDER_WORDS = (
     "your",
     "here",
@@ -132,16 +135,9 @@ _PLACEHOLDER_WORDS = (
     "outloop",
     "todo",
     "sample",
-    "<",
-    ">",
-    "${",
-    "{{",
-    "$(",
-    "...",
-    "\u2026",
-    "****",
-    "####",
 )
+_PLACEHOLDER_WORDS_MAX_LEN = 128
+_PLACEHOLDER_MARKERS = ("<", ">", "${", "{{", "$(", "...", "\u2026", "****", "####")
 _PLACEHOLDER_EXACT = frozenset(
     {
         "",
@@ -197,7 +193,9 @@ def is_placeholder(value: str) -> bool:
     low = v.lower()
     if low in _PLACEHOLDER_EXACT or _REFERENCE.match(v):
         return True
-    if any(w in low for w in _PLACEHOLDER_WORDS):
+    if any(m in low for m in _PLACEHOLDER_MARKERS):
+        return True
+    if len(v) <= _PLACEHOLDER_WORDS_MAX_LEN and any(w in low for w in _PLACEHOLDER_WORDS):
         return True
     if re.fullmatch(r"(.)\1*", low) or re.fullmatch(r"x+[-_]?x*", low):
         return True
