@@ -1119,6 +1119,13 @@ def chunk(data: bytes) -> bytes:
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
+async def then_silent(conn: Conn) -> None:
+    """One SSE event, then silence until the client hangs up."""
+    await conn.request()
+    await conn.send(CHUNKED_HEAD + chunk(b"data: one\n\n"))
+    await conn.until_eof()
+
+
 async def test_a_body_is_given_as_it_arrives_and_the_connection_kept_after_it() -> None:
     sent_next = asyncio.Event()
     go_on = asyncio.Event()
@@ -1173,11 +1180,6 @@ async def test_a_reader_that_takes_nothing_holds_the_server_back() -> None:
 
 
 async def test_silence_in_the_middle_of_a_body_is_a_read_timeout_and_ends_the_connection() -> None:
-    async def then_silent(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(CHUNKED_HEAD + chunk(b"data: one\n\n"))
-        await conn.until_eof()
-
     async with RawServer(then_silent) as server, client() as c:
         answer = await c.open("GET", f"{server.url}/stream")
         assert await answer.read(WAIT) == b"data: one\n\n"

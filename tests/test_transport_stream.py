@@ -25,6 +25,7 @@ from test_transport import (
     eventually,
     response,
     server_context,
+    then_silent,
     trusting,
 )
 
@@ -100,11 +101,6 @@ async def test_an_answer_sent_while_reading_was_paused_is_never_the_next_call_s(
 
 async def test_closing_a_stream_while_a_read_waits_ends_that_read_with_an_http_error() -> None:
     # The agent hung up (or the broker stops) while the pump waits for the upstream.
-    async def then_silent(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(CHUNKED_HEAD + chunk(b"data: one\n\n"))
-        await conn.until_eof()
-
     async with RawServer(then_silent) as server, client() as c:
         answer = await c.open("GET", f"{server.url}/stream")
         assert await answer.read(WAIT) == b"data: one\n\n"
