@@ -167,12 +167,13 @@ def _normalize(raw: str, allow_encoded_slash: bool = False, allow_path_params: b
             raise PathRejected("the path holds a backslash or control character")
         if "/" in seg and not allow_encoded_slash:
             # Judged as one segment, an upstream that decodes %2F first routes it as two.
+            # (The message does not name the opt-in: that is the operator's to know.)
             raise PathRejected(
-                "the path has an encoded '/' (%2F) inside a segment; the credential must allow it (allow_encoded_slash)"
+                "the path has an encoded '/' (%2F) inside a segment, which this credential does not accept"
             )
         if ";" in seg and not allow_path_params:
             # Servlet containers and others strip ";..." before routing: another path than the one judged.
-            raise PathRejected("the path has a ';' parameter; the credential must allow it (allow_path_params)")
+            raise PathRejected("the path has a ';' parameter, which this credential does not accept")
         if seg == "" and pieces != [""]:
             raise PathRejected("the path has an empty segment ('//')")
         segments.append(seg)

@@ -314,15 +314,17 @@ def test_encoded_letters_cannot_dodge_a_deny_rule() -> None:
 
 @pytest.mark.parametrize("raw", ["/repos/o/r%2Fsecrets/PROD", "/a/b%2fc", "/a/%2F", "/a/b%252F%2Fc"])
 def test_an_encoded_slash_is_refused_unless_the_credential_allows_it(raw: str) -> None:
-    with pytest.raises(PathRejected, match="allow_encoded_slash"):
+    with pytest.raises(PathRejected, match=r"encoded '/' \(%2F\)") as refused:
         normalize_path(raw)
+    assert "allow_" not in str(refused.value)  # the opt-in is the operator's to know
     assert "/" in "".join(normalize_path(raw, allow_encoded_slash=True).segments)
 
 
 @pytest.mark.parametrize("raw", ["/a/b;jsessionid=1", "/a;x/b", "/a/b%3Bc"])
 def test_path_parameters_are_refused_unless_the_credential_allows_them(raw: str) -> None:
-    with pytest.raises(PathRejected, match="allow_path_params"):
+    with pytest.raises(PathRejected, match="';' parameter") as refused:
         normalize_path(raw)
+    assert "allow_" not in str(refused.value)
     assert ";" in "".join(normalize_path(raw, allow_path_params=True).segments)
 
 
